@@ -1,0 +1,325 @@
+//! The `automigrate.dev/*` pod annotations: how a user protects a pod and overrides its policy.
+//!
+//! A pod's raw annotation map goes in; [`PodSettings`] or every [`AnnotationError`] comes out.
+//! Every key under the `automigrate.dev/` domain must be one this module knows, so a typo such
+//! as `automigrate.dev/protected` is reported instead of leaving a pod silently unprotected.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::PodRef;
+use crate::policy::IntervalSetting;
+use crate::units;
+
+pub const DOMAIN: &str = "automigrate.dev/";
+pub const PROTECT: &str = "automigrate.dev/protect";
+pub const POLICY: &str = "automigrate.dev/policy";
+pub const MODE: &str = "automigrate.dev/mode";
+pub const DATASET: &str = "automigrate.dev/dataset";
+pub const USER: &str = "automigrate.dev/user";
+pub const CHECKPOINT_INTERVAL: &str = "automigrate.dev/checkpoint-interval";
+pub const REPLICATE_TO: &str = "automigrate.dev/replicate-to";
+pub const COOLDOWN: &str = "automigrate.dev/cooldown";
+
+/// Every annotation key this version understands, with what it takes (for errors and docs).
+pub const KNOWN: [(&str, &str); 8] = [
+    (PROTECT, "`true` or `false`"),
+    (POLICY, "the name of a policy ConfigMap"),
+    (
+        MODE,
+        "`transparent` (CRIU) or `application` (the program saves itself)",
+    ),
+    (DATASET, "an absolute path on the node, or `pvc:NAME`"),
+    (USER, "a user id whose latency the pod should follow"),
+    (CHECKPOINT_INTERVAL, "a duration such as `10m`, or `auto`"),
+    (
+        REPLICATE_TO,
+        "how many standby nodes hold the latest checkpoint, 0 to 10",
+    ),
+    (COOLDOWN, "a duration such as `15m`"),
+];
+
+/// How a pod's state is captured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointMode {
+    /// CRIU freezes and dumps the whole process tree; the program needs no changes.
+    #[default]
+    Transparent,
+    /// The program saves its own framework state when signalled (GPUs, or what CRIU cannot dump).
+    Application,
+}
+
+impl std::str::FromStr for CheckpointMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "transparent" => Ok(Self::Transparent),
+            "application" => Ok(Self::Application),
+            _ => Err("expected `transparent` or `application`".to_string()),
+        }
+    }
+}
+
+/// Where the pod's training data lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetRef {
+    Path(String),
+    Pvc(String),
+}
+
+impl DatasetRef {
+    /// The key under which the snapshot lists this dataset (the annotation value as written).
+    pub fn id(&self) -> String {
+        match self {
+            DatasetRef::Path(path) => path.clone(),
+            DatasetRef::Pvc(name) => format!("pvc:{name}"),
+        }
+    }
+}
+
+/// What a pod's annotations say, after validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSettings {
+    pub protect: bool,
+    pub policy: Option<String>,
+    pub mode: Option<CheckpointMode>,
+    pub dataset: Option<DatasetRef>,
+    pub user: Option<String>,
+    pub checkpoint_interval: Option<IntervalSetting>,
+    pub replicate_to: Option<u32>,
+    pub cooldown: Option<Duration>,
+}
+
+/// One bad annotation: which pod, which key, what value, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct AnnotationError {
+    pub pod: PodRef,
+    pub key: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for AnnotationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pod {}: annotation {}={:?}: {}",
+            self.pod, self.key, self.value, self.reason
+        )
+    }
+}
+
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'.'
+        })
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn parse_value(key: &str, value: &str, settings: &mut PodSettings) -> Result<(), String> {
+    let value = value.trim();
+    match key {
+        PROTECT => {
+            settings.protect = match value {
+                "true" => true,
+                "false" => false,
+                _ => return Err("expected `true` or `false`".to_string()),
+            }
+        }
+        POLICY => {
+            if !is_dns_subdomain(value) {
+                return Err(
+                    "expected a ConfigMap name (lowercase letters, digits, `-`, `.`)".into(),
+                );
+            }
+            settings.policy = Some(value.to_string());
+        }
+        MODE => settings.mode = Some(value.parse()?),
+        DATASET => {
+            settings.dataset = Some(if let Some(claim) = value.strip_prefix("pvc:") {
+                if !is_dns_subdomain(claim) {
+                    return Err("`pvc:` must be followed by a PersistentVolumeClaim name".into());
+                }
+                DatasetRef::Pvc(claim.to_string())
+            } else if value.starts_with('/') {
+                if value.split('/').any(|part| part == "..") {
+                    return Err("the path must not contain `..`".into());
+                }
+                DatasetRef::Path(value.to_string())
+            } else {
+                return Err("expected an absolute path or `pvc:NAME`".into());
+            })
+        }
+        USER => {
+            if value.is_empty() || value.len() > 253 {
+                return Err("expected a non-empty user id of at most 253 characters".into());
+            }
+            settings.user = Some(value.to_string());
+        }
+        CHECKPOINT_INTERVAL => {
+            settings.checkpoint_interval = Some(value.parse::<IntervalSetting>()?);
+        }
+        REPLICATE_TO => {
+            let count: u32 = value
+                .parse()
+                .map_err(|_| "expected a whole number from 0 to 10".to_string())?;
+            if count > 10 {
+                return Err("expected a whole number from 0 to 10".into());
+            }
+            settings.replicate_to = Some(count);
+        }
+        COOLDOWN => {
+            settings.cooldown = Some(units::parse_duration(value).map_err(|e| e.to_string())?);
+        }
+        _ => {
+            let known: Vec<&str> = KNOWN.iter().map(|(key, _)| *key).collect();
+            return Err(format!(
+                "unknown annotation; known keys: {}",
+                known.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a pod's `automigrate.dev/*` annotations: the settings from every valid key, and every
+/// problem (not just the first, so a user fixes them in one go). A bad key leaves its setting
+/// unset (the policy's value applies); a bad `protect` leaves the pod unprotected.
+pub fn parse(
+    pod: &PodRef,
+    annotations: &BTreeMap<String, String>,
+) -> (PodSettings, Vec<AnnotationError>) {
+    let mut settings = PodSettings::default();
+    let mut errors = Vec::new();
+    let domain = (
+        std::ops::Bound::Included(DOMAIN),
+        std::ops::Bound::Unbounded,
+    );
+    for (key, value) in annotations.range::<str, _>(domain) {
+        if !key.starts_with(DOMAIN) {
+            break;
+        }
+        if let Err(reason) = parse_value(key, value, &mut settings) {
+            errors.push(AnnotationError {
+                pod: pod.clone(),
+                key: key.clone(),
+                value: value.clone(),
+                reason,
+            });
+        }
+    }
+    (settings, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect()
+    }
+
+    fn pod() -> PodRef {
+        PodRef::new("ml", "trainer-0")
+    }
+
+    #[test]
+    fn reads_every_known_annotation() {
+        let (settings, errors) = parse(
+            &pod(),
+            &annotations(&[
+                (PROTECT, "true"),
+                (POLICY, "gpu-training"),
+                (MODE, "application"),
+                (DATASET, "pvc:imagenet"),
+                (USER, "alice"),
+                (CHECKPOINT_INTERVAL, "15m"),
+                (REPLICATE_TO, "2"),
+                (COOLDOWN, "1h"),
+                ("unrelated.io/key", "ignored"),
+            ]),
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(settings.protect);
+        assert_eq!(settings.policy.as_deref(), Some("gpu-training"));
+        assert_eq!(settings.mode, Some(CheckpointMode::Application));
+        assert_eq!(settings.dataset, Some(DatasetRef::Pvc("imagenet".into())));
+        assert_eq!(settings.user.as_deref(), Some("alice"));
+        assert_eq!(
+            settings.checkpoint_interval,
+            Some(IntervalSetting::Every(Duration::from_secs(900)))
+        );
+        assert_eq!(settings.replicate_to, Some(2));
+        assert_eq!(settings.cooldown, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn auto_interval_and_paths() {
+        let (settings, errors) = parse(
+            &pod(),
+            &annotations(&[(CHECKPOINT_INTERVAL, "auto"), (DATASET, "/data/esc50")]),
+        );
+        assert!(errors.is_empty());
+        assert_eq!(settings.checkpoint_interval, Some(IntervalSetting::Auto));
+        assert_eq!(
+            settings.dataset,
+            Some(DatasetRef::Path("/data/esc50".into()))
+        );
+        assert!(!settings.protect, "protect defaults to false");
+    }
+
+    #[test]
+    fn reports_every_bad_annotation_with_pod_key_and_reason() {
+        let (settings, errors) = parse(
+            &pod(),
+            &annotations(&[
+                (USER, "bob"),
+                (PROTECT, "yes"),
+                (MODE, "fast"),
+                (DATASET, "data/relative"),
+                (REPLICATE_TO, "11"),
+                ("automigrate.dev/protected", "true"),
+                (CHECKPOINT_INTERVAL, "often"),
+            ]),
+        );
+        assert!(!settings.protect, "a malformed protect does not protect");
+        assert_eq!(
+            settings.user.as_deref(),
+            Some("bob"),
+            "valid keys still apply"
+        );
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 6, "{messages:#?}");
+        let expected = [
+            "pod ml/trainer-0: annotation automigrate.dev/checkpoint-interval=\"often\": ",
+            "pod ml/trainer-0: annotation automigrate.dev/dataset=\"data/relative\": expected an absolute path or `pvc:NAME`",
+            "pod ml/trainer-0: annotation automigrate.dev/mode=\"fast\": expected `transparent` or `application`",
+            "pod ml/trainer-0: annotation automigrate.dev/protect=\"yes\": expected `true` or `false`",
+            "pod ml/trainer-0: annotation automigrate.dev/protected=\"true\": unknown annotation; known keys: ",
+            "pod ml/trainer-0: annotation automigrate.dev/replicate-to=\"11\": expected a whole number from 0 to 10",
+        ];
+        for (message, prefix) in messages.iter().zip(expected) {
+            assert!(
+                message.starts_with(prefix),
+                "{message} does not start with {prefix}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_traversal_in_dataset_paths() {
+        let (_, errors) = parse(&pod(), &annotations(&[(DATASET, "/data/../etc")]));
+        assert_eq!(errors[0].reason, "the path must not contain `..`");
+    }
+}

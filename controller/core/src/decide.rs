@@ -1,0 +1,1217 @@
+//! One decision pass: snapshot, policies and memory in; decisions and new memory out.
+//!
+//! The pass reads every protected pod once. For each it resolves its annotations and policy,
+//! judges its node, and either wants it moved (node failed; a user asked; node degrading or an
+//! alert on the pod; its user moved away) or checks whether a checkpoint is due. Moves are then
+//! placed in priority order (failed nodes first), each reserving room on its target so two pods
+//! never count on the same free memory. Everything the pass does not do that a user might expect
+//! (a cooldown, no room anywhere, a dwell time not yet over) is listed in `deferred` with the
+//! reason, and everything wrong with the input is listed in `problems`.
+//!
+//! The pass reads no clock: `now` is an argument. Its only state between passes is
+//! [`EngineMemory`] (hysteresis bits and dwell timers), which the caller stores and hands back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::annotations::{self, PodSettings};
+use crate::health::{self, Assessment, NodeState, Signals};
+use crate::index::{ClusterIndex, lookup_sorted};
+use crate::model::{ClusterSnapshot, NodeName, PodRef, ProtectedPod, Resources};
+use crate::policy::{IntervalSetting, Policy, PolicySet, SelectedBy};
+use crate::targeting::{self, CandidateScore, Rejections, TargetQuery};
+use crate::transfer::{self, FileSpec, LinkEstimate, TransferPlan};
+use crate::units::{self, Bytes, format_duration};
+
+/// What the engine remembers between passes. Persist it with the driver's other state; an empty
+/// memory is always valid (hysteresis then starts from "not tripped", dwell timers from now).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineMemory {
+    /// (policy, node) pairs whose latency trigger is tripped.
+    #[serde(default)]
+    pub latency_degraded: BTreeSet<(String, NodeName)>,
+    /// Since when each pod's user has been far from it with a closer node available.
+    #[serde(default)]
+    pub mobility_since: BTreeMap<String, Timestamp>,
+}
+
+/// Why a pod should move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Trigger {
+    NodeFailed,
+    Manual,
+    NodeDegraded,
+    Alert,
+    Mobility,
+}
+
+/// Where the state the replacement resumes from comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum CheckpointSource {
+    /// Stop and dump the source now; `base` is the checkpoint an incremental dump builds on.
+    Fresh { base: Option<String> },
+    /// The source is gone: use the newest stored checkpoint, sent from `from`.
+    #[serde(rename_all = "camelCase")]
+    Stored {
+        id: String,
+        from: NodeName,
+        taken_at: Timestamp,
+        #[serde(with = "units::duration")]
+        age: Duration,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
+    },
+    /// No copy of any checkpoint survives: the pod restarts from the beginning.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Payload {
+    Checkpoint,
+    Dataset,
+}
+
+/// One transfer a migration needs, with its plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedTransfer {
+    pub payload: Payload,
+    pub from: NodeName,
+    pub to: NodeName,
+    pub bytes: Bytes,
+    /// No link between the two nodes was measured; the plan assumes [`ASSUMED_LINK`].
+    pub link_assumed: bool,
+    pub plan: TransferPlan,
+}
+
+/// The link assumed between two nodes that have never probed each other.
+pub const ASSUMED_LINK: LinkEstimate = LinkEstimate {
+    rtt: Duration::from_millis(10),
+    bandwidth_bps: None,
+    loss: 0.0,
+};
+
+/// Move a pod.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationDecision {
+    pub pod: PodRef,
+    pub from: NodeName,
+    pub to: NodeName,
+    pub trigger: Trigger,
+    pub reason: String,
+    pub policy: String,
+    /// The source node stopped working at this time (failed nodes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<Timestamp>,
+    pub checkpoint: CheckpointSource,
+    pub transfers: Vec<PlannedTransfer>,
+    /// The best candidates, best first: the chosen target and the runners-up.
+    pub candidates: Vec<CandidateScore>,
+    /// Nodes turned down, by reason.
+    pub rejected: Rejections,
+}
+
+/// Take a periodic checkpoint of a pod (leaving it running).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointDecision {
+    pub pod: PodRef,
+    pub node: NodeName,
+    pub reason: String,
+    pub policy: String,
+    pub mode: annotations::CheckpointMode,
+    #[serde(with = "units::duration")]
+    pub interval: Duration,
+    /// Dump only pages changed since this checkpoint (CRIU parent images).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incremental_on: Option<String>,
+    /// Standby nodes to copy the new checkpoint to.
+    pub replicate_to: Vec<NodeName>,
+}
+
+/// Something the pass wanted to do and did not, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deferred {
+    pub pod: PodRef,
+    pub trigger: Trigger,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+/// Something wrong with the input that a user should fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    pub severity: Severity,
+    pub message: String,
+}
+
+/// A node that hosts protected pods and is not healthy under their policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    pub node: NodeName,
+    pub policy: String,
+    #[serde(flatten)]
+    pub assessment: Assessment,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub nodes: usize,
+    pub protected_pods: usize,
+    /// Pods in the snapshot whose `protect` annotation is not `true`.
+    pub unprotected_pods: usize,
+    /// Pods with a migration in flight (left alone this pass).
+    pub migrating_pods: usize,
+    pub policies: usize,
+}
+
+/// The output of one pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Decisions {
+    pub now: Timestamp,
+    pub summary: Summary,
+    pub migrations: Vec<MigrationDecision>,
+    pub checkpoints: Vec<CheckpointDecision>,
+    pub deferred: Vec<Deferred>,
+    pub problems: Vec<Problem>,
+    pub nodes: Vec<NodeReport>,
+}
+
+/// Young/Daly optimal checkpoint interval `sqrt(2 · C · MTBF)` for checkpoint cost `C`.
+pub fn young_daly_interval(cost: Duration, mtbf: Duration) -> Duration {
+    Duration::from_secs_f64((2.0 * cost.as_secs_f64() * mtbf.as_secs_f64()).sqrt())
+}
+
+/// The policy in force for one pod, and per-policy caches.
+struct PolicyContext<'p> {
+    name: &'p str,
+    policy: &'p Policy,
+    assessments: Vec<Option<Assessment>>,
+    latency_tripped: Vec<Option<bool>>,
+    static_rejections: Option<Vec<Option<&'static str>>>,
+    hosts_pods: Vec<bool>,
+}
+
+impl<'p> PolicyContext<'p> {
+    fn new(name: &'p str, policy: &'p Policy, nodes: usize) -> Self {
+        Self {
+            name,
+            policy,
+            assessments: vec![None; nodes],
+            latency_tripped: vec![None; nodes],
+            static_rejections: None,
+            hosts_pods: vec![false; nodes],
+        }
+    }
+
+    fn assess(
+        &mut self,
+        index: &ClusterIndex<'_>,
+        memory: &EngineMemory,
+        node: usize,
+        now: Timestamp,
+    ) -> Option<&Assessment> {
+        if self.assessments.get(node)?.is_none() {
+            let node_ref = index.snapshot.nodes.get(node)?;
+            let was = memory
+                .latency_degraded
+                .contains(&(self.name.to_string(), node_ref.name.clone()));
+            let alerts = index
+                .node_alerts
+                .get(node)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let signals = Signals {
+                median_peer_rtt: index.median_peer_rtt.get(node).copied().flatten(),
+                alerts,
+                latency_was_degraded: was,
+            };
+            let (assessment, tripped) = health::assess(node_ref, signals, self.policy, now);
+            *self.assessments.get_mut(node)? = Some(assessment);
+            *self.latency_tripped.get_mut(node)? = Some(tripped);
+        }
+        self.assessments.get(node)?.as_ref()
+    }
+
+    fn state(
+        &mut self,
+        index: &ClusterIndex<'_>,
+        memory: &EngineMemory,
+        node: usize,
+        now: Timestamp,
+    ) -> NodeState {
+        self.assess(index, memory, node, now)
+            .map_or(NodeState::Failed, |assessment| assessment.state)
+    }
+
+    fn static_rejections(
+        &mut self,
+        index: &ClusterIndex<'_>,
+        memory: &EngineMemory,
+        now: Timestamp,
+    ) -> &[Option<&'static str>] {
+        if self.static_rejections.is_none() {
+            let mut rejections = Vec::with_capacity(index.snapshot.nodes.len());
+            for (position, node) in index.snapshot.nodes.iter().enumerate() {
+                let policy = self.policy;
+                let reason = match self.assess(index, memory, position, now) {
+                    Some(assessment) => targeting::static_rejection(node, assessment, policy),
+                    None => Some("not healthy"),
+                };
+                rejections.push(reason);
+            }
+            self.static_rejections = Some(rejections);
+        }
+        self.static_rejections.as_deref().unwrap_or_default()
+    }
+}
+
+/// A move the pass wants, before a target is chosen.
+struct Want {
+    trigger: Trigger,
+    pod: usize,
+    context: usize,
+    reason: String,
+    pinned: Option<usize>,
+}
+
+/// A pod the pass looked at, kept for the checkpoint stage.
+struct Seen {
+    pod: usize,
+    node: usize,
+    context: usize,
+    settings: PodSettings,
+}
+
+/// Runs one decision pass. Same inputs, same outputs.
+pub fn decide(
+    snapshot: &ClusterSnapshot,
+    policies: &PolicySet,
+    memory: &EngineMemory,
+    now: Timestamp,
+) -> (Decisions, EngineMemory) {
+    let span = tracing::debug_span!(
+        "decide",
+        nodes = snapshot.nodes.len(),
+        pods = snapshot.pods.len()
+    );
+    let _entered = span.enter();
+    let mut pass = Pass::new(snapshot, policies, memory, now);
+    pass.classify();
+    pass.place_migrations();
+    pass.plan_checkpoints();
+    pass.finish()
+}
+
+struct Pass<'a> {
+    index: ClusterIndex<'a>,
+    policies: &'a PolicySet,
+    memory: &'a EngineMemory,
+    now: Timestamp,
+    contexts: Vec<PolicyContext<'a>>,
+    context_by_name: HashMap<&'a str, usize>,
+    reserved: Vec<Resources>,
+    /// Per anti-affinity label key: label value → nodes hosting such a pod (sorted).
+    anti_affinity: HashMap<String, HashMap<String, Vec<usize>>>,
+    wants: Vec<Want>,
+    seen: Vec<Seen>,
+    moving: BTreeSet<usize>,
+    settings_by_pod: HashMap<usize, PodSettings>,
+    new_mobility: BTreeMap<String, Timestamp>,
+    decisions: Decisions,
+}
+
+impl<'a> Pass<'a> {
+    fn new(
+        snapshot: &'a ClusterSnapshot,
+        policies: &'a PolicySet,
+        memory: &'a EngineMemory,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            index: ClusterIndex::new(snapshot),
+            policies,
+            memory,
+            now,
+            contexts: Vec::new(),
+            context_by_name: HashMap::new(),
+            reserved: vec![Resources::default(); snapshot.nodes.len()],
+            anti_affinity: HashMap::new(),
+            wants: Vec::new(),
+            seen: Vec::new(),
+            moving: BTreeSet::new(),
+            settings_by_pod: HashMap::new(),
+            new_mobility: BTreeMap::new(),
+            decisions: Decisions {
+                now,
+                summary: Summary {
+                    nodes: snapshot.nodes.len(),
+                    policies: policies.len(),
+                    ..Summary::default()
+                },
+                migrations: Vec::new(),
+                checkpoints: Vec::new(),
+                deferred: Vec::new(),
+                problems: Vec::new(),
+                nodes: Vec::new(),
+            },
+        }
+    }
+
+    fn problem(&mut self, pod: Option<PodRef>, severity: Severity, message: String) {
+        self.decisions.problems.push(Problem {
+            pod,
+            severity,
+            message,
+        });
+    }
+
+    fn defer(&mut self, pod: &ProtectedPod, trigger: Trigger, reason: String) {
+        tracing::debug!(pod = %pod.pod_ref(), ?trigger, %reason, "deferred");
+        self.decisions.deferred.push(Deferred {
+            pod: pod.pod_ref(),
+            trigger,
+            reason,
+        });
+    }
+
+    fn context_for(&mut self, name: &'a str, policy: &'a Policy) -> usize {
+        if let Some(&position) = self.context_by_name.get(name) {
+            return position;
+        }
+        let position = self.contexts.len();
+        self.contexts.push(PolicyContext::new(
+            name,
+            policy,
+            self.index.snapshot.nodes.len(),
+        ));
+        self.context_by_name.insert(name, position);
+        position
+    }
+
+    /// Stage 1: read every pod, judge its node, collect wanted moves.
+    fn classify(&mut self) {
+        let snapshot = self.index.snapshot;
+        let mut order: Vec<usize> = (0..snapshot.pods.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (&snapshot.pods[a], &snapshot.pods[b]);
+            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+        });
+        for pod_index in order {
+            let Some(pod) = snapshot.pods.get(pod_index) else {
+                continue;
+            };
+            self.classify_pod(pod_index, pod);
+        }
+    }
+
+    fn classify_pod(&mut self, pod_index: usize, pod: &'a ProtectedPod) {
+        let pod_ref = pod.pod_ref();
+        let (settings, errors) = annotations::parse(&pod_ref, &pod.annotations);
+        for error in errors {
+            self.problem(Some(pod_ref.clone()), Severity::Error, error.to_string());
+        }
+        if !settings.protect {
+            self.decisions.summary.unprotected_pods += 1;
+            return;
+        }
+        self.decisions.summary.protected_pods += 1;
+        let Some(&node) = self.index.node_by_name.get(pod.node.as_str()) else {
+            self.problem(
+                Some(pod_ref),
+                Severity::Error,
+                format!("bound to node `{}`, which is not in the snapshot", pod.node),
+            );
+            return;
+        };
+        let (policy_name, policy, selected_by, note) =
+            self.policies.select(pod, settings.policy.as_deref());
+        if let Some(note) = note {
+            let severity = if selected_by == SelectedBy::Fallback {
+                Severity::Error
+            } else {
+                Severity::Warning
+            };
+            self.problem(Some(pod_ref.clone()), severity, note);
+        }
+        let context = self.context_for(policy_name, policy);
+        let key = (pod.namespace.as_str(), pod.name.as_str());
+
+        let records = self
+            .index
+            .migrations
+            .get(&key)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if records.iter().any(|record| !record.phase.is_terminal()) {
+            self.decisions.summary.migrating_pods += 1;
+            return;
+        }
+        let last_finished = records.iter().filter_map(|record| record.finished_at).max();
+        let cooldown = settings.cooldown.unwrap_or(policy.triggers.cooldown);
+        let cooling_until = last_finished
+            .map(|finished| units::after(finished, cooldown))
+            .filter(|until| *until > self.now);
+
+        let (memory, now) = (self.memory, self.now);
+        let ctx = &mut self.contexts[context];
+        if let Some(flag) = ctx.hosts_pods.get_mut(node) {
+            *flag = true;
+        }
+        let assessment = ctx.assess(&self.index, memory, node, now).cloned();
+        let Some(assessment) = assessment else { return };
+        let pinned_request = self.index.requests.get(&key).copied();
+
+        let want = |trigger: Trigger, reason: String, pinned: Option<usize>| Want {
+            trigger,
+            pod: pod_index,
+            context,
+            reason,
+            pinned,
+        };
+        let pinned = match pinned_request.and_then(|request| request.target.as_deref()) {
+            Some(target) => {
+                match self.index.node_by_name.get(target) {
+                    Some(&position) => Some(position),
+                    None => {
+                        self.problem(
+                        Some(pod_ref.clone()),
+                        Severity::Error,
+                        format!("migration requested to node `{target}`, which is not in the snapshot"),
+                    );
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        let reasons = assessment.reasons.join("; ");
+        let cooldown_reason = |until: Timestamp| {
+            format!(
+                "in cooldown for {} more (last migration ended {} ago)",
+                format_duration(units::age(until, now)),
+                format_duration(units::age(now, last_finished.unwrap_or(now)))
+            )
+        };
+
+        let wanted = match assessment.state {
+            NodeState::Failed => Some(want(
+                Trigger::NodeFailed,
+                format!("node {} failed: {reasons}", pod.node),
+                pinned,
+            )),
+            _ if pinned_request.is_some() => {
+                Some(want(Trigger::Manual, "requested by a user".into(), pinned))
+            }
+            NodeState::Degraded
+                if policy.triggers.conditions.is_empty()
+                    && policy.triggers.latency.is_none()
+                    && policy.triggers.alerts.is_empty() =>
+            {
+                None
+            }
+            NodeState::Degraded => match cooling_until {
+                Some(until) => {
+                    self.defer(
+                        pod,
+                        Trigger::NodeDegraded,
+                        format!(
+                            "node {} is degrading ({reasons}), but {}",
+                            pod.node,
+                            cooldown_reason(until)
+                        ),
+                    );
+                    None
+                }
+                None => Some(want(
+                    Trigger::NodeDegraded,
+                    format!("node {} is degrading: {reasons}", pod.node),
+                    None,
+                )),
+            },
+            NodeState::Suspect => None,
+            NodeState::Healthy => {
+                let alert = self.index.pod_alerts.get(&key).and_then(|alerts| {
+                    alerts
+                        .iter()
+                        .find(|alert| policy.triggers.alerts.contains(&alert.name))
+                });
+                match (alert, cooling_until) {
+                    (Some(alert), Some(until)) => {
+                        self.defer(
+                            pod,
+                            Trigger::Alert,
+                            format!(
+                                "alert {} is firing, but {}",
+                                alert.name,
+                                cooldown_reason(until)
+                            ),
+                        );
+                        None
+                    }
+                    (Some(alert), None) => Some(want(
+                        Trigger::Alert,
+                        format!("alert {} is firing for the pod", alert.name),
+                        None,
+                    )),
+                    (None, _) => self
+                        .mobility(
+                            pod,
+                            node,
+                            policy,
+                            &settings,
+                            cooling_until.map(cooldown_reason),
+                        )
+                        .map(|reason| want(Trigger::Mobility, reason, None)),
+                }
+            }
+        };
+
+        match wanted {
+            Some(wanted) => {
+                self.moving.insert(pod_index);
+                self.wants.push(wanted);
+            }
+            None if matches!(assessment.state, NodeState::Healthy | NodeState::Degraded) => {
+                self.seen.push(Seen {
+                    pod: pod_index,
+                    node,
+                    context,
+                    settings: settings.clone(),
+                });
+            }
+            None => {}
+        }
+        self.settings_by_pod.insert(pod_index, settings);
+    }
+
+    /// Whether the pod should follow its user now; keeps the dwell timer.
+    fn mobility(
+        &mut self,
+        pod: &ProtectedPod,
+        node: usize,
+        policy: &Policy,
+        settings: &PodSettings,
+        cooldown: Option<String>,
+    ) -> Option<String> {
+        let mobility = policy.triggers.mobility?;
+        let user = settings.user.as_deref()?;
+        let list = self.index.user_latency.get(user)?;
+        let current = lookup_sorted(list, node)?;
+        let closer_exists = list
+            .iter()
+            .any(|&(other, latency)| other != node && latency <= mobility.clear_below());
+        if current <= mobility.threshold || !closer_exists {
+            return None;
+        }
+        let key = pod.pod_ref().to_string();
+        let since = self
+            .memory
+            .mobility_since
+            .get(&key)
+            .copied()
+            .unwrap_or(self.now);
+        self.new_mobility.insert(key, since);
+        let waited = units::age(self.now, since);
+        let far = format!(
+            "user {user} is {} from node {} (threshold {}), a node within {} exists",
+            format_duration(current),
+            pod.node,
+            format_duration(mobility.threshold),
+            format_duration(mobility.clear_below())
+        );
+        if waited < mobility.dwell {
+            self.defer(
+                pod,
+                Trigger::Mobility,
+                format!(
+                    "{far}; waiting out the dwell time ({} of {})",
+                    format_duration(waited),
+                    format_duration(mobility.dwell)
+                ),
+            );
+            return None;
+        }
+        if let Some(cooldown) = cooldown {
+            self.defer(pod, Trigger::Mobility, format!("{far}, but {cooldown}"));
+            return None;
+        }
+        Some(format!("{far} for {}", format_duration(waited)))
+    }
+
+    /// The nodes hosting a pod with the same anti-affinity label value (sorted).
+    fn avoid_list(&mut self, label_key: &str, value: &str) -> Vec<usize> {
+        let snapshot = self.index.snapshot;
+        let index = &self.index;
+        let by_value = self
+            .anti_affinity
+            .entry(label_key.to_string())
+            .or_insert_with(|| {
+                let mut map: HashMap<String, Vec<usize>> = HashMap::new();
+                for pod in &snapshot.pods {
+                    if let (Some(value), Some(&node)) = (
+                        pod.labels.get(label_key),
+                        index.node_by_name.get(pod.node.as_str()),
+                    ) {
+                        map.entry(value.clone()).or_default().push(node);
+                    }
+                }
+                for nodes in map.values_mut() {
+                    nodes.sort_unstable();
+                    nodes.dedup();
+                }
+                map
+            });
+        by_value.get(value).cloned().unwrap_or_default()
+    }
+
+    fn record_placement(&mut self, label_key: Option<&str>, value: Option<&String>, target: usize) {
+        if let (Some(key), Some(value)) = (label_key, value)
+            && let Some(map) = self.anti_affinity.get_mut(key)
+        {
+            let nodes = map.entry(value.clone()).or_default();
+            if let Err(position) = nodes.binary_search(&target) {
+                nodes.insert(position, target);
+            }
+        }
+    }
+
+    /// Nodes (not failed under the policy) from a list of names.
+    fn alive_nodes(&mut self, context: usize, names: &[NodeName]) -> Vec<usize> {
+        let (memory, now) = (self.memory, self.now);
+        let mut alive: Vec<usize> = names
+            .iter()
+            .filter_map(|name| self.index.node_by_name.get(name.as_str()).copied())
+            .filter(|&node| {
+                self.contexts[context].state(&self.index, memory, node, now) != NodeState::Failed
+            })
+            .collect();
+        alive.sort_unstable();
+        alive.dedup();
+        alive
+    }
+
+    /// Stage 2: choose targets, most urgent first.
+    fn place_migrations(&mut self) {
+        let mut wants = std::mem::take(&mut self.wants);
+        let snapshot = self.index.snapshot;
+        wants.sort_by(|a, b| {
+            let (pa, pb) = (&snapshot.pods[a.pod], &snapshot.pods[b.pod]);
+            (a.trigger, &pa.namespace, &pa.name).cmp(&(b.trigger, &pb.namespace, &pb.name))
+        });
+        for want in wants {
+            self.place(want);
+        }
+    }
+
+    fn place(&mut self, want: Want) {
+        let snapshot = self.index.snapshot;
+        let Some(pod) = snapshot.pods.get(want.pod) else {
+            return;
+        };
+        let Some(&source) = self.index.node_by_name.get(pod.node.as_str()) else {
+            return;
+        };
+        let settings = self
+            .settings_by_pod
+            .get(&want.pod)
+            .cloned()
+            .unwrap_or_default();
+        let (memory, now) = (self.memory, self.now);
+        let policy = self.contexts[want.context].policy;
+        let policy_name = self.contexts[want.context].name;
+        let source_assessment = self.contexts[want.context]
+            .assess(&self.index, memory, source, now)
+            .cloned();
+        let source_alive = source_assessment
+            .as_ref()
+            .is_some_and(|a| a.state != NodeState::Failed);
+
+        let checkpoint_nodes = pod
+            .last_checkpoint
+            .as_ref()
+            .map(|checkpoint| self.alive_nodes(want.context, &checkpoint.held_on))
+            .unwrap_or_default();
+        let checkpoint_bytes = pod
+            .last_checkpoint
+            .as_ref()
+            .map_or(pod.requests.memory.0, |checkpoint| checkpoint.size.0);
+        let data_from: Vec<usize> = if source_alive {
+            vec![source]
+        } else {
+            checkpoint_nodes.clone()
+        };
+
+        let dataset_id = settings.dataset.as_ref().map(|dataset| dataset.id());
+        let dataset = dataset_id
+            .as_deref()
+            .and_then(|id| self.index.datasets.get(id))
+            .map(|(d, _)| *d);
+        let dataset_nodes = match dataset {
+            Some(dataset) => self.alive_nodes(want.context, &dataset.present_on),
+            None => Vec::new(),
+        };
+        let dataset_bytes = dataset.map_or(0, |dataset| dataset.total_bytes.0);
+
+        let label_key = policy.targeting.anti_affinity_label.as_deref();
+        let label_value = label_key.and_then(|key| pod.labels.get(key));
+        let avoid = match (label_key, label_value) {
+            (Some(key), Some(value)) => self.avoid_list(key, value),
+            _ => Vec::new(),
+        };
+
+        let user = settings
+            .user
+            .as_deref()
+            .and_then(|user| self.index.user_latency.get(user))
+            .map(Vec::as_slice);
+        let max_user_latency = (want.trigger == Trigger::Mobility)
+            .then(|| {
+                policy
+                    .triggers
+                    .mobility
+                    .map(|mobility| mobility.clear_below())
+            })
+            .flatten();
+        let query = TargetQuery {
+            pod,
+            policy,
+            source,
+            data_from: &data_from,
+            user,
+            max_user_latency,
+            dataset_nodes: &dataset_nodes,
+            dataset_bytes,
+            checkpoint_nodes: &checkpoint_nodes,
+            checkpoint_bytes,
+            avoid: &avoid,
+        };
+        let rejections = self.contexts[want.context]
+            .static_rejections(&self.index, memory, now)
+            .to_vec();
+        let candidates: Vec<usize> = match (want.pinned, want.trigger, user) {
+            (Some(pinned), _, _) => vec![pinned],
+            (None, Trigger::Mobility, Some(user)) => user.iter().map(|&(node, _)| node).collect(),
+            _ => (0..snapshot.nodes.len()).collect(),
+        };
+        let considered = candidates.iter().filter(|&&node| node != source).count();
+        let (ranked, rejected) = targeting::rank(
+            &self.index,
+            &rejections,
+            &self.reserved,
+            &query,
+            candidates.into_iter(),
+            3,
+        );
+
+        let Some(best) = ranked.first() else {
+            let reason = if considered == 0 {
+                "no candidate node".to_string()
+            } else {
+                format!("no node can take it: of {considered} considered, {rejected}")
+            };
+            self.defer(pod, want.trigger, format!("{}; {reason}", want.reason));
+            return;
+        };
+        let Some(&target) = self.index.node_by_name.get(best.node.as_str()) else {
+            return;
+        };
+        if let Some(reserved) = self.reserved.get_mut(target) {
+            *reserved = reserved.saturating_add(pod.requests);
+        }
+        self.record_placement(label_key, label_value, target);
+
+        let checkpoint = if source_alive {
+            CheckpointSource::Fresh {
+                base: pod
+                    .last_checkpoint
+                    .as_ref()
+                    .filter(|checkpoint| {
+                        policy.checkpoint.incremental && checkpoint.held_on.contains(&pod.node)
+                    })
+                    .map(|checkpoint| checkpoint.id.clone()),
+            }
+        } else {
+            match (
+                &pod.last_checkpoint,
+                self.nearest(&checkpoint_nodes, target),
+            ) {
+                (Some(checkpoint), Some(from)) => CheckpointSource::Stored {
+                    id: checkpoint.id.clone(),
+                    from: self.index.node_name(from).to_string(),
+                    taken_at: checkpoint.taken_at,
+                    age: units::age(now, checkpoint.taken_at),
+                    epoch: checkpoint.epoch,
+                },
+                _ => CheckpointSource::None,
+            }
+        };
+
+        let mut reason = want.reason;
+        let mut transfers = Vec::new();
+        let checkpoint_from = match &checkpoint {
+            CheckpointSource::Fresh { .. } => Some(source),
+            CheckpointSource::Stored { from, .. } => {
+                self.index.node_by_name.get(from.as_str()).copied()
+            }
+            CheckpointSource::None => {
+                reason.push_str(
+                    "; no stored checkpoint survives, so the pod restarts from the beginning",
+                );
+                None
+            }
+        };
+        if let Some(from) = checkpoint_from.filter(|&from| from != target) {
+            let files = [FileSpec {
+                path: "checkpoint".into(),
+                size: checkpoint_bytes,
+            }];
+            transfers.extend(self.plan(pod, policy, Payload::Checkpoint, from, target, &files));
+        }
+        if let Some(dataset) = dataset {
+            if dataset_nodes.binary_search(&target).is_err() {
+                match self.nearest(&dataset_nodes, target) {
+                    Some(from) => {
+                        let files = dataset.file_specs();
+                        transfers.extend(self.plan(
+                            pod,
+                            policy,
+                            Payload::Dataset,
+                            from,
+                            target,
+                            &files,
+                        ));
+                    }
+                    None => reason.push_str(&format!(
+                        "; dataset {} has no surviving copy, the pod must fetch it again",
+                        dataset.id
+                    )),
+                }
+            }
+        } else if let Some(annotations::DatasetRef::Path(path)) = &settings.dataset {
+            self.problem(
+                Some(pod.pod_ref()),
+                Severity::Warning,
+                format!(
+                    "dataset {path} is not reported by any agent; it will not be moved with the pod"
+                ),
+            );
+        }
+
+        tracing::debug!(pod = %pod.pod_ref(), from = %pod.node, to = %best.node, trigger = ?want.trigger, "migrate");
+        self.decisions.migrations.push(MigrationDecision {
+            pod: pod.pod_ref(),
+            from: pod.node.clone(),
+            to: best.node.clone(),
+            trigger: want.trigger,
+            reason,
+            policy: policy_name.to_string(),
+            failed_at: source_assessment.and_then(|assessment| assessment.failed_at),
+            checkpoint,
+            transfers,
+            candidates: ranked,
+            rejected,
+        });
+    }
+
+    /// The node in `from` with the lowest measured RTT to `to` (ties and unknowns by name).
+    fn nearest(&self, from: &[usize], to: usize) -> Option<usize> {
+        if from.contains(&to) {
+            return Some(to);
+        }
+        from.iter().copied().min_by_key(|&node| {
+            (
+                self.index.rtt(node, to).unwrap_or(Duration::MAX),
+                self.index.node_name(node),
+            )
+        })
+    }
+
+    fn plan(
+        &mut self,
+        pod: &ProtectedPod,
+        policy: &Policy,
+        payload: Payload,
+        from: usize,
+        to: usize,
+        files: &[FileSpec],
+    ) -> Option<PlannedTransfer> {
+        let link = self.index.link(from, to);
+        let estimate = link.map_or(ASSUMED_LINK, |link| LinkEstimate {
+            rtt: link.rtt,
+            bandwidth_bps: link.bandwidth.map(|rate| rate.0),
+            loss: link.loss,
+        });
+        match transfer::plan_transfer(files, &estimate, &policy.transfer.settings()) {
+            Ok(plan) => Some(PlannedTransfer {
+                payload,
+                from: self.index.node_name(from).to_string(),
+                to: self.index.node_name(to).to_string(),
+                bytes: Bytes(plan.total_bytes),
+                link_assumed: link.is_none(),
+                plan,
+            }),
+            Err(error) => {
+                self.problem(
+                    Some(pod.pod_ref()),
+                    Severity::Error,
+                    format!("cannot plan the {payload:?} transfer: {error}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Stage 3: periodic checkpoints for the pods that stay.
+    fn plan_checkpoints(&mut self) {
+        let seen = std::mem::take(&mut self.seen);
+        for seen in seen {
+            self.plan_checkpoint(&seen);
+        }
+    }
+
+    fn plan_checkpoint(&mut self, seen: &Seen) {
+        let Some(pod) = self.index.snapshot.pods.get(seen.pod) else {
+            return;
+        };
+        if pod.checkpoint_in_progress || self.moving.contains(&seen.pod) {
+            return;
+        }
+        let policy = self.contexts[seen.context].policy;
+        let checkpoint = &policy.checkpoint;
+        let (interval, how) = match seen
+            .settings
+            .checkpoint_interval
+            .unwrap_or(checkpoint.interval)
+        {
+            IntervalSetting::Every(interval) => (interval, String::new()),
+            IntervalSetting::Auto => {
+                let measured = pod.last_checkpoint.as_ref().and_then(|c| c.freeze);
+                let cost = measured.unwrap_or(checkpoint.estimated_cost);
+                let raw = young_daly_interval(cost, checkpoint.mtbf);
+                let clamped = raw.clamp(checkpoint.min_interval, checkpoint.max_interval);
+                (
+                    clamped,
+                    format!(
+                        " (auto: sqrt(2 × {} {} × MTBF {}) = {}{})",
+                        format_duration(cost),
+                        if measured.is_some() {
+                            "measured cost"
+                        } else {
+                            "estimated cost"
+                        },
+                        format_duration(checkpoint.mtbf),
+                        format_duration(raw),
+                        if clamped != raw {
+                            ", clamped to the policy's bounds"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            }
+        };
+        let reason = match &pod.last_checkpoint {
+            None => format!(
+                "no checkpoint yet; interval {}{how}",
+                format_duration(interval)
+            ),
+            Some(last) => {
+                let age = units::age(self.now, last.taken_at);
+                if age < interval {
+                    return;
+                }
+                format!(
+                    "last checkpoint {} is {} old; interval {}{how}",
+                    last.id,
+                    format_duration(age),
+                    format_duration(interval)
+                )
+            }
+        };
+        let incremental_on = pod
+            .last_checkpoint
+            .as_ref()
+            .filter(|last| checkpoint.incremental && last.held_on.contains(&pod.node))
+            .map(|last| last.id.clone());
+        let replicas = seen
+            .settings
+            .replicate_to
+            .unwrap_or(checkpoint.replicate_to) as usize;
+        let replicate_to = self.standbys(pod, seen, replicas);
+        self.decisions.checkpoints.push(CheckpointDecision {
+            pod: pod.pod_ref(),
+            node: pod.node.clone(),
+            reason,
+            policy: self.contexts[seen.context].name.to_string(),
+            mode: seen.settings.mode.unwrap_or(checkpoint.mode),
+            interval,
+            incremental_on,
+            replicate_to,
+        });
+    }
+
+    /// Standby nodes for a pod's checkpoints: current holders that still qualify (so nothing is
+    /// copied again), then the best-ranked of the node's probed peers, then of all nodes.
+    fn standbys(&mut self, pod: &ProtectedPod, seen: &Seen, wanted: usize) -> Vec<NodeName> {
+        if wanted == 0 {
+            return Vec::new();
+        }
+        let (memory, now) = (self.memory, self.now);
+        let context = seen.context;
+        let policy = self.contexts[context].policy;
+        let rejections = self.contexts[context]
+            .static_rejections(&self.index, memory, now)
+            .to_vec();
+        let settings = &seen.settings;
+        let user = settings
+            .user
+            .as_deref()
+            .and_then(|user| self.index.user_latency.get(user))
+            .map(Vec::as_slice);
+        let dataset_nodes = settings
+            .dataset
+            .as_ref()
+            .and_then(|dataset| self.index.datasets.get(dataset.id().as_str()))
+            .map(|(dataset, nodes)| (dataset.total_bytes.0, nodes.clone()))
+            .unwrap_or_default();
+        let data_from = [seen.node];
+        let query = TargetQuery {
+            pod,
+            policy,
+            source: seen.node,
+            data_from: &data_from,
+            user,
+            max_user_latency: None,
+            dataset_nodes: &dataset_nodes.1,
+            dataset_bytes: dataset_nodes.0,
+            checkpoint_nodes: &[],
+            checkpoint_bytes: 0,
+            avoid: &[],
+        };
+        let holders: Vec<usize> = pod
+            .last_checkpoint
+            .iter()
+            .flat_map(|checkpoint| checkpoint.held_on.iter())
+            .filter_map(|name| self.index.node_by_name.get(name.as_str()).copied())
+            .filter(|&node| node != seen.node)
+            .collect();
+        let (kept, _) = targeting::rank(
+            &self.index,
+            &rejections,
+            &self.reserved,
+            &query,
+            holders.into_iter(),
+            wanted,
+        );
+        let mut chosen: Vec<NodeName> = kept.into_iter().map(|candidate| candidate.node).collect();
+        for wide in [false, true] {
+            if chosen.len() >= wanted {
+                break;
+            }
+            let pool: Vec<usize> = if wide {
+                (0..self.index.snapshot.nodes.len()).collect()
+            } else {
+                self.index.peers(seen.node).collect()
+            };
+            let (ranked, _) = targeting::rank(
+                &self.index,
+                &rejections,
+                &self.reserved,
+                &query,
+                pool.into_iter(),
+                wanted + chosen.len(),
+            );
+            for candidate in ranked {
+                if chosen.len() >= wanted {
+                    break;
+                }
+                if !chosen.contains(&candidate.node) {
+                    chosen.push(candidate.node);
+                }
+            }
+        }
+        chosen
+    }
+
+    fn finish(mut self) -> (Decisions, EngineMemory) {
+        let mut latency_degraded: BTreeSet<(String, NodeName)> = self
+            .memory
+            .latency_degraded
+            .iter()
+            .filter(|(policy, node)| {
+                // Keep what this pass did not look at; replace what it did.
+                let looked = self.context_by_name.get(policy.as_str()).and_then(|&c| {
+                    let position = *self.index.node_by_name.get(node.as_str())?;
+                    self.contexts
+                        .get(c)?
+                        .latency_tripped
+                        .get(position)
+                        .copied()
+                        .flatten()
+                });
+                looked.is_none()
+            })
+            .cloned()
+            .collect();
+        for context in &self.contexts {
+            for (position, tripped) in context.latency_tripped.iter().enumerate() {
+                if *tripped == Some(true) {
+                    latency_degraded.insert((
+                        context.name.to_string(),
+                        self.index.node_name(position).to_string(),
+                    ));
+                }
+            }
+            for (position, assessment) in context.assessments.iter().enumerate() {
+                let hosts = context.hosts_pods.get(position).copied().unwrap_or(false);
+                if let Some(assessment) = assessment
+                    .as_ref()
+                    .filter(|a| hosts && a.state != NodeState::Healthy)
+                {
+                    self.decisions.nodes.push(NodeReport {
+                        node: self.index.node_name(position).to_string(),
+                        policy: context.name.to_string(),
+                        assessment: assessment.clone(),
+                    });
+                }
+            }
+        }
+        self.decisions
+            .nodes
+            .sort_by(|a, b| (&a.node, &a.policy).cmp(&(&b.node, &b.policy)));
+        self.decisions.problems.sort_by(|a, b| {
+            (&a.pod, a.severity, &a.message).cmp(&(&b.pod, b.severity, &b.message))
+        });
+        let memory = EngineMemory {
+            latency_degraded,
+            mobility_since: self.new_mobility,
+        };
+        (self.decisions, memory)
+    }
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

@@ -1,0 +1,579 @@
+use std::time::Duration;
+
+use jiff::Timestamp;
+use proptest::prelude::*;
+
+use super::*;
+use crate::annotations::{CHECKPOINT_INTERVAL, DATASET, POLICY, PROTECT, REPLICATE_TO, USER};
+use crate::fixtures::{NodeBuilder, PodBuilder, SyntheticCluster, link_both_ways};
+use crate::migration::Phase;
+use crate::model::*;
+
+fn t(seconds: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+}
+
+fn policies(entries: &[(&str, &str)]) -> PolicySet {
+    let mut set = PolicySet::new();
+    for (name, text) in entries {
+        set.apply(name, text).unwrap();
+    }
+    set
+}
+
+fn run(snapshot: &ClusterSnapshot, set: &PolicySet, now: Timestamp) -> Decisions {
+    decide(snapshot, set, &EngineMemory::default(), now).0
+}
+
+/// Three nodes: `a` (the pod's), `b` near it, `c` far; the pod's checkpoint is on a and b.
+/// No leases, so only the Ready condition speaks for health at any `now`.
+fn triangle() -> ClusterSnapshot {
+    let mut links = Vec::new();
+    links.extend(link_both_ways("a", "b", Duration::from_millis(2)));
+    links.extend(link_both_ways("a", "c", Duration::from_millis(30)));
+    links.extend(link_both_ways("b", "c", Duration::from_millis(30)));
+    ClusterSnapshot {
+        nodes: vec![
+            NodeBuilder::new("a").build(),
+            NodeBuilder::new("b").build(),
+            NodeBuilder::new("c").build(),
+        ],
+        pods: vec![
+            PodBuilder::new("ml", "train", "a")
+                .checkpoint("ck-7", t(-60), 1 << 30, &["a", "b"])
+                .build(),
+        ],
+        links,
+        ..ClusterSnapshot::default()
+    }
+}
+
+fn fail_node(snapshot: &mut ClusterSnapshot, name: &str) {
+    let node = snapshot.nodes.iter_mut().find(|n| n.name == name).unwrap();
+    *node = NodeBuilder::new(name)
+        .heartbeat(t(-100))
+        .not_ready_since(t(-60))
+        .build();
+}
+
+#[test]
+fn failed_node_moves_the_pod_to_the_replica_holder() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert_eq!(decisions.migrations.len(), 1, "{decisions:#?}");
+    let migration = &decisions.migrations[0];
+    assert_eq!((migration.from.as_str(), migration.to.as_str()), ("a", "b"));
+    assert_eq!(migration.trigger, Trigger::NodeFailed);
+    assert!(
+        migration.reason.starts_with("node a failed: "),
+        "{}",
+        migration.reason
+    );
+    assert_eq!(migration.failed_at, Some(t(-100)));
+    match &migration.checkpoint {
+        CheckpointSource::Stored { id, from, age, .. } => {
+            assert_eq!((id.as_str(), from.as_str()), ("ck-7", "b"));
+            assert_eq!(*age, Duration::from_secs(60));
+        }
+        other => panic!("expected the stored checkpoint, got {other:?}"),
+    }
+    assert!(
+        migration.transfers.is_empty(),
+        "the checkpoint is already on b"
+    );
+    assert_eq!(migration.candidates[0].node, "b");
+    assert_eq!(migration.candidates[1].node, "c");
+    assert!(
+        decisions.checkpoints.is_empty(),
+        "a dead node cannot checkpoint"
+    );
+    assert_eq!(decisions.nodes.len(), 1);
+    assert_eq!(decisions.nodes[0].assessment.state, NodeState::Failed);
+}
+
+#[test]
+fn no_surviving_checkpoint_means_restart_from_the_beginning() {
+    let mut snapshot = triangle();
+    snapshot.pods[0].last_checkpoint.as_mut().unwrap().held_on = vec!["a".into()];
+    fail_node(&mut snapshot, "a");
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    let migration = &decisions.migrations[0];
+    assert_eq!(migration.checkpoint, CheckpointSource::None);
+    assert!(migration.reason.contains("restarts from the beginning"));
+}
+
+#[test]
+fn degraded_node_migrates_with_a_fresh_incremental_checkpoint() {
+    let mut snapshot = triangle();
+    snapshot.nodes[0] = NodeBuilder::new("a")
+        .condition("DiskPressure", ConditionStatus::True)
+        .build();
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    let migration = &decisions.migrations[0];
+    assert_eq!(migration.trigger, Trigger::NodeDegraded);
+    assert_eq!(
+        migration.reason,
+        "node a is degrading: DiskPressure is True"
+    );
+    assert_eq!(
+        migration.checkpoint,
+        CheckpointSource::Fresh {
+            base: Some("ck-7".into())
+        }
+    );
+    assert_eq!(migration.to, "b");
+    assert_eq!(migration.transfers.len(), 1);
+    assert_eq!(migration.transfers[0].payload, Payload::Checkpoint);
+    assert_eq!(migration.transfers[0].bytes, Bytes(1 << 30));
+    assert!(!migration.transfers[0].link_assumed);
+}
+
+#[test]
+fn never_targets_a_node_that_cannot_fit_and_says_why() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    snapshot.nodes[1] = NodeBuilder::new("b").requested(0, 30 << 30, 0).build();
+    snapshot.nodes[2] = NodeBuilder::new("c").requested(7800, 0, 0).build();
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert!(decisions.migrations.is_empty());
+    let deferred = &decisions.deferred[0];
+    assert_eq!(deferred.trigger, Trigger::NodeFailed);
+    assert!(
+        deferred
+            .reason
+            .ends_with("no node can take it: of 2 considered, 1 short of cpu, 1 short of memory"),
+        "{}",
+        deferred.reason
+    );
+}
+
+#[test]
+fn earlier_placements_reserve_room() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    // b has room for one 4 GiB pod only, c for several.
+    snapshot.nodes[1] = NodeBuilder::new("b").requested(0, 27 << 30, 0).build();
+    snapshot.pods = (0..3)
+        .map(|i| {
+            PodBuilder::new("ml", &format!("p{i}"), "a")
+                .checkpoint(&format!("ck-{i}"), t(-60), 1 << 30, &["a", "b"])
+                .build()
+        })
+        .collect();
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    let targets: Vec<&str> = decisions.migrations.iter().map(|m| m.to.as_str()).collect();
+    assert_eq!(targets, ["b", "c", "c"]);
+}
+
+#[test]
+fn taints_and_required_labels_exclude_nodes() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    snapshot.nodes[1] = NodeBuilder::new("b")
+        .taint("dedicated", TaintEffect::NoSchedule)
+        .label("pool", "training")
+        .build();
+    snapshot.nodes[2] = NodeBuilder::new("c").build();
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert_eq!(
+        decisions.migrations[0].to, "c",
+        "b's taint is not tolerated"
+    );
+
+    let set = policies(&[(
+        "default",
+        "targeting:\n  requiredLabels: {pool: training}\n  toleratedTaints: [{key: dedicated}]\n",
+    )]);
+    let decisions = run(&snapshot, &set, t(0));
+    assert_eq!(decisions.migrations[0].to, "b");
+    assert_eq!(
+        decisions.migrations[0].rejected.to_string(),
+        "1 missing a required label"
+    );
+}
+
+#[test]
+fn cooldown_defers_voluntary_moves_but_not_failures() {
+    let mut snapshot = triangle();
+    snapshot.nodes[0] = NodeBuilder::new("a")
+        .condition("MemoryPressure", ConditionStatus::True)
+        .build();
+    snapshot.migrations.push(MigrationRecord {
+        pod: PodRef::new("ml", "train"),
+        phase: Phase::Succeeded,
+        source: "c".into(),
+        target: Some("a".into()),
+        started_at: t(-300),
+        finished_at: Some(t(-240)),
+    });
+    let set = policies(&[("default", "checkpoint: {interval: 1m}")]);
+    let decisions = run(&snapshot, &set, t(0));
+    assert!(decisions.migrations.is_empty());
+    assert_eq!(
+        decisions.deferred[0].reason,
+        "node a is degrading (MemoryPressure is True), but in cooldown for 6m more (last migration ended 4m ago)"
+    );
+    assert_eq!(
+        decisions.checkpoints.len(),
+        1,
+        "still checkpointed while it waits"
+    );
+
+    let decisions = run(&snapshot, &PolicySet::new(), t(360));
+    assert_eq!(decisions.migrations.len(), 1, "cooldown over");
+
+    fail_node(&mut snapshot, "a");
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert_eq!(
+        decisions.migrations.len(),
+        1,
+        "a failed node ignores the cooldown"
+    );
+}
+
+#[test]
+fn a_pod_with_a_migration_in_flight_is_left_alone() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    snapshot.migrations.push(MigrationRecord {
+        pod: PodRef::new("ml", "train"),
+        phase: Phase::Transferring,
+        source: "a".into(),
+        target: Some("b".into()),
+        started_at: t(-10),
+        finished_at: None,
+    });
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert!(decisions.migrations.is_empty());
+    assert!(decisions.checkpoints.is_empty());
+    assert_eq!(decisions.summary.migrating_pods, 1);
+}
+
+fn mobility_snapshot(latency_a: u64, latency_c: u64) -> ClusterSnapshot {
+    let mut snapshot = triangle();
+    snapshot.pods[0] = PodBuilder::new("ml", "train", "a")
+        .annotation(USER, "alice")
+        .checkpoint("ck-7", t(-60), 1 << 30, &["a", "b"])
+        .build();
+    snapshot.users = vec![
+        UserObservation {
+            user: "alice".into(),
+            node: "a".into(),
+            latency: Duration::from_millis(latency_a),
+        },
+        UserObservation {
+            user: "alice".into(),
+            node: "b".into(),
+            latency: Duration::from_millis(latency_a),
+        },
+        UserObservation {
+            user: "alice".into(),
+            node: "c".into(),
+            latency: Duration::from_millis(latency_c),
+        },
+    ];
+    snapshot
+}
+
+const MOBILITY: &str = "triggers:\n  mobility: {threshold: 40ms, hysteresis: 15ms, dwell: 30s}\n";
+
+#[test]
+fn mobility_waits_for_the_dwell_time_then_follows_the_user() {
+    let set = policies(&[("default", MOBILITY)]);
+    let snapshot = mobility_snapshot(60, 10);
+    let (first, memory) = decide(&snapshot, &set, &EngineMemory::default(), t(0));
+    assert!(first.migrations.is_empty());
+    assert!(
+        first.deferred[0]
+            .reason
+            .contains("waiting out the dwell time (0s of 30s)"),
+        "{}",
+        first.deferred[0].reason
+    );
+    let (second, memory) = decide(&snapshot, &set, &memory, t(20));
+    assert!(second.migrations.is_empty());
+    let (third, memory) = decide(&snapshot, &set, &memory, t(30));
+    assert_eq!(third.migrations.len(), 1);
+    assert_eq!(third.migrations[0].trigger, Trigger::Mobility);
+    assert_eq!(
+        third.migrations[0].to, "c",
+        "only c is within 25ms of alice"
+    );
+    // The user comes back: the timer resets.
+    let (_, memory) = decide(&mobility_snapshot(20, 10), &set, &memory, t(40));
+    assert!(memory.mobility_since.is_empty());
+}
+
+#[test]
+fn mobility_hysteresis_prevents_ping_pong() {
+    let set = policies(&[("default", MOBILITY)]);
+    // After moving to c, alice drifts: c is now 35 ms away (under the 40 ms threshold) and a is
+    // 5 ms. a is much closer, but c is still good enough: no move back.
+    let mut snapshot = mobility_snapshot(5, 35);
+    snapshot.pods[0].node = "c".into();
+    let memory = EngineMemory::default();
+    let (decisions, memory) = decide(&snapshot, &set, &memory, t(0));
+    let (later, _) = decide(&snapshot, &set, &memory, t(3600));
+    assert!(decisions.migrations.is_empty() && later.migrations.is_empty());
+    assert!(decisions.deferred.is_empty(), "nothing is even pending");
+}
+
+#[test]
+fn checkpoints_fall_due_at_the_interval_and_keep_their_standby() {
+    let snapshot = triangle();
+    let set = policies(&[("default", "checkpoint: {interval: 2m}")]);
+    assert!(
+        run(&snapshot, &set, t(59)).checkpoints.is_empty(),
+        "taken at -60"
+    );
+    let decisions = run(&snapshot, &set, t(60));
+    let checkpoint = &decisions.checkpoints[0];
+    assert_eq!(
+        checkpoint.reason,
+        "last checkpoint ck-7 is 2m old; interval 2m"
+    );
+    assert_eq!(checkpoint.incremental_on.as_deref(), Some("ck-7"));
+    assert_eq!(checkpoint.replicate_to, ["b"]);
+    assert_eq!(checkpoint.mode, annotations::CheckpointMode::Transparent);
+}
+
+#[test]
+fn auto_interval_follows_young_daly() {
+    assert_eq!(
+        young_daly_interval(Duration::from_secs(2), Duration::from_secs(86_400)).as_secs(),
+        587
+    );
+    let mut snapshot = triangle();
+    snapshot.pods[0] = PodBuilder::new("ml", "train", "a")
+        .annotation(CHECKPOINT_INTERVAL, "auto")
+        .checkpoint("ck-7", t(-600), 1 << 30, &["a"])
+        .build();
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    let checkpoint = &decisions.checkpoints[0];
+    assert_eq!(checkpoint.interval.as_secs(), 587);
+    assert!(
+        checkpoint
+            .reason
+            .contains("auto: sqrt(2 × 2s measured cost × MTBF 1day)"),
+        "{}",
+        checkpoint.reason
+    );
+    assert_eq!(
+        checkpoint.replicate_to,
+        ["b"],
+        "the nearest peer becomes the standby"
+    );
+}
+
+#[test]
+fn bad_annotations_are_reported_against_the_pod() {
+    let mut snapshot = triangle();
+    snapshot.pods.push(
+        PodBuilder::new("ml", "typo", "a")
+            .annotation(PROTECT, "yes")
+            .build(),
+    );
+    snapshot.pods.push(
+        PodBuilder::new("ml", "missing-policy", "a")
+            .annotation(POLICY, "nope")
+            .annotation(REPLICATE_TO, "many")
+            .build(),
+    );
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    let problems: Vec<String> = decisions
+        .problems
+        .iter()
+        .map(|p| format!("{:?} {}", p.severity, p.message))
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "Error pod ml/missing-policy names policy `nope`, which does not exist; using (built-in defaults)",
+            "Error pod ml/missing-policy: annotation automigrate.dev/replicate-to=\"many\": expected a whole number from 0 to 10",
+            "Error pod ml/typo: annotation automigrate.dev/protect=\"yes\": expected `true` or `false`",
+        ]
+    );
+    assert_eq!(decisions.summary.unprotected_pods, 1);
+    assert_eq!(decisions.summary.protected_pods, 2);
+}
+
+#[test]
+fn alerts_move_the_pods_they_name_when_the_policy_honours_them() {
+    let mut snapshot = triangle();
+    snapshot.alerts.push(Alert {
+        name: "TrainingStalled".into(),
+        status: AlertStatus::Firing,
+        labels: [("namespace", "ml"), ("pod", "train")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into(),
+        starts_at: None,
+    });
+    assert!(
+        run(&snapshot, &PolicySet::new(), t(0))
+            .migrations
+            .is_empty()
+    );
+    let set = policies(&[("default", "triggers: {alerts: [TrainingStalled]}")]);
+    let decisions = run(&snapshot, &set, t(0));
+    assert_eq!(decisions.migrations[0].trigger, Trigger::Alert);
+    assert_eq!(
+        decisions.migrations[0].reason,
+        "alert TrainingStalled is firing for the pod"
+    );
+}
+
+#[test]
+fn a_manual_request_goes_where_asked_or_says_why_not() {
+    let mut snapshot = triangle();
+    snapshot.requests.push(MigrationRequest {
+        pod: PodRef::new("ml", "train"),
+        target: Some("c".into()),
+    });
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert_eq!(decisions.migrations[0].to, "c");
+    assert_eq!(decisions.migrations[0].trigger, Trigger::Manual);
+
+    snapshot.nodes[2].unschedulable = true;
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert!(decisions.migrations.is_empty());
+    assert!(
+        decisions.deferred[0]
+            .reason
+            .ends_with("of 1 considered, 1 cordoned")
+    );
+}
+
+#[test]
+fn anti_affinity_keeps_pods_of_one_job_apart() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    snapshot.pods = vec![
+        PodBuilder::new("ml", "worker-0", "a")
+            .label("job", "j1")
+            .build(),
+        PodBuilder::new("ml", "worker-1", "b")
+            .label("job", "j1")
+            .build(),
+    ];
+    let set = policies(&[("default", "targeting: {antiAffinityLabel: job}")]);
+    let decisions = run(&snapshot, &set, t(0));
+    assert_eq!(
+        decisions.migrations[0].to, "c",
+        "b already runs a pod of job j1"
+    );
+}
+
+#[test]
+fn dataset_moves_from_its_nearest_surviving_copy() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    snapshot.pods[0] = PodBuilder::new("ml", "train", "a")
+        .annotation(DATASET, "/data/esc50")
+        .checkpoint("ck-7", t(-60), 1 << 30, &["a", "c"])
+        .build();
+    snapshot.datasets.push(Dataset {
+        id: "/data/esc50".into(),
+        total_bytes: Bytes(600 << 20),
+        file_count: 1000,
+        files: Vec::new(),
+        present_on: vec!["a".into(), "b".into()],
+    });
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    let migration = &decisions.migrations[0];
+    // c holds the checkpoint (1 GiB), b the dataset (600 MiB): c wins on locality and moves the
+    // dataset from b.
+    assert_eq!(migration.to, "c");
+    assert_eq!(migration.transfers.len(), 1);
+    let transfer = &migration.transfers[0];
+    assert_eq!(
+        (transfer.payload, transfer.from.as_str()),
+        (Payload::Dataset, "b")
+    );
+    assert_eq!(transfer.plan.file_count, 1000);
+    assert!(
+        transfer.plan.units.len() < 200,
+        "small files are packed, not one unit each"
+    );
+}
+
+/// A synthetic cluster with the knobs the properties vary.
+fn cluster(seed: u64, nodes: usize, failed: usize, degraded: usize) -> ClusterSnapshot {
+    SyntheticCluster {
+        seed,
+        nodes,
+        pods: nodes * 6,
+        zones: 3,
+        failed_nodes: failed,
+        degraded_nodes: degraded,
+        probes_per_node: 4,
+        users: 10,
+        datasets: 5,
+    }
+    .build(t(0))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn same_input_same_output_in_any_order(seed in any::<u64>(), failed in 0usize..4, degraded in 0usize..4) {
+        let snapshot = cluster(seed, 20, failed, degraded);
+        let set = PolicySet::new();
+        let first = run(&snapshot, &set, t(0));
+        let mut shuffled = snapshot.clone();
+        shuffled.pods.reverse();
+        shuffled.nodes.reverse();
+        let second = run(&shuffled, &set, t(0));
+        prop_assert_eq!(&first.migrations, &second.migrations);
+        prop_assert_eq!(&first.checkpoints, &second.checkpoints);
+        prop_assert_eq!(&first.deferred, &second.deferred);
+        prop_assert_eq!(first, run(&snapshot, &set, t(0)));
+    }
+
+    #[test]
+    fn targets_are_healthy_fit_and_never_the_source(seed in any::<u64>(), failed in 1usize..5, degraded in 0usize..3) {
+        let snapshot = cluster(seed, 12, failed, degraded);
+        let decisions = run(&snapshot, &PolicySet::new(), t(0));
+        let mut placed: HashMap<&str, Resources> = HashMap::new();
+        for migration in &decisions.migrations {
+            prop_assert_ne!(&migration.from, &migration.to);
+            let target = snapshot.nodes.iter().find(|n| n.name == migration.to).unwrap();
+            let (assessment, _) = health::assess(target, Signals::default(), &Policy::default(), t(0));
+            prop_assert_eq!(assessment.state, NodeState::Healthy, "target {}", target.name);
+            prop_assert!(!target.unschedulable);
+            let pod = snapshot.pods.iter().find(|p| p.pod_ref() == migration.pod).unwrap();
+            let total = placed.entry(target.name.as_str()).or_default();
+            *total = total.saturating_add(pod.requests);
+            prop_assert!(target.free().shortfall(*total).is_none(), "{} overcommitted", target.name);
+        }
+        // Every pod on a failed node is either moved or deferred with a reason.
+        let failed_pods = snapshot.pods.iter().filter(|p| {
+            snapshot.nodes.iter().position(|n| n.name == p.node).unwrap() < failed
+        }).count();
+        let handled = decisions.migrations.iter().filter(|m| m.trigger == Trigger::NodeFailed).count()
+            + decisions.deferred.iter().filter(|d| d.trigger == Trigger::NodeFailed).count();
+        prop_assert_eq!(handled, failed_pods);
+    }
+
+    #[test]
+    fn cooldown_is_always_respected(seed in any::<u64>(), ended_ago in 0i64..1200) {
+        let mut snapshot = cluster(seed, 10, 0, 2);
+        for pod in &snapshot.pods {
+            snapshot.migrations.push(MigrationRecord {
+                pod: pod.pod_ref(),
+                phase: Phase::Succeeded,
+                source: "elsewhere".into(),
+                target: Some(pod.node.clone()),
+                started_at: t(-ended_ago - 60),
+                finished_at: Some(t(-ended_ago)),
+            });
+        }
+        let decisions = run(&snapshot, &PolicySet::new(), t(0));
+        if ended_ago < 600 {
+            prop_assert!(decisions.migrations.is_empty());
+        } else {
+            prop_assert!(!decisions.migrations.is_empty());
+        }
+    }
+}

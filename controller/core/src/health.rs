@@ -1,0 +1,257 @@
+//! Node assessment: is a node healthy, degrading, failed, or not yet known to be either?
+//!
+//! The verdict depends on the policy (which conditions count, which grace periods, which alerts),
+//! so it is computed per (policy, node). The latency trigger has a hysteresis band, which needs
+//! to remember whether the node was already over the line: that bit lives in the engine's
+//! memory and is passed in and out, keeping this function pure.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Alert, ConditionStatus, Node};
+use crate::policy::Policy;
+use crate::units::{self, format_duration};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodeState {
+    Healthy,
+    /// Something is off but not yet past its grace period (e.g. NotReady for 5 s of 20 s).
+    /// Not a migration target, not a reason to migrate yet.
+    Suspect,
+    /// Still running, but a problem condition, latency or alert says it will not for long:
+    /// migrate its pods away proactively, with a fresh checkpoint.
+    Degraded,
+    /// Gone: its pods must be restored elsewhere from a stored checkpoint.
+    Failed,
+}
+
+/// A node's verdict and the reasons behind it, in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assessment {
+    pub state: NodeState,
+    pub reasons: Vec<String>,
+    /// When the node stopped working (last heartbeat or Ready transition), for failed nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<Timestamp>,
+    /// The node may receive a migrated pod (healthy, Ready, not cordoned).
+    pub schedulable: bool,
+}
+
+/// What besides the node object bears on its health.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signals<'a> {
+    /// Median RTT from this node to the peers it probes.
+    pub median_peer_rtt: Option<Duration>,
+    /// Firing alerts whose `node` label names this node.
+    pub alerts: &'a [&'a Alert],
+    /// Whether the latency trigger was tripped for this node in the previous pass.
+    pub latency_was_degraded: bool,
+}
+
+/// Judges one node under one policy. Returns the verdict and whether the latency trigger is
+/// tripped now (to remember for the next pass).
+pub fn assess(
+    node: &Node,
+    signals: Signals<'_>,
+    policy: &Policy,
+    now: Timestamp,
+) -> (Assessment, bool) {
+    let triggers = &policy.triggers;
+    let mut failed = Vec::new();
+    let mut failed_at: Option<Timestamp> = None;
+    let mut suspect = Vec::new();
+    let mut degraded = Vec::new();
+
+    let ready = node.condition("Ready");
+    match ready {
+        Some(condition) if condition.status != ConditionStatus::True => {
+            let since = condition.since.unwrap_or(now);
+            let how_long = units::age(now, since);
+            let text = format!(
+                "Ready is {:?} for {} (grace {})",
+                condition.status,
+                format_duration(how_long),
+                format_duration(triggers.not_ready_grace)
+            );
+            if how_long >= triggers.not_ready_grace {
+                failed.push(text);
+                failed_at = Some(since);
+            } else {
+                suspect.push(text);
+            }
+        }
+        Some(_) => {}
+        None => suspect.push("no Ready condition reported yet".to_string()),
+    }
+
+    if let Some(heartbeat) = node.last_heartbeat {
+        let silent = units::age(now, heartbeat);
+        if silent >= triggers.lease_timeout {
+            failed.push(format!(
+                "lease not renewed for {} (timeout {})",
+                format_duration(silent),
+                format_duration(triggers.lease_timeout)
+            ));
+            failed_at = Some(failed_at.map_or(heartbeat, |at| at.min(heartbeat)));
+        }
+    }
+
+    for condition in &node.conditions {
+        if condition.status == ConditionStatus::True
+            && triggers.conditions.contains(&condition.kind)
+        {
+            let mut text = format!("{} is True", condition.kind);
+            if let Some(reason) = &condition.reason {
+                text.push_str(&format!(" ({reason})"));
+            }
+            degraded.push(text);
+        }
+    }
+
+    let mut latency_degraded = false;
+    if let (Some(band), Some(rtt)) = (&triggers.latency, signals.median_peer_rtt) {
+        latency_degraded = if signals.latency_was_degraded {
+            rtt >= band.clear_below()
+        } else {
+            rtt > band.threshold
+        };
+        if latency_degraded {
+            degraded.push(format!(
+                "median peer RTT {} over threshold {} (clears below {})",
+                format_duration(rtt),
+                format_duration(band.threshold),
+                format_duration(band.clear_below())
+            ));
+        }
+    }
+
+    for alert in signals.alerts {
+        if triggers.alerts.contains(&alert.name) {
+            degraded.push(format!("alert {} is firing", alert.name));
+        }
+    }
+
+    let (state, reasons) = if !failed.is_empty() {
+        (NodeState::Failed, failed)
+    } else if !degraded.is_empty() {
+        degraded.extend(suspect);
+        (NodeState::Degraded, degraded)
+    } else if !suspect.is_empty() {
+        (NodeState::Suspect, suspect)
+    } else {
+        (NodeState::Healthy, Vec::new())
+    };
+    let schedulable = state == NodeState::Healthy && !node.unschedulable;
+    let assessment = Assessment {
+        state,
+        reasons,
+        failed_at: if state == NodeState::Failed {
+            failed_at
+        } else {
+            None
+        },
+        schedulable,
+    };
+    (assessment, latency_degraded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::NodeBuilder;
+    use crate::model::AlertStatus;
+    use crate::policy::Band;
+
+    fn t(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    #[test]
+    fn ready_node_with_fresh_lease_is_healthy() {
+        let node = NodeBuilder::new("a").heartbeat(t(-5)).build();
+        let (assessment, _) = assess(&node, Signals::default(), &Policy::default(), t(0));
+        assert_eq!(assessment.state, NodeState::Healthy);
+        assert!(assessment.schedulable);
+    }
+
+    #[test]
+    fn not_ready_is_suspect_within_grace_and_failed_after() {
+        let node = NodeBuilder::new("a").not_ready_since(t(0)).build();
+        let policy = Policy::default();
+        let (early, _) = assess(&node, Signals::default(), &policy, t(5));
+        assert_eq!(early.state, NodeState::Suspect);
+        assert!(!early.schedulable);
+        let (late, _) = assess(&node, Signals::default(), &policy, t(20));
+        assert_eq!(late.state, NodeState::Failed);
+        assert_eq!(late.failed_at, Some(t(0)));
+        assert_eq!(late.reasons, ["Ready is Unknown for 20s (grace 20s)"]);
+    }
+
+    #[test]
+    fn stale_lease_means_failed_even_if_ready_is_stale_true() {
+        let node = NodeBuilder::new("a").heartbeat(t(-31)).build();
+        let (assessment, _) = assess(&node, Signals::default(), &Policy::default(), t(0));
+        assert_eq!(assessment.state, NodeState::Failed);
+        assert_eq!(assessment.failed_at, Some(t(-31)));
+    }
+
+    #[test]
+    fn problem_conditions_and_alerts_degrade() {
+        let node = NodeBuilder::new("a")
+            .condition("KernelDeadlock", ConditionStatus::True)
+            .build();
+        let mut policy = Policy::default();
+        let (assessment, _) = assess(&node, Signals::default(), &policy, t(0));
+        assert_eq!(assessment.state, NodeState::Degraded);
+        assert_eq!(assessment.reasons, ["KernelDeadlock is True"]);
+
+        let healthy = NodeBuilder::new("b").build();
+        let alert = Alert {
+            name: "NodeDiskFailing".into(),
+            status: AlertStatus::Firing,
+            labels: [("node".to_string(), "b".to_string())].into(),
+            starts_at: None,
+        };
+        let alerts = [&alert];
+        let signals = Signals {
+            alerts: &alerts,
+            ..Signals::default()
+        };
+        let (ignored, _) = assess(&healthy, signals, &policy, t(0));
+        assert_eq!(
+            ignored.state,
+            NodeState::Healthy,
+            "alert not honoured by the policy"
+        );
+        policy.triggers.alerts.push("NodeDiskFailing".into());
+        let (honoured, _) = assess(&healthy, signals, &policy, t(0));
+        assert_eq!(honoured.state, NodeState::Degraded);
+    }
+
+    #[test]
+    fn latency_trigger_has_hysteresis() {
+        let node = NodeBuilder::new("a").build();
+        let mut policy = Policy::default();
+        policy.triggers.latency = Some(Band {
+            threshold: Duration::from_millis(50),
+            hysteresis: Duration::from_millis(15),
+        });
+        let mut tripped = false;
+        let mut states = Vec::new();
+        for rtt in [40, 55, 45, 36, 34, 45, 51] {
+            let signals = Signals {
+                median_peer_rtt: Some(Duration::from_millis(rtt)),
+                latency_was_degraded: tripped,
+                ..Signals::default()
+            };
+            let (assessment, now_tripped) = assess(&node, signals, &policy, t(0));
+            tripped = now_tripped;
+            states.push(assessment.state == NodeState::Degraded);
+        }
+        assert_eq!(states, [false, true, true, true, false, false, true]);
+    }
+}

@@ -1,0 +1,790 @@
+//! The migration state machine: one migration of one pod from a source node to a target node.
+//!
+//! The whole state is [`MigrationState`], plain serialisable data that a driver persists (the
+//! Kubernetes controller keeps it in the Migration resource's status). A driver's loop is:
+//!
+//! 1. [`observe`] what is true now (is the source running, is the target running, did the step
+//!    in flight finish) and turn it into an [`Event`];
+//! 2. [`apply`] events, including [`timeout`] ones, to move between phases;
+//! 3. carry out [`step`], the one action the current phase asks for.
+//!
+//! Every step is idempotent, so a driver that crashed in any phase restarts by running the same
+//! loop from the persisted state: it re-observes, then resumes or rolls back. The phases are
+//!
+//! ```text
+//! Pending → Syncing → Checkpointing → Transferring → Fencing → Restoring → Verifying → Succeeded
+//!              └──── (source dead: use the latest checkpoint) ───┘
+//! any failure → RollingBack → RolledBack | Restarted,   or → Failed
+//! ```
+//!
+//! The fencing rule: the replacement may start only once the source is stopped or confirmed
+//! dead (`source_fenced`), and a rollback that starts the workload again first stops the
+//! replacement. So at no point may two copies of one training pod run.
+
+use std::fmt;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::model::NodeName;
+use crate::policy::{Fallback, Policy};
+use crate::units;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Decided; nothing done yet.
+    Pending,
+    /// Copying the dataset and the newest checkpoint to the target while the source still runs.
+    Syncing,
+    /// Final stop-and-dump of the source.
+    Checkpointing,
+    /// Sending the final checkpoint (only what the target does not have yet).
+    Transferring,
+    /// Making sure the source cannot run: stopped by us, or its node confirmed dead.
+    Fencing,
+    /// Starting the replacement on the target from the checkpoint.
+    Restoring,
+    /// Waiting for the replacement to run and make progress.
+    Verifying,
+    /// Undoing: stop the replacement if it started, then bring the workload back per policy.
+    RollingBack,
+    Succeeded,
+    /// The workload runs where it was, from the checkpoint or never stopped.
+    RolledBack,
+    /// The workload was started from the beginning (policy fallback `restart`).
+    Restarted,
+    /// Stopped without moving or restarting the workload; the reason says why.
+    Failed,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Phase::Succeeded | Phase::RolledBack | Phase::Restarted | Phase::Failed
+        )
+    }
+
+    /// The transitions the machine may make. [`apply`] never makes any other.
+    pub fn can_become(self, next: Phase) -> bool {
+        use Phase::*;
+        match self {
+            Pending => matches!(next, Syncing | RollingBack | Failed),
+            Syncing => matches!(next, Checkpointing | Fencing | RollingBack | Failed),
+            Checkpointing => matches!(next, Transferring | RollingBack | Failed),
+            Transferring => matches!(next, Fencing | RollingBack | Failed),
+            Fencing => matches!(next, Restoring | RollingBack | Failed),
+            Restoring => matches!(next, Verifying | RollingBack | Failed),
+            Verifying => matches!(next, Succeeded | RollingBack | Failed),
+            RollingBack => matches!(next, RolledBack | Restarted | Failed),
+            Succeeded | RolledBack | Restarted | Failed => false,
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// How a rollback brings the workload back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RollbackAction {
+    /// The source never stopped: just clean up on the target.
+    KeepSource,
+    /// Restore the checkpoint on the source node (it still works).
+    RestoreOnSource,
+    /// Start the workload from the beginning on the target.
+    RestartFresh,
+}
+
+/// The one thing the driver should do now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "step")]
+pub enum Step {
+    /// Copy dataset and newest checkpoint to the target; the source keeps running.
+    SyncData,
+    /// Stop-and-dump the source.
+    Checkpoint,
+    /// Send the final checkpoint to the target.
+    TransferCheckpoint,
+    /// Ensure the source cannot run: stop and delete it if its node is alive; otherwise confirm
+    /// the node is dead (lease expired, out-of-service taint).
+    Fence { source_alive: bool },
+    /// Start the replacement on the target. Only ever asked for once the source is fenced.
+    Restore,
+    /// Check that the replacement runs and makes progress.
+    Verify,
+    /// Stop the replacement first when `stop_target`, then bring the workload back.
+    RollBack {
+        stop_target: bool,
+        action: RollbackAction,
+    },
+    /// Nothing to do: the migration has ended.
+    Done,
+}
+
+/// What happened since the last step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "event")]
+pub enum Event {
+    /// The current phase's step finished. A checkpoint step names the checkpoint it made.
+    StepSucceeded { checkpoint_id: Option<String> },
+    /// The current phase's step failed. Retryable failures are retried up to
+    /// [`Limits::max_attempts`] times within the phase's timeout.
+    StepFailed { reason: String, retryable: bool },
+    /// The source node died during the migration: no fresh checkpoint can be taken any more.
+    SourceLost,
+    /// A person or the engine called the migration off.
+    Cancel { reason: String },
+}
+
+/// What the driver sees when it (re)starts work on a migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    /// Is the source workload running? `None` when its node cannot be reached.
+    pub source_running: Option<bool>,
+    /// Is the replacement running on the target?
+    pub target_running: bool,
+    /// Does the store hold a complete checkpoint taken by this migration?
+    pub checkpoint_complete: bool,
+}
+
+/// Phase deadlines and retry budget, from the pod's policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    #[serde(with = "units::duration")]
+    pub sync: Duration,
+    #[serde(with = "units::duration")]
+    pub checkpoint: Duration,
+    #[serde(with = "units::duration")]
+    pub transfer: Duration,
+    #[serde(with = "units::duration")]
+    pub fence: Duration,
+    #[serde(with = "units::duration")]
+    pub restore: Duration,
+    pub max_attempts: u32,
+    pub fallback: Fallback,
+}
+
+impl Limits {
+    pub fn from_policy(policy: &Policy) -> Self {
+        Self {
+            sync: policy.transfer.timeout,
+            checkpoint: policy.checkpoint.timeout,
+            transfer: policy.transfer.timeout,
+            fence: policy.restore.fence_timeout,
+            restore: policy.restore.timeout,
+            max_attempts: 3,
+            fallback: policy.restore.fallback,
+        }
+    }
+
+    /// How long a phase may last; `None` for phases that wait on nothing.
+    pub fn deadline(&self, phase: Phase) -> Option<Duration> {
+        match phase {
+            Phase::Syncing => Some(self.sync),
+            Phase::Checkpointing => Some(self.checkpoint),
+            Phase::Transferring => Some(self.transfer),
+            Phase::Fencing => Some(self.fence),
+            Phase::Restoring | Phase::Verifying | Phase::RollingBack => Some(self.restore),
+            Phase::Pending
+            | Phase::Succeeded
+            | Phase::RolledBack
+            | Phase::Restarted
+            | Phase::Failed => None,
+        }
+    }
+}
+
+/// How long one phase took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    pub started_at: Timestamp,
+    #[serde(with = "units::duration")]
+    pub duration: Duration,
+}
+
+/// Everything persisted about one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationState {
+    pub phase: Phase,
+    pub source: NodeName,
+    pub target: NodeName,
+    /// Whether the source node was alive when the migration began; if so a fresh
+    /// stop-and-dump checkpoint is taken, otherwise the newest stored one is used.
+    pub source_alive: bool,
+    /// The source cannot run any more (stopped by us or its node confirmed dead).
+    pub source_fenced: bool,
+    /// The replacement has been started (it may or may not run now).
+    pub target_started: bool,
+    pub checkpoint_id: Option<String>,
+    pub started_at: Timestamp,
+    pub phase_started_at: Timestamp,
+    /// Attempts made in the current phase.
+    pub attempts: u32,
+    /// When the workload stopped making progress (the freeze, or the node failure).
+    pub downtime_started_at: Option<Timestamp>,
+    #[serde(default, with = "units::option_duration")]
+    pub downtime: Option<Duration>,
+    pub rollback: Option<RollbackAction>,
+    pub history: Vec<PhaseTiming>,
+    /// Why the migration is where it is: the last failure, or why it ended.
+    pub message: Option<String>,
+}
+
+/// An event that the current phase cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("migration in phase {phase} cannot take event {event}")]
+pub struct TransitionError {
+    pub phase: Phase,
+    pub event: String,
+}
+
+impl MigrationState {
+    /// A new migration. `source_alive` is false when the source node has already failed; then
+    /// `failed_at` (its last heartbeat) starts the downtime clock.
+    pub fn new(
+        source: NodeName,
+        target: NodeName,
+        source_alive: bool,
+        now: Timestamp,
+        failed_at: Option<Timestamp>,
+    ) -> Self {
+        Self {
+            phase: Phase::Pending,
+            source,
+            target,
+            source_alive,
+            source_fenced: false,
+            target_started: false,
+            checkpoint_id: None,
+            started_at: now,
+            phase_started_at: now,
+            attempts: 0,
+            downtime_started_at: if source_alive {
+                None
+            } else {
+                Some(failed_at.unwrap_or(now))
+            },
+            downtime: None,
+            rollback: None,
+            history: Vec::new(),
+            message: None,
+        }
+    }
+
+    fn enter(&mut self, next: Phase, now: Timestamp) -> Result<(), TransitionError> {
+        if !self.phase.can_become(next) {
+            return Err(TransitionError {
+                phase: self.phase,
+                event: format!("transition to {next}"),
+            });
+        }
+        self.history.push(PhaseTiming {
+            phase: self.phase,
+            started_at: self.phase_started_at,
+            duration: units::age(now, self.phase_started_at),
+        });
+        self.phase = next;
+        self.phase_started_at = now;
+        self.attempts = 0;
+        Ok(())
+    }
+
+    /// Where to go when the current phase cannot complete.
+    fn fail(
+        &mut self,
+        reason: String,
+        limits: &Limits,
+        now: Timestamp,
+    ) -> Result<(), TransitionError> {
+        use Phase::*;
+        self.message = Some(format!("{} failed: {reason}", self.phase));
+        let action = match self.phase {
+            // The source has not been touched: it keeps running, or it is dead and there is
+            // nothing to roll back to.
+            Pending | Syncing | Checkpointing => {
+                if self.source_alive {
+                    Some(RollbackAction::KeepSource)
+                } else {
+                    None
+                }
+            }
+            // The source was stopped by the dump (live) or is dead.
+            Transferring => self.source_alive.then_some(RollbackAction::RestoreOnSource),
+            // Without proof that the source is stopped, starting anything would risk two
+            // copies. Stop and let a person look.
+            Fencing => None,
+            Restoring | Verifying => match limits.fallback {
+                Fallback::Rollback if self.source_alive => Some(RollbackAction::RestoreOnSource),
+                Fallback::Rollback | Fallback::Restart => Some(RollbackAction::RestartFresh),
+                Fallback::Fail => None,
+            },
+            RollingBack | Succeeded | RolledBack | Restarted | Failed => None,
+        };
+        match action {
+            Some(action) => {
+                self.rollback = Some(action);
+                self.enter(RollingBack, now)
+            }
+            None => self.enter(Failed, now),
+        }
+    }
+
+    fn succeed(
+        &mut self,
+        checkpoint_id: Option<String>,
+        now: Timestamp,
+    ) -> Result<(), TransitionError> {
+        use Phase::*;
+        match self.phase {
+            Pending => self.enter(Syncing, now),
+            Syncing if self.source_alive => {
+                self.downtime_started_at = Some(now);
+                self.enter(Checkpointing, now)
+            }
+            Syncing => self.enter(Fencing, now),
+            Checkpointing => {
+                if checkpoint_id.is_some() {
+                    self.checkpoint_id = checkpoint_id;
+                }
+                self.enter(Transferring, now)
+            }
+            Transferring => self.enter(Fencing, now),
+            Fencing => {
+                self.source_fenced = true;
+                self.enter(Restoring, now)
+            }
+            Restoring => {
+                self.target_started = true;
+                self.enter(Verifying, now)
+            }
+            Verifying => {
+                self.downtime = self.downtime_started_at.map(|since| units::age(now, since));
+                self.message = Some("the replacement runs and makes progress".into());
+                self.enter(Succeeded, now)
+            }
+            RollingBack => {
+                let ended = match self.rollback {
+                    Some(RollbackAction::RestartFresh) => Restarted,
+                    _ => RolledBack,
+                };
+                self.target_started = false;
+                self.enter(ended, now)
+            }
+            Succeeded | RolledBack | Restarted | Failed => Err(TransitionError {
+                phase: self.phase,
+                event: "StepSucceeded".into(),
+            }),
+        }
+    }
+}
+
+/// Moves the machine by one event. Terminal phases take no event.
+pub fn apply(
+    state: &MigrationState,
+    event: &Event,
+    limits: &Limits,
+    now: Timestamp,
+) -> Result<MigrationState, TransitionError> {
+    let mut next = state.clone();
+    if state.phase.is_terminal() {
+        return Err(TransitionError {
+            phase: state.phase,
+            event: format!("{event:?}"),
+        });
+    }
+    match event {
+        Event::StepSucceeded { checkpoint_id } => next.succeed(checkpoint_id.clone(), now)?,
+        Event::StepFailed { reason, retryable } => {
+            if *retryable && next.attempts + 1 < limits.max_attempts {
+                next.attempts += 1;
+                next.message = Some(format!(
+                    "{} attempt {} failed, retrying: {reason}",
+                    next.phase, next.attempts
+                ));
+            } else if next.phase == Phase::RollingBack {
+                next.message = Some(format!("rollback failed: {reason}"));
+                next.enter(Phase::Failed, now)?;
+            } else {
+                next.fail(reason.clone(), limits, now)?;
+            }
+        }
+        Event::SourceLost => {
+            next.source_alive = false;
+            match next.phase {
+                // No fresh checkpoint is possible: go on with the newest stored one.
+                Phase::Pending | Phase::Syncing | Phase::Checkpointing => {
+                    next.downtime_started_at.get_or_insert(now);
+                    next.message = Some(
+                        "source node failed; continuing from the newest stored checkpoint".into(),
+                    );
+                    if next.phase == Phase::Checkpointing {
+                        next.enter(Phase::Transferring, now)?;
+                    }
+                }
+                // Later phases already hold the checkpoint; fencing will confirm the death.
+                _ => {}
+            }
+        }
+        // Cancelling is a failure of the current phase, whose rule decides what is safe: a
+        // clean rollback before the source is touched, never a second copy after.
+        Event::Cancel { reason } => next.fail(format!("cancelled: {reason}"), limits, now)?,
+    }
+    Ok(next)
+}
+
+/// The event a deadline produces, if the current phase has run too long.
+pub fn timeout(state: &MigrationState, limits: &Limits, now: Timestamp) -> Option<Event> {
+    let deadline = limits.deadline(state.phase)?;
+    let elapsed = units::age(now, state.phase_started_at);
+    (elapsed >= deadline).then(|| Event::StepFailed {
+        reason: format!(
+            "timed out after {} (limit {})",
+            units::format_duration(elapsed),
+            units::format_duration(deadline)
+        ),
+        retryable: false,
+    })
+}
+
+/// Turns what a (re)started driver sees into the event it implies, so a crash in any phase
+/// resumes without redoing finished work and without guessing.
+pub fn observe(state: &MigrationState, facts: &Facts) -> Option<Event> {
+    match state.phase {
+        // A dump that completed before the crash: the source is stopped and the images exist.
+        Phase::Checkpointing
+            if facts.checkpoint_complete && facts.source_running == Some(false) =>
+        {
+            Some(Event::StepSucceeded {
+                checkpoint_id: None,
+            })
+        }
+        // The dump never happened and the source is gone: it died under us.
+        Phase::Checkpointing if facts.source_running.is_none() => Some(Event::SourceLost),
+        // The replacement was created before the crash.
+        Phase::Restoring if facts.target_running => Some(Event::StepSucceeded {
+            checkpoint_id: None,
+        }),
+        _ => None,
+    }
+}
+
+/// What the driver should do in the current phase.
+pub fn step(state: &MigrationState) -> Step {
+    match state.phase {
+        Phase::Pending | Phase::Syncing => Step::SyncData,
+        Phase::Checkpointing => Step::Checkpoint,
+        Phase::Transferring => Step::TransferCheckpoint,
+        Phase::Fencing => Step::Fence {
+            source_alive: state.source_alive,
+        },
+        // The fencing rule, enforced where the step is chosen.
+        Phase::Restoring if state.source_fenced => Step::Restore,
+        Phase::Restoring => Step::Fence {
+            source_alive: state.source_alive,
+        },
+        Phase::Verifying => Step::Verify,
+        Phase::RollingBack => Step::RollBack {
+            stop_target: state.target_started,
+            action: state.rollback.unwrap_or(RollbackAction::KeepSource),
+        },
+        Phase::Succeeded | Phase::RolledBack | Phase::Restarted | Phase::Failed => Step::Done,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits::from_policy(&Policy::default())
+    }
+
+    fn ok() -> Event {
+        Event::StepSucceeded {
+            checkpoint_id: None,
+        }
+    }
+
+    fn run(state: &MigrationState, events: &[Event]) -> MigrationState {
+        let mut state = state.clone();
+        for (index, event) in events.iter().enumerate() {
+            state = apply(&state, event, &limits(), t(10 * (index as i64 + 1))).unwrap();
+        }
+        state
+    }
+
+    #[test]
+    fn live_source_goes_through_every_phase() {
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let mut state = start.clone();
+        let mut seen = vec![(state.phase, step(&state))];
+        let mut now = 0;
+        while !state.phase.is_terminal() {
+            now += 10;
+            let event = Event::StepSucceeded {
+                checkpoint_id: (state.phase == Phase::Checkpointing).then(|| "ck-1".to_string()),
+            };
+            state = apply(&state, &event, &limits(), t(now)).unwrap();
+            seen.push((state.phase, step(&state)));
+        }
+        let phases: Vec<Phase> = seen.iter().map(|(phase, _)| *phase).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::Pending,
+                Phase::Syncing,
+                Phase::Checkpointing,
+                Phase::Transferring,
+                Phase::Fencing,
+                Phase::Restoring,
+                Phase::Verifying,
+                Phase::Succeeded
+            ]
+        );
+        assert_eq!(state.checkpoint_id.as_deref(), Some("ck-1"));
+        assert_eq!(state.history.len(), 7);
+        // Downtime runs from the final dump (entered at t=20) to verification (t=70).
+        assert_eq!(state.downtime, Some(Duration::from_secs(50)));
+        assert_eq!(step(&state), Step::Done);
+    }
+
+    #[test]
+    fn dead_source_skips_the_dump() {
+        let start = MigrationState::new("a".into(), "b".into(), false, t(0), Some(t(-30)));
+        let state = run(&start, &[ok(), ok()]);
+        assert_eq!(state.phase, Phase::Fencing);
+        assert_eq!(
+            step(&state),
+            Step::Fence {
+                source_alive: false
+            }
+        );
+        let state = run(&state, &[ok(), ok(), ok()]);
+        assert_eq!(state.phase, Phase::Succeeded);
+        // From the last heartbeat (t=-30) to verification (t=30), not from the decision.
+        assert_eq!(state.downtime, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn checkpoint_failure_keeps_the_source_running() {
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let failure = Event::StepFailed {
+            reason: "criu: dump failed".into(),
+            retryable: false,
+        };
+        let state = run(&start, &[ok(), ok(), failure]);
+        assert_eq!(state.phase, Phase::RollingBack);
+        assert_eq!(
+            step(&state),
+            Step::RollBack {
+                stop_target: false,
+                action: RollbackAction::KeepSource
+            }
+        );
+        let state = run(&state, &[ok()]);
+        assert_eq!(state.phase, Phase::RolledBack);
+        assert!(state.message.unwrap().contains("criu: dump failed"));
+    }
+
+    #[test]
+    fn failed_verification_stops_the_replacement_before_rolling_back() {
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let failure = Event::StepFailed {
+            reason: "replacement crashed".into(),
+            retryable: false,
+        };
+        let state = run(&start, &[ok(), ok(), ok(), ok(), ok(), ok(), failure]);
+        assert_eq!(
+            step(&state),
+            Step::RollBack {
+                stop_target: true,
+                action: RollbackAction::RestoreOnSource
+            }
+        );
+    }
+
+    #[test]
+    fn unfenced_source_never_gets_a_replacement() {
+        let start = MigrationState::new("a".into(), "b".into(), false, t(0), None);
+        let state = run(&start, &[ok(), ok()]);
+        assert_eq!(state.phase, Phase::Fencing);
+        let state = apply(
+            &state,
+            &timeout(&state, &limits(), t(10_000)).unwrap(),
+            &limits(),
+            t(10_000),
+        )
+        .unwrap();
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(!state.target_started);
+        assert!(state.message.unwrap().contains("timed out"));
+    }
+
+    #[test]
+    fn retryable_failures_retry_then_give_up() {
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let flaky = Event::StepFailed {
+            reason: "connection reset".into(),
+            retryable: true,
+        };
+        let state = run(&start, &[ok(), flaky.clone()]);
+        assert_eq!((state.phase, state.attempts), (Phase::Syncing, 1));
+        let state = run(&state, &[flaky.clone(), flaky]);
+        assert_eq!(state.phase, Phase::RollingBack);
+    }
+
+    #[test]
+    fn source_lost_while_syncing_uses_the_stored_checkpoint() {
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let state = run(&start, &[ok(), Event::SourceLost, ok()]);
+        assert_eq!(state.phase, Phase::Fencing);
+        assert!(!state.source_alive);
+    }
+
+    #[test]
+    fn resume_after_a_crash_uses_what_is_observed() {
+        let mut state = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        state = run(&state, &[ok(), ok()]);
+        assert_eq!(state.phase, Phase::Checkpointing);
+        let finished = Facts {
+            source_running: Some(false),
+            target_running: false,
+            checkpoint_complete: true,
+        };
+        assert_eq!(observe(&state, &finished), Some(ok()));
+        let unreachable = Facts {
+            source_running: None,
+            ..Facts::default()
+        };
+        assert_eq!(observe(&state, &unreachable), Some(Event::SourceLost));
+        let still_running = Facts {
+            source_running: Some(true),
+            ..Facts::default()
+        };
+        assert_eq!(observe(&state, &still_running), None, "redo the dump");
+        assert_eq!(step(&state), Step::Checkpoint);
+    }
+
+    #[test]
+    fn terminal_phases_take_no_events() {
+        let state = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let state = apply(
+            &state,
+            &Event::Cancel {
+                reason: "user".into(),
+            },
+            &limits(),
+            t(1),
+        )
+        .unwrap();
+        assert_eq!(state.phase, Phase::RollingBack);
+        let state = apply(&state, &ok(), &limits(), t(2)).unwrap();
+        assert_eq!(state.phase, Phase::RolledBack);
+        assert!(apply(&state, &ok(), &limits(), t(3)).is_err());
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let state = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let state = run(&state, &[ok(), ok()]);
+        let text = serde_json::to_string(&state).unwrap();
+        assert_eq!(
+            serde_json::from_str::<MigrationState>(&text).unwrap(),
+            state
+        );
+    }
+
+    fn any_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            4 => Just(Event::StepSucceeded { checkpoint_id: Some("ck".into()) }),
+            2 => any::<bool>().prop_map(|retryable| Event::StepFailed { reason: "x".into(), retryable }),
+            1 => Just(Event::SourceLost),
+            1 => Just(Event::Cancel { reason: "y".into() }),
+        ]
+    }
+
+    fn any_fallback() -> impl Strategy<Value = Fallback> {
+        prop_oneof![
+            Just(Fallback::Rollback),
+            Just(Fallback::Restart),
+            Just(Fallback::Fail)
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens, the replacement starts only after the source is fenced, a rollback
+        /// that brings the workload back stops the replacement first, and only allowed
+        /// transitions are made.
+        #[test]
+        fn never_two_copies(
+            alive in any::<bool>(),
+            fallback in any_fallback(),
+            events in proptest::collection::vec(any_event(), 0..40),
+        ) {
+            let limits = Limits { fallback, ..limits() };
+            let mut state = MigrationState::new("a".into(), "b".into(), alive, t(0), None);
+            for (index, event) in events.iter().enumerate() {
+                let before = state.phase;
+                match apply(&state, event, &limits, t(index as i64)) {
+                    Ok(next) => state = next,
+                    Err(_) => { prop_assert!(before.is_terminal()); break; }
+                }
+                if before != state.phase {
+                    prop_assert!(before.can_become(state.phase), "{before} -> {}", state.phase);
+                }
+                match step(&state) {
+                    Step::Restore => prop_assert!(state.source_fenced),
+                    Step::RollBack { stop_target, action } => {
+                        prop_assert_eq!(stop_target, state.target_started);
+                        if action == RollbackAction::RestartFresh {
+                            prop_assert!(state.source_fenced);
+                        }
+                    }
+                    _ => {}
+                }
+                prop_assert!(!state.target_started || state.source_fenced);
+            }
+        }
+
+        /// Deadlines alone bring every migration to an end: none is stuck.
+        #[test]
+        fn timeouts_always_terminate(
+            alive in any::<bool>(),
+            events in proptest::collection::vec(any_event(), 0..10),
+        ) {
+            let limits = limits();
+            let mut state = MigrationState::new("a".into(), "b".into(), alive, t(0), None);
+            for event in &events {
+                if let Ok(next) = apply(&state, event, &limits, t(0)) { state = next; }
+            }
+            // Pending has no deadline: the driver starts it at once. Step it in, then let time run.
+            if state.phase == Phase::Pending {
+                state = apply(&state, &ok(), &limits, t(0)).unwrap();
+            }
+            let mut now = 0;
+            for _ in 0..10 {
+                if state.phase.is_terminal() { break; }
+                now += 100_000;
+                let event = timeout(&state, &limits, t(now)).expect("every live phase has a deadline");
+                state = apply(&state, &event, &limits, t(now)).unwrap();
+            }
+            prop_assert!(state.phase.is_terminal(), "stuck in {}", state.phase);
+        }
+    }
+}
