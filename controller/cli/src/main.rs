@@ -1,1 +1,159 @@
-fn main() {}
+//! `automigrate`: the command line.
+//!
+//! Today it holds the tools that need no cluster: `plan` replays a cluster snapshot through the
+//! decision engine and prints what the controller would do and why; `check` validates policy
+//! files before they are deployed. Every subcommand reads files, calls the pure engine, and
+//! prints; the engine itself never touches a file or a clock.
+
+mod load;
+mod render;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "automigrate",
+    version,
+    about = "Keep deep-learning training alive when nodes fail: checkpoint, migrate, resume."
+)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `debug` or `automigrate_core=debug`.
+    #[arg(long, env = "AUTOMIGRATE_LOG", default_value = "warn", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the decisions the controller would make for a cluster snapshot, with reasons.
+    Plan {
+        /// Cluster snapshot (YAML or JSON): nodes, protected pods, links, users, alerts.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// A policy ConfigMap file, or a directory of them (every *.yaml / *.yml).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Decide as of this time (RFC 3339). Default: the snapshot's `takenAt`, else now.
+        #[arg(long)]
+        now: Option<jiff::Timestamp>,
+        /// Engine memory from an earlier pass (hysteresis, dwell timers), as written by
+        /// `--save-memory`.
+        #[arg(long)]
+        memory: Option<PathBuf>,
+        /// Write the engine memory after this pass, to chain passes.
+        #[arg(long)]
+        save_memory: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Validate policy ConfigMap files; exits non-zero if any is invalid.
+    Check {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Plan {
+            snapshot,
+            policies,
+            now,
+            memory,
+            save_memory,
+            output,
+        } => {
+            let snapshot = load::snapshot(&snapshot)?;
+            let policies = match policies {
+                Some(path) => {
+                    let loaded = load::policies(&path)?;
+                    if !loaded.errors.is_empty() {
+                        for error in &loaded.errors {
+                            eprintln!("error: {error}");
+                        }
+                        anyhow::bail!(
+                            "{} invalid polic{} in {}; fix {} or leave the file out",
+                            loaded.errors.len(),
+                            if loaded.errors.len() == 1 { "y" } else { "ies" },
+                            path.display(),
+                            if loaded.errors.len() == 1 {
+                                "it"
+                            } else {
+                                "them"
+                            }
+                        );
+                    }
+                    loaded.set
+                }
+                None => automigrate_core::PolicySet::new(),
+            };
+            let memory = match memory {
+                Some(path) => load::memory(&path)?,
+                None => automigrate_core::EngineMemory::default(),
+            };
+            let now = now
+                .or(snapshot.taken_at)
+                .unwrap_or_else(jiff::Timestamp::now);
+            let (decisions, memory) = automigrate_core::decide(&snapshot, &policies, &memory, now);
+            match output {
+                Output::Text => print!("{}", render::text(&decisions, &policies)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&decisions)?),
+                Output::Yaml => print!("{}", serde_saphyr::to_string(&decisions)?),
+            }
+            if let Some(path) = save_memory {
+                let text = serde_json::to_string_pretty(&memory)?;
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing engine memory to {}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { paths } => {
+            let mut failed = 0usize;
+            for path in &paths {
+                let loaded = load::policies(path)?;
+                for name in loaded.set.names() {
+                    println!("ok      {name}");
+                }
+                for error in &loaded.errors {
+                    println!("invalid {error}");
+                }
+                failed += loaded.errors.len();
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

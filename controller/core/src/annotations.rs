@@ -74,10 +74,10 @@ pub enum DatasetRef {
 
 impl DatasetRef {
     /// The key under which the snapshot lists this dataset (the annotation value as written).
-    pub fn id(&self) -> String {
+    pub fn id(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            DatasetRef::Path(path) => path.clone(),
-            DatasetRef::Pvc(name) => format!("pvc:{name}"),
+            DatasetRef::Path(path) => path.as_str().into(),
+            DatasetRef::Pvc(name) => format!("pvc:{name}").into(),
         }
     }
 }
@@ -194,22 +194,20 @@ fn parse_value(key: &str, value: &str, settings: &mut PodSettings) -> Result<(),
 /// problem (not just the first, so a user fixes them in one go). A bad key leaves its setting
 /// unset (the policy's value applies); a bad `protect` leaves the pod unprotected.
 pub fn parse(
-    pod: &PodRef,
+    namespace: &str,
+    name: &str,
     annotations: &BTreeMap<String, String>,
 ) -> (PodSettings, Vec<AnnotationError>) {
     let mut settings = PodSettings::default();
     let mut errors = Vec::new();
-    let domain = (
-        std::ops::Bound::Included(DOMAIN),
-        std::ops::Bound::Unbounded,
-    );
-    for (key, value) in annotations.range::<str, _>(domain) {
+    // A pod has a handful of annotations: a scan beats a B-tree range search here.
+    for (key, value) in annotations {
         if !key.starts_with(DOMAIN) {
-            break;
+            continue;
         }
         if let Err(reason) = parse_value(key, value, &mut settings) {
             errors.push(AnnotationError {
-                pod: pod.clone(),
+                pod: PodRef::new(namespace, name),
                 key: key.clone(),
                 value: value.clone(),
                 reason,
@@ -230,14 +228,11 @@ mod tests {
             .collect()
     }
 
-    fn pod() -> PodRef {
-        PodRef::new("ml", "trainer-0")
-    }
-
     #[test]
     fn reads_every_known_annotation() {
         let (settings, errors) = parse(
-            &pod(),
+            "ml",
+            "trainer-0",
             &annotations(&[
                 (PROTECT, "true"),
                 (POLICY, "gpu-training"),
@@ -267,7 +262,8 @@ mod tests {
     #[test]
     fn auto_interval_and_paths() {
         let (settings, errors) = parse(
-            &pod(),
+            "ml",
+            "trainer-0",
             &annotations(&[(CHECKPOINT_INTERVAL, "auto"), (DATASET, "/data/esc50")]),
         );
         assert!(errors.is_empty());
@@ -282,7 +278,8 @@ mod tests {
     #[test]
     fn reports_every_bad_annotation_with_pod_key_and_reason() {
         let (settings, errors) = parse(
-            &pod(),
+            "ml",
+            "trainer-0",
             &annotations(&[
                 (USER, "bob"),
                 (PROTECT, "yes"),
@@ -319,7 +316,11 @@ mod tests {
 
     #[test]
     fn rejects_traversal_in_dataset_paths() {
-        let (_, errors) = parse(&pod(), &annotations(&[(DATASET, "/data/../etc")]));
+        let (_, errors) = parse(
+            "ml",
+            "trainer-0",
+            &annotations(&[(DATASET, "/data/../etc")]),
+        );
         assert_eq!(errors[0].reason, "the path must not contain `..`");
     }
 }

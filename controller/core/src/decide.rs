@@ -11,7 +11,9 @@
 //! The pass reads no clock: `now` is an argument. Its only state between passes is
 //! [`EngineMemory`] (hysteresis bits and dwell timers), which the caller stores and hands back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -265,12 +267,13 @@ impl<'p> PolicyContext<'p> {
             .map_or(NodeState::Failed, |assessment| assessment.state)
     }
 
-    fn static_rejections(
+    /// Computes, once per pass, which nodes can never take a pod under this policy.
+    fn ensure_static_rejections(
         &mut self,
         index: &ClusterIndex<'_>,
         memory: &EngineMemory,
         now: Timestamp,
-    ) -> &[Option<&'static str>] {
+    ) {
         if self.static_rejections.is_none() {
             let mut rejections = Vec::with_capacity(index.snapshot.nodes.len());
             for (position, node) in index.snapshot.nodes.iter().enumerate() {
@@ -283,7 +286,6 @@ impl<'p> PolicyContext<'p> {
             }
             self.static_rejections = Some(rejections);
         }
-        self.static_rejections.as_deref().unwrap_or_default()
     }
 }
 
@@ -294,6 +296,7 @@ struct Want {
     context: usize,
     reason: String,
     pinned: Option<usize>,
+    settings: PodSettings,
 }
 
 /// A pod the pass looked at, kept for the checkpoint stage.
@@ -337,7 +340,6 @@ struct Pass<'a> {
     wants: Vec<Want>,
     seen: Vec<Seen>,
     moving: BTreeSet<usize>,
-    settings_by_pod: HashMap<usize, PodSettings>,
     new_mobility: BTreeMap<String, Timestamp>,
     decisions: Decisions,
 }
@@ -359,9 +361,8 @@ impl<'a> Pass<'a> {
             reserved: vec![Resources::default(); snapshot.nodes.len()],
             anti_affinity: HashMap::new(),
             wants: Vec::new(),
-            seen: Vec::new(),
+            seen: Vec::with_capacity(snapshot.pods.len()),
             moving: BTreeSet::new(),
-            settings_by_pod: HashMap::new(),
             new_mobility: BTreeMap::new(),
             decisions: Decisions {
                 now,
@@ -412,25 +413,19 @@ impl<'a> Pass<'a> {
 
     /// Stage 1: read every pod, judge its node, collect wanted moves.
     fn classify(&mut self) {
+        // Pods are independent of each other in this stage, so snapshot order is fine; the
+        // outputs are sorted in `finish` so they never depend on it.
         let snapshot = self.index.snapshot;
-        let mut order: Vec<usize> = (0..snapshot.pods.len()).collect();
-        order.sort_by(|&a, &b| {
-            let (a, b) = (&snapshot.pods[a], &snapshot.pods[b]);
-            (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
-        });
-        for pod_index in order {
-            let Some(pod) = snapshot.pods.get(pod_index) else {
-                continue;
-            };
+        for (pod_index, pod) in snapshot.pods.iter().enumerate() {
             self.classify_pod(pod_index, pod);
         }
     }
 
     fn classify_pod(&mut self, pod_index: usize, pod: &'a ProtectedPod) {
-        let pod_ref = pod.pod_ref();
-        let (settings, errors) = annotations::parse(&pod_ref, &pod.annotations);
+        let (settings, errors) = annotations::parse(&pod.namespace, &pod.name, &pod.annotations);
+        let pod_ref = || pod.pod_ref();
         for error in errors {
-            self.problem(Some(pod_ref.clone()), Severity::Error, error.to_string());
+            self.problem(Some(pod_ref()), Severity::Error, error.to_string());
         }
         if !settings.protect {
             self.decisions.summary.unprotected_pods += 1;
@@ -439,7 +434,7 @@ impl<'a> Pass<'a> {
         self.decisions.summary.protected_pods += 1;
         let Some(&node) = self.index.node_by_name.get(pod.node.as_str()) else {
             self.problem(
-                Some(pod_ref),
+                Some(pod_ref()),
                 Severity::Error,
                 format!("bound to node `{}`, which is not in the snapshot", pod.node),
             );
@@ -453,7 +448,7 @@ impl<'a> Pass<'a> {
             } else {
                 Severity::Warning
             };
-            self.problem(Some(pod_ref.clone()), severity, note);
+            self.problem(Some(pod_ref()), severity, note);
         }
         let context = self.context_for(policy_name, policy);
         let key = (pod.namespace.as_str(), pod.name.as_str());
@@ -479,8 +474,15 @@ impl<'a> Pass<'a> {
         if let Some(flag) = ctx.hosts_pods.get_mut(node) {
             *flag = true;
         }
-        let assessment = ctx.assess(&self.index, memory, node, now).cloned();
-        let Some(assessment) = assessment else { return };
+        let Some(assessment) = ctx.assess(&self.index, memory, node, now) else {
+            return;
+        };
+        let state = assessment.state;
+        // Reasons are only spelt out for nodes that are not healthy: most pods' are.
+        let reasons = match state {
+            NodeState::Failed | NodeState::Degraded => assessment.reasons.join("; "),
+            NodeState::Healthy | NodeState::Suspect => String::new(),
+        };
         let pinned_request = self.index.requests.get(&key).copied();
 
         let want = |trigger: Trigger, reason: String, pinned: Option<usize>| Want {
@@ -489,24 +491,21 @@ impl<'a> Pass<'a> {
             context,
             reason,
             pinned,
+            settings: PodSettings::default(),
         };
         let pinned = match pinned_request.and_then(|request| request.target.as_deref()) {
-            Some(target) => {
-                match self.index.node_by_name.get(target) {
-                    Some(&position) => Some(position),
-                    None => {
-                        self.problem(
-                        Some(pod_ref.clone()),
-                        Severity::Error,
-                        format!("migration requested to node `{target}`, which is not in the snapshot"),
+            Some(target) => match self.index.node_by_name.get(target) {
+                Some(&position) => Some(position),
+                None => {
+                    let message = format!(
+                        "migration requested to node `{target}`, which is not in the snapshot"
                     );
-                        return;
-                    }
+                    self.problem(Some(pod_ref()), Severity::Error, message);
+                    return;
                 }
-            }
+            },
             None => None,
         };
-        let reasons = assessment.reasons.join("; ");
         let cooldown_reason = |until: Timestamp| {
             format!(
                 "in cooldown for {} more (last migration ended {} ago)",
@@ -515,7 +514,7 @@ impl<'a> Pass<'a> {
             )
         };
 
-        let wanted = match assessment.state {
+        let wanted = match state {
             NodeState::Failed => Some(want(
                 Trigger::NodeFailed,
                 format!("node {} failed: {reasons}", pod.node),
@@ -523,13 +522,6 @@ impl<'a> Pass<'a> {
             )),
             _ if pinned_request.is_some() => {
                 Some(want(Trigger::Manual, "requested by a user".into(), pinned))
-            }
-            NodeState::Degraded
-                if policy.triggers.conditions.is_empty()
-                    && policy.triggers.latency.is_none()
-                    && policy.triggers.alerts.is_empty() =>
-            {
-                None
             }
             NodeState::Degraded => match cooling_until {
                 Some(until) => {
@@ -589,21 +581,21 @@ impl<'a> Pass<'a> {
         };
 
         match wanted {
-            Some(wanted) => {
+            Some(mut wanted) => {
+                wanted.settings = settings;
                 self.moving.insert(pod_index);
                 self.wants.push(wanted);
             }
-            None if matches!(assessment.state, NodeState::Healthy | NodeState::Degraded) => {
+            None if matches!(state, NodeState::Healthy | NodeState::Degraded) => {
                 self.seen.push(Seen {
                     pod: pod_index,
                     node,
                     context,
-                    settings: settings.clone(),
+                    settings,
                 });
             }
             None => {}
         }
-        self.settings_by_pod.insert(pod_index, settings);
     }
 
     /// Whether the pod should follow its user now; keeps the dwell timer.
@@ -733,11 +725,7 @@ impl<'a> Pass<'a> {
         let Some(&source) = self.index.node_by_name.get(pod.node.as_str()) else {
             return;
         };
-        let settings = self
-            .settings_by_pod
-            .get(&want.pod)
-            .cloned()
-            .unwrap_or_default();
+        let settings = &want.settings;
         let (memory, now) = (self.memory, self.now);
         let policy = self.contexts[want.context].policy;
         let policy_name = self.contexts[want.context].name;
@@ -807,9 +795,11 @@ impl<'a> Pass<'a> {
             checkpoint_bytes,
             avoid: &avoid,
         };
+        self.contexts[want.context].ensure_static_rejections(&self.index, memory, now);
         let rejections = self.contexts[want.context]
-            .static_rejections(&self.index, memory, now)
-            .to_vec();
+            .static_rejections
+            .as_deref()
+            .unwrap_or_default();
         let candidates: Vec<usize> = match (want.pinned, want.trigger, user) {
             (Some(pinned), _, _) => vec![pinned],
             (None, Trigger::Mobility, Some(user)) => user.iter().map(|&(node, _)| node).collect(),
@@ -818,7 +808,7 @@ impl<'a> Pass<'a> {
         let considered = candidates.iter().filter(|&&node| node != source).count();
         let (ranked, rejected) = targeting::rank(
             &self.index,
-            &rejections,
+            rejections,
             &self.reserved,
             &query,
             candidates.into_iter(),
@@ -943,7 +933,7 @@ impl<'a> Pass<'a> {
         from.iter().copied().min_by_key(|&node| {
             (
                 self.index.rtt(node, to).unwrap_or(Duration::MAX),
-                self.index.node_name(node),
+                self.index.name_rank(node),
             )
         })
     }
@@ -1081,9 +1071,11 @@ impl<'a> Pass<'a> {
         let (memory, now) = (self.memory, self.now);
         let context = seen.context;
         let policy = self.contexts[context].policy;
+        self.contexts[context].ensure_static_rejections(&self.index, memory, now);
         let rejections = self.contexts[context]
-            .static_rejections(&self.index, memory, now)
-            .to_vec();
+            .static_rejections
+            .as_deref()
+            .unwrap_or_default();
         let settings = &seen.settings;
         let user = settings
             .user
@@ -1093,7 +1085,7 @@ impl<'a> Pass<'a> {
         let dataset_nodes = settings
             .dataset
             .as_ref()
-            .and_then(|dataset| self.index.datasets.get(dataset.id().as_str()))
+            .and_then(|dataset| self.index.datasets.get(dataset.id().as_ref()))
             .map(|(dataset, nodes)| (dataset.total_bytes.0, nodes.clone()))
             .unwrap_or_default();
         let data_from = [seen.node];
@@ -1119,7 +1111,7 @@ impl<'a> Pass<'a> {
             .collect();
         let (kept, _) = targeting::rank(
             &self.index,
-            &rejections,
+            rejections,
             &self.reserved,
             &query,
             holders.into_iter(),
@@ -1137,7 +1129,7 @@ impl<'a> Pass<'a> {
             };
             let (ranked, _) = targeting::rank(
                 &self.index,
-                &rejections,
+                rejections,
                 &self.reserved,
                 &query,
                 pool.into_iter(),
@@ -1199,14 +1191,37 @@ impl<'a> Pass<'a> {
             }
         }
         self.decisions
+            .checkpoints
+            .sort_unstable_by(|a, b| a.pod.cmp(&b.pod));
+        self.decisions
+            .deferred
+            .sort_by(|a, b| (&a.pod, a.trigger).cmp(&(&b.pod, b.trigger)));
+        self.decisions
             .nodes
             .sort_by(|a, b| (&a.node, &a.policy).cmp(&(&b.node, &b.policy)));
         self.decisions.problems.sort_by(|a, b| {
             (&a.pod, a.severity, &a.message).cmp(&(&b.pod, b.severity, &b.message))
         });
+        // Dwell timers of pods this snapshot does not contain are kept (a driver may pass a
+        // partial snapshot); those of pods it contains were re-evaluated above.
+        let mut mobility_since = self.new_mobility;
+        if !self.memory.mobility_since.is_empty() {
+            let present: std::collections::HashSet<String> = self
+                .index
+                .snapshot
+                .pods
+                .iter()
+                .map(|pod| pod.pod_ref().to_string())
+                .collect();
+            for (key, since) in &self.memory.mobility_since {
+                if !present.contains(key) {
+                    mobility_since.entry(key.clone()).or_insert(*since);
+                }
+            }
+        }
         let memory = EngineMemory {
             latency_degraded,
-            mobility_since: self.new_mobility,
+            mobility_since,
         };
         (self.decisions, memory)
     }

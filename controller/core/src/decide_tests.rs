@@ -509,6 +509,7 @@ fn cluster(seed: u64, nodes: usize, failed: usize, degraded: usize) -> ClusterSn
         probes_per_node: 4,
         users: 10,
         datasets: 5,
+        max_checkpoint_age: 1200,
     }
     .build(t(0))
 }
@@ -576,4 +577,40 @@ proptest! {
             prop_assert!(!decisions.migrations.is_empty());
         }
     }
+}
+
+#[test]
+fn equal_candidates_are_spread_across_pods_not_piled_on_the_first_name() {
+    let mut chosen = std::collections::BTreeSet::new();
+    for index in 0..24 {
+        let mut snapshot = ClusterSnapshot {
+            nodes: ["dead", "n1", "n2", "n3", "n4"]
+                .map(|name| NodeBuilder::new(name).build())
+                .to_vec(),
+            pods: vec![PodBuilder::new("ml", &format!("job-{index}"), "dead").build()],
+            ..ClusterSnapshot::default()
+        };
+        fail_node(&mut snapshot, "dead");
+        let decisions = run(&snapshot, &PolicySet::new(), t(0));
+        let first = decisions.migrations[0].to.clone();
+        // The same pod always gets the same answer.
+        assert_eq!(
+            run(&snapshot, &PolicySet::new(), t(0)).migrations[0].to,
+            first
+        );
+        chosen.insert(first);
+    }
+    assert!(chosen.len() >= 3, "ties all went to {chosen:?}");
+}
+
+#[test]
+fn dwell_timers_of_pods_missing_from_a_partial_snapshot_are_kept() {
+    let set = policies(&[("default", MOBILITY)]);
+    let snapshot = mobility_snapshot(60, 10);
+    let (_, memory) = decide(&snapshot, &set, &EngineMemory::default(), t(0));
+    assert!(memory.mobility_since.contains_key("ml/train"));
+    let mut partial = snapshot.clone();
+    partial.pods.clear();
+    let (_, memory) = decide(&partial, &set, &memory, t(10));
+    assert_eq!(memory.mobility_since.get("ml/train"), Some(&t(0)));
 }

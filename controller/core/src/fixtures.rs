@@ -226,6 +226,10 @@ pub struct SyntheticCluster {
     pub probes_per_node: usize,
     pub users: usize,
     pub datasets: usize,
+    /// Checkpoint ages are uniform in `0..max_checkpoint_age` seconds: with the default 10-minute
+    /// interval, 610 s makes about one pod in sixty due (a pass every 10 s in steady state);
+    /// 1,200 s makes half of them due (a controller catching up after a restart).
+    pub max_checkpoint_age: u64,
 }
 
 impl Default for SyntheticCluster {
@@ -240,6 +244,7 @@ impl Default for SyntheticCluster {
             probes_per_node: 8,
             users: 50,
             datasets: 20,
+            max_checkpoint_age: 1200,
         }
     }
 }
@@ -328,7 +333,7 @@ impl SyntheticCluster {
             let node_index = index % self.nodes.max(1);
             let node = Self::node_name(node_index);
             let peer = Self::node_name((node_index + 7) % self.nodes.max(1));
-            let age = rng.below(1200);
+            let age = rng.below(self.max_checkpoint_age);
             let mut builder = PodBuilder::new(
                 &format!("team-{}", index % 20),
                 &format!("train-{index:06}"),
@@ -360,6 +365,7 @@ impl SyntheticCluster {
         }
 
         ClusterSnapshot {
+            taken_at: Some(now),
             nodes,
             pods,
             datasets,

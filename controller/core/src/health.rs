@@ -44,7 +44,7 @@ pub struct Assessment {
 /// What besides the node object bears on its health.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Signals<'a> {
-    /// Median RTT from this node to the peers it probes.
+    /// Median RTT of the links measured to or from this node.
     pub median_peer_rtt: Option<Duration>,
     /// Firing alerts whose `node` label names this node.
     pub alerts: &'a [&'a Alert],

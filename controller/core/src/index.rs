@@ -2,7 +2,7 @@
 //! and migrations by pod. Built once per pass in time linear in the snapshot, so that the pass
 //! itself never scans a list inside a loop over pods.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::time::Duration;
 
 use crate::model::{
@@ -16,9 +16,17 @@ pub(crate) type PodKey<'a> = (&'a str, &'a str);
 pub(crate) struct ClusterIndex<'a> {
     pub snapshot: &'a ClusterSnapshot,
     pub node_by_name: HashMap<&'a str, usize>,
+    /// Each node's position in name order: ties between equal candidates are broken by name,
+    /// so results never depend on the snapshot's order, and comparing ranks is cheap.
+    pub name_rank: Vec<u32>,
+    /// A hash of each node's name that is the same in every process and every snapshot.
+    name_hash: Vec<u64>,
     /// Per node: (peer, link) for links measured from this node, sorted by peer.
     outgoing: Vec<Vec<(usize, usize)>>,
-    /// Median RTT of each node's outgoing probes.
+    /// Per node: (peer, RTT) for links measured in either direction, sorted by peer; the
+    /// lower RTT where both directions were measured.
+    neighbours: Vec<Vec<(usize, Duration)>>,
+    /// Median RTT of the links measured to or from each node.
     pub median_peer_rtt: Vec<Option<Duration>>,
     /// Per user: (node, latency), sorted by node.
     pub user_latency: HashMap<&'a str, Vec<(usize, Duration)>>,
@@ -42,6 +50,21 @@ impl<'a> ClusterIndex<'a> {
             .map(|(index, node)| (node.name.as_str(), index))
             .collect();
 
+        let mut by_name: Vec<usize> = (0..node_count).collect();
+        by_name.sort_unstable_by_key(|&node| snapshot.nodes.get(node).map(|n| n.name.as_str()));
+        let mut name_rank = vec![0u32; node_count];
+        for (rank, &node) in by_name.iter().enumerate() {
+            if let Some(slot) = name_rank.get_mut(node) {
+                *slot = u32::try_from(rank).unwrap_or(u32::MAX);
+            }
+        }
+
+        let name_hash = snapshot
+            .nodes
+            .iter()
+            .map(|node| stable_hash([node.name.as_bytes()]))
+            .collect();
+
         let mut outgoing: Vec<Vec<(usize, usize)>> = vec![Vec::new(); node_count];
         for (link_index, link) in snapshot.links.iter().enumerate() {
             if let (Some(&from), Some(&to)) = (
@@ -52,17 +75,29 @@ impl<'a> ClusterIndex<'a> {
                 list.push((to, link_index));
             }
         }
-        let mut median_peer_rtt = Vec::with_capacity(node_count);
-        for list in &mut outgoing {
+        // A link's RTT speaks for both ends, whichever end measured it.
+        let mut neighbours: Vec<Vec<(usize, Duration)>> = vec![Vec::new(); node_count];
+        for (from, list) in outgoing.iter_mut().enumerate() {
             // A later observation of the same pair wins: the driver appends newer ones.
             list.sort_by_key(|&(peer, link)| (peer, std::cmp::Reverse(link)));
             list.dedup_by_key(|(peer, _)| *peer);
-            let mut rtts: Vec<Duration> = list
-                .iter()
-                .filter_map(|&(_, link)| snapshot.links.get(link).map(|l| l.rtt))
-                .collect();
+            for &(to, link) in list.iter() {
+                if let Some(rtt) = snapshot.links.get(link).map(|link| link.rtt) {
+                    for (end, other) in [(from, to), (to, from)] {
+                        if let Some(list) = neighbours.get_mut(end) {
+                            list.push((other, rtt));
+                        }
+                    }
+                }
+            }
+        }
+        let mut median_peer_rtt = Vec::with_capacity(node_count);
+        for list in &mut neighbours {
+            let mut rtts: Vec<Duration> = list.iter().map(|&(_, rtt)| rtt).collect();
             rtts.sort_unstable();
             median_peer_rtt.push(rtts.get(rtts.len() / 2).copied());
+            list.sort_unstable();
+            list.dedup_by_key(|(peer, _)| *peer);
         }
 
         let mut user_latency: HashMap<&str, Vec<(usize, Duration)>> = HashMap::new();
@@ -140,7 +175,10 @@ impl<'a> ClusterIndex<'a> {
         Self {
             snapshot,
             node_by_name,
+            name_rank,
+            name_hash,
             outgoing,
+            neighbours,
             median_peer_rtt,
             user_latency,
             datasets,
@@ -163,16 +201,24 @@ impl<'a> ClusterIndex<'a> {
     }
 
     pub fn rtt(&self, a: usize, b: usize) -> Option<Duration> {
-        self.link(a, b).map(|link| link.rtt)
+        lookup_sorted(self.neighbours.get(a)?, b)
     }
 
     /// Nodes this node probes or is probed by: the natural standby candidates.
     pub fn peers(&self, node: usize) -> impl Iterator<Item = usize> + '_ {
-        self.outgoing
+        self.neighbours
             .get(node)
             .into_iter()
             .flatten()
             .map(|&(peer, _)| peer)
+    }
+
+    pub fn name_hash(&self, node: usize) -> u64 {
+        self.name_hash.get(node).copied().unwrap_or(0)
+    }
+
+    pub fn name_rank(&self, node: usize) -> u32 {
+        self.name_rank.get(node).copied().unwrap_or(u32::MAX)
     }
 
     pub fn node_name(&self, node: usize) -> &'a str {
@@ -189,4 +235,14 @@ pub(crate) fn lookup_sorted(list: &[(usize, Duration)], node: usize) -> Option<D
         .ok()
         .and_then(|position| list.get(position))
         .map(|&(_, latency)| latency)
+}
+
+/// FNV-1a over byte strings: the same value on every machine and in every process, unlike the
+/// seeded hashers used for the pass's maps.
+pub(crate) fn stable_hash<'b>(parts: impl IntoIterator<Item = &'b [u8]>) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.into_iter().flatten() {
+        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
 }

@@ -337,6 +337,9 @@ pub struct MigrationRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterSnapshot {
+    /// When the snapshot was taken; tools that replay it use this as `now` unless told otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_at: Option<Timestamp>,
     #[serde(default)]
     pub nodes: Vec<Node>,
     #[serde(default)]

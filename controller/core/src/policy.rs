@@ -44,7 +44,13 @@ pub fn from_yaml_with_path<T: serde::de::DeserializeOwned>(
             Some(path) if path != "." => path,
             _ => "(document)".to_string(),
         };
-        (path, error.to_string())
+        // One line, so the reason fits a Kubernetes Event and a log line; the position stays.
+        let reason = error.without_snippet().to_string();
+        let reason = reason
+            .strip_prefix("error: ")
+            .unwrap_or(&reason)
+            .to_string();
+        (path, reason)
     })
 }
 

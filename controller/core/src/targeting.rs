@@ -149,13 +149,21 @@ fn latency_score(rtt: Duration, reference: Duration) -> f64 {
     reference / (reference + rtt.as_secs_f64())
 }
 
+/// A scored node, by position; names are looked up only for the few that are kept.
+#[derive(Debug, Clone, Copy)]
+struct Scored {
+    node: usize,
+    score: f64,
+    parts: ScoreParts,
+}
+
 /// Scores one node for a query, or says why it does not qualify.
-pub(crate) fn score(
+fn score(
     index: &ClusterIndex<'_>,
     candidate: usize,
     reserved: Resources,
     query: &TargetQuery<'_>,
-) -> Result<CandidateScore, &'static str> {
+) -> Result<Scored, &'static str> {
     let node = index.snapshot.nodes.get(candidate).ok_or("unknown")?;
     if candidate == query.source {
         return Err("is the source");
@@ -241,8 +249,8 @@ pub(crate) fn score(
     } else {
         0.0
     };
-    Ok(CandidateScore {
-        node: node.name.clone(),
+    Ok(Scored {
+        node: candidate,
         score,
         parts: ScoreParts {
             free_resources,
@@ -253,9 +261,33 @@ pub(crate) fn score(
     })
 }
 
-/// Higher score first; equal scores by node name, so the result never depends on input order.
-pub(crate) fn better(a: &CandidateScore, b: &CandidateScore) -> bool {
-    a.score > b.score || (a.score == b.score && a.node < b.node)
+/// Higher score first. Equal scores are ordered by a hash of the pod's and the node's names,
+/// so the result depends neither on input order nor on which other nodes the snapshot holds,
+/// yet pods displaced onto a uniform cluster spread out instead of all landing on the
+/// lowest-named nodes. (Names break the vanishingly rare hash tie.)
+fn better(index: &ClusterIndex<'_>, pod_seed: u64, a: &Scored, b: &Scored) -> bool {
+    if a.score != b.score {
+        return a.score > b.score;
+    }
+    let tiebreak = |node: usize| {
+        (
+            mix64(pod_seed ^ index.name_hash(node)),
+            index.name_rank(node),
+        )
+    };
+    tiebreak(a.node) < tiebreak(b.node)
+}
+
+/// SplitMix64's finaliser: a fixed, well-spread bijection on `u64`.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A per-pod seed for tie-breaking that depends only on the pod's identity.
+fn pod_seed(pod: &ProtectedPod) -> u64 {
+    crate::index::stable_hash([pod.namespace.as_bytes(), b"/", pod.name.as_bytes()])
 }
 
 /// Ranks `candidates` and keeps the best `keep`, counting every rejection.
@@ -267,7 +299,8 @@ pub(crate) fn rank(
     candidates: impl Iterator<Item = usize>,
     keep: usize,
 ) -> (Vec<CandidateScore>, Rejections) {
-    let mut best: Vec<CandidateScore> = Vec::with_capacity(keep + 1);
+    let mut best: Vec<Scored> = Vec::with_capacity(keep + 1);
+    let seed = pod_seed(query.pod);
     let mut rejections = Rejections::default();
     for candidate in candidates {
         if let Some(Some(reason)) = static_rejections.get(candidate) {
@@ -279,10 +312,14 @@ pub(crate) fn rank(
         let reserved_here = reserved.get(candidate).copied().unwrap_or_default();
         match score(index, candidate, reserved_here, query) {
             Ok(scored) => {
-                if best.len() < keep || best.last().is_some_and(|worst| better(&scored, worst)) {
+                if best.len() < keep
+                    || best
+                        .last()
+                        .is_some_and(|worst| better(index, seed, &scored, worst))
+                {
                     let position = best
                         .iter()
-                        .position(|existing| better(&scored, existing))
+                        .position(|existing| better(index, seed, &scored, existing))
                         .unwrap_or(best.len());
                     best.insert(position, scored);
                     best.truncate(keep);
@@ -292,5 +329,13 @@ pub(crate) fn rank(
             Err(reason) => rejections.add(reason),
         }
     }
-    (best, rejections)
+    let ranked = best
+        .into_iter()
+        .map(|scored| CandidateScore {
+            node: index.node_name(scored.node).to_string(),
+            score: scored.score,
+            parts: scored.parts,
+        })
+        .collect();
+    (ranked, rejections)
 }

@@ -586,11 +586,11 @@ impl Rationale {
         };
         let link = format!(
             "one TCP stream reaches {} ({}) at {} RTT and {:.2}% loss, against {} of capacity ({})",
-            format_bps(self.per_stream_bps),
+            crate::units::approx_rate(self.per_stream_bps),
             self.per_stream_limit.describe(),
-            format_duration(self.rtt),
+            crate::units::approx_duration(self.rtt),
             self.loss * 100.0,
-            format_bps(self.capacity),
+            crate::units::approx_rate(self.capacity),
             match self.capacity_source {
                 CapacitySource::Measured => "measured link bandwidth",
                 CapacitySource::Assumed => "assumed 1 Gbit/s because the link bandwidth is unknown",
@@ -624,8 +624,8 @@ impl Rationale {
                 text,
                 " because one stream finishes in {}, under the {} ({} RTTs) that extra streams \
                  need to ramp up; {link}",
-                format_duration(secs_to_duration(self.single_stream_secs)),
-                format_duration(self.single_stream_budget),
+                crate::units::approx_duration(secs_to_duration(self.single_stream_secs)),
+                crate::units::approx_duration(self.single_stream_budget),
                 SINGLE_STREAM_MAX_RTTS
             ),
             Choice::FillLink => write!(text, " to fill the link, because {link}"),
@@ -641,13 +641,13 @@ impl Rationale {
             text,
             "; {} ({}) in {} ({} of up to {}, {}); model throughput {}, estimated {}.",
             counted(self.file_count, "file"),
-            format_bytes(self.total_bytes),
+            crate::units::approx_bytes(self.total_bytes),
             counted(self.unit_count, "unit"),
             counted(self.chunk_count, "chunk"),
-            format_bytes(self.chunk_size),
+            crate::units::approx_bytes(self.chunk_size),
             counted(self.unit_count.saturating_sub(self.chunk_count), "pack"),
-            format_bps(self.effective_bps),
-            format_duration(self.estimated_duration),
+            crate::units::approx_rate(self.effective_bps),
+            crate::units::approx_duration(self.estimated_duration),
         );
         text
     }
@@ -659,47 +659,6 @@ fn counted(count: usize, noun: &str) -> String {
         format!("1 {noun}")
     } else {
         format!("{count} {noun}s")
-    }
-}
-
-fn format_bps(bps: f64) -> String {
-    if bps >= 1e9 {
-        format!("{:.2} Gbit/s", bps / 1e9)
-    } else if bps >= 1e6 {
-        format!("{:.1} Mbit/s", bps / 1e6)
-    } else if bps >= 1e3 {
-        format!("{:.1} kbit/s", bps / 1e3)
-    } else {
-        format!("{bps:.0} bit/s")
-    }
-}
-
-fn format_bytes(bytes: u64) -> String {
-    const KIB: f64 = 1024.0;
-    let value = bytes as f64;
-    if value >= KIB * KIB * KIB {
-        format!("{:.1} GiB", value / (KIB * KIB * KIB))
-    } else if value >= KIB * KIB {
-        format!("{:.1} MiB", value / (KIB * KIB))
-    } else if value >= KIB {
-        format!("{:.1} KiB", value / KIB)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
-fn format_duration(duration: Duration) -> String {
-    let secs = duration.as_secs_f64();
-    if secs < 1e-3 {
-        format!("{} µs", duration.as_micros())
-    } else if secs < 1.0 {
-        format!("{:.1} ms", secs * 1e3)
-    } else if secs < 120.0 {
-        format!("{secs:.1} s")
-    } else if secs < 7200.0 {
-        format!("{:.1} min", secs / 60.0)
-    } else {
-        format!("{:.1} h", secs / 3600.0)
     }
 }
 

@@ -193,6 +193,41 @@ impl fmt::Display for MilliCpu {
 
 const RATE_UNITS: &str = "bit, Kbit, Mbit, Gbit (bits) or B, KB, MB, GB, KiB, MiB, GiB (bytes), each optionally followed by /s";
 
+/// Human-friendly byte count for reports (`1.5 GiB`), not for round trips.
+pub fn approx_bytes(bytes: u64) -> String {
+    Bytes(bytes).approx()
+}
+
+/// Human-friendly rate for reports (`102.4 Mbit/s`).
+pub fn approx_rate(bits_per_second: f64) -> String {
+    if bits_per_second >= 1e9 {
+        format!("{:.2} Gbit/s", bits_per_second / 1e9)
+    } else if bits_per_second >= 1e6 {
+        format!("{:.1} Mbit/s", bits_per_second / 1e6)
+    } else if bits_per_second >= 1e3 {
+        format!("{:.1} kbit/s", bits_per_second / 1e3)
+    } else {
+        format!("{bits_per_second:.0} bit/s")
+    }
+}
+
+/// Human-friendly duration for estimates and reports (`5.1 s`, `3.2 min`), where
+/// [`format_duration`]'s exact `5s 73ms` would suggest false precision.
+pub fn approx_duration(duration: Duration) -> String {
+    let secs = duration.as_secs_f64();
+    if secs < 1e-3 {
+        format!("{} µs", duration.as_micros())
+    } else if secs < 1.0 {
+        format!("{:.1} ms", secs * 1e3)
+    } else if secs < 120.0 {
+        format!("{secs:.1} s")
+    } else if secs < 7200.0 {
+        format!("{:.1} min", secs / 60.0)
+    } else {
+        format!("{:.1} h", secs / 3600.0)
+    }
+}
+
 /// A data rate in bits per second: `200Mbit/s`, `1Gbit`, `25MiB/s`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BitRate(pub u64);
