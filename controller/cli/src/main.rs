@@ -2,11 +2,13 @@
 //!
 //! Today it holds the tools that need no cluster: `plan` replays a cluster snapshot through the
 //! decision engine and prints what the controller would do and why; `check` validates policy
-//! files before they are deployed. Every subcommand reads files, calls the pure engine, and
-//! prints; the engine itself never touches a file or a clock.
+//! files before they are deployed; `transfer` drives the agent-to-agent transfer engine by hand
+//! (operators, benchmarks). `plan` and `check` read files, call the pure engine, and print; the
+//! engine itself never touches a file or a clock.
 
 mod load;
 mod render;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +66,8 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Move a directory between agents over mutual TLS (send, receive, dev certificates).
+    Transfer(Box<transfer::Args>),
 }
 
 fn main() -> ExitCode {
@@ -135,6 +139,10 @@ fn run(command: Command) -> Result<ExitCode> {
                 std::fs::write(&path, text)
                     .with_context(|| format!("writing engine memory to {}", path.display()))?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Transfer(args) => {
+            transfer::run(*args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { paths } => {

@@ -1,0 +1,403 @@
+//! End-to-end transfers over loopback with real TLS: correctness, connection counts, resume,
+//! visibility, corruption.
+
+#[cfg(test)]
+mod common;
+
+use std::time::Duration;
+
+use automigrate_core::transfer::{TransferSettings, TransferStrategy};
+use automigrate_transfer::manifest::Source;
+use automigrate_transfer::receiver::ReceiverConfig;
+use automigrate_transfer::sender::{SendError, SendOptions, TestHooks, send};
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+fn options(max_streams: u32, chunk_size: u64) -> SendOptions {
+    SendOptions {
+        settings: TransferSettings {
+            strategy: TransferStrategy::Parallel,
+            max_streams,
+            chunk_size,
+            rate_limit_bps: None,
+        },
+        round: Some(Duration::from_millis(200)),
+        ..SendOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_tree_arrives_byte_for_byte() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 3, 3 * MIB as usize + 5, 150, 3000);
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+
+    let report = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options(6, 1 << 20),
+    )
+    .await
+    .unwrap();
+
+    assert_same_tree(source.path(), dest.path());
+    assert!(
+        staging_leftovers(dest.path()).is_empty(),
+        "staging left behind"
+    );
+    assert_eq!(report.files, 3 + 150 + 2);
+    assert_eq!(report.units_resent, 0);
+    assert_eq!(report.hash_mismatches, 0);
+    // Every byte once, apart from endgame copies of the last units.
+    assert_eq!(
+        report.bytes_sent - report.bytes_duplicated,
+        report.total_bytes
+    );
+    assert_eq!(
+        report.units_sent - report.units_duplicated,
+        report.units_total
+    );
+    let stats = running.receiver.stats();
+    assert_eq!(stats.sessions_completed, 1);
+    assert_eq!(stats.files_completed, report.files);
+    assert!(
+        report.connections <= 6,
+        "{} connections",
+        report.connections
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_directory_is_honoured_and_sending_again_sends_nothing() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 1, 2 * MIB as usize, 20, 1000);
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+    let mut options = options(4, 1 << 20);
+    options.target = Some("ckpt/lstm-000041".into());
+
+    send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options,
+    )
+    .await
+    .unwrap();
+    assert_same_tree(source.path(), &dest.path().join("ckpt/lstm-000041"));
+
+    let again = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.units_skipped, again.units_total);
+    assert_eq!(again.bytes_sent, 0);
+    assert_eq!(again.bytes_skipped, again.total_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_files_share_a_few_connections() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    for index in 0..2000 {
+        write(
+            source.path(),
+            &format!("f/{:04}", index),
+            &bytes(index, 700),
+        );
+    }
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+    let max_streams = 4;
+
+    let report = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options(max_streams, 256 * 1024),
+    )
+    .await
+    .unwrap();
+
+    assert_same_tree(source.path(), dest.path());
+    let accepted = running.receiver.stats().connections_accepted;
+    assert!(
+        accepted <= u64::from(max_streams),
+        "2000 files took {accepted} connections; at most {max_streams} expected"
+    );
+    assert_eq!(report.connections, accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sender_resumes_with_only_the_missing_units() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    // 40 chunks and 3 packs: far more units than can be in flight when the sender dies.
+    mixed_tree(source.path(), 4, 10 * 256 * 1024, 30, 2000);
+    let mut config = ReceiverConfig::new(dest.path());
+    config.durable_acks = true;
+    let running = start_receiver(config, &pki.receiver, None).await;
+    let source = Source::Dir(source.path().into());
+
+    let mut first = options(3, 256 * 1024);
+    first.hooks = TestHooks {
+        abort_after_acks: Some(8),
+        ..TestHooks::default()
+    };
+    let error = send(&source, running.addr, &pki.sender, &first)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, SendError::Aborted), "{error}");
+
+    let second = send(&source, running.addr, &pki.sender, &options(3, 256 * 1024))
+        .await
+        .unwrap();
+    let Source::Dir(root) = &source else {
+        unreachable!()
+    };
+    assert_same_tree(root, dest.path());
+    // Every unit acknowledged before the kill was durable (durable acks), so it is skipped.
+    assert!(second.units_skipped >= 8, "{second:#?}");
+    assert!(second.units_skipped < second.units_total, "{second:#?}");
+    assert_eq!(second.units_resent, 0);
+    assert_eq!(
+        second.units_sent - second.units_duplicated + second.units_skipped,
+        second.units_total
+    );
+    assert_eq!(
+        second.bytes_sent - second.bytes_duplicated + second.bytes_skipped,
+        second.total_bytes
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_resend_only_what_was_in_flight() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 4, 8 * 256 * 1024, 30, 2000);
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+    let mut options = options(3, 256 * 1024);
+    options.hooks.drop_connections_after_acks = Some(6);
+
+    let report = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options,
+    )
+    .await
+    .unwrap();
+
+    assert_same_tree(source.path(), dest.path());
+    // At most a window's worth per stream was unacknowledged when they were cut.
+    let in_flight_bound = 3 * u64::from(options.window_units);
+    assert!(report.units_resent <= in_flight_bound, "{report:#?}");
+    assert_eq!(
+        report.units_sent,
+        report.units_total + report.units_resent + report.units_duplicated
+    );
+    assert!(
+        report.connections > 3,
+        "new connections were opened: {report:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_receiver_comes_back_and_the_transfer_completes() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 4, 16 * 128 * 1024, 20, 2000);
+    let mut config = ReceiverConfig::new(dest.path());
+    config.durable_acks = true;
+    let first = start_receiver(config.clone(), &pki.receiver, None).await;
+    let addr = first.addr;
+
+    // Kill the receiver (every task, no last commit) once 10 units are acknowledged, and
+    // bring a new one up on the same port.
+    let (killed_tx, killed_rx) = tokio::sync::oneshot::channel::<()>();
+    let killed_tx = std::sync::Mutex::new(Some(killed_tx));
+    let mut options = options(3, 128 * 1024);
+    options.settings.rate_limit_bps = Some(64_000_000);
+    options.retry.min_delay = Duration::from_millis(50);
+    options.progress = Some(std::sync::Arc::new(move |progress| {
+        if progress.units_done >= 10
+            && let Some(tx) = killed_tx.lock().unwrap().take()
+        {
+            let _ = tx.send(());
+        }
+    }));
+    let source_dir = source.path().to_path_buf();
+    let sender_tls = pki.sender.clone();
+    let sending =
+        tokio::spawn(
+            async move { send(&Source::Dir(source_dir), addr, &sender_tls, &options).await },
+        );
+    killed_rx.await.unwrap();
+    first.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = start_receiver(config, &pki.receiver, Some(addr)).await;
+
+    let report = sending.await.unwrap().unwrap();
+    assert_same_tree(source.path(), dest.path());
+    assert!(report.sessions >= 2, "{report:#?}");
+    // Only what was in flight at the kill went again.
+    assert!(
+        report.units_resent <= 3 * u64::from(SendOptions::default().window_units),
+        "{report:#?}"
+    );
+    assert_eq!(second.receiver.stats().sessions_completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_invisible_until_complete_and_verified() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 2, 2 * MIB as usize, 40, 20_000);
+    let (expected, _) = snapshot(source.path());
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+    let mut options = options(2, 256 * 1024);
+    options.settings.rate_limit_bps = Some(40_000_000);
+
+    let source_dir = source.path().to_path_buf();
+    let addr = running.addr;
+    let tls = pki.sender.clone();
+    let sending =
+        tokio::spawn(async move { send(&Source::Dir(source_dir), addr, &tls, &options).await });
+    let mut looks = 0;
+    let mut seen_partial_set = false;
+    while !sending.is_finished() {
+        let (visible, _) = snapshot(dest.path());
+        for (path, hash) in &visible {
+            assert_eq!(
+                expected.get(path),
+                Some(hash),
+                "{path} is visible but not complete"
+            );
+        }
+        seen_partial_set |= !visible.is_empty() && visible.len() < expected.len();
+        looks += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sending.await.unwrap().unwrap();
+    assert_same_tree(source.path(), dest.path());
+    assert!(
+        looks > 1,
+        "the transfer ended before the destination could be watched"
+    );
+    // Complete files appear as they complete, not all at the end.
+    assert!(
+        seen_partial_set,
+        "never saw some files in place while others were still coming"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_piece_is_refused_and_sent_again() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 2, 6 * 256 * 1024, 10, 5000);
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+    let mut options = options(2, 256 * 1024);
+    options.hooks.corrupt_sends = vec![0, 4];
+
+    let report = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options,
+    )
+    .await
+    .unwrap();
+
+    assert_same_tree(source.path(), dest.path());
+    assert_eq!(report.hash_mismatches, 2, "{report:#?}");
+    assert_eq!(report.units_resent, 2);
+    assert_eq!(running.receiver.stats().pieces_rejected, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_that_never_verifies_fails_the_transfer_by_name() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    write(source.path(), "only", &bytes(3, 5000));
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+    let mut options = options(1, 256 * 1024);
+    options.hooks.corrupt_sends = (0..100).collect();
+
+    let error = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, SendError::Verification { ref path, attempts: 4 } if path == "only"),
+        "{error}"
+    );
+    assert!(!dest.path().join("only").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_damaged_on_the_receivers_disk_is_caught_and_sent_again() {
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 2, 4 * 256 * 1024, 10, 5000);
+    // A chunk of a large file and a whole small file, damaged on disk after they verified in
+    // memory.
+    let manifest = automigrate_transfer::manifest::scan(
+        &Source::Dir(source.path().into()),
+        None,
+        256 * 1024,
+        1,
+    )
+    .unwrap()
+    .manifest;
+    let locations: Vec<_> = (0..manifest.piece_count())
+        .map(|piece| (piece, manifest.locate(piece).unwrap()))
+        .collect();
+    let chunk = locations.iter().find(|(_, l)| l.chunked).unwrap().0;
+    let small = locations
+        .iter()
+        .find(|(_, l)| !l.chunked && l.len > 0)
+        .unwrap()
+        .0;
+    let mut config = ReceiverConfig::new(dest.path());
+    config.damage_after_write = vec![chunk, small];
+    let running = start_receiver(config, &pki.receiver, None).await;
+
+    // One stream: no endgame copy can overwrite the damage before it is found.
+    let report = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options(1, 256 * 1024),
+    )
+    .await
+    .unwrap();
+
+    assert_same_tree(source.path(), dest.path());
+    // Caught by the read-back at commit, reported Missing at Done, sent once more. Under load
+    // one more unit is occasionally re-sent (about one run in six, not yet explained; see
+    // docs/transfer.md), so this checks that both damaged pieces were sent again, and the tree
+    // comparison above checks nothing damaged survived.
+    assert!(report.units_resent >= 2, "{report:#?}");
+    assert_eq!(report.hash_mismatches, 0);
+}
