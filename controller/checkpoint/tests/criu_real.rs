@@ -25,6 +25,23 @@ use common::{Cleanup, highest, prepare_counter, privileged, records, unique, wai
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Starts the counter script in its own session (so CRIU can dump it as a whole tree), with
+/// stdio on /dev/null (CRIU cannot restore descriptors pointing at files it cannot find).
+fn spawn_counter(script: &Path, log: &Path, dir: &Path) -> (tokio::process::Child, i32) {
+    let child = tokio::process::Command::new("setsid")
+        .arg("/usr/bin/python3")
+        .arg(script)
+        .arg(log)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as i32;
+    (child, pid)
+}
+
 fn subject(name: &str) -> Subject {
     Subject {
         pod: PodKey::new("test", name),
@@ -75,17 +92,7 @@ async fn process_is_dumped_and_restored_and_continues_counting() {
     let dir = tempfile::tempdir().unwrap();
     let (script, log) = prepare_counter(dir.path());
     let store = CheckpointStore::open(&dir.path().join("store")).unwrap();
-    let mut child = tokio::process::Command::new("setsid")
-        .arg("/usr/bin/python3")
-        .arg(&script)
-        .arg(&log)
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap() as i32;
+    let (mut child, pid) = spawn_counter(&script, &log, dir.path());
     cleanup.pids.push(pid);
     wait_for("the counter to start", || highest(&log) >= 20);
     let tag = single_tag(&log);
@@ -158,16 +165,7 @@ async fn a_tampered_checkpoint_is_not_restored() {
     let dir = tempfile::tempdir().unwrap();
     let (script, log) = prepare_counter(dir.path());
     let store = CheckpointStore::open(&dir.path().join("store")).unwrap();
-    let mut child = tokio::process::Command::new("setsid")
-        .arg("/usr/bin/python3")
-        .arg(&script)
-        .arg(&log)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap() as i32;
+    let (mut child, pid) = spawn_counter(&script, &log, dir.path());
     cleanup.pids.push(pid);
     wait_for("the counter to start", || highest(&log) >= 5);
     let backend = ProcessBackend::new(SystemRunner, "criu");
@@ -222,16 +220,7 @@ async fn incremental_checkpoints_follow_the_kernel() {
     let dir = tempfile::tempdir().unwrap();
     let (script, log) = prepare_counter(dir.path());
     let store = CheckpointStore::open(&dir.path().join("store")).unwrap();
-    let mut child = tokio::process::Command::new("setsid")
-        .arg("/usr/bin/python3")
-        .arg(&script)
-        .arg(&log)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap() as i32;
+    let (mut child, pid) = spawn_counter(&script, &log, dir.path());
     cleanup.pids.push(pid);
     wait_for("the counter to start", || highest(&log) >= 5);
     let tag = single_tag(&log);
