@@ -18,4 +18,6 @@ else
     scripts/install-node-deps.sh
 fi
 step "cargo test"
+# The embedded mode's end-to-end test runs the real agent daemon: build it first.
+cargo build --locked -p automigrate-agent
 cargo test --workspace --locked

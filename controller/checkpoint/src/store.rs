@@ -157,9 +157,14 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     /// Opens (creating) the store at `root` and removes what a crash left half-written.
+    ///
+    /// The root is made owner-only (0700): a checkpoint is a copy of process memory, keys and
+    /// tokens included, and no other local user may reach it (docs/security.md).
     #[tracing::instrument(name = "store_open")]
     pub fn open(root: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
         fs::create_dir_all(root).map_err(io_error(root))?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(io_error(root))?;
         let store = Self {
             root: root.to_path_buf(),
         };
@@ -827,6 +832,18 @@ mod tests {
             put(&target, Some(&delta), 1, DumpKind::Periodic),
             "trainer-000003"
         );
+    }
+
+    #[test]
+    fn the_store_root_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        CheckpointStore::open(&root).unwrap();
+        let mode = fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "checkpoints hold process memory: {mode:o}");
     }
 
     #[test]

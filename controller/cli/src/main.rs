@@ -3,9 +3,11 @@
 //! Today it holds the tools that need no cluster: `plan` replays a cluster snapshot through the
 //! decision engine and prints what the controller would do and why; `check` validates policy
 //! files before they are deployed; `transfer` drives the agent-to-agent transfer engine by hand
-//! (operators, benchmarks). `plan` and `check` read files, call the pure engine, and print; the
-//! engine itself never touches a file or a clock.
+//! (operators, benchmarks); `demo` runs the embedded single-machine mode (automigrate-embedded)
+//! with real failures and writes its report. `plan` and `check` read files, call the pure
+//! engine, and print; the engine itself never touches a file or a clock.
 
+mod demo;
 mod load;
 mod render;
 mod transfer;
@@ -68,6 +70,9 @@ enum Command {
     },
     /// Move a directory between agents over mutual TLS (send, receive, dev certificates).
     Transfer(Box<transfer::Args>),
+    /// Run real failures, migrations and resumes on this machine (root, runc, CRIU 4) and
+    /// write the report.
+    Demo(Box<demo::Args>),
 }
 
 fn main() -> ExitCode {
@@ -145,6 +150,7 @@ fn run(command: Command) -> Result<ExitCode> {
             transfer::run(*args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => demo::run(*args),
         Command::Check { paths } => {
             let mut failed = 0usize;
             for path in &paths {

@@ -3,6 +3,11 @@
 //! A pod's raw annotation map goes in; [`PodSettings`] or every [`AnnotationError`] comes out.
 //! Every key under the `automigrate.dev/` domain must be one this module knows, so a typo such
 //! as `automigrate.dev/protected` is reported instead of leaving a pod silently unprotected.
+//!
+//! [`USER_LATENCY`] is the one annotation written by a program rather than by a person: whatever
+//! knows where the pod's user is (the user's client, an edge gateway) keeps it current, and a
+//! driver turns it into [`UserObservation`](crate::model::UserObservation)s for the user named
+//! by [`USER`]. The engine itself reads it only to validate it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,9 +28,10 @@ pub const USER: &str = "automigrate.dev/user";
 pub const CHECKPOINT_INTERVAL: &str = "automigrate.dev/checkpoint-interval";
 pub const REPLICATE_TO: &str = "automigrate.dev/replicate-to";
 pub const COOLDOWN: &str = "automigrate.dev/cooldown";
+pub const USER_LATENCY: &str = "automigrate.dev/user-latency";
 
 /// Every annotation key this version understands, with what it takes (for errors and docs).
-pub const KNOWN: [(&str, &str); 8] = [
+pub const KNOWN: [(&str, &str); 9] = [
     (PROTECT, "`true` or `false`"),
     (POLICY, "the name of a policy ConfigMap"),
     (
@@ -40,10 +46,15 @@ pub const KNOWN: [(&str, &str); 8] = [
         "how many standby nodes hold the latest checkpoint, 0 to 10",
     ),
     (COOLDOWN, "a duration such as `15m`"),
+    (
+        USER_LATENCY,
+        "the user's latency to nodes now, `NODE=DURATION` pairs separated by commas (`edge-1=12ms, edge-2=55ms`)",
+    ),
 ];
 
 /// How a pod's state is captured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CheckpointMode {
     /// CRIU freezes and dumps the whole process tree; the program needs no changes.
@@ -93,6 +104,8 @@ pub struct PodSettings {
     pub checkpoint_interval: Option<IntervalSetting>,
     pub replicate_to: Option<u32>,
     pub cooldown: Option<Duration>,
+    /// The user's latency to each listed node ([`USER_LATENCY`]); empty when not annotated.
+    pub user_latency: BTreeMap<String, Duration>,
 }
 
 /// One bad annotation: which pod, which key, what value, what is wrong.
@@ -122,6 +135,31 @@ fn is_dns_subdomain(name: &str) -> bool {
         })
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Reads a [`USER_LATENCY`] value: `NODE=DURATION` pairs separated by commas, each node once.
+pub fn parse_user_latency(value: &str) -> Result<BTreeMap<String, Duration>, String> {
+    let mut latencies = BTreeMap::new();
+    for pair in value.split(',').map(str::trim) {
+        if pair.is_empty() {
+            continue;
+        }
+        let Some((node, latency)) = pair.split_once('=') else {
+            return Err(format!("`{pair}` is not `NODE=DURATION`"));
+        };
+        let node = node.trim();
+        if !is_dns_subdomain(node) {
+            return Err(format!("`{node}` is not a node name"));
+        }
+        let latency = units::parse_duration(latency).map_err(|error| format!("{node}: {error}"))?;
+        if latencies.insert(node.to_string(), latency).is_some() {
+            return Err(format!("node `{node}` is listed twice"));
+        }
+    }
+    if latencies.is_empty() {
+        return Err("expected at least one `NODE=DURATION` pair".into());
+    }
+    Ok(latencies)
 }
 
 fn parse_value(key: &str, value: &str, settings: &mut PodSettings) -> Result<(), String> {
@@ -179,6 +217,7 @@ fn parse_value(key: &str, value: &str, settings: &mut PodSettings) -> Result<(),
         COOLDOWN => {
             settings.cooldown = Some(units::parse_duration(value).map_err(|e| e.to_string())?);
         }
+        USER_LATENCY => settings.user_latency = parse_user_latency(value)?,
         _ => {
             let known: Vec<&str> = KNOWN.iter().map(|(key, _)| *key).collect();
             return Err(format!(
@@ -214,6 +253,18 @@ pub fn parse(
             });
         }
     }
+    // Latencies without a user belong to no one: say so rather than ignore them.
+    if !settings.user_latency.is_empty() && settings.user.is_none() {
+        settings.user_latency.clear();
+        if let Some(value) = annotations.get(USER_LATENCY) {
+            errors.push(AnnotationError {
+                pod: PodRef::new(namespace, name),
+                key: USER_LATENCY.to_string(),
+                value: value.clone(),
+                reason: format!("needs {USER}: the latencies are that user's"),
+            });
+        }
+    }
     (settings, errors)
 }
 
@@ -242,6 +293,7 @@ mod tests {
                 (CHECKPOINT_INTERVAL, "15m"),
                 (REPLICATE_TO, "2"),
                 (COOLDOWN, "1h"),
+                (USER_LATENCY, "edge-1=12ms, edge-2 = 1s 5ms"),
                 ("unrelated.io/key", "ignored"),
             ]),
         );
@@ -257,6 +309,47 @@ mod tests {
         );
         assert_eq!(settings.replicate_to, Some(2));
         assert_eq!(settings.cooldown, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            settings.user_latency,
+            BTreeMap::from([
+                ("edge-1".to_string(), Duration::from_millis(12)),
+                ("edge-2".to_string(), Duration::from_millis(1005)),
+            ])
+        );
+    }
+
+    #[test]
+    fn user_latency_is_validated() {
+        for (value, reason) in [
+            ("edge-1", "`edge-1` is not `NODE=DURATION`"),
+            ("Edge_1=5ms", "`Edge_1` is not a node name"),
+            ("edge-1=soon", "edge-1: "),
+            ("edge-1=5ms,edge-1=6ms", "node `edge-1` is listed twice"),
+            (" , ", "expected at least one `NODE=DURATION` pair"),
+        ] {
+            let (settings, errors) = parse(
+                "ml",
+                "p",
+                &annotations(&[(USER, "alice"), (USER_LATENCY, value)]),
+            );
+            assert!(settings.user_latency.is_empty(), "{value}");
+            assert_eq!(errors.len(), 1, "{value}: {errors:?}");
+            assert!(
+                errors[0].reason.starts_with(reason),
+                "{value}: {} does not start with {reason}",
+                errors[0].reason
+            );
+        }
+    }
+
+    #[test]
+    fn user_latency_needs_a_user() {
+        let (settings, errors) = parse("ml", "p", &annotations(&[(USER_LATENCY, "edge-1=5ms")]));
+        assert!(settings.user_latency.is_empty());
+        assert_eq!(
+            errors[0].to_string(),
+            "pod ml/p: annotation automigrate.dev/user-latency=\"edge-1=5ms\": needs automigrate.dev/user: the latencies are that user's"
+        );
     }
 
     #[test]

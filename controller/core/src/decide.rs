@@ -43,6 +43,7 @@ pub struct EngineMemory {
 
 /// Why a pod should move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum Trigger {
     NodeFailed,
@@ -146,6 +147,10 @@ pub struct Deferred {
     pub pod: PodRef,
     pub trigger: Trigger,
     pub reason: String,
+    /// No node could take the pod (capacity, constraints), as opposed to a wait the policy
+    /// asks for (cooldown, dwell). Drivers alert on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_target: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -389,11 +394,22 @@ impl<'a> Pass<'a> {
     }
 
     fn defer(&mut self, pod: &ProtectedPod, trigger: Trigger, reason: String) {
-        tracing::debug!(pod = %pod.pod_ref(), ?trigger, %reason, "deferred");
+        self.defer_with(pod, trigger, reason, false);
+    }
+
+    fn defer_with(
+        &mut self,
+        pod: &ProtectedPod,
+        trigger: Trigger,
+        reason: String,
+        no_target: bool,
+    ) {
+        tracing::debug!(pod = %pod.pod_ref(), ?trigger, %reason, no_target, "deferred");
         self.decisions.deferred.push(Deferred {
             pod: pod.pod_ref(),
             trigger,
             reason,
+            no_target,
         });
     }
 
@@ -821,7 +837,12 @@ impl<'a> Pass<'a> {
             } else {
                 format!("no node can take it: of {considered} considered, {rejected}")
             };
-            self.defer(pod, want.trigger, format!("{}; {reason}", want.reason));
+            self.defer_with(
+                pod,
+                want.trigger,
+                format!("{}; {reason}", want.reason),
+                true,
+            );
             return;
         };
         let Some(&target) = self.index.node_by_name.get(best.node.as_str()) else {

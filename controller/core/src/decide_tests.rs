@@ -139,6 +139,7 @@ fn never_targets_a_node_that_cannot_fit_and_says_why() {
     assert!(decisions.migrations.is_empty());
     let deferred = &decisions.deferred[0];
     assert_eq!(deferred.trigger, Trigger::NodeFailed);
+    assert!(deferred.no_target, "{deferred:?}");
     assert!(
         deferred
             .reason
@@ -213,6 +214,10 @@ fn cooldown_defers_voluntary_moves_but_not_failures() {
     assert_eq!(
         decisions.deferred[0].reason,
         "node a is degrading (MemoryPressure is True), but in cooldown for 6m more (last migration ended 4m ago)"
+    );
+    assert!(
+        !decisions.deferred[0].no_target,
+        "a cooldown is not a lack of targets"
     );
     assert_eq!(
         decisions.checkpoints.len(),

@@ -32,6 +32,7 @@ use crate::policy::{Fallback, Policy};
 use crate::units;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum Phase {
     /// Decided; nothing done yet.
     Pending,
@@ -91,6 +92,7 @@ impl fmt::Display for Phase {
 
 /// How a rollback brings the workload back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum RollbackAction {
     /// The source never stopped: just clean up on the target.
@@ -156,17 +158,23 @@ pub struct Facts {
 
 /// Phase deadlines and retry budget, from the pod's policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
     #[serde(with = "units::duration")]
+    #[cfg_attr(feature = "schemars", schemars(with = "String"))]
     pub sync: Duration,
     #[serde(with = "units::duration")]
+    #[cfg_attr(feature = "schemars", schemars(with = "String"))]
     pub checkpoint: Duration,
     #[serde(with = "units::duration")]
+    #[cfg_attr(feature = "schemars", schemars(with = "String"))]
     pub transfer: Duration,
     #[serde(with = "units::duration")]
+    #[cfg_attr(feature = "schemars", schemars(with = "String"))]
     pub fence: Duration,
     #[serde(with = "units::duration")]
+    #[cfg_attr(feature = "schemars", schemars(with = "String"))]
     pub restore: Duration,
     pub max_attempts: u32,
     pub fallback: Fallback,
@@ -204,16 +212,19 @@ impl Limits {
 
 /// How long one phase took.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PhaseTiming {
     pub phase: Phase,
     pub started_at: Timestamp,
     #[serde(with = "units::duration")]
+    #[cfg_attr(feature = "schemars", schemars(with = "String"))]
     pub duration: Duration,
 }
 
 /// Everything persisted about one migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationState {
     pub phase: Phase,
@@ -234,6 +245,7 @@ pub struct MigrationState {
     /// When the workload stopped making progress (the freeze, or the node failure).
     pub downtime_started_at: Option<Timestamp>,
     #[serde(default, with = "units::option_duration")]
+    #[cfg_attr(feature = "schemars", schemars(with = "Option<String>"))]
     pub downtime: Option<Duration>,
     pub rollback: Option<RollbackAction>,
     pub history: Vec<PhaseTiming>,

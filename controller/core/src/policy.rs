@@ -7,6 +7,9 @@
 //! [`Policy::validate`] then checks the values against each other. [`PolicySet`] is the index of
 //! valid policies that drivers keep: `apply` an edit, `delete` a removal. An invalid edit is
 //! recorded as rejected and never replaces the last valid version.
+//!
+//! [`Signals`] is the one section the engine does not read: it names PromQL queries whose
+//! results a driver puts into the snapshot's links and users.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -381,6 +384,7 @@ impl TransferPolicy {
 
 /// What to do when a restore cannot complete.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Fallback {
     /// Keep (or restart) the pod where it was, if that node still works; else restart fresh.
@@ -414,6 +418,82 @@ impl Default for RestorePolicy {
     }
 }
 
+/// Longest PromQL query a policy may hold: it travels in the URL of an instant query.
+pub const MAX_QUERY_BYTES: usize = 4096;
+
+/// Signals a driver reads from Prometheus for the engine: PromQL instant queries whose results
+/// become link and user observations in the snapshot. Links and users are facts about the
+/// cluster, not about one pod, so a driver runs the queries of every valid policy and every pod
+/// sees their results. Values are seconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Signals {
+    /// Node-to-node round-trip time: one series per link, labels `from` and `to` (node names).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_latency_query: Option<String>,
+    /// User-to-node latency: one series per pair, labels `user` (the pods'
+    /// `automigrate.dev/user`) and `node`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_latency_query: Option<String>,
+}
+
+impl Signals {
+    pub fn is_empty(&self) -> bool {
+        self.link_latency_query.is_none() && self.user_latency_query.is_none()
+    }
+}
+
+/// A cheap sanity check of a PromQL query; Prometheus parses it for real. Catches what a YAML
+/// edit most often breaks: an empty value, a cut-off line (unbalanced brackets or quotes).
+fn check_query(query: &str) -> Result<(), String> {
+    if query.trim().is_empty() {
+        return Err("empty query (leave the field out for none)".into());
+    }
+    if query.len() > MAX_QUERY_BYTES {
+        return Err(format!("{} bytes; at most {MAX_QUERY_BYTES}", query.len()));
+    }
+    if query.chars().any(|c| c.is_control() && !c.is_whitespace()) {
+        return Err("contains a control character".into());
+    }
+    let mut open: Vec<char> = Vec::new();
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in query.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' && q != '`' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' | '`' => quote = Some(c),
+            '(' | '[' | '{' => open.push(c),
+            ')' | ']' | '}' => {
+                let expected = match c {
+                    ')' => '(',
+                    ']' => '[',
+                    _ => '{',
+                };
+                if open.pop() != Some(expected) {
+                    return Err(format!("unbalanced `{c}`"));
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(q) = quote {
+        return Err(format!("unterminated string (opened with {q})"));
+    }
+    if let Some(c) = open.pop() {
+        return Err(format!("unclosed `{c}`"));
+    }
+    Ok(())
+}
+
 /// A whole policy document.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -424,6 +504,9 @@ pub struct Policy {
     pub targeting: Targeting,
     pub transfer: TransferPolicy,
     pub restore: RestorePolicy,
+    /// Left out of the defaults: none is read unless a policy names a query.
+    #[serde(skip_serializing_if = "Signals::is_empty")]
+    pub signals: Signals,
 }
 
 /// One problem with a policy: where and why.
@@ -666,6 +749,15 @@ impl Policy {
         }
         if self.restore.fence_timeout < Duration::from_secs(1) {
             issue("restore.fenceTimeout", "must be at least 1s".into());
+        }
+        let queries = [
+            ("signals.linkLatencyQuery", &self.signals.link_latency_query),
+            ("signals.userLatencyQuery", &self.signals.user_latency_query),
+        ];
+        for (path, query) in queries {
+            if let Some(Err(reason)) = query.as_deref().map(check_query) {
+                issue(path, reason);
+            }
         }
         issues
     }
@@ -951,6 +1043,52 @@ mod tests {
         policy.transfer.rate_limit = Some(BitRate(100_000_000));
         let text = serde_saphyr::to_string(&policy).unwrap();
         assert_eq!(Policy::from_yaml("p", &text).unwrap(), policy, "{text}");
+    }
+
+    #[test]
+    fn signal_queries_parse_and_are_checked() {
+        let policy = Policy::from_yaml(
+            "p",
+            "signals:\n  linkLatencyQuery: 'max by (from, to) (link_rtt_seconds{job=\"probe\"})'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            policy.signals.link_latency_query.as_deref(),
+            Some("max by (from, to) (link_rtt_seconds{job=\"probe\"})")
+        );
+        assert!(policy.signals.user_latency_query.is_none());
+        let text = serde_saphyr::to_string(&policy).unwrap();
+        assert_eq!(Policy::from_yaml("p", &text).unwrap(), policy, "{text}");
+        assert!(
+            !serde_saphyr::to_string(&Policy::default())
+                .unwrap()
+                .contains("signals"),
+            "no signals section in the defaults"
+        );
+
+        for (query, reason) in [
+            ("  ", "empty query (leave the field out for none)"),
+            ("max(rtt{a=\"b\"}", "unclosed `(`"),
+            ("rtt{a=\"b)\"}) ", "unbalanced `)`"),
+            ("rtt{a=\"b}", "unterminated string (opened with \")"),
+            ("rate(x[5m)]", "unbalanced `)`"),
+        ] {
+            let mut policy = Policy::default();
+            policy.signals.user_latency_query = Some(query.to_string());
+            let issues = policy.validate();
+            assert_eq!(issues.len(), 1, "{query}: {issues:?}");
+            assert_eq!(issues[0].path, "signals.userLatencyQuery");
+            assert_eq!(issues[0].reason, reason, "{query}");
+        }
+        let mut policy = Policy::default();
+        policy.signals.link_latency_query = Some("x".repeat(MAX_QUERY_BYTES + 1));
+        assert_eq!(policy.validate()[0].path, "signals.linkLatencyQuery");
+        // Brackets inside strings are not counted.
+        policy.signals.link_latency_query =
+            Some(r#"label_replace(rtt, "to", "$1", "peer", "(.*)")"#.into());
+        assert!(policy.validate().is_empty());
+        let error = Policy::from_yaml("p", "signals:\n  linkLatency: x\n").unwrap_err();
+        assert_eq!(error.issues[0].path, "signals.linkLatency");
     }
 
     #[test]

@@ -91,6 +91,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(Some((frame, FRAME_HEADER_LEN + len)))
     }
 
+    /// The byte stream, with whatever it had buffered.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// Like [`FrameReader::next`] with a time limit; a clean close is an error here.
     pub async fn expect(
         &mut self,
@@ -120,6 +125,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             inner,
             buffer: Vec::with_capacity(256),
         }
+    }
+
+    /// The byte stream.
+    pub fn into_inner(self) -> W {
+        self.inner
     }
 
     /// Writes one frame (not flushed).
@@ -178,6 +188,14 @@ pub fn set_congestion<S: std::os::fd::AsFd>(socket: &S, name: &str) -> Result<()
         name: name.to_owned(),
         source,
     })
+}
+
+/// Closes `stream` with a reset: bytes still in its send buffer are dropped instead of being
+/// delivered before a FIN. For a connection whose remaining bytes nobody needs.
+pub fn reset(stream: TcpStream) {
+    // On failure the close is merely orderly: the peer reads the rest, then the end.
+    let _ = stream.set_zero_linger();
+    drop(stream);
 }
 
 /// Connects with an optional congestion control algorithm and a time limit; returns the

@@ -9,16 +9,20 @@
 //!   missing.
 //! - Work units come from the core planner (large files in chunks, small files packed, largest
 //!   first). A unit whose pieces the receiver has is skipped; a pack it partly has is trimmed.
-//! - Streams pull units from one shared queue. A stream keeps a small window of sent but
-//!   unacknowledged units; when a stream dies, its unacknowledged units go back to the front of
-//!   the queue (a *resend*); a `Nack` (hash mismatch at the receiver) does the same, up to a
-//!   bounded number of attempts.
+//! - Streams pull units from one shared queue. A stream keeps a window of sent but
+//!   unacknowledged units, sized each round from its share of the measured rate; when a
+//!   stream dies, its unacknowledged units go back to the front of the queue (a *resend*); a
+//!   `Nack` (hash mismatch at the receiver) does the same, up to a bounded number of attempts.
 //! - The coordinator runs *rounds*: a round is a stretch of at least `round` during which the
 //!   set of streams did not change and the queue never ran dry. It measures delivered bytes
-//!   (the receiver's `Received` counts) and asks the controller for the next stream count;
-//!   streams above the new count finish their unit and close, new ones are opened.
-//! - When every unit is acknowledged, the control stream sends `Done`; the receiver answers
-//!   `Complete`, or `Missing` pieces, which are queued again.
+//!   (the receiver's `Received` counts) and asks the controller for the next stream count
+//!   (also in a plan for one stream, under the `Auto` strategy); streams above the new count
+//!   finish their unit and park, new ones are opened. Near the end the count stays.
+//! - *Endgame*: idle data streams send copies of the oldest unacknowledged units; a stream
+//!   still writing a unit acknowledged through a copy is cut off and its connection reset.
+//! - When every unit is acknowledged, the control stream sends `Done`, its last frame; the
+//!   receiver answers `Complete`, or `Missing` pieces, which are queued again for a new
+//!   control stream.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -30,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use automigrate_core::transfer::{
     LinkEstimate, RoundSample, StreamController, StreamMode, TransferPlan, TransferPlanError,
-    TransferSettings, WorkUnit, plan_transfer,
+    TransferSettings, TransferStrategy, WorkUnit, plan_transfer,
 };
 use backon::BackoffBuilder as _;
 use tokio::io::{ReadHalf, WriteHalf};
@@ -54,6 +58,11 @@ use crate::wire::{
 
 /// Bytes read from a source file at a time.
 const READ_BLOCK: usize = 1 << 20;
+/// Rounds a change of the stream count needs to pay back: one to measure it, one to undo it
+/// if it was worse, one to gain from it.
+const ROUNDS_FOR_A_CHANGE_TO_PAY: u32 = 3;
+/// The fewest units a stream may owe: one being acknowledged while the next is written.
+const MIN_WINDOW_UNITS: u32 = 2;
 /// How many times the receiver may answer `Missing` before the transfer gives up.
 const MAX_FINISH_ROUNDS: u32 = 4;
 
@@ -238,7 +247,10 @@ pub struct SendOptions {
     pub retry: RetryPolicy,
     /// How many times one unit may fail its hash before the transfer fails.
     pub max_unit_attempts: u32,
-    /// Unacknowledged units per stream.
+    /// Most unacknowledged units per stream. After each measured round the sender lowers a
+    /// stream's window to its share of the rate over two round trips plus one unit (at least
+    /// 2), so this ceiling only has to cover one stream alone on a long, fast link: 4 units of
+    /// 256 KiB capped a single stream near 110 Mbit/s at 70 ms.
     pub window_units: u32,
     /// Threads hashing the source.
     pub hash_threads: usize,
@@ -276,7 +288,7 @@ impl Default for SendOptions {
             idle_timeout: Duration::from_secs(120),
             retry: RetryPolicy::default(),
             max_unit_attempts: 4,
-            window_units: 4,
+            window_units: 64,
             hash_threads: std::thread::available_parallelism().map_or(2, usize::from),
             progress: None,
             hooks: TestHooks::default(),
@@ -341,8 +353,11 @@ pub struct Report {
     /// Extra copies of unacknowledged units sent by idle streams at the very end, so one slow
     /// stream cannot hold the transfer back (the first copy acknowledged wins).
     pub units_duplicated: u64,
-    /// File bytes of those copies.
+    /// File bytes of those copies that were written.
     pub bytes_duplicated: u64,
+    /// Transmissions cut off in the middle because the unit was acknowledged through another
+    /// copy (or the session ended); their connection was reset, so the rest never went out.
+    pub units_abandoned: u64,
     /// File bytes sent, resends and duplicates included.
     pub bytes_sent: u64,
     /// File bytes sent again.
@@ -372,6 +387,7 @@ struct Counters {
     units_resent: AtomicU64,
     units_duplicated: AtomicU64,
     bytes_duplicated: AtomicU64,
+    units_abandoned: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_resent: AtomicU64,
     hash_mismatches: AtomicU64,
@@ -719,6 +735,11 @@ impl Transfer {
                 loss: 0.0,
             });
             let plan = plan_transfer(&self.manifest.file_specs(), &link, &self.options.settings)?;
+            let plan = if self.options.link.is_none() {
+                measured_single_stream(plan, &self.options.settings)
+            } else {
+                plan
+            };
             info!(rationale = %plan.rationale, "planned");
             if let Ok(mut sent) = self.sent_before.lock() {
                 *sent = PieceSet::empty(self.manifest.piece_count());
@@ -815,7 +836,8 @@ impl Transfer {
             .round
             .unwrap_or_else(|| (rtt * 10).clamp(Duration::from_secs(1), Duration::from_secs(3)));
         let mode = plan.mode;
-        let mut session_run = SessionRun::new(self, dialer, session, have, units, round, mode);
+        let mut session_run =
+            SessionRun::new(self, dialer, session, have, units, (round, rtt), mode);
         session_run.start_control(reader, writer);
         session_run.start_predialed(predialed);
         let result = session_run.coordinate().await;
@@ -907,6 +929,7 @@ impl Transfer {
             units_resent: get(&self.counters.units_resent),
             units_duplicated: get(&self.counters.units_duplicated),
             bytes_duplicated: get(&self.counters.bytes_duplicated),
+            units_abandoned: get(&self.counters.units_abandoned),
             bytes_sent: get(&self.counters.bytes_sent),
             bytes_resent: get(&self.counters.bytes_resent),
             hash_mismatches: get(&self.counters.hash_mismatches),
@@ -930,6 +953,34 @@ impl Transfer {
     }
 }
 
+/// Without a link estimate, under the `Auto` strategy, a plan for one stream still starts at
+/// one stream but lets the controller measure whether more help.
+///
+/// The planner picks one stream when its model says one fills the link. Without an estimate
+/// (no probe results yet) that model rests on an assumed clean 1 Gbit/s link, so at 10 ms and
+/// 0.1 % loss it would keep one loss-bound stream (about 45 Mbit/s) for the whole transfer.
+/// With an estimate the model is trusted: probing a link one stream already fills costs
+/// time, because every new stream's slow start overflows the bottleneck queue and the first
+/// stream backs off (docs/transfer.md has the measurement).
+fn measured_single_stream(mut plan: TransferPlan, settings: &TransferSettings) -> TransferPlan {
+    if settings.strategy != TransferStrategy::Auto || plan.mode != StreamMode::Single {
+        return plan;
+    }
+    let ceiling = settings
+        .max_streams
+        .min(u32::try_from(plan.units.len()).unwrap_or(u32::MAX))
+        .max(1);
+    if ceiling > 1 {
+        plan.mode = StreamMode::Parallel;
+        plan.max_streams = ceiling;
+        plan.initial_streams = 1;
+        plan.rationale.push_str(&format!(
+            " Starting on one stream; the controller adds streams (up to {ceiling}) when the measured rounds show they help."
+        ));
+    }
+    plan
+}
+
 /// What the receiver said to `Done`.
 enum FinishReply {
     Complete,
@@ -947,6 +998,9 @@ struct Shared {
     rate: Option<Arc<TokenBucket>>,
     idle_timeout: Duration,
     window_units: u32,
+    /// Units a stream may owe now, at most `window_units`: enough to cover its share of the
+    /// delivered rate for two round trips and one unit more, from the last measured round.
+    window_now: AtomicU32,
     max_unit_attempts: u32,
     queue: Mutex<VecDeque<UnitTask>>,
     /// Units not yet acknowledged, queued or in flight.
@@ -1103,8 +1157,16 @@ impl Shared {
             self.wake.notify_waiters();
             return;
         }
-        if let Ok(mut flights) = self.flights.lock() {
-            flights.remove(&unit.id);
+        if let Ok(mut flights) = self.flights.lock()
+            && let Some(flight) = flights.remove(&unit.id)
+            && self.queued() == 0
+        {
+            debug!(
+                unit = unit.id,
+                secs = flight.since.elapsed().as_secs_f64(),
+                copies = flight.copies,
+                "endgame: unit acknowledged"
+            );
         }
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         let acked = self.counters.units_acked.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1183,6 +1245,8 @@ struct SessionRun {
     controller: Option<StreamController>,
     mode: StreamMode,
     round: Duration,
+    /// The round trip measured by the first TCP handshake.
+    rtt: Duration,
     rounds: Vec<RoundReport>,
     started: Instant,
     max_streams_used: u32,
@@ -1201,7 +1265,7 @@ impl SessionRun {
         session: u64,
         have: PieceSet,
         units: Vec<UnitTask>,
-        round: Duration,
+        (round, rtt): (Duration, Duration),
         mode: StreamMode,
     ) -> Self {
         let controller = transfer.controller.take();
@@ -1237,6 +1301,7 @@ impl SessionRun {
                 .map(|bps| Arc::new(TokenBucket::new(bps))),
             idle_timeout: transfer.options.idle_timeout,
             window_units: transfer.options.window_units.max(1),
+            window_now: AtomicU32::new(transfer.options.window_units.max(1)),
             max_unit_attempts: transfer.options.max_unit_attempts.max(1),
             outstanding: AtomicU64::new(units.len() as u64),
             queue: Mutex::new(units.into()),
@@ -1272,6 +1337,7 @@ impl SessionRun {
             controller,
             mode,
             round,
+            rtt,
             rounds: Vec::new(),
             started: transfer.started,
             max_streams_used: 0,
@@ -1694,6 +1760,34 @@ impl SessionRun {
         }
     }
 
+    /// Sets how many units a stream may owe, from its share of the delivered rate.
+    ///
+    /// Units a stream owes sit in its socket buffer or in flight, and leave in order. Owing
+    /// more than its rate needs only queues them behind each other: a loss-bound stream on a
+    /// long link (5 Mbit/s of 190 over 37 streams at 70 ms) then holds a second or more of
+    /// units that other streams, idle at the end, cannot take. Enough to keep a stream busy
+    /// is its share of two round trips (data in flight, and the acknowledgement coming back)
+    /// plus the unit being written; the share at least doubles within a round if the stream
+    /// can go faster, so the window never holds the rate down for long.
+    fn resize_window(&self, stream_bps: f64) {
+        let chunk = self.shared.manifest.chunk_size.max(1) as f64;
+        let owed_bytes = stream_bps / 8.0 * 2.0 * self.rtt.as_secs_f64();
+        let units = (owed_bytes / chunk).ceil() + 1.0;
+        let window = if units.is_finite() {
+            (units as u32).clamp(
+                MIN_WINDOW_UNITS,
+                self.shared.window_units.max(MIN_WINDOW_UNITS),
+            )
+        } else {
+            self.shared.window_units
+        };
+        let previous = self.shared.window_now.swap(window, Ordering::Relaxed);
+        if window != previous {
+            debug!(window, previous, stream_bps, "units a stream may owe");
+            self.shared.wake.notify_waiters();
+        }
+    }
+
     /// Closes a round: records it, and in parallel mode lets the controller pick the next
     /// stream count when the round was clean.
     fn end_round(
@@ -1722,8 +1816,31 @@ impl SessionRun {
         let clean = epoch_at_start == self.epoch
             && !self.shared.starved.load(Ordering::Relaxed)
             && streams == target;
+        if clean && streams > 0 && bytes > 0 {
+            self.resize_window(bps / f64::from(streams));
+        }
         let mut next = target;
+        // A new count is measured for a round, undone in the next if it was worse, and only
+        // pays back in the rounds after that. When the rest of the transfer takes fewer rounds
+        // than that at the current rate, a step (a trim to fewer streams above all) can only
+        // cost time: the count stays as it is to the end.
+        let remaining_bits =
+            self.shared
+                .manifest
+                .total_bytes()
+                .saturating_sub(self.shared.bytes_done.load(Ordering::Relaxed)) as f64
+                * 8.0;
+        let final_stretch = remaining_bits / bps.max(1.0)
+            < elapsed.as_secs_f64() * f64::from(ROUNDS_FOR_A_CHANGE_TO_PAY);
+        if final_stretch && clean {
+            debug!(
+                streams,
+                remaining_secs = remaining_bits / bps.max(1.0),
+                "final stretch: the stream count stays"
+            );
+        }
         if clean
+            && !final_stretch
             && self.mode == StreamMode::Parallel
             && let Some(controller) = self.controller.as_mut()
         {
@@ -1779,6 +1896,7 @@ async fn run_stream(
     let window = Arc::new(tokio::sync::Semaphore::new(shared.window_units as usize));
     let closing = Arc::new(AtomicBool::new(false));
     let control = finish.is_some();
+    let mut abandoned = false;
     let result = {
         let reading = read_loop(&shared, &mut reader, &inflight, &window, &closing, control);
         let writing = write_loop(&shared, slot, &mut writer, &inflight, &window, finish);
@@ -1788,22 +1906,71 @@ async fn run_stream(
             tokio::select! {
                 read = &mut reading => break read,
                 written = &mut writing, if !writing_done => {
-                    if let Err(error) = written {
-                        break Err(error);
+                    match written {
+                        Err(error) => break Err(error),
+                        Ok(WriteEnd::Abandoned) => {
+                            abandoned = true;
+                            break Ok(());
+                        }
+                        Ok(WriteEnd::Finished) => {}
                     }
                     writing_done = true;
                     closing.store(true, Ordering::Relaxed);
-                    if inflight.lock().map_or(true, |inflight| inflight.is_empty()) {
+                    let owes = inflight.lock().is_ok_and(|inflight| !inflight.is_empty());
+                    if !owes {
+                        break Ok(());
+                    }
+                    if shared.shutdown.load(Ordering::Relaxed) {
+                        // The session is complete: what this stream still owes are copies of
+                        // acknowledged units, not worth delivering.
+                        abandoned = true;
                         break Ok(());
                     }
                 }
             }
         }
     };
-    if result.is_ok() {
+    // A unit cut off in the middle leaves the stream unusable, and bytes of units nobody
+    // needs any more would still use the link: reset the connection, which discards them,
+    // instead of flushing them behind a close_notify.
+    if abandoned {
+        let stream = reader.into_inner().unsplit(writer.into_inner());
+        crate::conn::reset(stream.into_inner().0);
+    } else if result.is_ok() {
         let _ = writer.shutdown().await;
     }
     result
+}
+
+/// How a stream's writing ended without an error.
+enum WriteEnd {
+    /// Between units: the connection can be closed properly.
+    Finished,
+    /// In the middle of a unit that no longer needs sending.
+    Abandoned,
+}
+
+/// Resolves when the unit being written on this stream is no longer needed: the session is
+/// over, or (on a data stream) every unit the stream still owes was acknowledged through
+/// another copy. Those bytes would only compete with the units still missing at the very end.
+async fn superseded(shared: &Shared, inflight: &Mutex<HashMap<u64, UnitTask>>, control: bool) {
+    loop {
+        let wake = shared.wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        if shared.shutdown.load(Ordering::Relaxed) {
+            return;
+        }
+        // The control stream is never cut: it carries `Done`, and it takes no copies.
+        let owes_only_copies_done = !control
+            && inflight.lock().is_ok_and(|inflight| {
+                !inflight.is_empty() && inflight.keys().all(|unit| shared.is_completed(*unit))
+            });
+        if owes_only_copies_done {
+            return;
+        }
+        wake.await;
+    }
 }
 
 async fn read_loop(
@@ -1889,6 +2056,8 @@ async fn read_loop(
             Frame::Missing { ranges, last } if control => {
                 missing.extend(ranges);
                 if last {
+                    // The receiver closes the connection after its answer: an expected end.
+                    answered = true;
                     let ranges = std::mem::take(&mut missing);
                     if let Some(reply) = shared
                         .finish_reply
@@ -1927,14 +2096,23 @@ async fn write_loop(
     inflight: &Mutex<HashMap<u64, UnitTask>>,
     window: &tokio::sync::Semaphore,
     mut finish: Option<mpsc::UnboundedReceiver<()>>,
-) -> Result<(), SendError> {
+) -> Result<WriteEnd, SendError> {
     let mut buffer = vec![0_u8; READ_BLOCK];
+    let mut done_sent = false;
+    let control = finish.is_some();
     loop {
         let wake = shared.wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
         if shared.shutdown.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(WriteEnd::Finished);
+        }
+        if done_sent {
+            // `Done` is the last frame the receiver reads on a connection: it answers and
+            // closes. A unit queued after it (the pieces of a `Missing` answer) would be lost
+            // with the connection and counted as one more resend, so it goes on a new one.
+            wake.await;
+            continue;
         }
         let owes = inflight.lock().is_ok_and(|inflight| !inflight.is_empty());
         // Above the controller's count: park on the open connection, so a later increase
@@ -1942,8 +2120,20 @@ async fn write_loop(
         // streams), leave the last units to streams that are free now rather than queue one
         // behind this stream's unacknowledged data.
         if slot as u32 >= shared.target.load(Ordering::Relaxed) || (shared.endgame() && owes) {
-            if !idle(shared, writer, wake, finish.as_mut()).await? {
-                return Ok(());
+            match idle(shared, writer, wake, finish.as_mut()).await? {
+                Idled::Woken => {}
+                Idled::DoneSent => done_sent = true,
+                Idled::Close => return Ok(WriteEnd::Finished),
+            }
+            continue;
+        }
+        let owed = inflight.lock().map_or(0, |inflight| inflight.len());
+        if owed >= shared.window_now.load(Ordering::Relaxed) as usize {
+            // Wait for an acknowledgement (every one wakes the streams).
+            match idle(shared, writer, wake, finish.as_mut()).await? {
+                Idled::Woken => {}
+                Idled::DoneSent => done_sent = true,
+                Idled::Close => return Ok(WriteEnd::Finished),
             }
             continue;
         }
@@ -1953,14 +2143,17 @@ async fn write_loop(
             .map_err(|_| SendError::Internal("window closed".into()))?;
         let taken = match shared.take() {
             Some(unit) => Some((unit, false)),
-            None if !owes => shared.pick_duplicate(inflight).map(|unit| (unit, true)),
+            // Not on the control stream, which must stay free to send `Done` at once.
+            None if !owes && !control => shared.pick_duplicate(inflight).map(|unit| (unit, true)),
             None => None,
         };
         let Some((unit, copy)) = taken else {
             drop(permit);
             // Nothing to send now; work may come back (a dropped stream's units, a Nack).
-            if !idle(shared, writer, wake, finish.as_mut()).await? {
-                return Ok(());
+            match idle(shared, writer, wake, finish.as_mut()).await? {
+                Idled::Woken => {}
+                Idled::DoneSent => done_sent = true,
+                Idled::Close => return Ok(WriteEnd::Finished),
             }
             continue;
         };
@@ -1976,32 +2169,49 @@ async fn write_loop(
         } else {
             shared.fly(&unit, false);
         }
-        send_unit(shared, writer, &unit, copy, &mut buffer).await?;
+        tokio::select! {
+            sent = send_unit(shared, writer, &unit, copy, &mut buffer) => sent?,
+            () = superseded(shared, inflight, control) => {
+                shared.counters.units_abandoned.fetch_add(1, Ordering::Relaxed);
+                debug!(unit = unit.id, slot, "the unit being sent was acknowledged through another copy (or the session ended): dropping this stream");
+                return Ok(WriteEnd::Abandoned);
+            }
+        }
     }
 }
 
+/// How an idle stream's wait ended.
+enum Idled {
+    /// Something changed: look for work again.
+    Woken,
+    /// The control stream sent `Done`: it carries no more units.
+    DoneSent,
+    /// The coordinator is gone: close the stream.
+    Close,
+}
+
 /// Waits for something to change. The control stream also answers the coordinator's request
-/// to finish by sending `Done`. False when the stream should close.
+/// to finish by sending `Done`.
 async fn idle(
     shared: &Shared,
     writer: &mut TlsWriter,
     wake: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
     finish: Option<&mut mpsc::UnboundedReceiver<()>>,
-) -> Result<bool, SendError> {
+) -> Result<Idled, SendError> {
     let peer = shared.peer;
     let Some(commands) = finish else {
         wake.await;
-        return Ok(true);
+        return Ok(Idled::Woken);
     };
     tokio::select! {
-        _ = wake => Ok(true),
+        _ = wake => Ok(Idled::Woken),
         command = commands.recv() => {
             if command.is_none() {
-                return Ok(false);
+                return Ok(Idled::Close);
             }
             writer.send(&Frame::Done).await.map_err(|source| SendError::Stream { peer, source })?;
             writer.flush().await.map_err(|source| SendError::Stream { peer, source })?;
-            Ok(true)
+            Ok(Idled::DoneSent)
         }
     }
 }
@@ -2038,10 +2248,6 @@ async fn send_unit(
             .counters
             .units_duplicated
             .fetch_add(1, Ordering::Relaxed);
-        shared
-            .counters
-            .bytes_duplicated
-            .fetch_add(unit.bytes, Ordering::Relaxed);
     } else if resend {
         shared.counters.units_resent.fetch_add(1, Ordering::Relaxed);
         shared
@@ -2103,10 +2309,98 @@ async fn send_unit(
                     .counters
                     .bytes_sent
                     .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                if copy {
+                    shared
+                        .counters
+                        .bytes_duplicated
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                }
             }
             offset += block.len() as u64;
             *buffer = block;
         }
     }
     writer.flush().await.map_err(stream_error)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::time::Duration;
+
+    use automigrate_core::transfer::{
+        FileSpec, LinkEstimate, StreamMode, TransferSettings, TransferStrategy, plan_transfer,
+    };
+
+    use super::measured_single_stream;
+
+    fn files(count: usize, size: u64) -> Vec<FileSpec> {
+        (0..count)
+            .map(|index| FileSpec {
+                path: format!("f{index}"),
+                size,
+            })
+            .collect()
+    }
+
+    /// What `send` assumes without an estimate: the handshake RTT, no loss, unknown bandwidth.
+    fn blind(rtt_ms: u64) -> LinkEstimate {
+        LinkEstimate {
+            rtt: Duration::from_millis(rtt_ms),
+            bandwidth_bps: None,
+            loss: 0.0,
+        }
+    }
+
+    fn settings(strategy: TransferStrategy, max_streams: u32) -> TransferSettings {
+        TransferSettings {
+            strategy,
+            max_streams,
+            chunk_size: 256 * 1024,
+            rate_limit_bps: None,
+        }
+    }
+
+    #[test]
+    fn a_blind_single_stream_plan_lets_the_controller_climb() {
+        let settings = settings(TransferStrategy::Auto, 64);
+        let plan = plan_transfer(&files(4, 64 << 20), &blind(10), &settings).unwrap();
+        assert_eq!(plan.mode, StreamMode::Single, "the model's verdict changed");
+        let plan = measured_single_stream(plan, &settings);
+        assert_eq!(plan.mode, StreamMode::Parallel);
+        assert_eq!(plan.initial_streams, 1);
+        assert_eq!(plan.max_streams, 64);
+        assert!(
+            plan.rationale.contains("Starting on one stream"),
+            "{}",
+            plan.rationale
+        );
+    }
+
+    #[test]
+    fn the_ceiling_is_the_unit_count_when_there_are_fewer_units() {
+        let settings = settings(TransferStrategy::Auto, 64);
+        let plan = plan_transfer(&files(3, 256 * 1024), &blind(10), &settings).unwrap();
+        let plan = measured_single_stream(plan, &settings);
+        assert_eq!(plan.max_streams, 3);
+    }
+
+    #[test]
+    fn a_configured_single_stream_and_a_single_unit_stay_single() {
+        let single = settings(TransferStrategy::Single, 64);
+        let plan = plan_transfer(&files(4, 64 << 20), &blind(70), &single).unwrap();
+        let plan = measured_single_stream(plan, &single);
+        assert_eq!((plan.mode, plan.max_streams), (StreamMode::Single, 1));
+
+        let auto = settings(TransferStrategy::Auto, 64);
+        let plan = plan_transfer(&files(1, 1000), &blind(10), &auto).unwrap();
+        let plan = measured_single_stream(plan, &auto);
+        assert_eq!((plan.mode, plan.max_streams), (StreamMode::Single, 1));
+
+        let one = settings(TransferStrategy::Auto, 1);
+        let plan = plan_transfer(&files(4, 64 << 20), &blind(10), &one).unwrap();
+        let plan = measured_single_stream(plan, &one);
+        assert_eq!((plan.mode, plan.max_streams), (StreamMode::Single, 1));
+    }
 }

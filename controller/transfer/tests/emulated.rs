@@ -161,6 +161,7 @@ fn a_link_cut_in_the_middle_resumes_and_resends_only_what_was_in_flight() {
         round: Some(Duration::from_millis(300)),
         // A silent link (no reset, packets just vanish) is noticed by these timeouts.
         idle_timeout: Duration::from_secs(2),
+        window_units: 4,
         connect_timeout: Duration::from_secs(1),
         server_name: Some("node-b".into()),
         progress: Some(Arc::new(move |progress| {
@@ -198,8 +199,62 @@ fn a_link_cut_in_the_middle_resumes_and_resends_only_what_was_in_flight() {
     .unwrap();
 
     assert_same_tree(source.path(), dest.path());
-    let window = u64::from(SendOptions::default().window_units);
+    let window = u64::from(options.window_units);
     assert!(report.units_resent <= 3 * window, "{report:#?}");
     assert!(report.connections > 3, "streams were reopened: {report:#?}");
     assert_eq!(receiver.stats().sessions_completed, 1);
+}
+
+#[test]
+fn without_a_link_estimate_the_controller_climbs_from_one_stream() {
+    if !privileged("without_a_link_estimate_the_controller_climbs_from_one_stream") {
+        return;
+    }
+    // 10 ms RTT and 1 % loss each way: one CUBIC stream is loss-bound near 14 Mbit/s (Mathis),
+    // a seventh of the 100 Mbit/s link. Without an estimate the planner assumes a clean
+    // 1 Gbit/s link, where one stream fills it, and plans one stream.
+    let link = Link::delayed(Duration::from_millis(5))
+        .with_loss(0.01)
+        .with_rate_bps(100_000_000)
+        .with_seed(11);
+    let pair = EmulatedPair::symmetric("amxblind", link).unwrap();
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    mixed_tree(source.path(), 4, 4 * 1024 * 1024, 0, 0);
+    let (_runtime, receiver, addr) = receiver_in_b(&pair, dest.path(), &pki.receiver);
+    let options = SendOptions {
+        settings: TransferSettings {
+            strategy: TransferStrategy::Auto,
+            max_streams: 16,
+            chunk_size: 256 * 1024,
+            rate_limit_bps: None,
+        },
+        link: None,
+        round: Some(Duration::from_millis(300)),
+        // Loss-bound, unlike BBR (the host default), which one stream would fill the link with.
+        congestion_control: Some("cubic".into()),
+        server_name: Some("node-b".into()),
+        ..SendOptions::default()
+    };
+
+    let report = send_from_a(
+        &pair,
+        Source::Dir(source.path().into()),
+        addr,
+        &pki.sender,
+        &options,
+    )
+    .unwrap();
+
+    assert_same_tree(source.path(), dest.path());
+    assert_eq!(receiver.stats().sessions_completed, 1);
+    assert_eq!(report.plan.initial_streams, 1, "{report:#?}");
+    let first = report.rounds.first().expect("no round was measured");
+    assert_eq!(first.streams, 1, "{report:#?}");
+    // Two loss-bound streams deliver about twice one: the controller must have kept climbing.
+    assert!(
+        report.rounds.iter().any(|round| round.streams >= 4),
+        "the controller stayed low: {report:#?}"
+    );
 }

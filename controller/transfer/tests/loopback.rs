@@ -23,6 +23,8 @@ fn options(max_streams: u32, chunk_size: u64) -> SendOptions {
             rate_limit_bps: None,
         },
         round: Some(Duration::from_millis(200)),
+        // Small, so "only what was in flight is sent again" is a tight bound in these tests.
+        window_units: 4,
         ..SendOptions::default()
     }
 }
@@ -52,15 +54,25 @@ async fn a_mixed_tree_arrives_byte_for_byte() {
     assert_eq!(report.files, 3 + 150 + 2);
     assert_eq!(report.units_resent, 0);
     assert_eq!(report.hash_mismatches, 0);
-    // Every byte once, apart from endgame copies of the last units.
-    assert_eq!(
-        report.bytes_sent - report.bytes_duplicated,
-        report.total_bytes
-    );
+    // Every unit once, apart from endgame copies of the last units; every byte once, unless
+    // a transmission was cut off because its copy arrived first (then less than once on that
+    // stream, and the copy carried it).
     assert_eq!(
         report.units_sent - report.units_duplicated,
         report.units_total
     );
+    if report.units_abandoned == 0 {
+        assert_eq!(
+            report.bytes_sent - report.bytes_duplicated,
+            report.total_bytes,
+            "{report:#?}"
+        );
+    } else {
+        assert!(
+            report.bytes_sent - report.bytes_duplicated <= report.total_bytes,
+            "{report:#?}"
+        );
+    }
     let stats = running.receiver.stats();
     assert_eq!(stats.sessions_completed, 1);
     assert_eq!(stats.files_completed, report.files);
@@ -174,10 +186,13 @@ async fn a_killed_sender_resumes_with_only_the_missing_units() {
         second.units_sent - second.units_duplicated + second.units_skipped,
         second.units_total
     );
-    assert_eq!(
-        second.bytes_sent - second.bytes_duplicated + second.bytes_skipped,
-        second.total_bytes
-    );
+    let once = second.bytes_sent - second.bytes_duplicated + second.bytes_skipped;
+    if second.units_abandoned == 0 {
+        assert_eq!(once, second.total_bytes, "{second:#?}");
+    } else {
+        // A transmission cut off because its copy arrived first sent less than its unit.
+        assert!(once <= second.total_bytes, "{second:#?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,10 +268,7 @@ async fn a_killed_receiver_comes_back_and_the_transfer_completes() {
     assert_same_tree(source.path(), dest.path());
     assert!(report.sessions >= 2, "{report:#?}");
     // Only what was in flight at the kill went again.
-    assert!(
-        report.units_resent <= 3 * u64::from(SendOptions::default().window_units),
-        "{report:#?}"
-    );
+    assert!(report.units_resent <= 3 * 4, "{report:#?}");
     assert_eq!(second.receiver.stats().sessions_completed, 1);
 }
 
@@ -394,10 +406,11 @@ async fn a_piece_damaged_on_the_receivers_disk_is_caught_and_sent_again() {
     .unwrap();
 
     assert_same_tree(source.path(), dest.path());
-    // Caught by the read-back at commit, reported Missing at Done, sent once more. Under load
-    // one more unit is occasionally re-sent (about one run in six, not yet explained; see
-    // docs/transfer.md), so this checks that both damaged pieces were sent again, and the tree
-    // comparison above checks nothing damaged survived.
-    assert!(report.units_resent >= 2, "{report:#?}");
+    // Caught by the read-back at commit, reported Missing at Done, sent once more: exactly the
+    // two units. (Once, the control stream took those units after its Done, on a connection
+    // the receiver closes after answering, and they went a third time: about one run in
+    // eight. The stream that sent Done now carries nothing more.)
+    assert_eq!(report.units_resent, 2, "{report:#?}");
+    assert_eq!(report.units_sent, report.units_total + 2, "{report:#?}");
     assert_eq!(report.hash_mismatches, 0);
 }

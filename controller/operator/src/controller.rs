@@ -1,0 +1,266 @@
+//! Wiring: the reflectors, the policy loader, the writer, the decision pass, the checkpoint
+//! orchestrator, the link prober and the executor, started together on one `kube::Client`.
+//!
+//! [`Controller::start`] starts what every replica runs (reflectors, policy loader, writer);
+//! [`Controller::run`] runs the loops that act, which do nothing unless this replica leads:
+//! - the decision loop: a pass every `decision_interval` (or at once when the webhook receives
+//!   alerts), whose checkpoint decisions are spawned as jobs;
+//! - the executor loop: every `executor_interval`, an `advance` of every active Migration (never
+//!   two at once for one Migration);
+//! - the probe loop: every `probe_interval`, the agents' peer latency and, when a Prometheus is
+//!   configured, the policies' PromQL signal queries. Their observations count for
+//!   `signal_max_age` (three probe rounds by default), see [`crate::probes`].
+//!
+//! Tests call [`Decider::pass`](crate::decider::Decider::pass) and
+//! [`Executor::advance`](crate::executor::Executor::advance) directly with an explicit `now`
+//! instead of running the loops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use automigrate_core::policy::PolicySet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::events::Reporter;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::{Notify, watch};
+
+use crate::agent::NodeAgent;
+use crate::alertmanager::AlertBook;
+use crate::checkpoints::CheckpointOrchestrator;
+use crate::clock::Clock;
+use crate::decider::Decider;
+use crate::executor::{Executor, ExecutorConfig, InFlight};
+use crate::leader::Leadership;
+use crate::policies::{PolicyLoader, SharedPolicies};
+use crate::probes::{LinkBook, UserBook};
+use crate::prometheus::PromSignals;
+use crate::stores::Stores;
+use crate::writer::Writer;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub decision_interval: Duration,
+    pub executor_interval: Duration,
+    pub probe_interval: Duration,
+    /// Namespace of the policy ConfigMaps.
+    pub policy_namespace: String,
+    /// How long a firing alert counts without being repeated by Alertmanager.
+    pub alert_ttl: Duration,
+    pub executor: ExecutorConfig,
+    /// Name on the Events this controller publishes, and this replica's identity.
+    pub reporter: Reporter,
+    /// Where the policies' PromQL signal queries run; `None`: they are not run.
+    pub prometheus: Option<PromSignals>,
+    /// How long a latency observation counts; `None`: three `probe_interval`s.
+    pub signal_max_age: Option<Duration>,
+}
+
+impl Config {
+    pub fn signal_max_age(&self) -> Duration {
+        self.signal_max_age
+            .unwrap_or_else(|| self.probe_interval.saturating_mul(3))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            decision_interval: Duration::from_secs(10),
+            executor_interval: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(30),
+            policy_namespace: "automigrate-system".into(),
+            alert_ttl: Duration::from_secs(4 * 3600),
+            executor: ExecutorConfig::default(),
+            reporter: Reporter {
+                controller: "automigrate-controller".into(),
+                instance: None,
+            },
+            prometheus: None,
+            signal_max_age: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Controller {
+    pub stores: Stores,
+    pub policies: SharedPolicies,
+    pub alerts: AlertBook,
+    pub links: LinkBook,
+    pub users: UserBook,
+    pub writer: Writer,
+    pub checkpoints: CheckpointOrchestrator,
+    pub decider: Arc<Decider>,
+    pub executor: Arc<Executor>,
+    pub agent: Arc<dyn NodeAgent>,
+    pub clock: Arc<dyn Clock>,
+    /// Wakes the decision loop early (the webhook pokes it).
+    pub wake: Arc<Notify>,
+    config: Config,
+    warned_no_prometheus: Arc<AtomicBool>,
+}
+
+impl Controller {
+    /// Starts the reflectors, the writer and the policy loader. `agent` builds the agent
+    /// access from the stores (the HTTP agents find each node's agent pod there).
+    pub fn start(
+        client: Client,
+        agent: impl FnOnce(&Stores) -> Arc<dyn NodeAgent>,
+        leadership: Leadership,
+        clock: Arc<dyn Clock>,
+        config: Config,
+    ) -> Self {
+        let stores = Stores::spawn(&client);
+        let agent = agent(&stores);
+        let writer = Writer::spawn(client.clone(), leadership, config.reporter.clone());
+        let policies: SharedPolicies = Arc::new(RwLock::new(PolicySet::new()));
+        let loader = PolicyLoader::new(policies.clone(), writer.clone());
+        tokio::spawn(loader.run(Api::<ConfigMap>::namespaced(
+            client,
+            &config.policy_namespace,
+        )));
+        let alerts = AlertBook::new(config.alert_ttl);
+        let links = LinkBook::new(config.signal_max_age());
+        let users = UserBook::new(config.signal_max_age());
+        let checkpoints =
+            CheckpointOrchestrator::new(stores.clone(), writer.clone(), agent.clone());
+        let decider = Arc::new(Decider::new(
+            stores.clone(),
+            policies.clone(),
+            alerts.clone(),
+            links.clone(),
+            users.clone(),
+            writer.clone(),
+            checkpoints.clone(),
+        ));
+        let executor = Arc::new(Executor::new(
+            stores.clone(),
+            writer.clone(),
+            agent.clone(),
+            config.executor.clone(),
+        ));
+        Self {
+            stores,
+            policies,
+            alerts,
+            links,
+            users,
+            writer,
+            checkpoints,
+            decider,
+            executor,
+            agent,
+            clock,
+            wake: Arc::new(Notify::new()),
+            config,
+            warned_no_prometheus: Arc::default(),
+        }
+    }
+
+    /// Runs the acting loops until `shutdown` turns true. They act only while `leadership`
+    /// says this replica leads.
+    pub async fn run(&self, leadership: Leadership, shutdown: watch::Receiver<bool>) {
+        tokio::join!(
+            self.decision_loop(leadership.clone(), shutdown.clone()),
+            self.executor_loop(leadership.clone(), shutdown.clone()),
+            self.probe_loop(leadership, shutdown),
+        );
+    }
+
+    async fn decision_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if leadership.is_leader() {
+                match self.decider.pass(self.clock.now()).await {
+                    Ok(report) => {
+                        for decision in report.checkpoints {
+                            let orchestrator = self.checkpoints.clone();
+                            tokio::spawn(async move {
+                                let _ = orchestrator.run(&decision).await;
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "decision pass failed");
+                        crate::metrics::error("decider", error.metric_label());
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.decision_interval) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    async fn executor_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
+        let in_flight = InFlight::default();
+        loop {
+            if leadership.is_leader() {
+                for migration in self.executor.active() {
+                    let Some(guard) = in_flight.try_start(&migration) else {
+                        continue;
+                    };
+                    let executor = self.executor.clone();
+                    let clock = self.clock.clone();
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        if let Err(error) = executor.advance(&migration, clock.now()).await {
+                            tracing::warn!(migration = %migration.name_any(), %error, "advance failed");
+                            crate::metrics::error("executor", error.metric_label());
+                        }
+                    });
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.executor_interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// One round of the probe loop at the clock's now: every agent's peers, then the policies'
+    /// PromQL queries.
+    pub async fn refresh_signals(&self, nodes: &[String]) {
+        self.links
+            .refresh(self.agent.as_ref(), nodes, self.clock.now())
+            .await;
+        let policies = match self.policies.read() {
+            Ok(policies) => policies.clone(),
+            Err(_) => return,
+        };
+        let Some(prometheus) = &self.config.prometheus else {
+            if !crate::prometheus::Queries::of(&policies).is_empty()
+                && !self.warned_no_prometheus.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "a policy names PromQL signal queries, but no --prometheus-url is set: they are not run"
+                );
+            }
+            return;
+        };
+        prometheus
+            .refresh(&policies, &self.links, &self.users, self.clock.now())
+            .await;
+    }
+
+    async fn probe_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if leadership.is_leader() {
+                let nodes: Vec<String> = self
+                    .stores
+                    .nodes
+                    .state()
+                    .iter()
+                    .map(|node| node.name_any())
+                    .collect();
+                self.refresh_signals(&nodes).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.probe_interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! The decision pass: the reflectors' contents become a [`ClusterSnapshot`], the shared engine
+//! ([`automigrate_core::decide`], the same code the simulator and `automigrate plan` run)
+//! decides, and the pass turns its decisions into Migrations and checkpoint jobs.
+//!
+//! - A migration decision starts a Migration: the person's request if one is waiting for this
+//!   pod (a Migration without status), else a new one (`origin: Automatic`). Its first status
+//!   records the state machine's start, the policy's limits, the transfers the engine planned,
+//!   and the source pod itself (the replacement is built from it once the source is gone).
+//! - Requests the engine did not act on are either deferred (an Event says why, the request
+//!   waits) or refused (pod missing, not protected, owned by a controller that recreates its
+//!   pods, already migrating): their status ends `Failed` through the state machine's cancel.
+//! - Checkpoint decisions are returned to the caller, which runs them with the
+//!   [`CheckpointOrchestrator`](crate::checkpoints::CheckpointOrchestrator).
+//! - Problems with pods (bad annotations, unknown policies) become Warning Events on the pod,
+//!   once per message.
+//! - Links and user latency come from the [`LinkBook`] and [`UserBook`] (fresh entries only)
+//!   and from the pods' `automigrate.dev/user-latency` annotations (see [`crate::snapshot`]).
+//!
+//! The pass reads no clock: `now` is an argument, so tests step time explicitly. Only the
+//! decision latency metric and the report's [`PassTimings`] read a monotonic timer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use automigrate_core::annotations::{self, DatasetRef};
+use automigrate_core::decide::{
+    CheckpointDecision, CheckpointSource, Decisions, EngineMemory, MigrationDecision, Payload,
+};
+use automigrate_core::migration::{self, Event, Limits, MigrationState, Phase};
+use automigrate_core::model::{MigrationRecord, PodRef};
+use automigrate_core::policy::PolicySet;
+use automigrate_core::units;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use crate::alertmanager::AlertBook;
+use crate::checkpoints::CheckpointOrchestrator;
+use crate::crd::{
+    self, Migration, MigrationSpec, MigrationStatus, Origin, StoredCheckpoint, TransferPayload,
+    TransferRecord,
+};
+use crate::policies::SharedPolicies;
+use crate::probes::{LinkBook, UserBook};
+use crate::replacement::{self, OwnerHandling};
+use crate::snapshot::{self, Inputs};
+use crate::stores::Stores;
+use crate::writer::{WriteError, Writer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error("the policy set lock is poisoned")]
+    Poisoned,
+}
+
+impl DecideError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Poisoned => "poisoned",
+        }
+    }
+}
+
+/// How long a started Migration counts as in flight without the reflector showing it.
+const STARTED_MEMORY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Where one pass's time went (monotonic clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassTimings {
+    /// Reading the reflectors and books into a snapshot, copying policies and engine memory.
+    pub snapshot: std::time::Duration,
+    /// `automigrate_core::decide` alone (what the `automigrate_decision_pass_seconds` metric
+    /// and the core's decision-pass benchmark measure).
+    pub engine: std::time::Duration,
+    /// Acting on the decisions: Migrations started, requests answered, Events, gauges.
+    pub actions: std::time::Duration,
+}
+
+impl PassTimings {
+    pub fn total(&self) -> std::time::Duration {
+        self.snapshot + self.engine + self.actions
+    }
+}
+
+/// What one pass did.
+#[derive(Debug)]
+pub struct PassReport {
+    pub timings: PassTimings,
+    pub decisions: Decisions,
+    /// Migrations started this pass (`namespace/name`).
+    pub started: Vec<String>,
+    /// Requests refused this pass (`namespace/name`), with the reason.
+    pub refused: Vec<(String, String)>,
+    /// Periodic checkpoints to take now.
+    pub checkpoints: Vec<CheckpointDecision>,
+}
+
+#[derive(Debug)]
+pub struct Decider {
+    stores: Stores,
+    policies: SharedPolicies,
+    alerts: AlertBook,
+    links: LinkBook,
+    users: UserBook,
+    writer: Writer,
+    checkpoints: CheckpointOrchestrator,
+    memory: Mutex<EngineMemory>,
+    /// Migrations this pass started that the reflector may not show yet: pod → (name, when).
+    started: Mutex<BTreeMap<PodRef, (String, Timestamp)>>,
+    /// Messages already published as Events, so a standing problem is reported once.
+    reported: Mutex<BTreeSet<String>>,
+}
+
+fn name_of(migration: &Migration) -> String {
+    format!(
+        "{}/{}",
+        migration.namespace().unwrap_or_default(),
+        migration.name_any()
+    )
+}
+
+/// A Migration name for `pod` started at `now`: `<pod>-<unix seconds>`, at most 63 characters.
+pub fn migration_name(pod: &str, now: Timestamp) -> String {
+    let suffix = now.as_second().to_string();
+    let keep = 63usize.saturating_sub(suffix.len() + 1);
+    let base: String = pod.chars().take(keep).collect();
+    format!("{}-{suffix}", base.trim_end_matches('-'))
+}
+
+impl Decider {
+    pub fn new(
+        stores: Stores,
+        policies: SharedPolicies,
+        alerts: AlertBook,
+        links: LinkBook,
+        users: UserBook,
+        writer: Writer,
+        checkpoints: CheckpointOrchestrator,
+    ) -> Self {
+        Self {
+            stores,
+            policies,
+            alerts,
+            links,
+            users,
+            writer,
+            checkpoints,
+            memory: Mutex::default(),
+            started: Mutex::default(),
+            reported: Mutex::default(),
+        }
+    }
+
+    /// One decision pass at `now`.
+    #[tracing::instrument(level = "info", skip_all)]
+    pub async fn pass(&self, now: Timestamp) -> Result<PassReport, DecideError> {
+        let started_at = std::time::Instant::now();
+        let nodes = self.stores.nodes.state();
+        let leases = self.stores.leases.state();
+        let pods = self.stores.pods.state();
+        let migrations = self.stores.migrations.state();
+        let in_progress = self.checkpoints.in_progress();
+        let inputs = Inputs {
+            nodes: &nodes,
+            leases: &leases,
+            pods: &pods,
+            migrations: &migrations,
+            alerts: self.alerts.firing(now),
+            links: self.links.current(now),
+            users: self.users.current(now),
+            checkpoints_in_progress: &in_progress,
+        };
+        let mut snapshot = snapshot::build(&inputs, now);
+        self.add_unseen_starts(&mut snapshot, &migrations, now);
+        let policies: PolicySet = self
+            .policies
+            .read()
+            .map_err(|_| DecideError::Poisoned)?
+            .clone();
+        let memory = self
+            .memory
+            .lock()
+            .map_err(|_| DecideError::Poisoned)?
+            .clone();
+
+        let timer = std::time::Instant::now();
+        let snapshot_time = timer.duration_since(started_at);
+        let (decisions, memory) = automigrate_core::decide(&snapshot, &policies, &memory, now);
+        let engine_time = timer.elapsed();
+        metrics::histogram!(crate::metrics::DECISION_SECONDS).record(engine_time.as_secs_f64());
+        if let Ok(mut kept) = self.memory.lock() {
+            *kept = memory;
+        }
+        tracing::info!(
+            migrations = decisions.migrations.len(),
+            checkpoints = decisions.checkpoints.len(),
+            deferred = decisions.deferred.len(),
+            problems = decisions.problems.len(),
+            "decision pass"
+        );
+
+        let mut started = Vec::new();
+        let mut decided: BTreeSet<PodRef> = BTreeSet::new();
+        for decision in &decisions.migrations {
+            decided.insert(decision.pod.clone());
+            if let Some(name) = self.start(decision, &migrations, &policies, now).await {
+                started.push(name);
+            }
+        }
+        let refused = self
+            .answer_requests(&migrations, &decided, &decisions, &snapshot.migrations, now)
+            .await;
+        self.report_problems(&decisions).await;
+        let without_target = decisions
+            .deferred
+            .iter()
+            .filter(|deferred| deferred.no_target)
+            .count();
+        metrics::gauge!(crate::metrics::PODS_WITHOUT_TARGET).set(without_target as f64);
+        for pod in &snapshot.pods {
+            if let Some(checkpoint) = &pod.last_checkpoint {
+                metrics::gauge!(crate::metrics::CHECKPOINT_AGE, "namespace" => pod.namespace.clone(), "pod" => pod.name.clone())
+                    .set(units::age(now, checkpoint.taken_at).as_secs_f64());
+            }
+        }
+        let checkpoints = decisions.checkpoints.clone();
+        Ok(PassReport {
+            timings: PassTimings {
+                snapshot: snapshot_time,
+                engine: engine_time,
+                actions: timer.elapsed().saturating_sub(engine_time),
+            },
+            decisions,
+            started,
+            refused,
+            checkpoints,
+        })
+    }
+
+    /// Counts migrations this decider started as in flight until the reflector shows them, so a
+    /// quick second pass does not start another for the same pod.
+    fn add_unseen_starts(
+        &self,
+        snapshot: &mut automigrate_core::ClusterSnapshot,
+        migrations: &[std::sync::Arc<Migration>],
+        now: Timestamp,
+    ) {
+        let Ok(mut started) = self.started.lock() else {
+            return;
+        };
+        // Forget a start once the reflector shows it, or after a while in any case (a
+        // Migration deleted before the reflector saw it must not block the pod for ever).
+        if !started.is_empty() {
+            let shown: std::collections::HashSet<String> = migrations
+                .iter()
+                .filter(|migration| migration.status.is_some())
+                .map(|migration| name_of(migration))
+                .collect();
+            started.retain(|_, (name, at)| {
+                units::age(now, *at) < STARTED_MEMORY && !shown.contains(name.as_str())
+            });
+        }
+        for (pod, (_, at)) in started.iter() {
+            snapshot.requests.retain(|request| request.pod != *pod);
+            snapshot.migrations.push(MigrationRecord {
+                pod: pod.clone(),
+                phase: Phase::Pending,
+                source: String::new(),
+                target: None,
+                started_at: *at,
+                finished_at: None,
+            });
+        }
+    }
+
+    async fn report(
+        &self,
+        key: String,
+        reference: k8s_openapi::api::core::v1::ObjectReference,
+        reason: &str,
+        note: String,
+    ) {
+        let fresh = self
+            .reported
+            .lock()
+            .map(|mut reported| {
+                if reported.len() > 10_000 {
+                    reported.clear();
+                }
+                reported.insert(key)
+            })
+            .unwrap_or(false);
+        if fresh {
+            self.writer
+                .event(reference, EventType::Warning, reason, note, "Decide")
+                .await;
+        }
+    }
+
+    fn pod_reference(pod: &Pod) -> k8s_openapi::api::core::v1::ObjectReference {
+        pod.object_ref(&())
+    }
+
+    async fn start(
+        &self,
+        decision: &MigrationDecision,
+        migrations: &[std::sync::Arc<Migration>],
+        policies: &PolicySet,
+        now: Timestamp,
+    ) -> Option<String> {
+        let pod_ref = &decision.pod;
+        let Some(pod) = self.stores.pod(&pod_ref.namespace, &pod_ref.name) else {
+            tracing::warn!(pod = %pod_ref, "decided to migrate a pod the store no longer holds");
+            return None;
+        };
+        let owner = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|owner| owner.controller == Some(true));
+        if OwnerHandling::for_owner(owner.map(|owner| owner.kind.as_str()))
+            == OwnerHandling::NotSupported
+        {
+            let kind = owner.map(|owner| owner.kind.clone()).unwrap_or_default();
+            self.report(
+                format!("owner/{pod_ref}/{}", decision.from),
+                Self::pod_reference(&pod),
+                "OwnerNotSupported",
+                format!(
+                    "would migrate from {} ({}), but the pod is owned by a {kind}, which recreates its pods from its own template; not migrating (see the controller's replacement docs)",
+                    decision.from, decision.reason
+                ),
+            )
+            .await;
+            return None;
+        }
+        let request = migrations.iter().find(|migration| {
+            migration.is_request()
+                && migration.namespace().as_deref() == Some(pod_ref.namespace.as_str())
+                && migration.spec.pod == pod_ref.name
+        });
+        let migration = match request {
+            Some(request) => (**request).clone(),
+            None => {
+                let migration = Migration {
+                    metadata: ObjectMeta {
+                        name: Some(migration_name(&pod_ref.name, now)),
+                        namespace: Some(pod_ref.namespace.clone()),
+                        labels: Some(crd::labels_for(&pod_ref.name)),
+                        ..ObjectMeta::default()
+                    },
+                    spec: MigrationSpec {
+                        pod: pod_ref.name.clone(),
+                        target: None,
+                        origin: Origin::Automatic,
+                        trigger: Some(decision.trigger),
+                        reason: decision.reason.clone(),
+                    },
+                    status: None,
+                };
+                match self.writer.create_migration(migration).await {
+                    Ok(created) => created,
+                    Err(error) => {
+                        tracing::warn!(pod = %pod_ref, %error, "could not create a Migration");
+                        crate::metrics::error("decider", error.metric_label());
+                        return None;
+                    }
+                }
+            }
+        };
+        let status = initial_status(decision, &pod, policies, migration.metadata.generation, now);
+        let name = name_of(&migration);
+        match self
+            .writer
+            .patch_migration_status(&pod_ref.namespace, &migration.name_any(), status)
+            .await
+        {
+            Ok(updated) => {
+                if let Ok(mut started) = self.started.lock() {
+                    started.insert(pod_ref.clone(), (name.clone(), now));
+                }
+                let note = format!(
+                    "{} → {} ({:?}): {}",
+                    decision.from, decision.to, decision.trigger, decision.reason
+                );
+                self.writer
+                    .event(
+                        updated.object_ref(&()),
+                        EventType::Normal,
+                        "Started",
+                        note.clone(),
+                        "Migrate",
+                    )
+                    .await;
+                self.writer
+                    .event(
+                        Self::pod_reference(&pod),
+                        EventType::Normal,
+                        "MigrationStarted",
+                        format!("migration {name}: {note}"),
+                        "Migrate",
+                    )
+                    .await;
+                Some(name)
+            }
+            Err(error) => {
+                tracing::warn!(migration = %name, %error, "could not start the Migration");
+                crate::metrics::error("decider", error.metric_label());
+                None
+            }
+        }
+    }
+
+    async fn answer_requests(
+        &self,
+        migrations: &[std::sync::Arc<Migration>],
+        decided: &BTreeSet<PodRef>,
+        decisions: &Decisions,
+        records: &[MigrationRecord],
+        now: Timestamp,
+    ) -> Vec<(String, String)> {
+        let mut refused = Vec::new();
+        for migration in migrations.iter().filter(|migration| migration.is_request()) {
+            let Some(namespace) = migration.namespace() else {
+                continue;
+            };
+            let pod_ref = PodRef::new(&namespace, &migration.spec.pod);
+            if decided.contains(&pod_ref) {
+                continue;
+            }
+            if let Some(deferred) = decisions
+                .deferred
+                .iter()
+                .find(|deferred| deferred.pod == pod_ref)
+            {
+                self.writer
+                    .event(
+                        migration.object_ref(&()),
+                        EventType::Normal,
+                        "Deferred",
+                        deferred.reason.clone(),
+                        "Decide",
+                    )
+                    .await;
+                continue;
+            }
+            let pod = self.stores.pod(&namespace, &migration.spec.pod);
+            let problems: Vec<&str> = decisions
+                .problems
+                .iter()
+                .filter(|problem| problem.pod.as_ref() == Some(&pod_ref))
+                .map(|problem| problem.message.as_str())
+                .collect();
+            let reason = match &pod {
+                None => format!("pod {pod_ref} does not exist"),
+                Some(_)
+                    if records
+                        .iter()
+                        .any(|record| record.pod == pod_ref && !record.phase.is_terminal()) =>
+                {
+                    format!("another migration of {pod_ref} is in flight")
+                }
+                Some(pod) if !is_protected(pod) => format!(
+                    "pod {pod_ref} is not protected (annotation {}=\"true\" is missing)",
+                    annotations::PROTECT
+                ),
+                Some(pod) if snapshot::pod_node(pod).is_none() => {
+                    format!("pod {pod_ref} is not bound to a node")
+                }
+                Some(pod) => {
+                    let owner = pod
+                        .metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .find(|owner| owner.controller == Some(true))
+                        .map(|owner| owner.kind.clone());
+                    if OwnerHandling::for_owner(owner.as_deref()) == OwnerHandling::NotSupported {
+                        format!(
+                            "pod {pod_ref} is owned by a {}, which recreates its pods itself",
+                            owner.unwrap_or_default()
+                        )
+                    } else if problems.is_empty() {
+                        // The engine neither moved nor deferred it and said nothing: leave the
+                        // request for the next pass rather than guess.
+                        continue;
+                    } else {
+                        problems.join("; ")
+                    }
+                }
+            };
+            let source = pod
+                .as_deref()
+                .and_then(snapshot::pod_node)
+                .unwrap_or_default()
+                .to_string();
+            let target = migration.spec.target.clone().unwrap_or_default();
+            let limits = Limits::from_policy(&PolicySet::new().fallback().1.clone());
+            let state = MigrationState::new(source, target, false, now, None);
+            let state = match migration::apply(
+                &state,
+                &Event::Cancel {
+                    reason: reason.clone(),
+                },
+                &limits,
+                now,
+            ) {
+                Ok(state) => state,
+                Err(error) => {
+                    tracing::warn!(%error, "state machine refused to cancel a new migration");
+                    continue;
+                }
+            };
+            let status = MigrationStatus {
+                state,
+                limits,
+                policy: String::new(),
+                mode: annotations::CheckpointMode::default(),
+                lease_timeout: automigrate_core::Policy::default().triggers.lease_timeout,
+                stored_checkpoint: None,
+                base_checkpoint: None,
+                transfers: Vec::new(),
+                bytes_moved: 0,
+                source_pod: None,
+                source_pod_uid: None,
+                replacement_pod: None,
+                conditions: Vec::new(),
+                observed_generation: migration.metadata.generation,
+            };
+            match self
+                .writer
+                .patch_migration_status(&namespace, &migration.name_any(), status)
+                .await
+            {
+                Ok(updated) => {
+                    self.writer
+                        .event(
+                            updated.object_ref(&()),
+                            EventType::Warning,
+                            "Refused",
+                            reason.clone(),
+                            "Decide",
+                        )
+                        .await;
+                    refused.push((name_of(migration), reason));
+                }
+                Err(error) => log_write(&error, migration),
+            }
+        }
+        refused
+    }
+
+    async fn report_problems(&self, decisions: &Decisions) {
+        for problem in &decisions.problems {
+            let Some(pod_ref) = &problem.pod else {
+                tracing::warn!(message = %problem.message, "problem");
+                continue;
+            };
+            let Some(pod) = self.stores.pod(&pod_ref.namespace, &pod_ref.name) else {
+                continue;
+            };
+            self.report(
+                format!("problem/{pod_ref}/{}", problem.message),
+                Self::pod_reference(&pod),
+                "AutomigrateProblem",
+                problem.message.clone(),
+            )
+            .await;
+        }
+    }
+}
+
+fn log_write(error: &WriteError, migration: &Migration) {
+    tracing::warn!(migration = %name_of(migration), %error, "status write failed");
+    crate::metrics::error("decider", error.metric_label());
+}
+
+fn is_protected(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(annotations::PROTECT))
+        .is_some_and(|value| value == "true")
+}
+
+/// The first status of a migration the engine decided.
+pub fn initial_status(
+    decision: &MigrationDecision,
+    pod: &Pod,
+    policies: &PolicySet,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> MigrationStatus {
+    let policy = policies
+        .get(&decision.policy)
+        .unwrap_or_else(|| policies.fallback().1);
+    let source_alive = matches!(decision.checkpoint, CheckpointSource::Fresh { .. });
+    let failed_at = (!source_alive).then_some(decision.failed_at).flatten();
+    let state = MigrationState::new(
+        decision.from.clone(),
+        decision.to.clone(),
+        source_alive,
+        now,
+        failed_at,
+    );
+    let namespace = pod.namespace().unwrap_or_default();
+    let raw = pod.metadata.annotations.clone().unwrap_or_default();
+    let (settings, _) = annotations::parse(&namespace, &pod.name_any(), &raw);
+    let dataset_path = match &settings.dataset {
+        Some(DatasetRef::Path(path)) => Some(path.clone()),
+        _ => None,
+    };
+    let mut transfers = Vec::new();
+    let record = |payload: TransferPayload, from: &str, to: &str| TransferRecord {
+        payload,
+        from: from.to_string(),
+        to: to.to_string(),
+        id: None,
+        bytes_total: 0,
+        bytes_done: 0,
+        done: false,
+    };
+    for planned in &decision.transfers {
+        match (planned.payload, &decision.checkpoint) {
+            (Payload::Dataset, _) => {
+                if let Some(path) = &dataset_path {
+                    transfers.push(record(
+                        TransferPayload::dataset(path),
+                        &planned.from,
+                        &planned.to,
+                    ));
+                }
+            }
+            (Payload::Checkpoint, CheckpointSource::Stored { id, .. }) => {
+                transfers.push(record(
+                    TransferPayload::checkpoint(id),
+                    &planned.from,
+                    &planned.to,
+                ));
+            }
+            // A fresh checkpoint is sent after the final dump; nothing to send without one.
+            (Payload::Checkpoint, CheckpointSource::Fresh { .. } | CheckpointSource::None) => {}
+        }
+    }
+    if source_alive && decision.from != decision.to {
+        if let Some(path) = &dataset_path
+            && !transfers.iter().any(|t| t.payload.dataset.is_some())
+        {
+            // The agents do not report datasets to the engine yet, so it cannot plan this one;
+            // the source holds it.
+            transfers.push(record(
+                TransferPayload::dataset(path),
+                &decision.from,
+                &decision.to,
+            ));
+        }
+        if let CheckpointSource::Fresh { base: Some(base) } = &decision.checkpoint {
+            transfers.push(record(
+                TransferPayload::checkpoint(base),
+                &decision.from,
+                &decision.to,
+            ));
+        }
+    }
+    let stored_checkpoint = match &decision.checkpoint {
+        CheckpointSource::Stored { id, from, .. } => Some(StoredCheckpoint {
+            id: id.clone(),
+            from: from.clone(),
+        }),
+        _ => None,
+    };
+    let base_checkpoint = match &decision.checkpoint {
+        CheckpointSource::Fresh { base } => base.clone(),
+        _ => None,
+    };
+    MigrationStatus {
+        state,
+        limits: Limits::from_policy(policy),
+        policy: decision.policy.clone(),
+        mode: settings.mode.unwrap_or(policy.checkpoint.mode),
+        lease_timeout: policy.triggers.lease_timeout,
+        stored_checkpoint,
+        base_checkpoint,
+        transfers,
+        bytes_moved: 0,
+        source_pod: Some(replacement::record_source(pod)),
+        source_pod_uid: pod.metadata.uid.clone(),
+        replacement_pod: None,
+        conditions: Vec::new(),
+        observed_generation: generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_names_fit_and_are_stamped() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        assert_eq!(migration_name("trainer", now), "trainer-1800000000");
+        assert_eq!(migration_name(&"p".repeat(80), now).len(), 63);
+    }
+}

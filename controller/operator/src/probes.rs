@@ -1,0 +1,368 @@
+//! Latency the controller does not measure itself, kept between decision passes: node-to-node
+//! links ([`LinkBook`]) and user-to-node latency ([`UserBook`]).
+//!
+//! Sources:
+//! - the agents' own peer probes: every `--probe-interval` the probe loop asks each node's agent
+//!   for `GET /v1/peers` ([`LinkBook::refresh`]);
+//! - the PromQL queries named in policies (`signals.linkLatencyQuery` / `userLatencyQuery`),
+//!   run on the same interval by [`crate::prometheus`].
+//!
+//! Each book keeps the newest observation of each pair with the time it was made, whichever
+//! source made it. An agent that answers replaces what it said before (a peer it no longer
+//! lists is gone); an agent that does not answer keeps its last links until they are older than
+//! the book's `max_age` (three probe rounds by default), so one missed poll does not blind the
+//! latency trigger, while a dead agent's numbers do not drive decisions for ever. Without links a
+//! node gets no latency decision and transfers assume the engine's default link.
+//!
+//! User latency written on pods (`automigrate.dev/user-latency`) is not kept here: it lives in
+//! the pods the reflector holds, and [`crate::snapshot`] reads it from there.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use automigrate_core::model::{LinkObservation, UserObservation};
+use automigrate_core::units;
+use jiff::Timestamp;
+
+use crate::agent::{NodeAgent, PeerLatency};
+
+/// Where an observation came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A node agent's peer probes.
+    Agent,
+    /// A policy's PromQL query.
+    Prometheus,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Prometheus => "prometheus",
+        }
+    }
+}
+
+/// One observation with its time and source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed<T> {
+    pub value: T,
+    pub at: Timestamp,
+    pub source: Source,
+}
+
+/// Newest observation per key, dropped once older than `max_age`.
+#[derive(Debug)]
+struct Book<T> {
+    entries: Mutex<BTreeMap<(String, String), Observed<T>>>,
+    max_age: Duration,
+}
+
+impl<T: Clone> Book<T> {
+    fn new(max_age: Duration) -> Self {
+        Self {
+            entries: Mutex::new(BTreeMap::new()),
+            max_age,
+        }
+    }
+
+    /// Fresh observations at `now`, in key order (so snapshots are deterministic). Expired ones
+    /// are removed.
+    fn current(&self, now: Timestamp) -> Vec<T> {
+        let Ok(mut entries) = self.entries.lock() else {
+            return Vec::new();
+        };
+        entries.retain(|_, observed| units::age(now, observed.at) <= self.max_age);
+        entries
+            .values()
+            .map(|observed| observed.value.clone())
+            .collect()
+    }
+
+    fn observed(&self) -> Vec<((String, String), Observed<T>)> {
+        self.entries
+            .lock()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|(key, observed)| (key.clone(), observed.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Records `values` at `now`; when `replace` is given, first forgets that source's
+    /// observations whose key starts with that first part (an agent answering for its node).
+    fn record(
+        &self,
+        source: Source,
+        replace: Option<&str>,
+        values: impl IntoIterator<Item = ((String, String), T)>,
+        now: Timestamp,
+    ) -> usize {
+        let Ok(mut entries) = self.entries.lock() else {
+            return 0;
+        };
+        if let Some(first) = replace {
+            // Keys sort by their first part: that part's entries are one range, found in
+            // O(log n), not a scan of the book (5,000 agents answering a 40,000-link book
+            // made the scan quadratic).
+            let stale: Vec<(String, String)> = entries
+                .range((first.to_string(), String::new())..)
+                .take_while(|((key, _), _)| key == first)
+                .filter(|(_, observed)| observed.source == source)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in stale {
+                entries.remove(&key);
+            }
+        }
+        let mut count = 0;
+        for (key, value) in values {
+            count += 1;
+            entries.insert(
+                key,
+                Observed {
+                    value,
+                    at: now,
+                    source,
+                },
+            );
+        }
+        count
+    }
+}
+
+/// Node-to-node links by `(from, to)`.
+#[derive(Debug, Clone)]
+pub struct LinkBook {
+    book: Arc<Book<LinkObservation>>,
+}
+
+impl Default for LinkBook {
+    /// Keeps observations for 90 s: three rounds of the default 30 s probe interval.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(90))
+    }
+}
+
+impl LinkBook {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            book: Arc::new(Book::new(max_age)),
+        }
+    }
+
+    /// The links to give the engine at `now`: each pair's newest observation, if fresh.
+    pub fn current(&self, now: Timestamp) -> Vec<LinkObservation> {
+        self.book.current(now)
+    }
+
+    /// Everything held, with times and sources (expired entries included until the next
+    /// [`LinkBook::current`]).
+    pub fn observed(&self) -> Vec<Observed<LinkObservation>> {
+        self.book
+            .observed()
+            .into_iter()
+            .map(|(_, observed)| observed)
+            .collect()
+    }
+
+    /// What `node`'s agent measured at `now`; replaces that agent's earlier answer.
+    pub fn record_agent(&self, node: &str, peers: Vec<PeerLatency>, now: Timestamp) -> usize {
+        let links = peers.into_iter().map(|peer| {
+            (
+                (node.to_string(), peer.node.clone()),
+                LinkObservation {
+                    from: node.to_string(),
+                    to: peer.node,
+                    rtt: peer.rtt,
+                    bandwidth: None,
+                    loss: peer.loss,
+                },
+            )
+        });
+        self.book.record(Source::Agent, Some(node), links, now)
+    }
+
+    /// Links from another source (a PromQL query) at `now`; each overrides its pair.
+    pub fn record(&self, source: Source, links: Vec<LinkObservation>, now: Timestamp) -> usize {
+        let links = links
+            .into_iter()
+            .map(|link| ((link.from.clone(), link.to.clone()), link));
+        self.book.record(source, None, links, now)
+    }
+
+    /// Asks every node's agent for its probes at `now`. Returns how many agents answered.
+    #[tracing::instrument(level = "debug", skip_all, fields(nodes = nodes.len()))]
+    pub async fn refresh(&self, agent: &dyn NodeAgent, nodes: &[String], now: Timestamp) -> usize {
+        let mut answered = 0;
+        for node in nodes {
+            match agent.peers(node).await {
+                Ok(peers) => {
+                    answered += 1;
+                    self.record_agent(node, peers, now);
+                    crate::metrics::signal_query(Source::Agent, true);
+                }
+                Err(error) => {
+                    tracing::debug!(%node, %error, "no peer probes from this agent");
+                    crate::metrics::signal_query(Source::Agent, false);
+                }
+            }
+        }
+        answered
+    }
+}
+
+/// User-to-node latency by `(user, node)`, from PromQL.
+#[derive(Debug, Clone)]
+pub struct UserBook {
+    book: Arc<Book<UserObservation>>,
+}
+
+impl Default for UserBook {
+    /// Keeps observations for 90 s, like [`LinkBook::default`].
+    fn default() -> Self {
+        Self::new(Duration::from_secs(90))
+    }
+}
+
+impl UserBook {
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            book: Arc::new(Book::new(max_age)),
+        }
+    }
+
+    pub fn current(&self, now: Timestamp) -> Vec<UserObservation> {
+        self.book.current(now)
+    }
+
+    pub fn record(&self, source: Source, users: Vec<UserObservation>, now: Timestamp) -> usize {
+        let users = users
+            .into_iter()
+            .map(|user| ((user.user.clone(), user.node.clone()), user));
+        self.book.record(source, None, users, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::RecordingAgent;
+
+    fn t(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn peer(node: &str, millis: u64) -> PeerLatency {
+        PeerLatency {
+            node: node.into(),
+            rtt: Duration::from_millis(millis),
+            loss: 0.01,
+        }
+    }
+
+    fn pairs(links: &[LinkObservation]) -> Vec<(String, String, u128)> {
+        links
+            .iter()
+            .map(|link| (link.from.clone(), link.to.clone(), link.rtt.as_millis()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn refresh_keeps_what_answering_agents_measured() {
+        let agent = RecordingAgent::new();
+        agent.set_peers("a", vec![peer("b", 12)]);
+        agent.unreachable("c");
+        let book = LinkBook::default();
+        let answered = book
+            .refresh(&agent, &["a".into(), "b".into(), "c".into()], t(0))
+            .await;
+        assert_eq!(answered, 2);
+        let links = book.current(t(0));
+        assert_eq!(pairs(&links), [("a".into(), "b".into(), 12)]);
+        assert_eq!(links[0].loss, 0.01);
+        let observed = book.observed();
+        assert_eq!((observed[0].at, observed[0].source), (t(0), Source::Agent));
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_keeps_its_links_until_they_are_too_old() {
+        let agent = RecordingAgent::new();
+        agent.set_peers("a", vec![peer("b", 12), peer("c", 30)]);
+        agent.set_peers("b", vec![peer("a", 11)]);
+        let book = LinkBook::new(Duration::from_secs(90));
+        let nodes = ["a".to_string(), "b".to_string()];
+        book.refresh(&agent, &nodes, t(0)).await;
+
+        // b's agent goes silent; a's now lists only b, with a new RTT.
+        agent.unreachable("b");
+        agent.set_peers("a", vec![peer("b", 40)]);
+        book.refresh(&agent, &nodes, t(30)).await;
+        assert_eq!(
+            pairs(&book.current(t(30))),
+            [("a".into(), "b".into(), 40), ("b".into(), "a".into(), 11)],
+            "a's answer replaced its old one (a→c is gone); b's last answer is kept"
+        );
+        assert_eq!(
+            pairs(&book.current(t(90))),
+            [("a".into(), "b".into(), 40), ("b".into(), "a".into(), 11)],
+            "90 s old is still fresh"
+        );
+        assert_eq!(
+            pairs(&book.current(t(91))),
+            [("a".into(), "b".into(), 40)],
+            "b's links expired"
+        );
+    }
+
+    #[test]
+    fn the_newest_observation_of_a_pair_wins_whatever_its_source() {
+        let book = LinkBook::default();
+        book.record_agent("a", vec![peer("b", 12)], t(0));
+        let from_prometheus = LinkObservation {
+            from: "a".into(),
+            to: "b".into(),
+            rtt: Duration::from_millis(70),
+            bandwidth: None,
+            loss: 0.0,
+        };
+        book.record(Source::Prometheus, vec![from_prometheus], t(5));
+        assert_eq!(pairs(&book.current(t(5))), [("a".into(), "b".into(), 70)]);
+        // The agent answering again replaces only its own entries, then records its pair anew.
+        book.record_agent("a", vec![peer("b", 13)], t(10));
+        assert_eq!(pairs(&book.current(t(10))), [("a".into(), "b".into(), 13)]);
+        // An agent answering with no peers does not erase Prometheus's observation.
+        book.record(
+            Source::Prometheus,
+            vec![LinkObservation {
+                from: "a".into(),
+                to: "c".into(),
+                rtt: Duration::from_millis(5),
+                bandwidth: None,
+                loss: 0.0,
+            }],
+            t(11),
+        );
+        book.record_agent("a", Vec::new(), t(12));
+        assert_eq!(pairs(&book.current(t(12))), [("a".into(), "c".into(), 5)]);
+    }
+
+    #[test]
+    fn user_book_expires_and_overrides() {
+        let book = UserBook::new(Duration::from_secs(60));
+        let seen = |node: &str, millis: u64| UserObservation {
+            user: "alice".into(),
+            node: node.into(),
+            latency: Duration::from_millis(millis),
+        };
+        book.record(Source::Prometheus, vec![seen("a", 10), seen("b", 80)], t(0));
+        book.record(Source::Prometheus, vec![seen("b", 20)], t(30));
+        assert_eq!(book.current(t(30)), [seen("a", 10), seen("b", 20)]);
+        assert_eq!(book.current(t(61)), [seen("b", 20)]);
+        assert!(book.current(t(91)).is_empty());
+    }
+}
