@@ -127,12 +127,6 @@ if [[ ${AUTOMIGRATE_E2E_SKIP_BUILD:-} != 1 ]]; then
         kind load docker-image "$image" --name "$kind_cluster"
     done
 fi
-if command -v docker >/dev/null && docker image inspect "$AGENT_IMAGE" >/dev/null 2>&1; then
-    # deploy/agent.yaml's init container issues the node certificate with this subcommand.
-    docker run --rm --entrypoint automigrate "$AGENT_IMAGE" transfer certs issue --help >/dev/null 2>&1 ||
-        fail "the agent image's \`automigrate transfer certs issue\` does not run; deploy/agent.yaml's init container needs it."
-fi
-
 # --- 3. Install ---------------------------------------------------------------------------------
 kubectl apply -f deploy/namespace.yaml
 secret_exists() { kubectl -n "$SYSTEM_NS" get secret "$1" >/dev/null 2>&1; }
@@ -141,16 +135,20 @@ for name in automigrate-agent-token automigrate-webhook-token; do
     secret_exists "$name" ||
         kubectl -n "$SYSTEM_NS" create secret generic "$name" --from-literal=token="$(random_token)"
 done
-if ! secret_exists automigrate-transfer-ca; then
-    ca_dir=$(mktemp -d)
-    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout "$ca_dir/ca.key" -out "$ca_dir/ca.crt" -days 7 \
-        -subj "/CN=automigrate e2e transfer CA" \
-        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-        2>/dev/null
-    kubectl -n "$SYSTEM_NS" create secret generic automigrate-transfer-ca \
-        --from-file=ca.crt="$ca_dir/ca.crt" --from-file=ca.key="$ca_dir/ca.key"
-    rm -rf "$ca_dir"
+if ! secret_exists automigrate-agent-tls; then
+    # One certificate per node name (peers check it against the node they meant to reach), as
+    # deploy/agent.yaml expects: ca.pem, <node>.pem, <node>-key.pem.
+    pki_dir=$(mktemp -d)
+    # shellcheck disable=SC2046 # one --node flag per node, split on purpose
+    if command -v docker >/dev/null && docker image inspect "$AGENT_IMAGE" >/dev/null 2>&1; then
+        docker run --rm -v "$pki_dir:/pki" --entrypoint automigrate "$AGENT_IMAGE" \
+            transfer certs --out /pki --days 7 $(kubectl get nodes -o name | sed 's|node/|--node |')
+    else
+        cargo run --release --quiet -p automigrate -- \
+            transfer certs --out "$pki_dir" --days 7 $(kubectl get nodes -o name | sed 's|node/|--node |')
+    fi
+    kubectl -n "$SYSTEM_NS" create secret generic automigrate-agent-tls --from-file="$pki_dir/"
+    rm -rf "$pki_dir"
 fi
 
 overlay=${AUTOMIGRATE_E2E_KUSTOMIZE:-tests/e2e/kind}
