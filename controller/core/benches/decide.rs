@@ -9,6 +9,9 @@
 //!
 //! The goal is ≤ 50 ms per pass on the project's 2-core machine; results are recorded in
 //! docs/benchmarks.md. Run: `cargo bench -p automigrate-core --bench decide`
+//!
+//! Each case also prints a digest of its decisions (FNV-1a of their JSON), so that a change
+//! meant only to make the pass faster can show it decides exactly as before.
 
 use std::hint::black_box;
 
@@ -42,8 +45,9 @@ fn full_pass(c: &mut Criterion) {
         }
         .build(now);
         let (decisions, _) = decide(&snapshot, &policies, &memory, now);
+        let digest = serde_json::to_vec(&decisions).map_or(0, |json| fnv1a(&json));
         eprintln!(
-            "{case}: {} migrations, {} checkpoints, {} deferred, {} problems",
+            "{case}: {} migrations, {} checkpoints, {} deferred, {} problems, decisions digest {digest:016x}",
             decisions.migrations.len(),
             decisions.checkpoints.len(),
             decisions.deferred.len(),
@@ -54,6 +58,13 @@ fn full_pass(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// FNV-1a, 64 bits: the same digest on every machine.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 criterion_group!(benches, full_pass);

@@ -10,10 +10,17 @@
 //!
 //! The pass reads no clock: `now` is an argument. Its only state between passes is
 //! [`EngineMemory`] (hysteresis bits and dwell timers), which the caller stores and hands back.
+//!
+//! It must stay fast at 5,000 nodes and 50,000 pods (docs/benchmarks.md), which is mostly a
+//! matter of memory: each pod's strings are separate allocations, so pods are read in batches
+//! whose strings are touched first (`warm_*`); whether a checkpoint is due is settled while the
+//! pod is in cache; and due checkpoints are built in pod order from small sort keys. None of
+//! this may change a decision: the same input gives the same output, byte for byte.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -24,7 +31,9 @@ use crate::health::{self, Assessment, NodeState, Signals};
 use crate::index::{ClusterIndex, lookup_sorted};
 use crate::model::{ClusterSnapshot, NodeName, PodRef, ProtectedPod, Resources};
 use crate::policy::{IntervalSetting, Policy, PolicySet, SelectedBy};
-use crate::targeting::{self, CandidateScore, Rejections, TargetQuery};
+use crate::targeting::{
+    self, CandidateScore, RankBuffers, RejectionCounts, Rejections, StaticRejections, TargetQuery,
+};
 use crate::transfer::{self, FileSpec, LinkEstimate, TransferPlan};
 use crate::units::{self, Bytes, format_duration};
 
@@ -216,7 +225,7 @@ struct PolicyContext<'p> {
     policy: &'p Policy,
     assessments: Vec<Option<Assessment>>,
     latency_tripped: Vec<Option<bool>>,
-    static_rejections: Option<Vec<Option<&'static str>>>,
+    static_rejections: Option<StaticRejections>,
     hosts_pods: Vec<bool>,
 }
 
@@ -280,7 +289,7 @@ impl<'p> PolicyContext<'p> {
         now: Timestamp,
     ) {
         if self.static_rejections.is_none() {
-            let mut rejections = Vec::with_capacity(index.snapshot.nodes.len());
+            let mut rejections = StaticRejections::default();
             for (position, node) in index.snapshot.nodes.iter().enumerate() {
                 let policy = self.policy;
                 let reason = match self.assess(index, memory, position, now) {
@@ -304,12 +313,169 @@ struct Want {
     settings: PodSettings,
 }
 
-/// A pod the pass looked at, kept for the checkpoint stage.
-struct Seen {
+/// A pod that stays where it is and whose periodic checkpoint is due. Whether it is due is
+/// settled while the pod is read in the first stage, so that the checkpoint stage touches only
+/// these pods.
+struct Due {
     pod: usize,
     node: usize,
     context: usize,
-    settings: PodSettings,
+    interval: Duration,
+    /// The interval is the policy's or the pod's `auto` (the reason explains it).
+    auto: bool,
+    /// The pod's own settings that a checkpoint decision reads; its user and dataset as keys
+    /// into the index, looked up while the pod's annotations are still in cache.
+    mode: Option<annotations::CheckpointMode>,
+    replicate_to: Option<u32>,
+    user: Option<usize>,
+    dataset: Option<usize>,
+}
+
+/// The Young/Daly derivation of one pod's checkpoint interval.
+struct AutoInterval {
+    cost: Duration,
+    measured: bool,
+    mtbf: Duration,
+    raw: Duration,
+    clamped: bool,
+}
+
+/// The checkpoint interval in force for a pod (its annotation, else its policy's), and whether
+/// it is `auto`.
+fn checkpoint_interval(
+    pod: &ProtectedPod,
+    settings: &PodSettings,
+    policy: &Policy,
+) -> (Duration, bool) {
+    match settings
+        .checkpoint_interval
+        .unwrap_or(policy.checkpoint.interval)
+    {
+        IntervalSetting::Every(interval) => (interval, false),
+        IntervalSetting::Auto => (auto_interval(pod, policy).0, true),
+    }
+}
+
+/// An `auto` checkpoint interval and how it was worked out.
+fn auto_interval(pod: &ProtectedPod, policy: &Policy) -> (Duration, AutoInterval) {
+    let checkpoint = &policy.checkpoint;
+    let measured = pod.last_checkpoint.as_ref().and_then(|c| c.freeze);
+    let cost = measured.unwrap_or(checkpoint.estimated_cost);
+    let raw = young_daly_interval(cost, checkpoint.mtbf);
+    let clamped = raw.clamp(checkpoint.min_interval, checkpoint.max_interval);
+    (
+        clamped,
+        AutoInterval {
+            cost,
+            measured: measured.is_some(),
+            mtbf: checkpoint.mtbf,
+            raw,
+            clamped: clamped != raw,
+        },
+    )
+}
+
+/// [`format_duration`] texts already written in this pass: checkpoint reasons repeat the same
+/// few intervals and ages thousands of times after a controller outage.
+#[derive(Debug, Default)]
+struct DurationTexts(HashMap<Duration, String>);
+
+impl DurationTexts {
+    fn get(&mut self, duration: Duration) -> &str {
+        self.0
+            .entry(duration)
+            .or_insert_with(|| format_duration(duration))
+    }
+}
+
+/// The ` (auto: …)` note of a checkpoint reason.
+struct AutoNote<'n>(&'n AutoInterval);
+
+impl std::fmt::Display for AutoNote<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auto = self.0;
+        write!(
+            f,
+            " (auto: sqrt(2 × {} {} × MTBF {}) = {}{})",
+            format_duration(auto.cost),
+            if auto.measured {
+                "measured cost"
+            } else {
+                "estimated cost"
+            },
+            format_duration(auto.mtbf),
+            format_duration(auto.raw),
+            if auto.clamped {
+                ", clamped to the policy's bounds"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Pods read ahead by the `warm_*` functions.
+const WARM_BATCH: usize = 32;
+
+/// The first byte of a string, to make the processor fetch it.
+fn first_byte(text: &str) -> u8 {
+    text.as_bytes().first().copied().unwrap_or(0)
+}
+
+/// Reads the first byte of every string that classifying `pods` reads (the node, the annotations,
+/// and the namespace and name when they are looked up: `keyed`), and nothing else.
+///
+/// Each string of a pod is an allocation of its own, so handling one pod waits on a handful of
+/// cache misses, one after another: over 50,000 pods that was most of the pass. This loop does no
+/// work between the loads, so the processor has many of them in flight at once, and the work that
+/// follows finds the data in cache. (Plain loops: iterator chains here measured slower.)
+fn warm_for_classify(pods: &[ProtectedPod], keyed: bool) {
+    let mut touched = 0u8;
+    for pod in pods {
+        touched ^= first_byte(&pod.node);
+        if keyed {
+            touched ^= first_byte(&pod.namespace) ^ first_byte(&pod.name);
+        }
+        for (key, value) in &pod.annotations {
+            touched ^= first_byte(key) ^ first_byte(value);
+        }
+    }
+    std::hint::black_box(touched);
+}
+
+/// [`warm_for_classify`] for the strings that order checkpoint decisions: namespace and name.
+fn warm_identities<'p>(pods: impl Iterator<Item = &'p ProtectedPod>) {
+    let mut touched = 0u8;
+    for pod in pods {
+        touched ^= first_byte(&pod.namespace) ^ first_byte(&pod.name);
+    }
+    std::hint::black_box(touched);
+}
+
+/// [`warm_for_classify`] for the strings a checkpoint decision copies: the pod's identity and
+/// node, its last checkpoint's id and holders.
+fn warm_for_checkpoints<'p>(pods: impl Iterator<Item = &'p ProtectedPod>) {
+    let mut touched = 0u8;
+    for pod in pods {
+        touched ^= first_byte(&pod.namespace) ^ first_byte(&pod.name) ^ first_byte(&pod.node);
+        if let Some(checkpoint) = &pod.last_checkpoint {
+            touched ^= first_byte(&checkpoint.id);
+            for holder in &checkpoint.held_on {
+                touched ^= first_byte(holder);
+            }
+        }
+    }
+    std::hint::black_box(touched);
+}
+
+/// A name's first 16 bytes as a number, zero-padded: comparing two of them orders names as
+/// comparing the names does, except that equal prefixes need the names to decide.
+fn name_prefix(name: &str) -> u128 {
+    let mut bytes = [0u8; 16];
+    for (slot, byte) in bytes.iter_mut().zip(name.bytes()) {
+        *slot = byte;
+    }
+    u128::from_be_bytes(bytes)
 }
 
 /// Runs one decision pass. Same inputs, same outputs.
@@ -339,12 +505,21 @@ struct Pass<'a> {
     now: Timestamp,
     contexts: Vec<PolicyContext<'a>>,
     context_by_name: HashMap<&'a str, usize>,
+    last_context: Option<(&'a str, usize)>,
+    /// File lists of the datasets planned for so far in this pass.
+    dataset_files: HashMap<usize, Vec<FileSpec>>,
+    /// What this pass's placements have taken from each node.
     reserved: Vec<Resources>,
+    /// Each node's free room less `reserved`, as ranking reads it.
+    available: Vec<Resources>,
     /// Per anti-affinity label key: label value → nodes hosting such a pod (sorted).
     anti_affinity: HashMap<String, HashMap<String, Vec<usize>>>,
     wants: Vec<Want>,
-    seen: Vec<Seen>,
-    moving: BTreeSet<usize>,
+    due: Vec<Due>,
+    rank_buffers: RankBuffers,
+    /// Scratch list of node positions, reused by every standby choice.
+    scratch_nodes: Vec<usize>,
+    scratch_counts: RejectionCounts,
     new_mobility: BTreeMap<String, Timestamp>,
     decisions: Decisions,
 }
@@ -356,18 +531,25 @@ impl<'a> Pass<'a> {
         memory: &'a EngineMemory,
         now: Timestamp,
     ) -> Self {
+        let index = ClusterIndex::new(snapshot);
+        let available = index.free.clone();
         Self {
-            index: ClusterIndex::new(snapshot),
+            index,
             policies,
             memory,
             now,
             contexts: Vec::new(),
             context_by_name: HashMap::new(),
+            last_context: None,
+            dataset_files: HashMap::new(),
             reserved: vec![Resources::default(); snapshot.nodes.len()],
+            available,
             anti_affinity: HashMap::new(),
             wants: Vec::new(),
-            seen: Vec::with_capacity(snapshot.pods.len()),
-            moving: BTreeSet::new(),
+            due: Vec::new(),
+            rank_buffers: RankBuffers::default(),
+            scratch_nodes: Vec::new(),
+            scratch_counts: RejectionCounts::default(),
             new_mobility: BTreeMap::new(),
             decisions: Decisions {
                 now,
@@ -414,7 +596,14 @@ impl<'a> Pass<'a> {
     }
 
     fn context_for(&mut self, name: &'a str, policy: &'a Policy) -> usize {
+        // Consecutive pods mostly share a policy: the same name, the same string.
+        if let Some((last, position)) = self.last_context
+            && std::ptr::eq(last, name)
+        {
+            return position;
+        }
         if let Some(&position) = self.context_by_name.get(name) {
+            self.last_context = Some((name, position));
             return position;
         }
         let position = self.contexts.len();
@@ -424,6 +613,7 @@ impl<'a> Pass<'a> {
             self.index.snapshot.nodes.len(),
         ));
         self.context_by_name.insert(name, position);
+        self.last_context = Some((name, position));
         position
     }
 
@@ -432,8 +622,17 @@ impl<'a> Pass<'a> {
         // Pods are independent of each other in this stage, so snapshot order is fine; the
         // outputs are sorted in `finish` so they never depend on it.
         let snapshot = self.index.snapshot;
-        for (pod_index, pod) in snapshot.pods.iter().enumerate() {
-            self.classify_pod(pod_index, pod);
+        // A pod's namespace and name are read to look up its migrations, requests and alerts.
+        let keyed = !(self.index.migrations.is_empty()
+            && self.index.requests.is_empty()
+            && self.index.pod_alerts.is_empty());
+        let mut pod_index = 0;
+        for batch in snapshot.pods.chunks(WARM_BATCH) {
+            warm_for_classify(batch, keyed);
+            for pod in batch {
+                self.classify_pod(pod_index, pod);
+                pod_index += 1;
+            }
         }
     }
 
@@ -448,7 +647,7 @@ impl<'a> Pass<'a> {
             return;
         }
         self.decisions.summary.protected_pods += 1;
-        let Some(&node) = self.index.node_by_name.get(pod.node.as_str()) else {
+        let Some(node) = self.index.node(&pod.node) else {
             self.problem(
                 Some(pod_ref()),
                 Severity::Error,
@@ -510,8 +709,8 @@ impl<'a> Pass<'a> {
             settings: PodSettings::default(),
         };
         let pinned = match pinned_request.and_then(|request| request.target.as_deref()) {
-            Some(target) => match self.index.node_by_name.get(target) {
-                Some(&position) => Some(position),
+            Some(target) => match self.index.node(target) {
+                Some(position) => Some(position),
                 None => {
                     let message = format!(
                         "migration requested to node `{target}`, which is not in the snapshot"
@@ -599,16 +798,35 @@ impl<'a> Pass<'a> {
         match wanted {
             Some(mut wanted) => {
                 wanted.settings = settings;
-                self.moving.insert(pod_index);
                 self.wants.push(wanted);
             }
-            None if matches!(state, NodeState::Healthy | NodeState::Degraded) => {
-                self.seen.push(Seen {
-                    pod: pod_index,
-                    node,
-                    context,
-                    settings,
-                });
+            None if matches!(state, NodeState::Healthy | NodeState::Degraded)
+                && !pod.checkpoint_in_progress =>
+            {
+                let (interval, auto) = checkpoint_interval(pod, &settings, policy);
+                let due = pod
+                    .last_checkpoint
+                    .as_ref()
+                    .is_none_or(|last| units::age(now, last.taken_at) >= interval);
+                if due {
+                    self.due.push(Due {
+                        pod: pod_index,
+                        node,
+                        context,
+                        interval,
+                        auto,
+                        mode: settings.mode,
+                        replicate_to: settings.replicate_to,
+                        user: settings
+                            .user
+                            .as_deref()
+                            .and_then(|user| self.index.user(user)),
+                        dataset: settings
+                            .dataset
+                            .as_ref()
+                            .and_then(|dataset| self.index.dataset(&dataset.id())),
+                    });
+                }
             }
             None => {}
         }
@@ -625,7 +843,7 @@ impl<'a> Pass<'a> {
     ) -> Option<String> {
         let mobility = policy.triggers.mobility?;
         let user = settings.user.as_deref()?;
-        let list = self.index.user_latency.get(user)?;
+        let list = self.index.user_latency(self.index.user(user)?);
         let current = lookup_sorted(list, node)?;
         let closer_exists = list
             .iter()
@@ -678,10 +896,9 @@ impl<'a> Pass<'a> {
             .or_insert_with(|| {
                 let mut map: HashMap<String, Vec<usize>> = HashMap::new();
                 for pod in &snapshot.pods {
-                    if let (Some(value), Some(&node)) = (
-                        pod.labels.get(label_key),
-                        index.node_by_name.get(pod.node.as_str()),
-                    ) {
+                    if let (Some(value), Some(node)) =
+                        (pod.labels.get(label_key), index.node(&pod.node))
+                    {
                         map.entry(value.clone()).or_default().push(node);
                     }
                 }
@@ -710,7 +927,7 @@ impl<'a> Pass<'a> {
         let (memory, now) = (self.memory, self.now);
         let mut alive: Vec<usize> = names
             .iter()
-            .filter_map(|name| self.index.node_by_name.get(name.as_str()).copied())
+            .filter_map(|name| self.index.node(name))
             .filter(|&node| {
                 self.contexts[context].state(&self.index, memory, node, now) != NodeState::Failed
             })
@@ -738,7 +955,7 @@ impl<'a> Pass<'a> {
         let Some(pod) = snapshot.pods.get(want.pod) else {
             return;
         };
-        let Some(&source) = self.index.node_by_name.get(pod.node.as_str()) else {
+        let Some(source) = self.index.node(&pod.node) else {
             return;
         };
         let settings = &want.settings;
@@ -767,11 +984,13 @@ impl<'a> Pass<'a> {
             checkpoint_nodes.clone()
         };
 
-        let dataset_id = settings.dataset.as_ref().map(|dataset| dataset.id());
-        let dataset = dataset_id
-            .as_deref()
-            .and_then(|id| self.index.datasets.get(id))
-            .map(|(d, _)| *d);
+        let dataset_key = settings
+            .dataset
+            .as_ref()
+            .and_then(|dataset| self.index.dataset(&dataset.id()));
+        let dataset = dataset_key
+            .and_then(|key| self.index.dataset_holders(key))
+            .map(|(dataset, _)| dataset);
         let dataset_nodes = match dataset {
             Some(dataset) => self.alive_nodes(want.context, &dataset.present_on),
             None => Vec::new(),
@@ -788,8 +1007,8 @@ impl<'a> Pass<'a> {
         let user = settings
             .user
             .as_deref()
-            .and_then(|user| self.index.user_latency.get(user))
-            .map(Vec::as_slice);
+            .and_then(|user| self.index.user(user))
+            .map(|user| self.index.user_latency(user));
         let max_user_latency = (want.trigger == Trigger::Mobility)
             .then(|| {
                 policy
@@ -814,22 +1033,40 @@ impl<'a> Pass<'a> {
         self.contexts[want.context].ensure_static_rejections(&self.index, memory, now);
         let rejections = self.contexts[want.context]
             .static_rejections
-            .as_deref()
-            .unwrap_or_default();
-        let candidates: Vec<usize> = match (want.pinned, want.trigger, user) {
-            (Some(pinned), _, _) => vec![pinned],
-            (None, Trigger::Mobility, Some(user)) => user.iter().map(|&(node, _)| node).collect(),
-            _ => (0..snapshot.nodes.len()).collect(),
+            .as_ref()
+            .unwrap_or(&targeting::NO_STATIC_REJECTIONS);
+        let (index, available) = (&self.index, self.available.as_slice());
+        let (considered, (ranked, rejected)) = match (want.pinned, want.trigger, user) {
+            (Some(pinned), _, _) => (
+                usize::from(pinned != source),
+                targeting::rank(
+                    index,
+                    rejections,
+                    available,
+                    &query,
+                    std::iter::once(pinned),
+                    3,
+                ),
+            ),
+            (None, Trigger::Mobility, Some(user)) => (
+                user.iter().filter(|&&(node, _)| node != source).count(),
+                targeting::rank(
+                    index,
+                    rejections,
+                    available,
+                    &query,
+                    user.iter().map(|&(node, _)| node),
+                    3,
+                ),
+            ),
+            _ => {
+                let all = 0..snapshot.nodes.len();
+                (
+                    all.len() - usize::from(all.contains(&source)),
+                    targeting::rank(index, rejections, available, &query, all, 3),
+                )
+            }
         };
-        let considered = candidates.iter().filter(|&&node| node != source).count();
-        let (ranked, rejected) = targeting::rank(
-            &self.index,
-            rejections,
-            &self.reserved,
-            &query,
-            candidates.into_iter(),
-            3,
-        );
 
         let Some(best) = ranked.first() else {
             let reason = if considered == 0 {
@@ -845,11 +1082,16 @@ impl<'a> Pass<'a> {
             );
             return;
         };
-        let Some(&target) = self.index.node_by_name.get(best.node.as_str()) else {
+        let Some(target) = self.index.node(&best.node) else {
             return;
         };
         if let Some(reserved) = self.reserved.get_mut(target) {
             *reserved = reserved.saturating_add(pod.requests);
+            if let (Some(available), Some(free)) =
+                (self.available.get_mut(target), self.index.free.get(target))
+            {
+                *available = free.saturating_sub(*reserved);
+            }
         }
         self.record_placement(label_key, label_value, target);
 
@@ -883,9 +1125,7 @@ impl<'a> Pass<'a> {
         let mut transfers = Vec::new();
         let checkpoint_from = match &checkpoint {
             CheckpointSource::Fresh { .. } => Some(source),
-            CheckpointSource::Stored { from, .. } => {
-                self.index.node_by_name.get(from.as_str()).copied()
-            }
+            CheckpointSource::Stored { from, .. } => self.index.node(from),
             CheckpointSource::None => {
                 reason.push_str(
                     "; no stored checkpoint survives, so the pod restarts from the beginning",
@@ -900,11 +1140,15 @@ impl<'a> Pass<'a> {
             }];
             transfers.extend(self.plan(pod, policy, Payload::Checkpoint, from, target, &files));
         }
-        if let Some(dataset) = dataset {
+        if let (Some(dataset), Some(key)) = (dataset, dataset_key) {
             if dataset_nodes.binary_search(&target).is_err() {
                 match self.nearest(&dataset_nodes, target) {
                     Some(from) => {
-                        let files = dataset.file_specs();
+                        // Pods sharing a dataset share its file list (one entry per file).
+                        let files = self
+                            .dataset_files
+                            .remove(&key)
+                            .unwrap_or_else(|| dataset.file_specs());
                         transfers.extend(self.plan(
                             pod,
                             policy,
@@ -913,6 +1157,7 @@ impl<'a> Pass<'a> {
                             target,
                             &files,
                         ));
+                        self.dataset_files.insert(key, files);
                     }
                     None => reason.push_str(&format!(
                         "; dataset {} has no surviving copy, the pod must fetch it again",
@@ -994,177 +1239,234 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Stage 3: periodic checkpoints for the pods that stay.
+    /// Stage 3: periodic checkpoints for the pods that stay and are due.
     fn plan_checkpoints(&mut self) {
-        let seen = std::mem::take(&mut self.seen);
-        for seen in seen {
-            self.plan_checkpoint(&seen);
+        let due = std::mem::take(&mut self.due);
+        let snapshot = self.index.snapshot;
+        // Decisions come out in pod order. After a controller outage there are tens of
+        // thousands: sorting small keys and building the decisions in that order costs far less
+        // than sorting the decisions. Keys compare as numbers where they can: a namespace by its
+        // rank among the (few) namespaces, a name by its first 16 bytes; the whole name only
+        // breaks a tie there.
+        let mut namespaces: HashMap<&str, u32> = HashMap::new();
+        let mut keys: Vec<(u32, u128, &str, usize)> = Vec::with_capacity(due.len());
+        for (start, batch) in (0..).step_by(WARM_BATCH).zip(due.chunks(WARM_BATCH)) {
+            let pods = || batch.iter().filter_map(|due| snapshot.pods.get(due.pod));
+            warm_identities(pods());
+            for (position, pod) in (start..).zip(pods()) {
+                let next = u32::try_from(namespaces.len()).unwrap_or(u32::MAX);
+                let namespace = *namespaces.entry(pod.namespace.as_str()).or_insert(next);
+                keys.push((
+                    namespace,
+                    name_prefix(&pod.name),
+                    pod.name.as_str(),
+                    position,
+                ));
+            }
+        }
+        let mut by_name: Vec<(&str, u32)> = namespaces.into_iter().collect();
+        by_name.sort_unstable();
+        let mut rank = vec![0u32; by_name.len()];
+        for (position, &(_, first_seen)) in (0u32..).zip(&by_name) {
+            if let Some(slot) = rank.get_mut(first_seen as usize) {
+                *slot = position;
+            }
+        }
+        for key in &mut keys {
+            key.0 = rank.get(key.0 as usize).copied().unwrap_or(u32::MAX);
+        }
+        keys.sort_unstable();
+        let unique = keys
+            .windows(2)
+            .all(|pair| matches!(pair, [a, b] if (a.0, a.2) != (b.0, b.2)));
+        let mut texts = DurationTexts::default();
+        if unique {
+            self.decisions.checkpoints.reserve(keys.len());
+            for batch in keys.chunks(WARM_BATCH) {
+                let dues = || {
+                    batch
+                        .iter()
+                        .filter_map(|&(_, _, _, position)| due.get(position))
+                };
+                warm_for_checkpoints(dues().filter_map(|due| snapshot.pods.get(due.pod)));
+                for due in dues() {
+                    if let Some(decision) = self.plan_checkpoint(due, &mut texts) {
+                        self.decisions.checkpoints.push(decision);
+                    }
+                }
+            }
+        } else {
+            // A pod listed twice (an invalid snapshot): the order its entries always had.
+            for due in &due {
+                if let Some(decision) = self.plan_checkpoint(due, &mut texts) {
+                    self.decisions.checkpoints.push(decision);
+                }
+            }
+            self.decisions
+                .checkpoints
+                .sort_unstable_by(|a, b| a.pod.cmp(&b.pod));
         }
     }
 
-    fn plan_checkpoint(&mut self, seen: &Seen) {
-        let Some(pod) = self.index.snapshot.pods.get(seen.pod) else {
-            return;
-        };
-        if pod.checkpoint_in_progress || self.moving.contains(&seen.pod) {
-            return;
-        }
-        let policy = self.contexts[seen.context].policy;
+    fn plan_checkpoint(
+        &mut self,
+        due: &Due,
+        texts: &mut DurationTexts,
+    ) -> Option<CheckpointDecision> {
+        let snapshot = self.index.snapshot;
+        let pod = snapshot.pods.get(due.pod)?;
+        let policy = self.contexts[due.context].policy;
         let checkpoint = &policy.checkpoint;
-        let (interval, how) = match seen
-            .settings
-            .checkpoint_interval
-            .unwrap_or(checkpoint.interval)
-        {
-            IntervalSetting::Every(interval) => (interval, String::new()),
-            IntervalSetting::Auto => {
-                let measured = pod.last_checkpoint.as_ref().and_then(|c| c.freeze);
-                let cost = measured.unwrap_or(checkpoint.estimated_cost);
-                let raw = young_daly_interval(cost, checkpoint.mtbf);
-                let clamped = raw.clamp(checkpoint.min_interval, checkpoint.max_interval);
-                (
-                    clamped,
-                    format!(
-                        " (auto: sqrt(2 × {} {} × MTBF {}) = {}{})",
-                        format_duration(cost),
-                        if measured.is_some() {
-                            "measured cost"
-                        } else {
-                            "estimated cost"
-                        },
-                        format_duration(checkpoint.mtbf),
-                        format_duration(raw),
-                        if clamped != raw {
-                            ", clamped to the policy's bounds"
-                        } else {
-                            ""
-                        }
-                    ),
-                )
-            }
-        };
-        let reason = match &pod.last_checkpoint {
-            None => format!(
-                "no checkpoint yet; interval {}{how}",
-                format_duration(interval)
-            ),
+        let interval = due.interval;
+        let mut reason = String::with_capacity(96);
+        match &pod.last_checkpoint {
+            None => reason.push_str("no checkpoint yet; interval "),
             Some(last) => {
-                let age = units::age(self.now, last.taken_at);
-                if age < interval {
-                    return;
-                }
-                format!(
-                    "last checkpoint {} is {} old; interval {}{how}",
-                    last.id,
-                    format_duration(age),
-                    format_duration(interval)
-                )
+                reason.push_str("last checkpoint ");
+                reason.push_str(&last.id);
+                reason.push_str(" is ");
+                reason.push_str(texts.get(units::age(self.now, last.taken_at)));
+                reason.push_str(" old; interval ");
             }
-        };
+        }
+        reason.push_str(texts.get(interval));
+        if due.auto {
+            let (_, auto) = auto_interval(pod, policy);
+            // Writing to a String cannot fail.
+            let _ = write!(reason, "{}", AutoNote(&auto));
+        }
         let incremental_on = pod
             .last_checkpoint
             .as_ref()
             .filter(|last| checkpoint.incremental && last.held_on.contains(&pod.node))
             .map(|last| last.id.clone());
-        let replicas = seen
-            .settings
-            .replicate_to
-            .unwrap_or(checkpoint.replicate_to) as usize;
-        let replicate_to = self.standbys(pod, seen, replicas);
-        self.decisions.checkpoints.push(CheckpointDecision {
+        let replicas = due.replicate_to.unwrap_or(checkpoint.replicate_to) as usize;
+        let replicate_to = self.standbys(pod, due, replicas);
+        Some(CheckpointDecision {
             pod: pod.pod_ref(),
             node: pod.node.clone(),
             reason,
-            policy: self.contexts[seen.context].name.to_string(),
-            mode: seen.settings.mode.unwrap_or(checkpoint.mode),
+            policy: self.contexts[due.context].name.to_string(),
+            mode: due.mode.unwrap_or(checkpoint.mode),
             interval,
             incremental_on,
             replicate_to,
-        });
+        })
     }
 
     /// Standby nodes for a pod's checkpoints: current holders that still qualify (so nothing is
     /// copied again), then the best-ranked of the node's probed peers, then of all nodes.
-    fn standbys(&mut self, pod: &ProtectedPod, seen: &Seen, wanted: usize) -> Vec<NodeName> {
+    fn standbys(&mut self, pod: &'a ProtectedPod, due: &Due, wanted: usize) -> Vec<NodeName> {
         if wanted == 0 {
             return Vec::new();
         }
         let (memory, now) = (self.memory, self.now);
-        let context = seen.context;
+        let context = due.context;
         let policy = self.contexts[context].policy;
         self.contexts[context].ensure_static_rejections(&self.index, memory, now);
         let rejections = self.contexts[context]
             .static_rejections
-            .as_deref()
-            .unwrap_or_default();
-        let settings = &seen.settings;
-        let user = settings
-            .user
-            .as_deref()
-            .and_then(|user| self.index.user_latency.get(user))
-            .map(Vec::as_slice);
-        let dataset_nodes = settings
-            .dataset
             .as_ref()
-            .and_then(|dataset| self.index.datasets.get(dataset.id().as_ref()))
-            .map(|(dataset, nodes)| (dataset.total_bytes.0, nodes.clone()))
+            .unwrap_or(&targeting::NO_STATIC_REJECTIONS);
+        let user = due.user.map(|user| self.index.user_latency(user));
+        let (dataset_bytes, dataset_nodes) = due
+            .dataset
+            .and_then(|dataset| self.index.dataset_holders(dataset))
+            .map(|(dataset, nodes)| (dataset.total_bytes.0, nodes))
             .unwrap_or_default();
-        let data_from = [seen.node];
+        let data_from = [due.node];
         let query = TargetQuery {
             pod,
             policy,
-            source: seen.node,
+            source: due.node,
             data_from: &data_from,
             user,
             max_user_latency: None,
-            dataset_nodes: &dataset_nodes.1,
-            dataset_bytes: dataset_nodes.0,
+            dataset_nodes,
+            dataset_bytes,
             checkpoint_nodes: &[],
             checkpoint_bytes: 0,
             avoid: &[],
         };
-        let holders: Vec<usize> = pod
-            .last_checkpoint
-            .iter()
-            .flat_map(|checkpoint| checkpoint.held_on.iter())
-            .filter_map(|name| self.index.node_by_name.get(name.as_str()).copied())
-            .filter(|&node| node != seen.node)
-            .collect();
-        let (kept, _) = targeting::rank(
-            &self.index,
-            rejections,
-            &self.reserved,
-            &query,
-            holders.into_iter(),
-            wanted,
+        let mut holders = std::mem::take(&mut self.scratch_nodes);
+        holders.clear();
+        holders.extend(
+            pod.last_checkpoint
+                .iter()
+                .flat_map(|checkpoint| checkpoint.held_on.iter())
+                .filter_map(|name| self.index.node(name))
+                .filter(|&node| node != due.node),
         );
-        let mut chosen: Vec<NodeName> = kept.into_iter().map(|candidate| candidate.node).collect();
+        let mut buffers = std::mem::take(&mut self.rank_buffers);
+        // Standby choices report no rejections; the counts are only kept to be reused.
+        let mut counts = std::mem::take(&mut self.scratch_counts);
+        counts.clear();
+        // Names are copied from the index's compact copy, which is in cache.
+        let mut chosen: Vec<NodeName> = match holders.as_slice() {
+            // The usual case, one other holder: kept if it qualifies, no ranking needed.
+            &[holder] => targeting::qualifies(rejections, &self.available, &query, holder)
+                .then(|| self.index.compact_name(holder).to_string())
+                .into_iter()
+                .collect(),
+            _ => {
+                targeting::rank_into(
+                    &self.index,
+                    rejections,
+                    &self.available,
+                    &query,
+                    holders.iter().copied(),
+                    wanted,
+                    &mut buffers,
+                    &mut counts,
+                );
+                buffers
+                    .ranked()
+                    .map(|node| self.index.compact_name(node).to_string())
+                    .collect()
+            }
+        };
         for wide in [false, true] {
             if chosen.len() >= wanted {
                 break;
             }
-            let pool: Vec<usize> = if wide {
-                (0..self.index.snapshot.nodes.len()).collect()
+            let keep = wanted + chosen.len();
+            if wide {
+                let all = 0..self.index.snapshot.nodes.len();
+                targeting::rank_into(
+                    &self.index,
+                    rejections,
+                    &self.available,
+                    &query,
+                    all,
+                    keep,
+                    &mut buffers,
+                    &mut counts,
+                );
             } else {
-                self.index.peers(seen.node).collect()
-            };
-            let (ranked, _) = targeting::rank(
-                &self.index,
-                rejections,
-                &self.reserved,
-                &query,
-                pool.into_iter(),
-                wanted + chosen.len(),
-            );
-            for candidate in ranked {
+                targeting::rank_into(
+                    &self.index,
+                    rejections,
+                    &self.available,
+                    &query,
+                    self.index.peers(due.node),
+                    keep,
+                    &mut buffers,
+                    &mut counts,
+                );
+            }
+            for node in buffers.ranked() {
                 if chosen.len() >= wanted {
                     break;
                 }
-                if !chosen.contains(&candidate.node) {
-                    chosen.push(candidate.node);
+                let name = self.index.compact_name(node);
+                if !chosen.iter().any(|chosen| chosen == name) {
+                    chosen.push(name.to_string());
                 }
             }
         }
+        self.scratch_nodes = holders;
+        self.rank_buffers = buffers;
+        self.scratch_counts = counts;
         chosen
     }
 
@@ -1176,7 +1478,7 @@ impl<'a> Pass<'a> {
             .filter(|(policy, node)| {
                 // Keep what this pass did not look at; replace what it did.
                 let looked = self.context_by_name.get(policy.as_str()).and_then(|&c| {
-                    let position = *self.index.node_by_name.get(node.as_str())?;
+                    let position = self.index.node(node)?;
                     self.contexts
                         .get(c)?
                         .latency_tripped
@@ -1211,9 +1513,7 @@ impl<'a> Pass<'a> {
                 }
             }
         }
-        self.decisions
-            .checkpoints
-            .sort_unstable_by(|a, b| a.pod.cmp(&b.pod));
+        // Checkpoints are already in pod order (see `plan_checkpoints`).
         self.decisions
             .deferred
             .sort_by(|a, b| (&a.pod, a.trigger).cmp(&(&b.pod, b.trigger)));
@@ -1227,15 +1527,15 @@ impl<'a> Pass<'a> {
         // partial snapshot); those of pods it contains were re-evaluated above.
         let mut mobility_since = self.new_mobility;
         if !self.memory.mobility_since.is_empty() {
-            let present: std::collections::HashSet<String> = self
+            let present: HashSet<(&str, &str)> = self
                 .index
                 .snapshot
                 .pods
                 .iter()
-                .map(|pod| pod.pod_ref().to_string())
+                .map(|pod| (pod.namespace.as_str(), pod.name.as_str()))
                 .collect();
             for (key, since) in &self.memory.mobility_since {
-                if !present.contains(key) {
+                if !names_a_pod(&present, key) {
                     mobility_since.entry(key.clone()).or_insert(*since);
                 }
             }
@@ -1248,6 +1548,49 @@ impl<'a> Pass<'a> {
     }
 }
 
+/// Whether a dwell-timer key (`namespace/name`, as [`PodRef`]'s `Display` writes it) is one of
+/// `present`'s pods. Tried at every `/`, so names that contain one cannot confuse it.
+fn names_a_pod(present: &HashSet<(&str, &str)>, key: &str) -> bool {
+    key.match_indices('/').any(|(slash, _)| {
+        matches!(
+            (key.get(..slash), key.get(slash + 1..)),
+            (Some(namespace), Some(name)) if present.contains(&(namespace, name))
+        )
+    })
+}
+
 #[cfg(test)]
 #[path = "decide_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod speed_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn name_prefixes_order_names_as_the_names_do(a in "[a-z0-9./-]{0,24}", b in "[a-z0-9./-]{0,24}") {
+            let (prefix_a, prefix_b) = (name_prefix(&a), name_prefix(&b));
+            if prefix_a != prefix_b {
+                prop_assert_eq!(prefix_a.cmp(&prefix_b), a.cmp(&b));
+            }
+        }
+    }
+
+    #[test]
+    fn dwell_timer_keys_are_matched_at_any_slash() {
+        let present: HashSet<(&str, &str)> = [("ml", "trainer"), ("a/b", "c"), ("x", "y/z")]
+            .into_iter()
+            .collect();
+        for key in ["ml/trainer", "a/b/c", "x/y/z"] {
+            assert!(names_a_pod(&present, key), "{key}");
+        }
+        for key in ["ml/other", "ml", "mltrainer", "a/b", "/ml/trainer"] {
+            assert!(!names_a_pod(&present, key), "{key}");
+        }
+    }
+}
