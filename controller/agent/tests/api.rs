@@ -333,6 +333,36 @@ async fn checkpoint_failures_conflicts_and_bad_names_have_clear_errors() {
 }
 
 #[tokio::test]
+async fn a_body_over_the_limit_is_refused_before_it_is_read() {
+    let pki = Pki::new();
+    let agent = start_agent(&pki, "node-a", Setup::default()).await;
+    // Another test may have installed the provider already; either way one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let send = |body: Vec<u8>| {
+        http.post(format!("{}/v1/checkpoints", agent.base_url))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // Valid JSON padded with spaces: only its size is wrong.
+    let valid = serde_json::to_vec(&request("trainer", CheckpointKind::Periodic)).unwrap();
+    let mut padded = valid.clone();
+    padded.resize(automigrate_agent::server::MAX_BODY_BYTES + 1, b' ');
+    let refused = send(padded).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 413);
+    assert!(
+        agent.fake.as_ref().unwrap().calls().is_empty(),
+        "nothing ran"
+    );
+    // The same request within the limit is taken: the limit, not the content, refused it.
+    let mut within = valid;
+    within.resize(automigrate_agent::server::MAX_BODY_BYTES, b' ');
+    assert!(send(within).await.unwrap().status().is_success());
+}
+
+#[tokio::test]
 async fn every_v1_route_needs_the_token() {
     let pki = Pki::new();
     let agent = start_agent(&pki, "node-a", Setup::default()).await;
