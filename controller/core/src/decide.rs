@@ -198,7 +198,51 @@ pub struct Summary {
     pub unprotected_pods: usize,
     /// Pods with a migration in flight (left alone this pass).
     pub migrating_pods: usize,
+    /// Due periodic checkpoints held back because their node already runs
+    /// `checkpoint.maxConcurrentPerNode` of them; they are due again next pass.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoints_postponed: usize,
     pub policies: usize,
+}
+
+/// Consecutive failed attempts to move a pod off `node`, counted back from the newest finished
+/// migration, and when the newest ended; `None` when the newest succeeded or there is none.
+fn failed_attempts_off(
+    records: &[&crate::model::MigrationRecord],
+    node: &str,
+) -> Option<(u32, Timestamp)> {
+    let mut finished: Vec<(Timestamp, &crate::model::MigrationRecord)> = records
+        .iter()
+        .filter_map(|&record| record.finished_at.map(|at| (at, record)))
+        .collect();
+    finished.sort_by_key(|&(at, _)| at);
+    let failed = |record: &crate::model::MigrationRecord| {
+        record.source == node
+            && matches!(
+                record.phase,
+                crate::migration::Phase::Failed | crate::migration::Phase::RolledBack
+            )
+    };
+    let attempts = finished
+        .iter()
+        .rev()
+        .take_while(|(_, record)| failed(record))
+        .count();
+    let last = finished.last().map(|&(at, _)| at)?;
+    (attempts > 0).then(|| (u32::try_from(attempts).unwrap_or(u32::MAX), last))
+}
+
+/// `retryBackoff` doubled for each failed attempt after the first, at most `retryBackoffMax`.
+fn retry_backoff(restore: &crate::policy::RestorePolicy, attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(20);
+    restore
+        .retry_backoff
+        .saturating_mul(1 << doublings)
+        .min(restore.retry_backoff_max)
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 /// The output of one pass.
@@ -516,6 +560,8 @@ struct Pass<'a> {
     anti_affinity: HashMap<String, HashMap<String, Vec<usize>>>,
     wants: Vec<Want>,
     due: Vec<Due>,
+    /// Per node: protected pods whose checkpoint is in progress.
+    checkpoints_running: Vec<u32>,
     rank_buffers: RankBuffers,
     /// Scratch list of node positions, reused by every standby choice.
     scratch_nodes: Vec<usize>,
@@ -547,6 +593,7 @@ impl<'a> Pass<'a> {
             anti_affinity: HashMap::new(),
             wants: Vec::new(),
             due: Vec::new(),
+            checkpoints_running: vec![0; snapshot.nodes.len()],
             rank_buffers: RankBuffers::default(),
             scratch_nodes: Vec::new(),
             scratch_counts: RejectionCounts::default(),
@@ -655,6 +702,11 @@ impl<'a> Pass<'a> {
             );
             return;
         };
+        if pod.checkpoint_in_progress
+            && let Some(running) = self.checkpoints_running.get_mut(node)
+        {
+            *running += 1;
+        }
         let (policy_name, policy, selected_by, note) =
             self.policies.select(pod, settings.policy.as_deref());
         if let Some(note) = note {
@@ -721,6 +773,20 @@ impl<'a> Pass<'a> {
             },
             None => None,
         };
+        let retry_wait = failed_attempts_off(records, &pod.node).and_then(|(attempts, last)| {
+            let until = units::after(last, retry_backoff(&policy.restore, attempts));
+            (until > now).then(|| {
+                format!(
+                    "the last {} failed; retrying in {}",
+                    if attempts == 1 {
+                        "attempt".to_string()
+                    } else {
+                        format!("{attempts} attempts")
+                    },
+                    format_duration(units::age(until, now))
+                )
+            })
+        });
         let cooldown_reason = |until: Timestamp| {
             format!(
                 "in cooldown for {} more (last migration ended {} ago)",
@@ -730,14 +796,32 @@ impl<'a> Pass<'a> {
         };
 
         let wanted = match state {
-            NodeState::Failed => Some(want(
-                Trigger::NodeFailed,
-                format!("node {} failed: {reasons}", pod.node),
-                pinned,
-            )),
-            _ if pinned_request.is_some() => {
-                Some(want(Trigger::Manual, "requested by a user".into(), pinned))
-            }
+            NodeState::Failed => match retry_wait {
+                Some(wait) => {
+                    self.defer(
+                        pod,
+                        Trigger::NodeFailed,
+                        format!("node {} failed ({reasons}), but {wait}", pod.node),
+                    );
+                    None
+                }
+                None => Some(want(
+                    Trigger::NodeFailed,
+                    format!("node {} failed: {reasons}", pod.node),
+                    pinned,
+                )),
+            },
+            _ if pinned_request.is_some() => match retry_wait {
+                Some(wait) => {
+                    self.defer(
+                        pod,
+                        Trigger::Manual,
+                        format!("requested by a user, but {wait}"),
+                    );
+                    None
+                }
+                None => Some(want(Trigger::Manual, "requested by a user".into(), pinned)),
+            },
             NodeState::Degraded => match cooling_until {
                 Some(until) => {
                     self.defer(
@@ -1242,6 +1326,7 @@ impl<'a> Pass<'a> {
     /// Stage 3: periodic checkpoints for the pods that stay and are due.
     fn plan_checkpoints(&mut self) {
         let due = std::mem::take(&mut self.due);
+        let due = self.limit_per_node(due);
         let snapshot = self.index.snapshot;
         // Decisions come out in pod order. After a controller outage there are tens of
         // thousands: sorting small keys and building the decisions in that order costs far less
@@ -1306,6 +1391,84 @@ impl<'a> Pass<'a> {
                 .checkpoints
                 .sort_unstable_by(|a, b| a.pod.cmp(&b.pod));
         }
+    }
+
+    /// Keeps, per node, as many due checkpoints as the pods' `checkpoint.maxConcurrentPerNode`
+    /// allows next to those already running there, the most overdue first (no checkpoint yet
+    /// counts as most overdue; then age over interval; then pod order). Returns the kept ones in
+    /// their original order.
+    fn limit_per_node(&mut self, due: Vec<Due>) -> Vec<Due> {
+        let snapshot = self.index.snapshot;
+        let cap = |due: &Due| {
+            self.contexts.get(due.context).map_or(u32::MAX, |context| {
+                context.policy.checkpoint.max_concurrent_per_node
+            })
+        };
+        let mut wanted = vec![0u32; self.checkpoints_running.len()];
+        for entry in &due {
+            if let Some(count) = wanted.get_mut(entry.node) {
+                *count += 1;
+            }
+        }
+        let running = |node: usize| self.checkpoints_running.get(node).copied().unwrap_or(0);
+        let crowded = due.iter().any(|entry| {
+            running(entry.node).saturating_add(wanted.get(entry.node).copied().unwrap_or(0))
+                > cap(entry)
+        });
+        if !crowded {
+            return due;
+        }
+        // Overdue as age / interval, compared by cross-multiplying whole nanoseconds.
+        let age = |entry: &Due| {
+            snapshot
+                .pods
+                .get(entry.pod)
+                .and_then(|pod| pod.last_checkpoint.as_ref())
+                .map(|last| units::age(self.now, last.taken_at).as_nanos())
+        };
+        let mut order: Vec<usize> = (0..due.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (x, y) = (&due[a], &due[b]);
+            x.node.cmp(&y.node).then_with(|| {
+                let more_overdue = match (age(x), age(y)) {
+                    (None, None) => std::cmp::Ordering::Equal,
+                    (None, Some(_)) => std::cmp::Ordering::Less,
+                    (Some(_), None) => std::cmp::Ordering::Greater,
+                    (Some(ax), Some(ay)) => (ay.saturating_mul(x.interval.as_nanos()))
+                        .cmp(&ax.saturating_mul(y.interval.as_nanos())),
+                };
+                // Then by pod, not by position, so the input's order never matters.
+                more_overdue.then_with(|| {
+                    let pod = |entry: &Due| {
+                        snapshot
+                            .pods
+                            .get(entry.pod)
+                            .map(|pod| (pod.namespace.as_str(), pod.name.as_str()))
+                    };
+                    pod(x).cmp(&pod(y))
+                })
+            })
+        });
+        let due_count = due.len();
+        let mut started = vec![0u32; self.checkpoints_running.len()];
+        let mut keep = vec![false; due.len()];
+        for position in order {
+            let entry = &due[position];
+            let Some(count) = started.get_mut(entry.node) else {
+                continue;
+            };
+            if running(entry.node).saturating_add(*count) < cap(entry) {
+                *count += 1;
+                keep[position] = true;
+            }
+        }
+        let kept: Vec<Due> = due
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(entry, keep)| keep.then_some(entry))
+            .collect();
+        self.decisions.summary.checkpoints_postponed = due_count.saturating_sub(kept.len());
+        kept
     }
 
     fn plan_checkpoint(

@@ -194,6 +194,107 @@ fn taints_and_required_labels_exclude_nodes() {
     );
 }
 
+fn attempt(phase: Phase, source: &str, finished: i64) -> MigrationRecord {
+    MigrationRecord {
+        pod: PodRef::new("ml", "train"),
+        phase,
+        source: source.into(),
+        target: Some("b".into()),
+        started_at: t(finished - 5),
+        finished_at: Some(t(finished)),
+    }
+}
+
+#[test]
+fn failed_attempts_off_a_failed_node_back_off_exponentially() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    let set = PolicySet::new(); // retryBackoff 10s, retryBackoffMax 5m
+    snapshot.migrations.push(attempt(Phase::Failed, "a", -4));
+    let decisions = run(&snapshot, &set, t(0));
+    assert!(decisions.migrations.is_empty(), "{decisions:?}");
+    assert_eq!(decisions.deferred[0].trigger, Trigger::NodeFailed);
+    assert!(
+        decisions.deferred[0]
+            .reason
+            .ends_with("but the last attempt failed; retrying in 6s"),
+        "{}",
+        decisions.deferred[0].reason
+    );
+    assert_eq!(
+        run(&snapshot, &set, t(6)).migrations.len(),
+        1,
+        "10s after it"
+    );
+
+    // Two in a row: 20s; a rolled-back attempt counts as failed too.
+    snapshot
+        .migrations
+        .insert(0, attempt(Phase::RolledBack, "a", -30));
+    let decisions = run(&snapshot, &set, t(6));
+    assert!(
+        decisions.deferred[0]
+            .reason
+            .ends_with("the last 2 attempts failed; retrying in 10s"),
+        "{}",
+        decisions.deferred[0].reason
+    );
+    assert_eq!(run(&snapshot, &set, t(16)).migrations.len(), 1);
+
+    // Many: capped at retryBackoffMax.
+    for finished in (-400..-30).step_by(10) {
+        snapshot
+            .migrations
+            .push(attempt(Phase::Failed, "a", finished));
+    }
+    assert!(run(&snapshot, &set, t(295)).migrations.is_empty());
+    assert_eq!(run(&snapshot, &set, t(296)).migrations.len(), 1);
+
+    // A success since, or failures moving off another node, do not count.
+    snapshot.migrations.push(attempt(Phase::Succeeded, "c", -2));
+    assert_eq!(run(&snapshot, &set, t(0)).migrations.len(), 1);
+    snapshot.migrations.push(attempt(Phase::Failed, "c", -1));
+    assert_eq!(run(&snapshot, &set, t(0)).migrations.len(), 1);
+}
+
+#[test]
+fn a_failed_manual_request_is_retried_with_back_off() {
+    let mut snapshot = triangle();
+    snapshot.requests.push(MigrationRequest {
+        pod: PodRef::new("ml", "train"),
+        target: Some("c".into()),
+    });
+    snapshot
+        .migrations
+        .push(attempt(Phase::RolledBack, "a", -4));
+    let decisions = run(&snapshot, &PolicySet::new(), t(0));
+    assert!(decisions.migrations.is_empty());
+    assert_eq!(decisions.deferred[0].trigger, Trigger::Manual);
+    assert_eq!(
+        decisions.deferred[0].reason,
+        "requested by a user, but the last attempt failed; retrying in 6s"
+    );
+    assert_eq!(run(&snapshot, &PolicySet::new(), t(6)).migrations.len(), 1);
+}
+
+#[test]
+fn retry_back_off_settings_are_checked() {
+    let mut set = PolicySet::new();
+    let error = set
+        .apply(
+            "default",
+            "restore: {retryBackoff: 1m, retryBackoffMax: 30s}",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("restore.retryBackoffMax"), "{error}");
+    let error = set
+        .apply("default", "restore: {retryBackoff: 0s}")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("restore.retryBackoff"), "{error}");
+}
+
 #[test]
 fn cooldown_defers_voluntary_moves_but_not_failures() {
     let mut snapshot = triangle();
@@ -341,6 +442,107 @@ fn checkpoints_fall_due_at_the_interval_and_keep_their_standby() {
     assert_eq!(checkpoint.incremental_on.as_deref(), Some("ck-7"));
     assert_eq!(checkpoint.replicate_to, ["b"]);
     assert_eq!(checkpoint.mode, annotations::CheckpointMode::Transparent);
+}
+
+/// Node `a` holds six pods whose checkpoints are due, aged 3–8 minutes (interval 2m), one of
+/// them never checkpointed; node `b` holds one due pod.
+fn crowded_node(running_on_a: usize) -> ClusterSnapshot {
+    let mut snapshot = triangle();
+    snapshot.pods.clear();
+    for (name, age) in [
+        ("p1", 180),
+        ("p2", 480),
+        ("p3", 300),
+        ("p4", 240),
+        ("p5", 420),
+    ] {
+        snapshot.pods.push(
+            PodBuilder::new("ml", name, "a")
+                .checkpoint(&format!("{name}-1"), t(-age), 1 << 20, &["a"])
+                .build(),
+        );
+    }
+    snapshot.pods.push(PodBuilder::new("ml", "p6", "a").build());
+    snapshot.pods.push(
+        PodBuilder::new("ml", "q1", "b")
+            .checkpoint("q1-1", t(-600), 1 << 20, &["b"])
+            .build(),
+    );
+    for index in 0..running_on_a {
+        let mut pod = PodBuilder::new("ml", &format!("busy{index}"), "a")
+            .checkpoint(&format!("busy{index}-1"), t(-900), 1 << 20, &["a"])
+            .build();
+        pod.checkpoint_in_progress = true;
+        snapshot.pods.push(pod);
+    }
+    snapshot
+}
+
+fn checkpointed(decisions: &Decisions) -> Vec<&str> {
+    decisions
+        .checkpoints
+        .iter()
+        .map(|checkpoint| checkpoint.pod.name.as_str())
+        .collect()
+}
+
+#[test]
+fn a_node_runs_at_most_max_concurrent_checkpoints_the_most_overdue_first() {
+    let set = policies(&[(
+        "default",
+        "checkpoint: {interval: 2m, maxConcurrentPerNode: 3}",
+    )]);
+    let decisions = run(&crowded_node(0), &set, t(0));
+    // p6 has none yet, then p2 (8m) and p5 (7m); b's only pod is not held back by a's crowd.
+    assert_eq!(checkpointed(&decisions), ["p2", "p5", "p6", "q1"]);
+    assert_eq!(decisions.summary.checkpoints_postponed, 3);
+
+    // Checkpoints already running on the node count against the cap.
+    let decisions = run(&crowded_node(2), &set, t(0));
+    assert_eq!(checkpointed(&decisions), ["p6", "q1"]);
+    assert_eq!(decisions.summary.checkpoints_postponed, 5);
+    let decisions = run(&crowded_node(3), &set, t(0));
+    assert_eq!(checkpointed(&decisions), ["q1"]);
+    assert_eq!(decisions.summary.checkpoints_postponed, 6);
+
+    // Room for all of them: nothing is postponed.
+    let roomy = policies(&[(
+        "default",
+        "checkpoint: {interval: 2m, maxConcurrentPerNode: 6}",
+    )]);
+    let decisions = run(&crowded_node(0), &roomy, t(0));
+    assert_eq!(
+        checkpointed(&decisions),
+        ["p1", "p2", "p3", "p4", "p5", "p6", "q1"]
+    );
+    assert_eq!(decisions.summary.checkpoints_postponed, 0);
+}
+
+#[test]
+fn overdue_is_measured_against_each_pods_own_interval() {
+    let mut snapshot = crowded_node(0);
+    // p1, 5m old on its own 1m interval, is five intervals late; p2, 8m old on the policy's 2m,
+    // only four: p1 goes first although p2's checkpoint is older.
+    snapshot.pods[0] = PodBuilder::new("ml", "p1", "a")
+        .annotation(CHECKPOINT_INTERVAL, "1m")
+        .checkpoint("p1-1", t(-300), 1 << 20, &["a"])
+        .build();
+    snapshot.pods.remove(5); // p6, never checkpointed, would go first
+    let set = policies(&[(
+        "default",
+        "checkpoint: {interval: 2m, maxConcurrentPerNode: 1}",
+    )]);
+    assert_eq!(checkpointed(&run(&snapshot, &set, t(0))), ["p1", "q1"]);
+}
+
+#[test]
+fn zero_concurrent_checkpoints_is_refused_with_its_field() {
+    let mut set = PolicySet::new();
+    let error = set
+        .apply("default", "checkpoint: {maxConcurrentPerNode: 0}")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("checkpoint.maxConcurrentPerNode"), "{error}");
 }
 
 #[test]

@@ -162,6 +162,11 @@ pub struct CheckpointPolicy {
     pub incremental: bool,
     /// Standby nodes that receive a copy of each new checkpoint.
     pub replicate_to: u32,
+    /// Periodic checkpoints that may run at once on one node, counting those in progress. The
+    /// most overdue start first; the others wait for a later pass. Without it, a controller
+    /// that comes back after an outage would start every overdue dump on a node together and
+    /// saturate its disk.
+    pub max_concurrent_per_node: u32,
     /// Longest a single checkpoint may take before it is abandoned.
     #[serde(with = "units::duration")]
     pub timeout: Duration,
@@ -179,6 +184,7 @@ impl Default for CheckpointPolicy {
             mode: CheckpointMode::Transparent,
             incremental: true,
             replicate_to: 1,
+            max_concurrent_per_node: 2,
             timeout: Duration::from_secs(300),
         }
     }
@@ -406,6 +412,13 @@ pub struct RestorePolicy {
     #[serde(with = "units::duration")]
     pub fence_timeout: Duration,
     pub fallback: Fallback,
+    /// Wait after a failed attempt to move a pod off a failed node (or a failed manual
+    /// request) before the next; doubled after each further failure up to `retryBackoffMax`.
+    /// Without it a migration that cannot succeed would be retried every pass.
+    #[serde(with = "units::duration")]
+    pub retry_backoff: Duration,
+    #[serde(with = "units::duration")]
+    pub retry_backoff_max: Duration,
 }
 
 impl Default for RestorePolicy {
@@ -414,6 +427,8 @@ impl Default for RestorePolicy {
             timeout: Duration::from_secs(300),
             fence_timeout: Duration::from_secs(120),
             fallback: Fallback::Rollback,
+            retry_backoff: Duration::from_secs(10),
+            retry_backoff_max: Duration::from_secs(300),
         }
     }
 }
@@ -621,6 +636,12 @@ impl Policy {
         if checkpoint.replicate_to > 10 {
             issue("checkpoint.replicateTo", "at most 10 standby nodes".into());
         }
+        if checkpoint.max_concurrent_per_node == 0 {
+            issue(
+                "checkpoint.maxConcurrentPerNode",
+                "must allow at least one checkpoint at a time".into(),
+            );
+        }
         if checkpoint.timeout < Duration::from_secs(1) {
             issue("checkpoint.timeout", "must be at least 1s".into());
         }
@@ -749,6 +770,19 @@ impl Policy {
         }
         if self.restore.fence_timeout < Duration::from_secs(1) {
             issue("restore.fenceTimeout", "must be at least 1s".into());
+        }
+        if self.restore.retry_backoff < Duration::from_secs(1) {
+            issue("restore.retryBackoff", "must be at least 1s".into());
+        }
+        if self.restore.retry_backoff_max < self.restore.retry_backoff {
+            issue(
+                "restore.retryBackoffMax",
+                format!(
+                    "{} is below retryBackoff ({})",
+                    units::format_duration(self.restore.retry_backoff_max),
+                    units::format_duration(self.restore.retry_backoff)
+                ),
+            );
         }
         let queries = [
             ("signals.linkLatencyQuery", &self.signals.link_latency_query),
