@@ -537,7 +537,7 @@ fn is_safe_relative(path: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::manifest::{BackendKind, DumpKind, PodKey};
     use automigrate_core::annotations::CheckpointMode;

@@ -281,6 +281,14 @@ pub fn restore_view(
         move |source| CriuError::View { path, source }
     };
     let view = work_dir.join("images");
+    // A view left by an earlier attempt holds hard links to the stored files: writing through
+    // one (as copying onto an existing path does) would truncate the checkpoint itself. So the
+    // view is always built from nothing, and nothing below ever opens an existing file.
+    match std::fs::remove_dir_all(&view) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io(&view)(error)),
+    }
     let prefix = format!("{CRIU_IMAGES_DIR}/");
     let chain = std::iter::once((checkpoint.dir(), checkpoint.manifest())).chain(
         checkpoint
@@ -304,7 +312,12 @@ pub fn restore_view(
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
             if std::fs::hard_link(&source, &link).is_err() {
-                std::fs::copy(&source, &link).map_err(io(&link))?;
+                // Another filesystem: copy under a new name, then rename into place.
+                let mut partial = link.clone().into_os_string();
+                partial.push(".partial");
+                let partial = std::path::PathBuf::from(partial);
+                std::fs::copy(&source, &partial).map_err(io(&partial))?;
+                std::fs::rename(&partial, &link).map_err(io(&link))?;
             }
         }
         level = level.join("parent");
@@ -325,6 +338,34 @@ mod tests {
         0x30, 0x00, 0x38, 0xb9, 0x05, 0x40, 0x00, 0x48, 0x00, 0x50, 0x08, 0x58, 0x08, 0x60, 0x00,
         0x68, 0x00, 0x70, 0x00,
     ];
+
+    #[test]
+    fn building_the_restore_view_again_leaves_the_stored_checkpoint_intact() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("trainer-000001");
+        std::fs::create_dir_all(dir.join("checkpoint")).unwrap();
+        std::fs::write(dir.join("checkpoint/pages-1.img"), vec![7u8; 70_000]).unwrap();
+        std::fs::write(dir.join("checkpoint/core-1.img"), b"core").unwrap();
+        crate::archive::seal(&dir, crate::archive::tests::draft("trainer-000001", None)).unwrap();
+        let work = root.path().join("work");
+        for attempt in 0..3 {
+            let checkpoint = crate::archive::verify_chain(&dir).unwrap();
+            let view = restore_view(&checkpoint, &work).unwrap();
+            assert_eq!(
+                std::fs::read(view.join("pages-1.img")).unwrap(),
+                vec![7u8; 70_000],
+                "attempt {attempt}"
+            );
+        }
+        // What a retried restore used to do to the store: the archive still verifies.
+        crate::archive::verify_chain(&dir).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.join("checkpoint/pages-1.img"))
+                .unwrap()
+                .len(),
+            70_000
+        );
+    }
 
     #[test]
     fn parses_a_recorded_stats_image() {
