@@ -234,7 +234,13 @@ async fn take_checkpoint(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<CheckpointRequest>,
 ) -> Result<Response, AgentError> {
-    let summary = state.agent.checkpoint(&request).await?;
+    // The dump runs in its own task: if the caller goes away (a controller killed mid-request),
+    // the dump still finishes and is stored, where the caller's successor finds it, instead of
+    // CRIU being killed halfway with the container frozen or stopped.
+    let agent = state.agent.clone();
+    let summary = tokio::spawn(async move { agent.checkpoint(&request).await })
+        .await
+        .map_err(|error| AgentError::Internal(format!("checkpoint task: {error}")))??;
     Ok(Json(summary).into_response())
 }
 

@@ -1056,6 +1056,50 @@ async fn shutdown_finishes_the_request_in_flight_then_stops() {
 }
 
 #[tokio::test]
+async fn a_checkpoint_whose_caller_went_away_still_finishes_and_is_stored() {
+    let pki = Pki::new();
+    let gate = Arc::new(Semaphore::new(0));
+    let agent = start_agent(
+        &pki,
+        "node-a",
+        Setup {
+            fake: FakeBackend::default().with_gate(gate.clone()),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = agent.client.clone();
+    let caller = tokio::spawn(async move {
+        client
+            .checkpoint(&request("trainer", CheckpointKind::Final))
+            .await
+    });
+    let fake = agent.fake.clone().unwrap();
+    wait_until("the checkpoint to start", || {
+        let started = !fake.calls().is_empty();
+        async move { started }
+    })
+    .await;
+    // The controller dies mid-request: its connection closes with the dump half done.
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    gate.add_permits(1);
+    let pod = PodKey::new("ml", "trainer");
+    wait_until("the abandoned checkpoint to be stored", || {
+        let client = agent.client.clone();
+        let pod = pod.clone();
+        async move {
+            client
+                .checkpoints(&pod)
+                .await
+                .is_ok_and(|list| list.iter().any(|c| c.id == "trainer-000001"))
+        }
+    })
+    .await;
+    assert_eq!(fake.calls().len(), 1, "dumped once");
+}
+
+#[tokio::test]
 async fn the_client_classifies_what_is_not_an_agent() {
     for bad in ["ftp://x:1", "not a url", "http://", "http://h:1/?q=1"] {
         assert!(
