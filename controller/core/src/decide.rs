@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::annotations::{self, PodSettings};
 use crate::health::{self, Assessment, NodeState, Signals};
 use crate::index::{ClusterIndex, lookup_sorted};
+use crate::migration::Phase;
 use crate::model::{ClusterSnapshot, NodeName, PodRef, ProtectedPod, Resources};
 use crate::policy::{IntervalSetting, Policy, PolicySet, SelectedBy};
 use crate::targeting::{
@@ -1088,6 +1089,27 @@ impl<'a> Pass<'a> {
             _ => Vec::new(),
         };
 
+        // Targets of this pod's failed attempts within `retryBackoffMax`: a disk that filled
+        // up or a runtime that refused the restore would likely refuse it again.
+        let mut recently_failed: Vec<usize> = self
+            .index
+            .migrations
+            .get(&(pod.namespace.as_str(), pod.name.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|record| {
+                matches!(record.phase, Phase::Failed | Phase::RolledBack)
+                    && record.finished_at.is_some_and(|finished| {
+                        units::age(now, finished) < policy.restore.retry_backoff_max
+                    })
+            })
+            .filter_map(|record| record.target.as_deref())
+            .filter_map(|target| self.index.node(target))
+            .collect();
+        recently_failed.sort_unstable();
+        recently_failed.dedup();
+
         let user = settings
             .user
             .as_deref()
@@ -1113,6 +1135,12 @@ impl<'a> Pass<'a> {
             checkpoint_nodes: &checkpoint_nodes,
             checkpoint_bytes,
             avoid: &avoid,
+            // A user who named the target gets that node, failed before or not.
+            recently_failed: if want.pinned.is_some() {
+                &[]
+            } else {
+                &recently_failed
+            },
         };
         self.contexts[want.context].ensure_static_rejections(&self.index, memory, now);
         let rejections = self.contexts[want.context]
@@ -1550,6 +1578,7 @@ impl<'a> Pass<'a> {
             checkpoint_nodes: &[],
             checkpoint_bytes: 0,
             avoid: &[],
+            recently_failed: &[],
         };
         let mut holders = std::mem::take(&mut self.scratch_nodes);
         holders.clear();

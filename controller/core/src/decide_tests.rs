@@ -258,6 +258,35 @@ fn failed_attempts_off_a_failed_node_back_off_exponentially() {
 }
 
 #[test]
+fn a_retry_avoids_the_node_where_the_last_attempt_failed() {
+    let mut snapshot = triangle();
+    fail_node(&mut snapshot, "a");
+    let set = PolicySet::new();
+    assert_eq!(
+        run(&snapshot, &set, t(0)).migrations[0].to,
+        "b",
+        "b holds the checkpoint"
+    );
+    snapshot.migrations.push(attempt(Phase::Failed, "a", -4)); // a → b failed
+    let retry = run(&snapshot, &set, t(6));
+    assert_eq!(retry.migrations[0].to, "c", "{retry:?}");
+
+    // With c gone too, b is the only node left: the pod waits, and says why.
+    snapshot.nodes.retain(|node| node.name != "c");
+    let decisions = run(&snapshot, &set, t(6));
+    assert!(decisions.migrations.is_empty());
+    assert!(
+        decisions.deferred[0]
+            .reason
+            .contains("an attempt there failed recently"),
+        "{}",
+        decisions.deferred[0].reason
+    );
+    // After retryBackoffMax (5m) b is a candidate again.
+    assert_eq!(run(&snapshot, &set, t(300)).migrations[0].to, "b");
+}
+
+#[test]
 fn a_failed_manual_request_is_retried_with_back_off() {
     let mut snapshot = triangle();
     snapshot.requests.push(MigrationRequest {

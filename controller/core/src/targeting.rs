@@ -191,6 +191,9 @@ pub(crate) struct TargetQuery<'q> {
     pub checkpoint_bytes: u64,
     /// Nodes that already run a pod this one must not share a node with.
     pub avoid: &'q [usize],
+    /// Nodes where an attempt to move this pod failed recently (sorted): trying the same node
+    /// again would likely fail the same way (its disk is full, its runtime is broken).
+    pub recently_failed: &'q [usize],
 }
 
 fn latency_score(rtt: Duration, reference: Duration) -> f64 {
@@ -281,6 +284,7 @@ struct Lookups<'l> {
     user: Option<SortedCursor<'l, (usize, Duration)>>,
     dataset: SortedCursor<'l, usize>,
     avoid: SortedCursor<'l, usize>,
+    recently_failed: SortedCursor<'l, usize>,
 }
 
 /// What a candidate must beat to enter a full list of the best: the worst kept score. Lets
@@ -377,6 +381,7 @@ fn admit(
     available: &[Resources],
     query: &TargetQuery<'_>,
     avoid: &mut SortedCursor<'_, usize>,
+    recently_failed: &mut SortedCursor<'_, usize>,
     user: Option<&mut SortedCursor<'_, (usize, Duration)>>,
 ) -> Result<(Resources, Option<Duration>), &'static str> {
     let Some(&free) = available.get(candidate) else {
@@ -390,6 +395,9 @@ fn admit(
     }
     if avoid.find(candidate).is_some() {
         return Err("anti-affinity");
+    }
+    if recently_failed.find(candidate).is_some() {
+        return Err("an attempt there failed recently");
     }
     let user_latency = user
         .and_then(|user| user.find(candidate))
@@ -417,6 +425,7 @@ pub(crate) fn qualifies(
             available,
             query,
             &mut SortedCursor::new(query.avoid),
+            &mut SortedCursor::new(query.recently_failed),
             query.user.map(SortedCursor::new).as_mut(),
         )
         .is_ok()
@@ -438,6 +447,7 @@ fn score(
         available,
         query,
         &mut lookups.avoid,
+        &mut lookups.recently_failed,
         lookups.user.as_mut(),
     )?;
     let after = free.saturating_sub(query.pod.requests);
@@ -692,6 +702,7 @@ pub(crate) fn rank_into(
         user: query.user.map(SortedCursor::new),
         dataset: SortedCursor::new(query.dataset_nodes),
         avoid: SortedCursor::new(query.avoid),
+        recently_failed: SortedCursor::new(query.recently_failed),
     };
     let mut seed = TieSeed {
         pod: query.pod,
@@ -712,6 +723,7 @@ pub(crate) fn rank_into(
             special.extend_from_slice(query.dataset_nodes);
             special.extend_from_slice(query.checkpoint_nodes);
             special.extend_from_slice(query.avoid);
+            special.extend_from_slice(query.recently_failed);
             special.sort_unstable();
             special.dedup();
             Some(SortedCursor::new(special.as_slice()))
@@ -833,6 +845,7 @@ mod tests {
             user: query.user.map(SortedCursor::new),
             dataset: SortedCursor::new(query.dataset_nodes),
             avoid: SortedCursor::new(query.avoid),
+            recently_failed: SortedCursor::new(query.recently_failed),
         };
         let mut seed = TieSeed {
             pod: query.pod,
@@ -941,6 +954,7 @@ mod tests {
             let dataset_nodes = sorted_sample(&mut rng, nodes, 4);
             let checkpoint_nodes = sorted_sample(&mut rng, nodes, 3);
             let avoid = sorted_sample(&mut rng, nodes, 20);
+            let recently_failed = sorted_sample(&mut rng, nodes, 5);
             let query = TargetQuery {
                 pod,
                 policy: &policy,
@@ -953,6 +967,7 @@ mod tests {
                 checkpoint_nodes: &checkpoint_nodes,
                 checkpoint_bytes: rng.below(3) << 30,
                 avoid: &avoid,
+                recently_failed: &recently_failed,
             };
             let keep = 1 + rng.below(4) as usize;
             // All nodes in order (the screen applies), or a shuffled few (it does not).
