@@ -926,10 +926,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     println!(
         "{}",
-        summary(
-            "— the rest (freeing the pass's snapshot and decisions)",
-            &rest
-        )
+        summary("— the rest (freeing the pass's decisions)", &rest)
     );
     println!("{}", summary("reflector lag, Lease", &lease_lag));
     println!("{}", summary("reflector lag, pod annotation", &pod_lag));

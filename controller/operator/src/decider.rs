@@ -2,6 +2,10 @@
 //! ([`automigrate_core::decide`], the same code the simulator and `automigrate plan` run)
 //! decides, and the pass turns its decisions into Migrations and checkpoint jobs.
 //!
+//! The snapshot is kept between passes ([`IncrementalSnapshot`]): each pass translates only the
+//! objects that changed since the last one, and the result equals a full
+//! [`snapshot::build`]. The per-pod checkpoint-age gauges are kept the same way.
+//!
 //! - A migration decision starts a Migration: the person's request if one is waiting for this
 //!   pod (a Migration without status), else a new one (`origin: Automatic`). Its first status
 //!   records the state machine's start, the policy's limits, the transfers the engine planned,
@@ -45,7 +49,7 @@ use crate::crd::{
 use crate::policies::SharedPolicies;
 use crate::probes::{LinkBook, UserBook};
 use crate::replacement::{self, OwnerHandling};
-use crate::snapshot::{self, Inputs};
+use crate::snapshot::{self, IncrementalSnapshot, Inputs};
 use crate::stores::Stores;
 use crate::writer::{WriteError, Writer};
 
@@ -69,12 +73,14 @@ const STARTED_MEMORY: std::time::Duration = std::time::Duration::from_secs(300);
 /// Where one pass's time went (monotonic clock).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PassTimings {
-    /// Reading the reflectors and books into a snapshot, copying policies and engine memory.
+    /// Bringing the kept snapshot up to date from the reflectors and books (listing the
+    /// stores included), copying policies and engine memory.
     pub snapshot: std::time::Duration,
     /// `automigrate_core::decide` alone (what the `automigrate_decision_pass_seconds` metric
     /// and the core's decision-pass benchmark measure).
     pub engine: std::time::Duration,
-    /// Acting on the decisions: Migrations started, requests answered, Events, gauges.
+    /// Acting on the decisions: checkpoint-age gauges, Migrations started, requests answered,
+    /// Events.
     pub actions: std::time::Duration,
 }
 
@@ -97,6 +103,55 @@ pub struct PassReport {
     pub checkpoints: Vec<CheckpointDecision>,
 }
 
+/// What the locked part of a pass hands to the part that writes.
+struct Decided {
+    decisions: Decisions,
+    /// The snapshot's migration records (with this decider's unseen starts).
+    records: Vec<MigrationRecord>,
+    snapshot_time: std::time::Duration,
+    engine_time: std::time::Duration,
+    /// When the engine started.
+    timer: std::time::Instant,
+}
+
+/// The `automigrate_checkpoint_age_seconds` handle of each pod of the kept snapshot, in its
+/// order. Looking a labelled gauge up builds its key and searches the registry; at 50,000 pods
+/// that is most of a pass's actions, while setting a kept handle is one store.
+#[derive(Debug, Default)]
+struct CheckpointAgeGauges {
+    /// The snapshot's pod layout `gauges` follows.
+    layout: Option<u64>,
+    /// The snapshot's pod ids, in its order, as of `layout`.
+    ids: Vec<u64>,
+    /// Created the first time the pod has a checkpoint to report.
+    gauges: Vec<Option<metrics::Gauge>>,
+}
+
+impl CheckpointAgeGauges {
+    fn set(&mut self, kept: &IncrementalSnapshot, now: Timestamp) {
+        if self.layout != Some(kept.pod_layout()) {
+            let mut old: std::collections::HashMap<u64, metrics::Gauge> = self
+                .ids
+                .drain(..)
+                .zip(self.gauges.drain(..))
+                .filter_map(|(id, gauge)| Some((id, gauge?)))
+                .collect();
+            self.ids.extend_from_slice(kept.pod_ids());
+            self.gauges.extend(self.ids.iter().map(|id| old.remove(id)));
+            self.layout = Some(kept.pod_layout());
+        }
+        for (pod, gauge) in kept.snapshot().pods.iter().zip(self.gauges.iter_mut()) {
+            if let Some(checkpoint) = &pod.last_checkpoint {
+                gauge
+                    .get_or_insert_with(|| {
+                        metrics::gauge!(crate::metrics::CHECKPOINT_AGE, "namespace" => pod.namespace.clone(), "pod" => pod.name.clone())
+                    })
+                    .set(units::age(now, checkpoint.taken_at).as_secs_f64());
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Decider {
     stores: Stores,
@@ -107,6 +162,9 @@ pub struct Decider {
     writer: Writer,
     checkpoints: CheckpointOrchestrator,
     memory: Mutex<EngineMemory>,
+    /// The snapshot kept between passes (see [`IncrementalSnapshot`]).
+    snapshot: Mutex<IncrementalSnapshot>,
+    checkpoint_ages: Mutex<CheckpointAgeGauges>,
     /// Migrations this pass started that the reflector may not show yet: pod → (name, when).
     started: Mutex<BTreeMap<PodRef, (String, Timestamp)>>,
     /// Messages already published as Events, so a standing problem is reported once.
@@ -148,6 +206,8 @@ impl Decider {
             writer,
             checkpoints,
             memory: Mutex::default(),
+            snapshot: Mutex::default(),
+            checkpoint_ages: Mutex::default(),
             started: Mutex::default(),
             reported: Mutex::default(),
         }
@@ -157,50 +217,19 @@ impl Decider {
     #[tracing::instrument(level = "info", skip_all)]
     pub async fn pass(&self, now: Timestamp) -> Result<PassReport, DecideError> {
         let started_at = std::time::Instant::now();
-        let nodes = self.stores.nodes.state();
-        let leases = self.stores.leases.state();
-        let pods = self.stores.pods.state();
         let migrations = self.stores.migrations.state();
-        let in_progress = self.checkpoints.in_progress();
-        let inputs = Inputs {
-            nodes: &nodes,
-            leases: &leases,
-            pods: &pods,
-            migrations: &migrations,
-            alerts: self.alerts.firing(now),
-            links: self.links.current(now),
-            users: self.users.current(now),
-            checkpoints_in_progress: &in_progress,
-        };
-        let mut snapshot = snapshot::build(&inputs, now);
-        self.add_unseen_starts(&mut snapshot, &migrations, now);
         let policies: PolicySet = self
             .policies
             .read()
             .map_err(|_| DecideError::Poisoned)?
             .clone();
-        let memory = self
-            .memory
-            .lock()
-            .map_err(|_| DecideError::Poisoned)?
-            .clone();
-
-        let timer = std::time::Instant::now();
-        let snapshot_time = timer.duration_since(started_at);
-        let (decisions, memory) = automigrate_core::decide(&snapshot, &policies, &memory, now);
-        let engine_time = timer.elapsed();
-        metrics::histogram!(crate::metrics::DECISION_SECONDS).record(engine_time.as_secs_f64());
-        if let Ok(mut kept) = self.memory.lock() {
-            *kept = memory;
-        }
-        tracing::info!(
-            migrations = decisions.migrations.len(),
-            checkpoints = decisions.checkpoints.len(),
-            deferred = decisions.deferred.len(),
-            problems = decisions.problems.len(),
-            "decision pass"
-        );
-
+        let Decided {
+            decisions,
+            records,
+            snapshot_time,
+            engine_time,
+            timer,
+        } = self.decide_now(&migrations, &policies, now, started_at)?;
         let mut started = Vec::new();
         let mut decided: BTreeSet<PodRef> = BTreeSet::new();
         for decision in &decisions.migrations {
@@ -210,7 +239,7 @@ impl Decider {
             }
         }
         let refused = self
-            .answer_requests(&migrations, &decided, &decisions, &snapshot.migrations, now)
+            .answer_requests(&migrations, &decided, &decisions, &records, now)
             .await;
         self.report_problems(&decisions).await;
         let without_target = decisions
@@ -219,12 +248,8 @@ impl Decider {
             .filter(|deferred| deferred.no_target)
             .count();
         metrics::gauge!(crate::metrics::PODS_WITHOUT_TARGET).set(without_target as f64);
-        for pod in &snapshot.pods {
-            if let Some(checkpoint) = &pod.last_checkpoint {
-                metrics::gauge!(crate::metrics::CHECKPOINT_AGE, "namespace" => pod.namespace.clone(), "pod" => pod.name.clone())
-                    .set(units::age(now, checkpoint.taken_at).as_secs_f64());
-            }
-        }
+        metrics::gauge!(crate::metrics::CHECKPOINTS_POSTPONED)
+            .set(decisions.summary.checkpoints_postponed as f64);
         let checkpoints = decisions.checkpoints.clone();
         Ok(PassReport {
             timings: PassTimings {
@@ -236,6 +261,73 @@ impl Decider {
             started,
             refused,
             checkpoints,
+        })
+    }
+
+    /// The part of a pass that holds the kept snapshot: bring it up to date, decide, set the
+    /// checkpoint ages. Nothing here awaits, so the lock is never held across a write.
+    fn decide_now(
+        &self,
+        migrations: &[std::sync::Arc<Migration>],
+        policies: &PolicySet,
+        now: Timestamp,
+        started_at: std::time::Instant,
+    ) -> Result<Decided, DecideError> {
+        let memory = self
+            .memory
+            .lock()
+            .map_err(|_| DecideError::Poisoned)?
+            .clone();
+        let mut kept = self.snapshot.lock().map_err(|_| DecideError::Poisoned)?;
+        let refresh = {
+            // The listings are dropped before the engine runs (50,000 reference counts).
+            let nodes = self.stores.nodes.state();
+            let leases = self.stores.leases.state();
+            let pods = self.stores.pods.state();
+            let in_progress = self.checkpoints.in_progress();
+            kept.update(
+                Inputs {
+                    nodes: &nodes,
+                    leases: &leases,
+                    pods: &pods,
+                    migrations,
+                    alerts: self.alerts.firing(now),
+                    links: self.links.current_shared(now),
+                    users: self.users.current_shared(now),
+                    checkpoints_in_progress: &in_progress,
+                },
+                now,
+            )
+        };
+        self.add_unseen_starts(kept.snapshot_mut(), migrations, now);
+        let snapshot = kept.snapshot();
+
+        let timer = std::time::Instant::now();
+        let snapshot_time = timer.duration_since(started_at);
+        let (decisions, memory) = automigrate_core::decide(snapshot, policies, &memory, now);
+        let engine_time = timer.elapsed();
+        metrics::histogram!(crate::metrics::DECISION_SECONDS).record(engine_time.as_secs_f64());
+        if let Ok(mut remembered) = self.memory.lock() {
+            *remembered = memory;
+        }
+        tracing::info!(
+            migrations = decisions.migrations.len(),
+            checkpoints = decisions.checkpoints.len(),
+            deferred = decisions.deferred.len(),
+            problems = decisions.problems.len(),
+            pods_translated = refresh.pods_translated,
+            nodes_translated = refresh.nodes_translated,
+            "decision pass"
+        );
+        if let Ok(mut gauges) = self.checkpoint_ages.lock() {
+            gauges.set(&kept, now);
+        }
+        Ok(Decided {
+            decisions,
+            records: kept.snapshot().migrations.clone(),
+            snapshot_time,
+            engine_time,
+            timer,
         })
     }
 

@@ -32,6 +32,7 @@ pub const ERRORS: &str = "automigrate_errors_total";
 pub const WEBHOOK_REQUESTS: &str = "automigrate_webhook_requests_total";
 pub const POLICY_REJECTIONS: &str = "automigrate_policy_rejections_total";
 pub const PODS_WITHOUT_TARGET: &str = "automigrate_pods_without_target";
+pub const CHECKPOINTS_POSTPONED: &str = "automigrate_checkpoints_postponed";
 pub const LEADER: &str = "automigrate_leader";
 pub const SIGNAL_QUERIES: &str = "automigrate_signal_queries_total";
 
@@ -102,6 +103,10 @@ fn describe() {
     metrics::describe_gauge!(
         PODS_WITHOUT_TARGET,
         "Protected pods that should move but no node can take (last decision pass)"
+    );
+    metrics::describe_gauge!(
+        CHECKPOINTS_POSTPONED,
+        "Due periodic checkpoints held back by checkpoint.maxConcurrentPerNode (last decision pass)"
     );
     metrics::describe_gauge!(LEADER, "1 while this replica is the leader");
     metrics::describe_counter!(

@@ -14,6 +14,10 @@
 //! latency trigger, while a dead agent's numbers do not drive decisions for ever. Without links a
 //! node gets no latency decision and transfers assume the engine's default link.
 //!
+//! A book hands out its fresh observations as one shared allocation that stays the same until
+//! an observation changes, appears or expires (an agent repeating its last answer changes
+//! nothing), so the decision pass copies links and users only when they changed.
+//!
 //! User latency written on pods (`automigrate.dev/user-latency`) is not kept here: it lives in
 //! the pods the reflector holds, and [`crate::snapshot`] reads it from there.
 
@@ -57,28 +61,65 @@ pub struct Observed<T> {
 #[derive(Debug)]
 struct Book<T> {
     entries: Mutex<BTreeMap<(String, String), Observed<T>>>,
+    /// The fresh values as last handed out, behind a lock of their own: while nothing changed
+    /// or expired, the decision pass reads them without taking `entries`, which a probe round
+    /// takes once per agent (5,000 times in a row; std's Mutex is not fair, and a pass waiting
+    /// for it waited out the whole round). Shared as one allocation so that the pass copies
+    /// 40,000 links only when they changed.
+    published: Mutex<Option<Published<T>>>,
     max_age: Duration,
 }
 
-impl<T: Clone> Book<T> {
+#[derive(Debug)]
+struct Published<T> {
+    values: Arc<[T]>,
+    /// The oldest observation when published. Observations since then are newer or change a
+    /// value (which withdraws this), so none has expired while this is younger than `max_age`.
+    oldest: Option<Timestamp>,
+}
+
+impl<T: Clone + PartialEq> Book<T> {
     fn new(max_age: Duration) -> Self {
         Self {
             entries: Mutex::new(BTreeMap::new()),
+            published: Mutex::new(None),
             max_age,
         }
     }
 
     /// Fresh observations at `now`, in key order (so snapshots are deterministic). Expired ones
-    /// are removed.
-    fn current(&self, now: Timestamp) -> Vec<T> {
+    /// are removed. The same allocation as the last call's while no value changed.
+    fn current(&self, now: Timestamp) -> Arc<[T]> {
+        if let Ok(published) = self.published.lock()
+            && let Some(published) = published.as_ref()
+            && published
+                .oldest
+                .is_none_or(|oldest| units::age(now, oldest) <= self.max_age)
+        {
+            return published.values.clone();
+        }
+        // Lock order: `entries`, then `published` (as in `record`).
         let Ok(mut entries) = self.entries.lock() else {
-            return Vec::new();
+            return Arc::from(Vec::new());
         };
+        let before = entries.len();
         entries.retain(|_, observed| units::age(now, observed.at) <= self.max_age);
-        entries
-            .values()
-            .map(|observed| observed.value.clone())
-            .collect()
+        let oldest = entries.values().map(|observed| observed.at).min();
+        let Ok(mut published) = self.published.lock() else {
+            return Arc::from(Vec::new());
+        };
+        let values = match published.take() {
+            Some(kept) if entries.len() == before => kept.values,
+            _ => entries
+                .values()
+                .map(|observed| observed.value.clone())
+                .collect(),
+        };
+        *published = Some(Published {
+            values: values.clone(),
+            oldest,
+        });
+        values
     }
 
     fn observed(&self) -> Vec<((String, String), Observed<T>)> {
@@ -105,6 +146,8 @@ impl<T: Clone> Book<T> {
         let Ok(mut entries) = self.entries.lock() else {
             return 0;
         };
+        // What the replaced answer said, to tell whether the new one says anything else.
+        let mut replaced: BTreeMap<(String, String), T> = BTreeMap::new();
         if let Some(first) = replace {
             // Keys sort by their first part: that part's entries are one range, found in
             // O(log n), not a scan of the book (5,000 agents answering a 40,000-link book
@@ -116,20 +159,39 @@ impl<T: Clone> Book<T> {
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in stale {
-                entries.remove(&key);
+                if let Some(observed) = entries.remove(&key) {
+                    replaced.insert(key, observed.value);
+                }
             }
         }
+        // Each key's value before this call, taken the first time the key comes: a source may
+        // name a pair twice (the last one stands), and only the value that stands counts.
+        let mut before: BTreeMap<(String, String), Option<T>> = BTreeMap::new();
         let mut count = 0;
         for (key, value) in values {
             count += 1;
-            entries.insert(
-                key,
+            let previous = entries.insert(
+                key.clone(),
                 Observed {
                     value,
                     at: now,
                     source,
                 },
             );
+            if let std::collections::btree_map::Entry::Vacant(first) = before.entry(key) {
+                let old = replaced
+                    .remove(first.key())
+                    .or_else(|| previous.map(|observed| observed.value));
+                first.insert(old);
+            }
+        }
+        let changed = before
+            .iter()
+            .any(|(key, old)| entries.get(key).map(|observed| &observed.value) != old.as_ref());
+        if (changed || !replaced.is_empty())
+            && let Ok(mut published) = self.published.lock()
+        {
+            *published = None;
         }
         count
     }
@@ -157,6 +219,12 @@ impl LinkBook {
 
     /// The links to give the engine at `now`: each pair's newest observation, if fresh.
     pub fn current(&self, now: Timestamp) -> Vec<LinkObservation> {
+        self.book.current(now).to_vec()
+    }
+
+    /// [`Self::current`], shared: the same allocation as the last call's while the links are
+    /// the same, so a caller that kept a copy can tell with [`Arc::ptr_eq`] that it is current.
+    pub fn current_shared(&self, now: Timestamp) -> Arc<[LinkObservation]> {
         self.book.current(now)
     }
 
@@ -237,6 +305,11 @@ impl UserBook {
     }
 
     pub fn current(&self, now: Timestamp) -> Vec<UserObservation> {
+        self.book.current(now).to_vec()
+    }
+
+    /// [`Self::current`], shared, as [`LinkBook::current_shared`].
+    pub fn current_shared(&self, now: Timestamp) -> Arc<[UserObservation]> {
         self.book.current(now)
     }
 
@@ -349,6 +422,62 @@ mod tests {
         );
         book.record_agent("a", Vec::new(), t(12));
         assert_eq!(pairs(&book.current(t(12))), [("a".into(), "c".into(), 5)]);
+    }
+
+    #[test]
+    fn the_shared_list_stays_the_same_allocation_until_something_changes() {
+        let book = LinkBook::new(Duration::from_secs(60));
+        book.record_agent("a", vec![peer("b", 12), peer("c", 30)], t(0));
+        let first = book.current_shared(t(0));
+        // The agent repeats itself: same values, a newer time.
+        book.record_agent("a", vec![peer("b", 12), peer("c", 30)], t(30));
+        let repeated = book.current_shared(t(30));
+        assert!(Arc::ptr_eq(&first, &repeated));
+        // Still fresh at 61 s thanks to the repeat; nothing expired.
+        assert!(Arc::ptr_eq(&first, &book.current_shared(t(61))));
+        // A value changes.
+        book.record_agent("a", vec![peer("b", 13), peer("c", 30)], t(62));
+        let changed = book.current_shared(t(62));
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert_eq!(
+            pairs(&changed),
+            [("a".into(), "b".into(), 13), ("a".into(), "c".into(), 30)]
+        );
+        // A peer is no longer listed.
+        book.record_agent("a", vec![peer("b", 13)], t(63));
+        let fewer = book.current_shared(t(63));
+        assert!(!Arc::ptr_eq(&changed, &fewer));
+        assert_eq!(fewer.len(), 1);
+        // Another source adds a pair.
+        let users = UserBook::new(Duration::from_secs(60));
+        let seen = UserObservation {
+            user: "alice".into(),
+            node: "a".into(),
+            latency: Duration::from_millis(10),
+        };
+        users.record(Source::Prometheus, vec![seen.clone()], t(0));
+        let before = users.current_shared(t(0));
+        users.record(Source::Prometheus, vec![seen.clone()], t(10));
+        assert!(Arc::ptr_eq(&before, &users.current_shared(t(10))));
+        // A source naming a pair twice: the last value stands, and repeating that is no change.
+        let twice = |millis: u64| {
+            vec![
+                seen.clone(),
+                UserObservation {
+                    latency: Duration::from_millis(millis),
+                    ..seen.clone()
+                },
+            ]
+        };
+        users.record(Source::Prometheus, twice(30), t(20));
+        let doubled = users.current_shared(t(20));
+        assert!(!Arc::ptr_eq(&before, &doubled));
+        assert_eq!(doubled[0].latency, Duration::from_millis(30));
+        users.record(Source::Prometheus, twice(30), t(30));
+        assert!(Arc::ptr_eq(&doubled, &users.current_shared(t(30))));
+        // Expiry.
+        assert!(!Arc::ptr_eq(&fewer, &book.current_shared(t(124))));
+        assert!(book.current_shared(t(124)).is_empty());
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //!   specific statement), and between pods of one user the first by namespace/name wins, so
 //!   the snapshot does not depend on the reflector's order. An invalid annotation adds nothing
 //!   here; the engine reports it against the pod.
+//!
+//! Order: nodes by name, pods by namespace/name, whatever order the reflector lists them in, so
+//! a snapshot is a function of the objects alone. [`build`] translates everything at once and is
+//! the reference; the decision pass uses [`IncrementalSnapshot`], which keeps the translation
+//! between passes and must give a snapshot equal to [`build`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -34,6 +39,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::crd::Migration;
 
+pub mod incremental;
+pub use incremental::{IncrementalSnapshot, Refresh};
+
 /// Pod annotation holding the newest checkpoint as JSON ([`CheckpointInfo`]). Outside the
 /// `automigrate.dev/` user domain on purpose: users do not write it.
 pub const LATEST_CHECKPOINT: &str = "checkpoint.automigrate.dev/latest";
@@ -50,9 +58,11 @@ pub struct Inputs<'a> {
     pub pods: &'a [Arc<Pod>],
     pub migrations: &'a [Arc<Migration>],
     pub alerts: Vec<Alert>,
-    pub links: Vec<LinkObservation>,
-    /// User latency from PromQL (pod annotations are read from `pods`).
-    pub users: Vec<UserObservation>,
+    /// Shared with the [`LinkBook`](crate::probes::LinkBook): the same allocation while the
+    /// links are the same.
+    pub links: Arc<[LinkObservation]>,
+    /// User latency from PromQL (pod annotations are read from `pods`); shared like `links`.
+    pub users: Arc<[UserObservation]>,
     pub checkpoints_in_progress: &'a BTreeSet<PodRef>,
 }
 
@@ -76,7 +86,7 @@ pub fn build(inputs: &Inputs<'_>, now: Timestamp) -> ClusterSnapshot {
             *sum = sum.saturating_add(pod_requests(pod));
         }
     }
-    let nodes = inputs
+    let mut nodes: Vec<model::Node> = inputs
         .nodes
         .iter()
         .filter_map(|node| {
@@ -88,15 +98,40 @@ pub fn build(inputs: &Inputs<'_>, now: Timestamp) -> ClusterSnapshot {
             ))
         })
         .collect();
-    let pods: Vec<ProtectedPod> = inputs
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut pods: Vec<ProtectedPod> = inputs
         .pods
         .iter()
         .filter_map(|pod| protected_pod(pod, inputs.checkpoints_in_progress))
         .collect();
+    pods.sort_by(pod_order);
     let users = user_observations(&pods, &inputs.users);
-    let mut migrations = Vec::new();
+    let (migrations, requests) = migration_records(inputs.migrations);
+    ClusterSnapshot {
+        taken_at: Some(now),
+        nodes,
+        pods,
+        datasets: Vec::new(),
+        links: inputs.links.to_vec(),
+        users,
+        alerts: inputs.alerts.clone(),
+        migrations,
+        requests,
+    }
+}
+
+/// The snapshot's pod order: by namespace, then name (as [`PodRef`] orders).
+fn pod_order(a: &ProtectedPod, b: &ProtectedPod) -> std::cmp::Ordering {
+    (a.namespace.as_str(), a.name.as_str()).cmp(&(b.namespace.as_str(), b.name.as_str()))
+}
+
+/// Migrations with a status as records of what happened; those without as requests.
+fn migration_records(
+    migrations: &[Arc<Migration>],
+) -> (Vec<MigrationRecord>, Vec<MigrationRequest>) {
+    let mut records = Vec::new();
     let mut requests = Vec::new();
-    for migration in inputs.migrations {
+    for migration in migrations {
         let Some(namespace) = migration.metadata.namespace.clone() else {
             continue;
         };
@@ -104,7 +139,7 @@ pub fn build(inputs: &Inputs<'_>, now: Timestamp) -> ClusterSnapshot {
         match &migration.status {
             Some(status) => {
                 let state = &status.state;
-                migrations.push(MigrationRecord {
+                records.push(MigrationRecord {
                     pod,
                     phase: state.phase,
                     source: state.source.clone(),
@@ -119,22 +154,12 @@ pub fn build(inputs: &Inputs<'_>, now: Timestamp) -> ClusterSnapshot {
             }),
         }
     }
-    ClusterSnapshot {
-        taken_at: Some(now),
-        nodes,
-        pods,
-        datasets: Vec::new(),
-        links: inputs.links.clone(),
-        users,
-        alerts: inputs.alerts.clone(),
-        migrations,
-        requests,
-    }
+    (records, requests)
 }
 
 /// The `queried` user latencies for pairs no pod annotated, then the annotated ones of `pods`.
-pub fn user_observations(
-    pods: &[ProtectedPod],
+pub fn user_observations<'p>(
+    pods: impl IntoIterator<Item = &'p ProtectedPod>,
     queried: &[UserObservation],
 ) -> Vec<UserObservation> {
     // (user, node) → (pod, latency): the first pod by namespace/name wins.
@@ -443,8 +468,8 @@ mod tests {
             pods: &pods,
             migrations: &[],
             alerts: Vec::new(),
-            links: Vec::new(),
-            users: Vec::new(),
+            links: Arc::from(Vec::new()),
+            users: Arc::from(Vec::new()),
             checkpoints_in_progress: &in_progress,
         };
         let snapshot = build(&inputs, t(0));
