@@ -7,7 +7,10 @@
 //! its final place, so the relative `checkpoint/parent` link CRIU writes for an incremental dump
 //! stays valid), sealed, flushed to disk and then renamed into place: a reader sees a complete,
 //! sealed archive or nothing. Deletion renames to `.deleting-<id>` first for the same reason.
-//! Leftovers of a crash are removed by [`CheckpointStore::open`].
+//! Leftovers of a crash are removed by [`CheckpointStore::open`], which is why a store has one
+//! owner at a time (the node's agent): another process opening the same root while the owner
+//! writes would take the owner's staging directory for a leftover and delete it. Readers in
+//! other processes read archives by path ([`archive::verify_chain`]) instead.
 //!
 //! Retention keeps, per pod, the newest `count` checkpoints within an optional byte budget, and
 //! never removes a checkpoint that a kept one builds on (its parent chain).
@@ -338,7 +341,9 @@ impl CheckpointStore {
         })
     }
 
-    /// The pod's checkpoints, oldest first.
+    /// The pod's checkpoints, oldest first. A checkpoint whose manifest cannot be read (damaged
+    /// on disk) is left out and logged: one damaged archive must not hide the others, which a
+    /// restore can still use.
     pub fn list(&self, pod: &PodKey) -> Result<Vec<StoredCheckpoint>, StoreError> {
         let pod_dir = self.pod_dir(pod)?;
         if !pod_dir.exists() {
@@ -347,7 +352,13 @@ impl CheckpointStore {
         let mut found = Vec::new();
         for name in sorted_dirs(&pod_dir)? {
             let dir = pod_dir.join(&name);
-            let manifest = archive::read_manifest(&dir)?;
+            let manifest = match archive::read_manifest(&dir) {
+                Ok(manifest) => manifest,
+                Err(error) => {
+                    tracing::error!(dir = %dir.display(), %error, "stored checkpoint has an unreadable manifest; left out");
+                    continue;
+                }
+            };
             found.push(StoredCheckpoint {
                 sequence: sequence_of(pod, &manifest.id),
                 dir,
@@ -603,6 +614,26 @@ mod tests {
         assert_eq!(ids(&store), [first, second.clone()]);
         assert_eq!(store.latest(&pod()).unwrap().unwrap().manifest.id, second);
         assert_eq!(store.pods().unwrap(), [pod()]);
+    }
+
+    #[test]
+    fn a_damaged_manifest_hides_only_its_own_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(root.path()).unwrap();
+        let first = put(&store, None, 10, DumpKind::Periodic);
+        let second = put(&store, None, 10, DumpKind::Periodic);
+        let manifest = store
+            .get(&pod(), &second)
+            .unwrap()
+            .dir
+            .join(crate::manifest::MANIFEST_FILE);
+        let text = fs::read(&manifest).unwrap();
+        fs::write(&manifest, &text[..text.len() / 2]).unwrap();
+        assert_eq!(ids(&store), std::slice::from_ref(&first));
+        assert_eq!(store.latest(&pod()).unwrap().unwrap().manifest.id, first);
+        assert!(store.verified(&pod(), &second).is_err());
+        // The damaged one keeps its sequence number: the next id does not reuse it.
+        assert_eq!(put(&store, None, 10, DumpKind::Periodic), "trainer-000003");
     }
 
     #[test]

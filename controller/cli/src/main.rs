@@ -4,10 +4,11 @@
 //! decision engine and prints what the controller would do and why; `check` validates policy
 //! files before they are deployed; `transfer` drives the agent-to-agent transfer engine by hand
 //! (operators, benchmarks); `demo` runs the embedded single-machine mode (automigrate-embedded)
-//! with real failures and writes its report. `plan` and `check` read files, call the pure
+//! with real failures and writes its report; `faults` runs the fault-injection suite over it. `plan` and `check` read files, call the pure
 //! engine, and print; the engine itself never touches a file or a clock.
 
 mod demo;
+mod faults;
 mod load;
 mod render;
 mod transfer;
@@ -73,6 +74,9 @@ enum Command {
     /// Run real failures, migrations and resumes on this machine (root, runc, CRIU 4) and
     /// write the report.
     Demo(Box<demo::Args>),
+    /// Run the fault-injection suite over the embedded mode (root, runc, CRIU 4, agent daemons)
+    /// and write its report.
+    Faults(Box<faults::Args>),
 }
 
 fn main() -> ExitCode {
@@ -151,6 +155,7 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(*args),
+        Command::Faults(args) => faults::run(*args),
         Command::Check { paths } => {
             let mut failed = 0usize;
             for path in &paths {

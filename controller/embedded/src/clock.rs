@@ -12,10 +12,17 @@
 //! Data model: the wall-clock instant the clock started (`origin`), a monotonic [`Instant`]
 //! taken at the same moment, and the integer scale. Policy time is
 //! `origin + scale × (monotonic elapsed)`, so it never jumps backwards.
+//!
+//! A controller restarted on an existing state directory must read the same policy time as the
+//! one that died (persisted migration deadlines and engine timers are policy timestamps), so the
+//! clock is saved as a [`ClockAnchor`] (start in Unix nanoseconds, scale) and
+//! [`PolicyClock::resume`] rebuilds it: the monotonic start is placed where the wall start lies
+//! in the past, and runs monotonically from there.
 
 use std::time::{Duration, Instant, SystemTime};
 
 use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
 
 /// Why a clock could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +31,17 @@ pub enum ClockError {
     Scale(u32),
     #[error("the system clock is outside the range a timestamp can hold")]
     OutOfRange,
+    #[error("the clock's start lies in the future or too far in the past to resume it")]
+    Anchor,
+}
+
+/// What a [`PolicyClock`] needs to be rebuilt in another process: its wall-clock start and scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockAnchor {
+    /// The wall-clock start, nanoseconds since the Unix epoch.
+    pub started_unix_nanos: u128,
+    pub scale: u32,
 }
 
 /// Wall clock and policy clock, started together.
@@ -49,6 +67,40 @@ impl PolicyClock {
             started_wall,
             scale,
         })
+    }
+
+    /// The clock that `anchor` describes, as the process that saved it reads it now.
+    pub fn resume(anchor: ClockAnchor) -> Result<Self, ClockError> {
+        if !(1..=3600).contains(&anchor.scale) {
+            return Err(ClockError::Scale(anchor.scale));
+        }
+        let since_epoch = Duration::from_nanos(
+            u64::try_from(anchor.started_unix_nanos).map_err(|_| ClockError::Anchor)?,
+        );
+        let started_wall = SystemTime::UNIX_EPOCH + since_epoch;
+        let origin = Timestamp::try_from(started_wall).map_err(|_| ClockError::OutOfRange)?;
+        let ago = SystemTime::now()
+            .duration_since(started_wall)
+            .map_err(|_| ClockError::Anchor)?;
+        let started = Instant::now().checked_sub(ago).ok_or(ClockError::Anchor)?;
+        Ok(Self {
+            origin,
+            started,
+            started_wall,
+            scale: anchor.scale,
+        })
+    }
+
+    /// What [`PolicyClock::resume`] needs.
+    pub fn anchor(&self) -> ClockAnchor {
+        ClockAnchor {
+            started_unix_nanos: self
+                .started_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|since| since.as_nanos())
+                .unwrap_or_default(),
+            scale: self.scale,
+        }
     }
 
     pub fn scale(&self) -> u32 {
@@ -121,6 +173,27 @@ mod tests {
         let clock = PolicyClock::start(10).unwrap();
         let earlier = SystemTime::UNIX_EPOCH;
         assert_eq!(clock.policy_time_of(earlier), clock.at(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_resumed_clock_reads_the_same_policy_time() {
+        let clock = PolicyClock::start(30).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let resumed = PolicyClock::resume(clock.anchor()).unwrap();
+        let (original, again) = (clock.now(), resumed.now());
+        let apart = original.duration_since(again).unsigned_abs();
+        // Both read "now" a few microseconds apart; 30x that stays far below a second.
+        assert!(apart < Duration::from_millis(300), "{original} vs {again}");
+        assert_eq!(resumed.anchor(), clock.anchor());
+        assert!(resumed.elapsed() >= Duration::from_millis(20));
+        let future = ClockAnchor {
+            started_unix_nanos: clock.anchor().started_unix_nanos + 3_600_000_000_000,
+            scale: 30,
+        };
+        assert!(matches!(
+            PolicyClock::resume(future),
+            Err(ClockError::Anchor)
+        ));
     }
 
     #[test]

@@ -11,6 +11,15 @@
 //! the node off (heartbeat stops, its containers get SIGKILL), kills its agent and cuts every
 //! link of its namespace. [`LocalCluster::teardown`] removes every container the nodes started
 //! and the network; dropping the cluster does the same as well as it can.
+//!
+//! A controller may run in another process than the one owning the cluster (to be killed and
+//! restarted). [`LocalCluster::create`] writes `<root>/cluster.json` ([`ClusterManifest`]: the
+//! config and every node's namespace and address); [`LocalCluster::attach`] builds the same
+//! cluster from it in the controller's process, owning nothing: its nodes are
+//! [`LocalNode::observer`]s (status read from the kubelets' posts, which
+//! [`LocalCluster::post_node_status`] turns on), its agents the daemons
+//! reached over their API ([`DaemonAgent::attach`]), and it neither injects failures nor tears
+//! anything down.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -53,6 +62,93 @@ pub enum ClusterError {
     NoSuchNode(String),
     #[error("the cluster needs 2 to 16 nodes, got {0}")]
     NodeCount(usize),
+    #[error("cluster manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error(
+        "a controller in another process reaches agents over their API: the cluster must run agent daemons (AgentMode::Daemon)"
+    )]
+    NeedsDaemons,
+    #[error("this process only attached to the cluster; it cannot {0}")]
+    Attached(&'static str),
+}
+
+/// What a process needs to attach to a running cluster (`<root>/cluster.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterManifest {
+    pub name_prefix: String,
+    pub nodes: Vec<ManifestNode>,
+    pub rtt_micros: Vec<Vec<u64>>,
+    pub labels: BTreeMap<String, String>,
+    pub allocatable: Resources,
+    pub root: PathBuf,
+    pub heartbeat_micros: u64,
+    pub agent: AgentMode,
+    pub retain_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestNode {
+    pub name: String,
+    pub namespace: String,
+    pub address: Ipv4Addr,
+}
+
+impl ClusterManifest {
+    /// Where [`LocalCluster::create`] writes it.
+    pub fn path(root: &std::path::Path) -> PathBuf {
+        root.join("cluster.json")
+    }
+
+    fn micros(duration: Duration) -> u64 {
+        u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn of(cluster: &LocalCluster) -> Self {
+        let config = &cluster.config;
+        Self {
+            name_prefix: config.name_prefix.clone(),
+            nodes: cluster
+                .nodes
+                .iter()
+                .map(|node| ManifestNode {
+                    name: node.name().to_string(),
+                    namespace: node.namespace().to_string(),
+                    address: node.address(),
+                })
+                .collect(),
+            rtt_micros: config
+                .rtt
+                .iter()
+                .map(|row| row.iter().map(|rtt| Self::micros(*rtt)).collect())
+                .collect(),
+            labels: config.labels.clone(),
+            allocatable: config.allocatable,
+            root: config.root.clone(),
+            heartbeat_micros: Self::micros(config.heartbeat),
+            agent: config.agent.clone(),
+            retain_count: config.retain_count,
+        }
+    }
+
+    fn config(&self) -> ClusterConfig {
+        ClusterConfig {
+            name_prefix: self.name_prefix.clone(),
+            nodes: self.nodes.iter().map(|node| node.name.clone()).collect(),
+            rtt: self
+                .rtt_micros
+                .iter()
+                .map(|row| row.iter().map(|rtt| Duration::from_micros(*rtt)).collect())
+                .collect(),
+            labels: self.labels.clone(),
+            allocatable: self.allocatable,
+            root: self.root.clone(),
+            heartbeat: Duration::from_micros(self.heartbeat_micros),
+            agent: self.agent.clone(),
+            retain_count: self.retain_count,
+        }
+    }
 }
 
 /// What the cluster is made of.
@@ -117,6 +213,8 @@ pub struct LocalCluster {
     kubelets: Option<Kubelets>,
     // Last: torn down after the agents stopped using its namespaces.
     network: Option<EmulatedNetwork>,
+    /// Built by [`LocalCluster::attach`]: another process owns all of it.
+    attached: bool,
 }
 
 impl LocalCluster {
@@ -207,13 +305,74 @@ impl LocalCluster {
         }
         tracing::info!(nodes = ?config.nodes, network = network.id(), agent = ?config.agent, "local cluster up");
         let kubelets = Kubelets::start(nodes.clone(), config.heartbeat);
-        Ok(Self {
+        let cluster = Self {
             config,
             nodes,
             agents,
             kubelets: Some(kubelets),
             network: Some(network),
+            attached: false,
+        };
+        let manifest_path = ClusterManifest::path(&cluster.config.root);
+        write_json(&manifest_path, &ClusterManifest::of(&cluster))?;
+        Ok(cluster)
+    }
+
+    /// The cluster another process created under `root`, seen from this process (see the
+    /// module header). Needs agent daemons; starts no process and changes nothing.
+    #[tracing::instrument(name = "cluster_attach", skip_all, fields(root = %root.display()))]
+    pub fn attach(root: &std::path::Path) -> Result<Self, ClusterError> {
+        let path = ClusterManifest::path(root);
+        let manifest: ClusterManifest = std::fs::read(&path)
+            .map_err(|error| error.to_string())
+            .and_then(|text| serde_json::from_slice(&text).map_err(|error| error.to_string()))
+            .map_err(|reason| ClusterError::Manifest {
+                path: path.clone(),
+                reason,
+            })?;
+        if !matches!(manifest.agent, AgentMode::Daemon { .. }) {
+            return Err(ClusterError::NeedsDaemons);
+        }
+        let config = manifest.config();
+        let mut nodes = Vec::with_capacity(manifest.nodes.len());
+        let mut agents = Vec::with_capacity(manifest.nodes.len());
+        for (index, entry) in manifest.nodes.iter().enumerate() {
+            let node = Arc::new(LocalNode::observer(
+                entry.name.clone(),
+                index,
+                entry.namespace.clone(),
+                entry.address,
+                NodeLayout::new(config.root.join(&entry.name)),
+            )?);
+            let agent =
+                DaemonAgent::attach(Arc::clone(&node)).map_err(|error| ClusterError::Agent {
+                    node: entry.name.clone(),
+                    reason: error.to_string(),
+                })?;
+            nodes.push(node);
+            agents.push(AgentHandle::Daemon(agent));
+        }
+        Ok(Self {
+            config,
+            nodes,
+            agents,
+            kubelets: None,
+            network: None,
+            attached: true,
         })
+    }
+
+    /// Has every node's kubelet post its status for a controller in another process
+    /// ([`LocalNode::start_posting_status`]).
+    pub fn post_node_status(&self) {
+        for node in &self.nodes {
+            node.start_posting_status();
+        }
+    }
+
+    /// Whether this process only attached to the cluster (see [`LocalCluster::attach`]).
+    pub fn is_attached(&self) -> bool {
+        self.attached
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -260,6 +419,9 @@ impl LocalCluster {
     /// killed, every link cut.
     #[tracing::instrument(name = "fail_node", skip(self))]
     pub async fn fail_node(&self, name: &str) -> Result<(), ClusterError> {
+        if self.attached {
+            return Err(ClusterError::Attached("fail a node"));
+        }
         let index = self.index_of(name)?;
         if let Some(network) = &self.network {
             network.isolate(index)?;
@@ -284,6 +446,9 @@ impl LocalCluster {
 
     /// Removes every container, stops the agents and deletes the network.
     pub async fn teardown(mut self) -> Result<(), ClusterError> {
+        if self.attached {
+            return Err(ClusterError::Attached("tear the cluster down"));
+        }
         for node in &self.nodes {
             for id in node.runc_container_ids() {
                 if let Err(error) = node.remove_container(&id).await {
@@ -307,6 +472,18 @@ impl LocalCluster {
             kubelets.stop();
         }
     }
+}
+
+/// Writes a JSON file atomically (temporary file, then rename).
+fn write_json(path: &std::path::Path, value: &impl Serialize) -> Result<(), ClusterError> {
+    let error = |reason: String| ClusterError::Manifest {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = serde_json::to_vec_pretty(value).map_err(|e| error(e.to_string()))?;
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, text).map_err(|e| error(e.to_string()))?;
+    std::fs::rename(&temporary, path).map_err(|e| error(e.to_string()))
 }
 
 /// Writes one PEM file for a daemon (keys owner-only).
@@ -346,5 +523,72 @@ impl Drop for LocalCluster {
             node.remove_cgroups();
         }
         self.stop_agents();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_gives_back_the_config() {
+        let mut config = ClusterConfig::line(3, Duration::from_micros(10_500), "/srv/run".into());
+        config.agent = AgentMode::Daemon {
+            binary: "/usr/bin/automigrate-agent".into(),
+        };
+        config.labels.insert("edge".into(), String::new());
+        let manifest = ClusterManifest {
+            name_prefix: config.name_prefix.clone(),
+            nodes: config
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(index, name)| ManifestNode {
+                    name: name.clone(),
+                    namespace: format!("amnet1-demo-{index}"),
+                    address: Ipv4Addr::new(10, 0, 0, index as u8 + 1),
+                })
+                .collect(),
+            rtt_micros: config
+                .rtt
+                .iter()
+                .map(|row| row.iter().map(|rtt| rtt.as_micros() as u64).collect())
+                .collect(),
+            labels: config.labels.clone(),
+            allocatable: config.allocatable,
+            root: config.root.clone(),
+            heartbeat_micros: config.heartbeat.as_micros() as u64,
+            agent: config.agent.clone(),
+            retain_count: config.retain_count,
+        };
+        let text = serde_json::to_string(&manifest).unwrap();
+        let read: ClusterManifest = serde_json::from_str(&text).unwrap();
+        assert_eq!(read, manifest);
+        assert_eq!(read.config(), config);
+    }
+
+    #[test]
+    fn attaching_needs_a_manifest_and_daemons() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            LocalCluster::attach(root.path()),
+            Err(ClusterError::Manifest { .. })
+        ));
+        let manifest = ClusterManifest {
+            name_prefix: "demo".into(),
+            nodes: Vec::new(),
+            rtt_micros: Vec::new(),
+            labels: BTreeMap::new(),
+            allocatable: Resources::default(),
+            root: root.path().to_path_buf(),
+            heartbeat_micros: 100_000,
+            agent: AgentMode::InProcess,
+            retain_count: 3,
+        };
+        write_json(&ClusterManifest::path(root.path()), &manifest).unwrap();
+        assert!(matches!(
+            LocalCluster::attach(root.path()),
+            Err(ClusterError::NeedsDaemons)
+        ));
     }
 }

@@ -21,6 +21,25 @@
 //! the node's runc state and `/proc` directly, and SIGKILLs a container that still runs before
 //! anything is started elsewhere.
 //!
+//! Restarts. [`LocalController::open`] starts a controller on a state directory that may hold
+//! an earlier controller's work (one that was killed): it reads the engine memory, the journaled
+//! timeline, epochs and dataset holders ([`crate::worker::Shared::journaled`]), and every
+//! persisted migration ([`PersistedMigration`]). Finished ones give the pod's placement (the
+//! outcomes replayed in order) and the engine's migration history; one still in progress is
+//! driven to its end by the first pass, through the same loop as a new one: it first waits for
+//! runtime operations the dead controller left going on the nodes involved (a `runc restore` it
+//! started outlives it), then observes what is true and only then steps. Each step is
+//! idempotent or recognises its own finished work: before a final dump the controller persists
+//! that it asked for one (`dumpRequestedAt`), so a restarted one finds the dump the agent took
+//! meanwhile, waits while the agent is still taking it (`conflict`), and, when the source's
+//! workload is gone without a dump, goes on as for a lost source from the newest stored
+//! checkpoint; a restore first removes a half-made container; a rollback that finds the
+//! workload already restored on the source keeps it. Never two copies holds as in the engine:
+//! nothing starts before the source is fenced, which a resumed run re-establishes. For tests,
+//! [`LocalController::with_halt`] stops a controller as if killed at a given point, and
+//! [`LocalController::with_step_delay`] holds a phase's step back so a kill can be aimed at it;
+//! [`crate::process`] runs the controller as a process that is killed for real.
+//!
 //! Everything the controller does lands in a [`TimelineEvent`] list with wall-clock times (Unix
 //! seconds, the same clock the workload's progress lines use), from which the scenarios compute
 //! their figures. [`Recovery::FreshRestart`] makes the restore step start the workload from its
@@ -32,7 +51,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use automigrate_agent::api::{CheckpointKind, CheckpointRequest, CheckpointSummary, PodKey};
+use automigrate_agent::api::{
+    CheckpointKind, CheckpointRequest, CheckpointSummary, PodKey, error_kind,
+};
 use automigrate_core::decide::{CheckpointDecision, CheckpointSource, MigrationDecision, Payload};
 use automigrate_core::migration::{self, Event, Facts, Limits, MigrationState, Phase, Step};
 use automigrate_core::model::{
@@ -75,6 +96,12 @@ pub enum ControllerError {
         "the workload's container {container} on {node} stopped without finishing its training"
     )]
     WorkloadLost { node: String, container: String },
+    #[error("reading controller state {path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+    /// The halt point set with [`LocalController::with_halt`] was reached: the controller stops
+    /// as if killed there (tests of restarts).
+    #[error("halted in phase {phase} as asked")]
+    Halted { phase: Phase },
 }
 
 /// Unix time in seconds, the clock of the workload's progress lines.
@@ -89,7 +116,8 @@ pub fn unix_seconds(time: SystemTime) -> f64 {
 }
 
 /// The protected training pod the demo runs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodConfig {
     pub pod: PodKey,
     /// The container's name inside the pod (what the agent's checkpoint request names).
@@ -260,11 +288,29 @@ pub enum TimelineEvent {
         checkpoint: Option<String>,
         fresh: bool,
     },
+    /// A policy ConfigMap edit arrived: applied, or refused with the last valid version kept.
+    #[serde(rename_all = "camelCase")]
+    PolicyEdited {
+        at: f64,
+        name: String,
+        accepted: bool,
+        message: Option<String>,
+    },
     #[serde(rename_all = "camelCase")]
     MigrationEnded {
         at: f64,
         phase: Phase,
         message: Option<String>,
+    },
+    /// A controller started on a state directory with work in it (an earlier one died).
+    #[serde(rename_all = "camelCase")]
+    ControllerStarted {
+        at: f64,
+        /// The phase of the migration it found in progress, and the step that was in flight.
+        migration_phase: Option<Phase>,
+        step_in_flight: Option<String>,
+        /// Runtime operations of the dead controller it waited for before observing.
+        waited_for_runtime_ms: f64,
     },
 }
 
@@ -302,6 +348,98 @@ struct PodState {
     generation: u32,
 }
 
+/// A stored checkpoint a migration restores from when its own source cannot give one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredChoice {
+    pub id: String,
+    /// A node whose agent holds it.
+    pub from: String,
+}
+
+/// The step a controller was carrying out when it wrote the migration's file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InFlight {
+    pub step: Step,
+    /// Unix seconds.
+    pub since: f64,
+}
+
+/// What the driver records about a migration besides the state machine's state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DriverRecord {
+    pub decided_at: f64,
+    pub freeze_started_at: Option<f64>,
+    pub resumed_at: Option<f64>,
+    pub checkpoint_used: Option<String>,
+    pub fresh_start: bool,
+    pub recovery_bytes: u64,
+    pub phases: Vec<(Phase, f64)>,
+    /// When this migration asked the source's agent for its final dump (Unix seconds): a dump
+    /// the agent stored after it is this migration's, even if no controller saw the answer.
+    pub dump_requested_at: Option<f64>,
+    pub fallback_checkpoint: Option<StoredChoice>,
+    pub in_flight: Option<InFlight>,
+    /// Controllers that took this migration over from one that died.
+    pub resumed_by: u32,
+}
+
+/// `<state dir>/migrations/<namespace>-<pod>-<n>.json`, rewritten after every transition and
+/// before every step: all a restarted controller needs to go on with the migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistedMigration {
+    pub pod: PodKey,
+    pub sequence: usize,
+    pub trigger: String,
+    pub reason: String,
+    pub policy: String,
+    pub checkpoint: String,
+    pub old_container: String,
+    pub new_container: String,
+    /// Policy time runs this many times faster than real time in these timestamps.
+    pub policy_clock_scale: u32,
+    pub limits: Limits,
+    pub state: MigrationState,
+    pub decision: MigrationDecision,
+    pub driver: DriverRecord,
+}
+
+impl PersistedMigration {
+    /// Every migration persisted in `state_dir`, in the order they were decided.
+    pub fn read_all(state_dir: &Path) -> Result<Vec<(PathBuf, Self)>, ControllerError> {
+        let dir = state_dir.join("migrations");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => {
+                return Err(ControllerError::Load {
+                    path: dir,
+                    reason: error.to_string(),
+                });
+            }
+        };
+        let mut found = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
+                continue;
+            }
+            let load = |reason: String| ControllerError::Load {
+                path: path.clone(),
+                reason,
+            };
+            let text = std::fs::read(&path).map_err(|e| load(e.to_string()))?;
+            let persisted: Self = serde_json::from_slice(&text).map_err(|e| load(e.to_string()))?;
+            found.push((path, persisted));
+        }
+        found.sort_by_key(|(_, persisted)| persisted.sequence);
+        Ok(found)
+    }
+}
+
 /// What a migration in progress carries besides its persisted state.
 #[derive(Debug)]
 struct MigrationRun {
@@ -311,13 +449,17 @@ struct MigrationRun {
     old_container: String,
     new_container: String,
     state_file: PathBuf,
-    decided_at: f64,
-    freeze_started_at: Option<f64>,
-    resumed_at: Option<f64>,
-    checkpoint_used: Option<String>,
-    fresh_start: bool,
-    recovery_bytes: u64,
-    phases: Vec<(Phase, f64)>,
+    sequence: usize,
+    driver: DriverRecord,
+}
+
+/// Where a controller stops as if killed (see [`LocalController::with_halt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HaltPoint {
+    pub phase: Phase,
+    /// `None`: right after entering the phase, before its step; `Some(after)`: this long into
+    /// the step (the step is abandoned mid-way).
+    pub after: Option<Duration>,
 }
 
 /// What one pass did.
@@ -355,7 +497,20 @@ pub struct LocalController {
     /// retried on every pass).
     checkpoint_retry_at: Option<Instant>,
     checkpoints_failed_seen: usize,
+    policy_edits: PolicyEdits,
+    /// A migration an earlier controller left in progress, driven on by the next pass.
+    pending: Option<MigrationRun>,
+    halt: Option<HaltPoint>,
+    /// A pause before the step of one phase (so a test can kill the controller in it).
+    step_delay: Option<(Phase, Duration)>,
+    /// Where another process writes the users' latencies (read by every pass when present).
+    users_file: Option<PathBuf>,
 }
+
+/// Policy ConfigMap edits waiting to be applied, `(name, policy.yaml text)`, as the Kubernetes
+/// controller's policy watch delivers them. They are applied at the next pass, or at the next
+/// step of a migration in progress (whose phase limits stay those it was decided with).
+pub type PolicyEdits = Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
 impl LocalController {
     /// A controller for one pod whose dataset already sits on `node` (its only copy so far).
@@ -401,6 +556,195 @@ impl LocalController {
             stopped_since: None,
             checkpoint_retry_at: None,
             checkpoints_failed_seen: 0,
+            policy_edits: Arc::default(),
+            pending: None,
+            halt: None,
+            step_delay: None,
+            users_file: None,
+        }
+    }
+
+    /// Reads the users' latencies from `path` (a JSON list of `UserObservation`) at every pass
+    /// where it exists, instead of [`LocalController::users_handle`].
+    pub fn with_users_file(mut self, path: PathBuf) -> Self {
+        self.users_file = Some(path);
+        self
+    }
+
+    fn users(&self) -> Vec<UserObservation> {
+        if let Some(path) = &self.users_file
+            && let Ok(text) = std::fs::read(path)
+        {
+            match serde_json::from_slice(&text) {
+                Ok(users) => return users,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "unreadable users file")
+                }
+            }
+        }
+        self.users
+            .lock()
+            .map(|users| users.clone())
+            .unwrap_or_default()
+    }
+
+    /// A controller on `options.state_dir` that goes on with what an earlier controller left
+    /// there (see the module header), or starts afresh on an empty one. The pod starts on
+    /// `node` with its dataset there; where it runs now follows from the finished migrations.
+    pub fn open(
+        cluster: Arc<LocalCluster>,
+        policies: PolicySet,
+        clock: PolicyClock,
+        config: PodConfig,
+        dataset: DatasetMeta,
+        node: &str,
+        options: ControllerOptions,
+    ) -> Result<Self, ControllerError> {
+        let state_dir = options.state_dir.clone();
+        let mut controller = Self::new(cluster, policies, clock, config, dataset, node, options);
+        let shared = Arc::new(crate::worker::Shared::journaled(&state_dir, true)?);
+        shared.add_holder(node);
+        controller.worker.shared = shared;
+        controller.checkpoints_failed_seen = controller
+            .worker
+            .shared
+            .timeline()
+            .iter()
+            .filter(|event| matches!(event, TimelineEvent::CheckpointFailed { .. }))
+            .count();
+        let memory_path = state_dir.join("engine-memory.json");
+        match std::fs::read(&memory_path) {
+            Ok(text) => {
+                controller.memory =
+                    serde_json::from_slice(&text).map_err(|error| ControllerError::Load {
+                        path: memory_path.clone(),
+                        reason: error.to_string(),
+                    })?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(ControllerError::Load {
+                    path: memory_path,
+                    reason: error.to_string(),
+                });
+            }
+        }
+        for (path, persisted) in PersistedMigration::read_all(&state_dir)? {
+            if persisted.pod != controller.pod.config.pod {
+                continue;
+            }
+            let run = MigrationRun {
+                decision: persisted.decision,
+                limits: persisted.limits,
+                state: persisted.state,
+                old_container: persisted.old_container,
+                new_container: persisted.new_container,
+                state_file: path,
+                sequence: persisted.sequence,
+                driver: persisted.driver,
+            };
+            if run.state.phase.is_terminal() {
+                controller.conclude(run);
+            } else if let Some(earlier) = controller.pending.replace(run) {
+                // One pod migrates once at a time; a second would mean a corrupt directory.
+                return Err(ControllerError::Load {
+                    path: earlier.state_file,
+                    reason: "two migrations of the pod in progress at once".into(),
+                });
+            }
+        }
+        // With a migration in progress, the resume says so once it has looked at the runtimes.
+        if controller.pending.is_none() && !controller.worker.shared.timeline().is_empty() {
+            controller
+                .worker
+                .shared
+                .push(TimelineEvent::ControllerStarted {
+                    at: unix_now(),
+                    migration_phase: None,
+                    step_in_flight: None,
+                    waited_for_runtime_ms: 0.0,
+                });
+        }
+        Ok(controller)
+    }
+
+    /// Stops as if killed at `halt` (a test of restarts: the state persisted there is what a
+    /// killed controller leaves).
+    pub fn with_halt(mut self, halt: HaltPoint) -> Self {
+        self.halt = Some(halt);
+        self
+    }
+
+    /// Pauses `delay` before carrying out the step of `phase`, so that a test can kill the
+    /// controller while the migration is persisted in that phase.
+    pub fn with_step_delay(mut self, phase: Phase, delay: Duration) -> Self {
+        self.step_delay = Some((phase, delay));
+        self
+    }
+
+    /// The phase of a migration an earlier controller left in progress, if one waits.
+    pub fn pending_phase(&self) -> Option<Phase> {
+        self.pending.as_ref().map(|run| run.state.phase)
+    }
+
+    /// Whether the pod was deployed (by this controller or an earlier one on its state dir).
+    pub fn deployed(&self) -> bool {
+        self.worker
+            .shared
+            .timeline()
+            .iter()
+            .any(|event| matches!(event, TimelineEvent::Deployed { .. }))
+    }
+
+    /// Deploys the pod unless an earlier controller did: a container already running (started
+    /// by a controller killed before it noted so) is kept.
+    pub async fn deploy_once(&mut self) -> Result<(), ControllerError> {
+        if self.deployed() {
+            return Ok(());
+        }
+        if self
+            .node(&self.pod.node)?
+            .container_running(&self.runtime_id())
+        {
+            self.worker.shared.push(TimelineEvent::Deployed {
+                at: unix_now(),
+                node: self.pod.node.clone(),
+                container: self.pod.container.clone(),
+            });
+            return Ok(());
+        }
+        self.deploy().await
+    }
+
+    /// Where policy edits go (see [`PolicyEdits`]).
+    pub fn policy_edits_handle(&self) -> PolicyEdits {
+        Arc::clone(&self.policy_edits)
+    }
+
+    /// The policies in force.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Applies the edits that arrived; an invalid one is refused and the last valid version of
+    /// that policy stays in force ([`PolicySet::apply`]).
+    fn apply_policy_edits(&mut self) {
+        let edits = self
+            .policy_edits
+            .lock()
+            .map(|mut edits| std::mem::take(&mut *edits))
+            .unwrap_or_default();
+        for (name, text) in edits {
+            let outcome = self.policies.apply(&name, &text);
+            if let Err(error) = &outcome {
+                tracing::warn!(%name, %error, "policy edit refused; the last valid version stays");
+            }
+            self.worker.shared.push(TimelineEvent::PolicyEdited {
+                at: unix_now(),
+                name,
+                accepted: outcome.is_ok(),
+                message: outcome.err().map(|error| error.to_string()),
+            });
         }
     }
 
@@ -550,11 +894,16 @@ impl LocalController {
         }
         let now = clock.now();
         let mut nodes = Vec::new();
+        // Nodes whose heartbeat is stale: a copy of the dataset there cannot be fetched.
+        let mut silent_nodes = BTreeSet::new();
         for node in self.cluster.nodes() {
             let status = node.status(|time| clock.policy_time_of(time));
             let silent = SystemTime::now()
                 .duration_since(status.last_heartbeat)
                 .unwrap_or_default();
+            if silent > stale_after {
+                silent_nodes.insert(node.name().to_string());
+            }
             // The node lifecycle controller's rule: Ready turns Unknown once the heartbeat is
             // stale; the engine's grace periods count from the last heartbeat.
             let ready = if silent <= stale_after {
@@ -642,7 +991,13 @@ impl LocalController {
                     size: file.size,
                 })
                 .collect(),
-            present_on: self.worker.shared.holders().into_iter().collect(),
+            present_on: self
+                .worker
+                .shared
+                .holders()
+                .into_iter()
+                .filter(|holder| !silent_nodes.contains(holder))
+                .collect(),
         };
         ClusterSnapshot {
             taken_at: Some(now),
@@ -650,11 +1005,7 @@ impl LocalController {
             pods: vec![pod],
             datasets: vec![dataset],
             links,
-            users: self
-                .users
-                .lock()
-                .map(|users| users.clone())
-                .unwrap_or_default(),
+            users: self.users(),
             alerts: Vec::new(),
             migrations: self.records.clone(),
             requests: Vec::new(),
@@ -671,6 +1022,11 @@ impl LocalController {
     /// One pass: snapshot, decide, act.
     #[tracing::instrument(name = "controller_tick", skip(self))]
     pub async fn tick(&mut self) -> Result<TickOutcome, ControllerError> {
+        self.apply_policy_edits();
+        if let Some(run) = self.pending.take() {
+            let summary = self.resume(run).await?;
+            return Ok(TickOutcome::Migrated(Box::new(summary)));
+        }
         if self.training_done() {
             self.settle_checkpoint(true).await;
             return Ok(TickOutcome::TrainingDone);
@@ -896,7 +1252,7 @@ impl LocalController {
                 .collect(),
         });
         tracing::info!(reason = %decision.reason, "migration decided");
-        let mut run = MigrationRun {
+        let run = MigrationRun {
             new_container: format!(
                 "{}-{}-{}",
                 self.pod.config.pod.name,
@@ -908,16 +1264,70 @@ impl LocalController {
             limits,
             state,
             state_file,
-            decided_at,
-            freeze_started_at: None,
-            resumed_at: None,
-            checkpoint_used: None,
-            fresh_start: false,
-            recovery_bytes: 0,
-            phases: Vec::new(),
+            sequence,
+            driver: DriverRecord {
+                decided_at,
+                ..DriverRecord::default()
+            },
         };
         self.save(&run)?;
+        self.drive(run).await
+    }
+
+    /// Goes on with a migration an earlier controller left in progress: waits until the
+    /// runtime operations it started on the two nodes are over, then drives it like a new one
+    /// (observing first).
+    #[tracing::instrument(name = "migration_resume", skip_all, fields(phase = %run.state.phase, from = %run.state.source, to = %run.state.target))]
+    async fn resume(&mut self, mut run: MigrationRun) -> Result<MigrationSummary, ControllerError> {
+        let waited = self.wait_for_quiet_runtimes(&run).await;
+        run.driver.resumed_by += 1;
+        let in_flight = run.driver.in_flight.take();
+        tracing::warn!(phase = %run.state.phase, in_flight = ?in_flight, waited_ms = waited.as_millis(), "resuming a migration an earlier controller left in progress");
+        self.worker.shared.push(TimelineEvent::ControllerStarted {
+            at: unix_now(),
+            migration_phase: Some(run.state.phase),
+            step_in_flight: in_flight.map(|in_flight| format!("{:?}", in_flight.step)),
+            waited_for_runtime_ms: waited.as_secs_f64() * 1000.0,
+        });
+        self.save(&run)?;
+        self.drive(run).await
+    }
+
+    /// Longest a restarted controller waits for the runtime operations of the one that died.
+    const RUNTIME_QUIET_LIMIT: Duration = Duration::from_secs(120);
+
+    /// Waits until no `runc` works on the migration's nodes (an operation a killed controller
+    /// started goes on without it; observing before it ends would see a half-made state).
+    async fn wait_for_quiet_runtimes(&self, run: &MigrationRun) -> Duration {
+        let started = Instant::now();
+        let nodes: Vec<Arc<LocalNode>> = [&run.state.source, &run.state.target]
+            .into_iter()
+            .filter_map(|name| self.node(name).ok().cloned())
+            .collect();
         loop {
+            let busy: Vec<u32> = nodes
+                .iter()
+                .flat_map(|node| node.runtime_operations())
+                .collect();
+            if busy.is_empty() || started.elapsed() > Self::RUNTIME_QUIET_LIMIT {
+                if !busy.is_empty() {
+                    tracing::warn!(?busy, "runtime operations still running; observing anyway");
+                }
+                return started.elapsed();
+            }
+            tracing::info!(
+                ?busy,
+                "waiting for runtime operations of the earlier controller"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The driver's loop: observe, time out, step, until the migration ends.
+    async fn drive(&mut self, mut run: MigrationRun) -> Result<MigrationSummary, ControllerError> {
+        let mut delayed_in = None;
+        loop {
+            self.apply_policy_edits();
             let facts = self.facts(&run).await;
             if let Some(event) = migration::observe(&run.state, &facts) {
                 self.apply(&mut run, event)?;
@@ -931,8 +1341,36 @@ impl LocalController {
             if step == Step::Done {
                 break;
             }
+            let phase = run.state.phase;
+            if let Some((slow, delay)) = self.step_delay
+                && slow == phase
+                && delayed_in != Some(phase)
+            {
+                delayed_in = Some(phase);
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            run.driver.in_flight = Some(InFlight {
+                step: step.clone(),
+                since: unix_now(),
+            });
+            self.save(&run)?;
             let budget = self.remaining(&run);
-            let event = match tokio::time::timeout(budget, self.execute(&mut run, &step)).await {
+            let halt_after = self
+                .halt
+                .filter(|halt| halt.phase == phase)
+                .and_then(|halt| halt.after);
+            let outcome = match halt_after {
+                Some(after) if after < budget => {
+                    let step_run = tokio::time::timeout(after, self.execute(&mut run, &step));
+                    match step_run.await {
+                        Ok(event) => Ok(event),
+                        Err(_) => return Err(self.halted(phase)),
+                    }
+                }
+                _ => tokio::time::timeout(budget, self.execute(&mut run, &step)).await,
+            };
+            let event = match outcome {
                 Ok(event) => event,
                 Err(_) => migration::timeout(&run.state, &run.limits, self.clock.now())
                     .unwrap_or_else(|| Event::StepFailed {
@@ -940,9 +1378,19 @@ impl LocalController {
                         retryable: false,
                     }),
             };
+            run.driver.in_flight = None;
             self.apply(&mut run, event)?;
         }
         Ok(self.finish(run))
+    }
+
+    /// Stops as if killed: background work is abandoned where it is.
+    fn halted(&mut self, phase: Phase) -> ControllerError {
+        if let Some(handle) = self.checkpointing.take() {
+            handle.abort();
+        }
+        tracing::warn!(%phase, "halting as asked");
+        ControllerError::Halted { phase }
     }
 
     /// Real time left before the current phase's deadline (a minute for phases without one).
@@ -957,34 +1405,22 @@ impl LocalController {
     }
 
     fn save(&self, run: &MigrationRun) -> Result<(), ControllerError> {
-        #[derive(Serialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Persisted<'a> {
-            pod: &'a PodKey,
-            trigger: String,
-            reason: &'a str,
-            policy: &'a str,
-            checkpoint: String,
-            old_container: &'a str,
-            new_container: &'a str,
-            /// Policy time runs this many times faster than real time in these timestamps.
-            policy_clock_scale: u32,
-            limits: &'a Limits,
-            state: &'a MigrationState,
-        }
         Self::persist(
             &run.state_file,
-            &Persisted {
-                pod: &self.pod.config.pod,
+            &PersistedMigration {
+                pod: self.pod.config.pod.clone(),
+                sequence: run.sequence,
                 trigger: format!("{:?}", run.decision.trigger),
-                reason: &run.decision.reason,
-                policy: &run.decision.policy,
+                reason: run.decision.reason.clone(),
+                policy: run.decision.policy.clone(),
                 checkpoint: Self::describe_source(&run.decision.checkpoint),
-                old_container: &run.old_container,
-                new_container: &run.new_container,
+                old_container: run.old_container.clone(),
+                new_container: run.new_container.clone(),
                 policy_clock_scale: self.clock.scale(),
-                limits: &run.limits,
-                state: &run.state,
+                limits: run.limits,
+                state: run.state.clone(),
+                decision: run.decision.clone(),
+                driver: run.driver.clone(),
             },
         )
     }
@@ -996,12 +1432,19 @@ impl LocalController {
         if run.state.phase != before {
             let at = unix_now();
             tracing::info!(from = %before, to = %run.state.phase, message = ?run.state.message, "migration phase");
-            run.phases.push((run.state.phase, at));
+            run.driver.phases.push((run.state.phase, at));
+            self.save(run)?;
             self.worker.shared.push(TimelineEvent::Phase {
                 at,
                 phase: run.state.phase,
                 message: run.state.message.clone(),
             });
+            if self
+                .halt
+                .is_some_and(|halt| halt.phase == run.state.phase && halt.after.is_none())
+            {
+                return Err(self.halted(run.state.phase));
+            }
         }
         Ok(())
     }
@@ -1027,7 +1470,7 @@ impl LocalController {
                     &self.pod.config.pod.namespace,
                     &self.pod.config.pod.name,
                 );
-                node.store().get(&pod, id).is_ok()
+                node.has_checkpoint(&pod, id)
             }
             _ => false,
         };
@@ -1101,14 +1544,14 @@ impl LocalController {
                 },
             };
             match moved {
-                Ok(bytes) => run.recovery_bytes += bytes,
+                Ok(bytes) => run.driver.recovery_bytes += bytes,
                 Err(error) => return Ok(Self::failed_step(error, true)),
             }
         }
         // The engine found no surviving copy ("the pod must fetch it again").
         if !self.worker.shared.holders().contains(&target) {
             match self.worker.fetch_from_origin(&target).await {
-                Ok(bytes) => run.recovery_bytes += bytes,
+                Ok(bytes) => run.driver.recovery_bytes += bytes,
                 Err(error) => return Ok(Self::failed_step(error, false)),
             }
         }
@@ -1132,9 +1575,15 @@ impl LocalController {
         if !self.source_reachable(run).await {
             return Ok(Event::SourceLost);
         }
+        if let Some(event) = self.earlier_dump(run).await {
+            return Ok(event);
+        }
         let source = run.state.source.clone();
         let at = unix_now();
-        run.freeze_started_at.get_or_insert(at);
+        run.driver.freeze_started_at.get_or_insert(at);
+        // Persisted before asking: a controller that takes over finds what this request made.
+        run.driver.dump_requested_at.get_or_insert(at);
+        self.save(run)?;
         let started = Instant::now();
         let request = CheckpointRequest {
             pod: self.pod.config.pod.clone(),
@@ -1142,7 +1591,19 @@ impl LocalController {
             kind: CheckpointKind::Final,
         };
         let before = self.last_epoch(&source, &run.old_container);
-        let result = self.agent(&source)?.checkpoint(&request).await;
+        let result = loop {
+            match self.agent(&source)?.checkpoint(&request).await {
+                // The agent is still taking a dump of the pod that an earlier controller asked
+                // for: wait for it to end, then see what it left.
+                Err(AgentError::Failed { kind, .. }) if kind == error_kind::CONFLICT => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if let Some(event) = self.earlier_dump(run).await {
+                        return Ok(event);
+                    }
+                }
+                other => break other,
+            }
+        };
         match result {
             Ok(summary) => {
                 // The dumped process is gone: its last line is exactly the checkpoint's epoch.
@@ -1167,15 +1628,117 @@ impl LocalController {
         }
     }
 
-    /// The checkpoint to restore from: this migration's dump, else the engine's stored choice.
+    /// How long a restarted controller waits for a dump it finds the source's workload gone
+    /// after to show up in the agent's store (the agent may still be storing it).
+    const EARLIER_DUMP_WAIT: Duration = Duration::from_secs(10);
+
+    /// What became of a final dump this migration asked for before (by this controller or one
+    /// that died since): `None` while the workload still runs on the source (dump, again);
+    /// success with its id when the source's agent stores a checkpoint made since the request;
+    /// [`Event::SourceLost`] when the workload is gone and no such checkpoint appears (no fresh
+    /// checkpoint can be had: go on from the newest stored one).
+    async fn earlier_dump(&mut self, run: &MigrationRun) -> Option<Event> {
+        let requested = run.driver.dump_requested_at?;
+        let source = run.state.source.clone();
+        let node = Arc::clone(self.node(&source).ok()?);
+        if node.container_running(&self.runtime_id()) {
+            return None;
+        }
+        let agent = self.agent(&source).ok()?.clone();
+        let deadline = Instant::now() + Self::EARLIER_DUMP_WAIT;
+        loop {
+            let made_since = agent
+                .checkpoints(&self.pod.config.pod)
+                .await
+                .ok()?
+                .into_iter()
+                .filter(|summary| {
+                    unix_seconds(SystemTime::from(summary.created_at)) >= requested - 0.5
+                })
+                .max_by_key(|summary| summary.created_at);
+            if let Some(summary) = made_since {
+                // The dumped process is gone: its last line is exactly the checkpoint's epoch.
+                let epoch = self.last_epoch(&source, &run.old_container);
+                self.worker.shared.set_epochs(&summary.id, (epoch, epoch));
+                self.worker.shared.push(TimelineEvent::Checkpoint {
+                    at: unix_seconds(SystemTime::from(summary.created_at)),
+                    node: source.clone(),
+                    id: summary.id.clone(),
+                    kind: "final".into(),
+                    bytes: summary.bytes,
+                    freeze_ms: summary.freeze.as_secs_f64() * 1000.0,
+                    took_ms: 0.0,
+                    epoch_before: epoch,
+                    epoch_after: epoch,
+                    reason: format!("{} (found after a controller restart)", run.decision.reason),
+                });
+                tracing::info!(id = %summary.id, "the final dump asked for earlier was taken");
+                return Some(Self::succeeded(Some(summary.id)));
+            }
+            if Instant::now() > deadline {
+                tracing::warn!("the source's workload is gone without a final dump");
+                return Some(Event::SourceLost);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The checkpoint to restore from: this migration's dump, else the engine's stored choice,
+    /// else the stored one chosen when the source could give none ([`Self::choose_fallback`]).
     fn checkpoint_to_use(&self, run: &MigrationRun) -> Option<(String, Option<String>)> {
         if let Some(id) = &run.state.checkpoint_id {
             return Some((id.clone(), Some(run.state.source.clone())));
         }
         match &run.decision.checkpoint {
             CheckpointSource::Stored { id, from, .. } => Some((id.clone(), Some(from.clone()))),
-            _ => None,
+            _ => run
+                .driver
+                .fallback_checkpoint
+                .as_ref()
+                .map(|choice| (choice.id.clone(), Some(choice.from.clone()))),
         }
+    }
+
+    /// A live source lost before its final dump leaves the migration without a checkpoint of
+    /// its own: the newest one a reachable agent stores is chosen (the target's copy when it has
+    /// one) and persisted, as the engine's "continue from the newest stored checkpoint" says.
+    async fn choose_fallback(&mut self, run: &mut MigrationRun) -> Result<(), ControllerError> {
+        if self.options.recovery == Recovery::FreshRestart
+            || run.state.source_alive
+            || self.checkpoint_to_use(run).is_some()
+        {
+            return Ok(());
+        }
+        let mut newest: Option<(CheckpointSummary, String)> = None;
+        for agent in self.cluster.agents() {
+            let Ok(list) = agent.checkpoints(&self.pod.config.pod).await else {
+                continue;
+            };
+            for summary in list {
+                let node = agent.node().to_string();
+                let better = match &newest {
+                    None => true,
+                    Some((best, holder)) => {
+                        (summary.created_at, &summary.id) > (best.created_at, &best.id)
+                            || (summary.id == best.id
+                                && node == run.state.target
+                                && *holder != run.state.target)
+                    }
+                };
+                if better {
+                    newest = Some((summary, node));
+                }
+            }
+        }
+        if let Some((summary, from)) = newest {
+            tracing::info!(id = %summary.id, %from, "no checkpoint of the migration's own: using the newest stored one");
+            run.driver.fallback_checkpoint = Some(StoredChoice {
+                id: summary.id,
+                from,
+            });
+            self.save(run)?;
+        }
+        Ok(())
     }
 
     async fn transfer_checkpoint(
@@ -1185,13 +1748,14 @@ impl LocalController {
         if self.options.recovery == Recovery::FreshRestart {
             return Ok(Self::succeeded(None));
         }
+        self.choose_fallback(run).await?;
         let Some((id, Some(from))) = self.checkpoint_to_use(run) else {
             return Ok(Self::succeeded(None));
         };
         let target = run.state.target.clone();
         match self.copy_checkpoint(&from, &target, &id).await {
             Ok(bytes) => {
-                run.recovery_bytes += bytes;
+                run.driver.recovery_bytes += bytes;
                 Ok(Self::succeeded(None))
             }
             Err(error) => Ok(Self::failed_step(error, true)),
@@ -1231,18 +1795,30 @@ impl LocalController {
         let spec = self.spec(&run.new_container);
         // Idempotent: a container left by an attempt that did not finish goes first.
         target.remove_container(&self.runtime_id()).await?;
+        self.choose_fallback(run).await?;
         let checkpoint = match self.options.recovery {
-            Recovery::Resume => self.checkpoint_to_use(run).map(|(id, _)| id),
+            Recovery::Resume => self.checkpoint_to_use(run),
             Recovery::FreshRestart => None,
         };
         match checkpoint {
-            Some(id) => {
+            Some((id, from)) => {
+                // A source lost while syncing skips the transfer phase: the copy is made here.
+                if let Some(from) = from.filter(|from| *from != run.state.target) {
+                    let target_name = run.state.target.clone();
+                    match self.copy_checkpoint(&from, &target_name, &id).await {
+                        Ok(bytes) => run.driver.recovery_bytes += bytes,
+                        Err(error) => return Ok(Self::failed_step(error, true)),
+                    }
+                }
+                // Recorded before: a controller that takes over after the restore finds it.
+                run.driver.checkpoint_used = Some(id.clone());
+                self.save(run)?;
                 let timeout = self.clock.to_real(run.limits.restore);
                 match target.restore(&spec, &id, timeout).await {
                     Ok(_) => {
                         let at = unix_now();
-                        run.resumed_at = Some(at);
-                        run.checkpoint_used = Some(id.clone());
+                        run.driver.resumed_at = Some(at);
+                        run.driver.checkpoint_used = Some(id.clone());
                         self.worker.shared.push(TimelineEvent::Resumed {
                             at,
                             node: run.state.target.clone(),
@@ -1252,12 +1828,73 @@ impl LocalController {
                         });
                         Ok(Self::succeeded(None))
                     }
+                    // The stored checkpoint does not verify (damaged at rest) and the source is
+                    // gone: an older one on the target that verifies beats the policy's
+                    // fallback, a restart from zero.
+                    Err(error @ (NodeError::Store(_) | NodeError::Archive(_)))
+                        if !run.state.source_alive =>
+                    {
+                        let older = {
+                            let store = target.store().clone();
+                            let pod = automigrate_checkpoint::PodKey::new(
+                                &self.pod.config.pod.namespace,
+                                &self.pod.config.pod.name,
+                            );
+                            let damaged = id.clone();
+                            tokio::task::spawn_blocking(move || {
+                                store
+                                    .list(&pod)
+                                    .ok()?
+                                    .into_iter()
+                                    .rev()
+                                    .filter(|stored| {
+                                        stored.manifest.id != damaged
+                                            && stored.manifest.kind.restorable()
+                                    })
+                                    .find(|stored| {
+                                        store.verified(&pod, &stored.manifest.id).is_ok()
+                                    })
+                                    .map(|stored| stored.manifest.id)
+                            })
+                            .await
+                            .ok()
+                            .flatten()
+                        };
+                        let Some(older) = older else {
+                            return Ok(Self::failed_step(error, false));
+                        };
+                        tracing::warn!(%id, %older, %error, "checkpoint does not verify; restoring an older one");
+                        self.worker.shared.push(TimelineEvent::Problem {
+                            at: unix_now(),
+                            message: format!(
+                                "checkpoint {id} does not verify on {}: {error}; restoring the older {older}",
+                                run.state.target
+                            ),
+                        });
+                        run.driver.checkpoint_used = Some(older.clone());
+                        self.save(run)?;
+                        match target.restore(&spec, &older, timeout).await {
+                            Ok(_) => {
+                                let at = unix_now();
+                                run.driver.resumed_at = Some(at);
+                                self.worker.shared.push(TimelineEvent::Resumed {
+                                    at,
+                                    node: run.state.target.clone(),
+                                    container: run.new_container.clone(),
+                                    checkpoint: Some(older),
+                                    fresh: false,
+                                });
+                                Ok(Self::succeeded(None))
+                            }
+                            Err(error) => Ok(Self::failed_step(error, false)),
+                        }
+                    }
                     Err(error) => Ok(Self::failed_step(error, false)),
                 }
             }
             None => match target.run_fresh(&spec).await {
                 Ok(()) => {
-                    run.fresh_start = true;
+                    run.driver.fresh_start = true;
                     Ok(Self::succeeded(None))
                 }
                 Err(error) => Ok(Self::failed_step(error, false)),
@@ -1271,12 +1908,12 @@ impl LocalController {
         let container = run.new_container.clone();
         loop {
             let progress = self.progress_of(&target, &container);
-            if run.fresh_start
-                && run.resumed_at.is_none()
+            if run.driver.fresh_start
+                && run.driver.resumed_at.is_none()
                 && let Some((_, at)) = progress.starts().next()
             {
                 // A fresh process runs training code from its start line on.
-                run.resumed_at = Some(at);
+                run.driver.resumed_at = Some(at);
                 self.worker.shared.push(TimelineEvent::Resumed {
                     at,
                     node: target.clone(),
@@ -1286,6 +1923,18 @@ impl LocalController {
                 });
             }
             if progress.last_epoch().is_some() || progress.done().is_some() {
+                if run.driver.resumed_at.is_none() {
+                    // Restored by a controller that died before it saw the restore return.
+                    let at = unix_now();
+                    run.driver.resumed_at = Some(at);
+                    self.worker.shared.push(TimelineEvent::Resumed {
+                        at,
+                        node: target.clone(),
+                        container: container.clone(),
+                        checkpoint: run.driver.checkpoint_used.clone(),
+                        fresh: run.driver.fresh_start,
+                    });
+                }
                 return Ok(Self::succeeded(None));
             }
             let running = self
@@ -1329,6 +1978,12 @@ impl LocalController {
                     run.state.source,
                     self.pod.generation + 1
                 );
+                // Restored already by a controller that died before it recorded so.
+                if source.container_running(&self.runtime_id()) {
+                    run.new_container = container;
+                    return Ok(Self::succeeded(None));
+                }
+                source.remove_container(&self.runtime_id()).await?;
                 source
                     .restore(
                         &self.spec(&container),
@@ -1340,16 +1995,49 @@ impl LocalController {
             }
             RollbackAction::RestartFresh => {
                 let spec = self.spec(&run.new_container);
-                self.node(&run.state.target)?.run_fresh(&spec).await?;
-                run.fresh_start = true;
+                let target = Arc::clone(self.node(&run.state.target)?);
+                // Started already by a controller that died before it recorded so.
+                if !target.container_running(&self.runtime_id()) {
+                    target.remove_container(&self.runtime_id()).await?;
+                    target.run_fresh(&spec).await?;
+                }
+                run.driver.fresh_start = true;
             }
         }
         Ok(Self::succeeded(None))
     }
 
     fn finish(&mut self, run: MigrationRun) -> MigrationSummary {
-        use migration::RollbackAction;
         let ended_at = unix_now();
+        self.worker.shared.push(TimelineEvent::MigrationEnded {
+            at: ended_at,
+            phase: run.state.phase,
+            message: run.state.message.clone(),
+        });
+        let finished_at = self.clock.now();
+        self.record_outcome(run, ended_at, finished_at)
+    }
+
+    /// A finished migration an earlier controller persisted: where it left the pod.
+    fn conclude(&mut self, run: MigrationRun) {
+        let ended_at = run
+            .driver
+            .phases
+            .last()
+            .map(|(_, at)| *at)
+            .unwrap_or(run.driver.decided_at);
+        let finished_at = run.state.phase_started_at;
+        self.record_outcome(run, ended_at, finished_at);
+    }
+
+    /// Moves the pod where the migration left it and records the migration.
+    fn record_outcome(
+        &mut self,
+        run: MigrationRun,
+        ended_at: f64,
+        finished_at: jiff::Timestamp,
+    ) -> MigrationSummary {
+        use migration::RollbackAction;
         let phase = run.state.phase;
         // Where the pod is now.
         match (phase, run.state.rollback) {
@@ -1373,12 +2061,7 @@ impl LocalController {
             source: run.state.source.clone(),
             target: Some(run.state.target.clone()),
             started_at: run.state.started_at,
-            finished_at: Some(self.clock.now()),
-        });
-        self.worker.shared.push(TimelineEvent::MigrationEnded {
-            at: ended_at,
-            phase,
-            message: run.state.message.clone(),
+            finished_at: Some(finished_at),
         });
         let summary = MigrationSummary {
             trigger: format!("{:?}", run.decision.trigger),
@@ -1386,23 +2069,116 @@ impl LocalController {
             to: run.state.target.clone(),
             reason: run.decision.reason.clone(),
             phase,
-            decided_at: run.decided_at,
-            freeze_started_at: run.freeze_started_at,
-            resumed_at: run.resumed_at,
+            decided_at: run.driver.decided_at,
+            freeze_started_at: run.driver.freeze_started_at,
+            resumed_at: run.driver.resumed_at,
             ended_at,
             old_container: run.old_container.clone(),
             new_container: run.new_container.clone(),
-            checkpoint: run.checkpoint_used.clone(),
-            fresh_start: run.fresh_start,
-            recovery_bytes: run.recovery_bytes,
+            checkpoint: run.driver.checkpoint_used.clone(),
+            fresh_start: run.driver.fresh_start,
+            recovery_bytes: run.driver.recovery_bytes,
             state_machine_downtime_s: run
                 .state
                 .downtime
                 .map(|downtime| self.clock.to_real(downtime).as_secs_f64()),
-            phases: run.phases.clone(),
+            phases: run.driver.phases.clone(),
             state_file: run.state_file.clone(),
         };
         self.migrations.push(summary.clone());
         summary
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automigrate_core::decide::Trigger;
+    use automigrate_core::model::PodRef;
+
+    fn persisted(sequence: usize, phase: Phase) -> PersistedMigration {
+        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let mut state = MigrationState::new("node-a".into(), "node-b".into(), true, now, None);
+        state.phase = phase;
+        PersistedMigration {
+            pod: PodKey::new("ml", "trainer"),
+            sequence,
+            trigger: "NodeDegraded".into(),
+            reason: "DiskPressure".into(),
+            policy: "default".into(),
+            checkpoint: "fresh stop-and-dump".into(),
+            old_container: "trainer-node-a-1".into(),
+            new_container: "trainer-node-b-2".into(),
+            policy_clock_scale: 30,
+            limits: Limits::from_policy(&Policy::default()),
+            state,
+            decision: MigrationDecision {
+                pod: PodRef::new("ml", "trainer"),
+                from: "node-a".into(),
+                to: "node-b".into(),
+                trigger: Trigger::NodeDegraded,
+                reason: "DiskPressure".into(),
+                policy: "default".into(),
+                failed_at: None,
+                checkpoint: CheckpointSource::Fresh { base: None },
+                transfers: Vec::new(),
+                candidates: Vec::new(),
+                rejected: Default::default(),
+            },
+            driver: DriverRecord {
+                decided_at: 12.5,
+                dump_requested_at: Some(13.0),
+                in_flight: Some(InFlight {
+                    step: Step::Checkpoint,
+                    since: 13.0,
+                }),
+                fallback_checkpoint: Some(StoredChoice {
+                    id: "trainer-000002".into(),
+                    from: "node-c".into(),
+                }),
+                phases: vec![(Phase::Syncing, 12.6), (phase, 12.9)],
+                ..DriverRecord::default()
+            },
+        }
+    }
+
+    #[test]
+    fn persisted_migrations_are_read_back_in_the_order_decided() {
+        let dir = tempfile::tempdir().unwrap();
+        let migrations = dir.path().join("migrations");
+        for (sequence, phase) in [(10, Phase::Checkpointing), (2, Phase::Succeeded)] {
+            LocalController::persist(
+                &migrations.join(format!("ml-trainer-{sequence}.json")),
+                &persisted(sequence, phase),
+            )
+            .unwrap();
+        }
+        // A temporary file a kill left behind is no migration.
+        std::fs::write(migrations.join("ml-trainer-11.json.tmp"), "{").unwrap();
+        let read = PersistedMigration::read_all(dir.path()).unwrap();
+        let sequences: Vec<usize> = read.iter().map(|(_, found)| found.sequence).collect();
+        assert_eq!(sequences, [2, 10]);
+        assert_eq!(read[1].1, persisted(10, Phase::Checkpointing));
+        assert!(read[1].0.ends_with("ml-trainer-10.json"));
+
+        std::fs::write(migrations.join("ml-trainer-12.json"), "{").unwrap();
+        assert!(matches!(
+            PersistedMigration::read_all(dir.path()),
+            Err(ControllerError::Load { .. })
+        ));
+    }
+
+    #[test]
+    fn an_empty_state_dir_holds_no_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(PersistedMigration::read_all(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_driver_record_reads_files_written_before_it_grew() {
+        let record: DriverRecord = serde_json::from_str(r#"{"decidedAt": 3.0}"#).unwrap();
+        assert_eq!(record.decided_at, 3.0);
+        assert_eq!(record.in_flight, None);
+        assert_eq!(record.resumed_by, 0);
     }
 }

@@ -11,6 +11,9 @@
 //! - its storage is the node's: data root `exchange/data`, store `checkpoints/`, runc state
 //!   `runc/`; containers are named by [`crate::node::RUNC_ID_TEMPLATE`];
 //! - its log: `<node>/logs/agent.log`.
+//!
+//! A controller in another process reaches the same daemons with [`DaemonAgent::attach`]: a
+//! client in the node's namespace and no child process (its `kill` only stops using it).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,18 +40,23 @@ const QUICK_CALL: Duration = Duration::from_secs(3);
 const CHECKPOINT_CALL: Duration = Duration::from_secs(180);
 const STARTUP: Duration = Duration::from_secs(30);
 
-/// Where the daemon's binary is: `$AUTOMIGRATE_AGENT_BIN`, else next to the running program
-/// (or one directory up, for test binaries in `target/<profile>/deps`), else on `PATH`.
+/// Where the daemon's binary is: `$AUTOMIGRATE_AGENT_BIN`, else as [`find_program`] looks.
 pub fn find_agent_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("AUTOMIGRATE_AGENT_BIN") {
+    find_program(AGENT_PROGRAM, "AUTOMIGRATE_AGENT_BIN")
+}
+
+/// Where one of the workspace's programs is: `$override_var`, else next to the running program
+/// (or one directory up, for test binaries in `target/<profile>/deps`), else on `PATH`.
+pub fn find_program(name: &str, override_var: &str) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(override_var) {
         return Some(PathBuf::from(path));
     }
     let exe = std::env::current_exe().ok()?;
-    let beside = exe.parent().map(|dir| dir.join(AGENT_PROGRAM));
+    let beside = exe.parent().map(|dir| dir.join(name));
     let above = exe
         .parent()
         .and_then(Path::parent)
-        .map(|dir| dir.join(AGENT_PROGRAM));
+        .map(|dir| dir.join(name));
     if let Some(found) = [beside, above]
         .into_iter()
         .flatten()
@@ -58,7 +66,7 @@ pub fn find_agent_binary() -> Option<PathBuf> {
     }
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
-            .map(|dir| dir.join(AGENT_PROGRAM))
+            .map(|dir| dir.join(name))
             .find(|path| path.is_file())
     })
 }
@@ -219,16 +227,7 @@ impl DaemonAgent {
         let child = command
             .spawn()
             .map_err(|error| failed(format!("starting {}: {error}", setup.binary.display())))?;
-        let client = AgentClient::with_options(
-            &format!("http://{}", SocketAddr::from((address, API_PORT))),
-            None,
-            ClientOptions {
-                ca_pem: None,
-                connect_timeout: Duration::from_secs(2),
-                request_timeout: None,
-            },
-        )
-        .map_err(|error| failed(error.to_string()))?;
+        let client = Self::client(address).map_err(|error| failed(error.to_string()))?;
         let calls = NamespacedCalls::start(node.namespace(), client).map_err(failed)?;
         let agent = Arc::new(Self {
             node,
@@ -280,6 +279,37 @@ impl DaemonAgent {
             let _ = process.wait();
             tracing::info!(node = %self.node.name(), "agent daemon killed");
         }
+    }
+
+    /// The daemon another process started on `node`, reached over its API without owning it.
+    pub fn attach(node: Arc<LocalNode>) -> Result<Arc<Self>, AgentError> {
+        let failed = |message: String| AgentError::Failed {
+            node: node.name().to_string(),
+            kind: automigrate_agent::api::error_kind::INTERNAL.into(),
+            message,
+        };
+        let client = Self::client(node.address()).map_err(|error| failed(error.to_string()))?;
+        let calls = NamespacedCalls::start(node.namespace(), client).map_err(failed)?;
+        let log = node.layout().logs().join("agent.log");
+        Ok(Arc::new(Self {
+            node,
+            child: Mutex::new(None),
+            calls,
+            dead: AtomicBool::new(false),
+            log,
+        }))
+    }
+
+    fn client(address: std::net::Ipv4Addr) -> Result<AgentClient, ClientError> {
+        AgentClient::with_options(
+            &format!("http://{}", SocketAddr::from((address, API_PORT))),
+            None,
+            ClientOptions {
+                ca_pem: None,
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: None,
+            },
+        )
     }
 
     pub fn log(&self) -> &Path {

@@ -20,9 +20,14 @@
 //!   the migration state machine driven step by step and persisted.
 //! - [`worker`]: transfers between agents, dataset copies, background periodic checkpoints.
 //! - [`monitor`]: an independent watcher that counts running copies of the workload.
+//! - [`process`]: the controller as a child process of the harness (killed with SIGKILL and
+//!   restarted on its state directory), and the `automigrate-embedded-controller` program.
 //! - [`scenario`]: the demo's runs (uninterrupted, hard failure at a fraction of training,
 //!   degradation, user mobility) and the figures measured from them.
 //! - [`demo`]: `automigrate demo`: prerequisites, the standard plan, running it, publishing.
+//! - [`faults`]: the fault-injection suite (`automigrate faults`): randomized runs with one
+//!   fault each (agent kills, partitions, dying targets, full disks, damaged checkpoints, policy
+//!   edits), their verdicts and report.
 //! - [`report`] and [`svg`]: the report (table, JSON, CSV, SVG) next to the seed paper's
 //!   Table III.
 
@@ -32,9 +37,11 @@ pub mod cluster;
 pub mod controller;
 pub mod daemon;
 pub mod demo;
+pub mod faults;
 pub mod monitor;
 pub mod node;
 pub mod policies;
+pub mod process;
 pub mod report;
 pub mod scenario;
 pub mod svg;

@@ -23,10 +23,17 @@
 //! stops both, kills its agent ([`crate::agent::InProcessAgent::kill`]) and SIGKILLs its
 //! containers; the emulated network is cut separately by the cluster.
 //!
+//! The kubelet posts its status as a kubelet posts to the API server: once
+//! [`LocalNode::start_posting_status`] was called, every change (heartbeat, condition,
+//! power-off) is written atomically to `<root>/<node>/kubelet-status.json` ([`PublishedStatus`]). A controller in another process builds the node with
+//! [`LocalNode::observer`]: it owns nothing of the node and reads liveness, heartbeat and
+//! conditions from that file (the last good read when a read fails).
+//!
 //! The runtime part starts, restores and stops the trainer's runc containers on this node.
 //! [`LocalNode::container_running`] reads runc's state file and `/proc` directly (no process
 //! started), so the copy monitor can poll it often.
 
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,6 +62,8 @@ pub enum NodeError {
     Workload(#[from] WorkloadError),
     #[error(transparent)]
     Store(#[from] automigrate_checkpoint::store::StoreError),
+    #[error(transparent)]
+    Archive(#[from] automigrate_checkpoint::archive::ArchiveError),
     #[error("container {id} on node {node}: {reason}")]
     Container {
         node: String,
@@ -135,6 +144,11 @@ impl NodeLayout {
         self.root.join("logs")
     }
 
+    /// What the node's kubelet last posted ([`PublishedStatus`]).
+    pub fn status_file(&self) -> PathBuf {
+        self.root.join("kubelet-status.json")
+    }
+
     /// Creates every directory of the layout.
     pub fn create(&self) -> Result<(), NodeError> {
         for dir in [
@@ -196,6 +210,48 @@ pub struct NodeStatus {
     pub conditions: Vec<NodeCondition>,
 }
 
+/// The kubelet's status as written to [`NodeLayout::status_file`] (times in Unix nanoseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedStatus {
+    pub alive: bool,
+    pub heartbeat_unix_nanos: u128,
+    /// Injected conditions, with the wall time each began.
+    pub conditions: Vec<PublishedCondition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedCondition {
+    pub kind: String,
+    pub since_unix_nanos: u128,
+}
+
+fn unix_nanos(time: SystemTime) -> u128 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|since| since.as_nanos())
+        .unwrap_or_default()
+}
+
+fn from_unix_nanos(nanos: u128) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// Whose view of the node's status this is.
+#[derive(Debug)]
+enum StatusSide {
+    /// This process runs the node's kubelet; once `posting` (see
+    /// [`LocalNode::start_posting_status`]) it posts its status.
+    Kubelet {
+        posting: AtomicBool,
+        publish: Mutex<()>,
+    },
+    /// Another process does; its posts are read back (the last good one kept).
+    Observer {
+        last: Mutex<Option<PublishedStatus>>,
+    },
+}
+
 /// One node. Shared (`Arc`) between the cluster, the controller and the agent.
 #[derive(Debug)]
 pub struct LocalNode {
@@ -205,6 +261,9 @@ pub struct LocalNode {
     address: std::net::Ipv4Addr,
     layout: NodeLayout,
     alive: AtomicBool,
+    /// Cut off from the control plane (a network partition): the node and its containers
+    /// run on, but its heartbeat no longer arrives.
+    partitioned: AtomicBool,
     heartbeat: Mutex<SystemTime>,
     /// Conditions injected by a scenario, with the wall time they began.
     conditions: Mutex<Vec<(String, SystemTime)>>,
@@ -212,6 +271,7 @@ pub struct LocalNode {
     store: CheckpointStore,
     /// The containers this node's runtime started, by pod (what the agent checkpoints).
     containers: Mutex<Vec<(PodKey, String)>>,
+    side: StatusSide,
 }
 
 impl LocalNode {
@@ -226,19 +286,135 @@ impl LocalNode {
         let store = CheckpointStore::open(&layout.store())?;
         workload::install_program(&layout.app())?;
         let runc = RuncBackend::new(SystemRunner, "runc", "criu").with_root(layout.runc_root());
-        Ok(Self {
+        let node = Self {
             name,
             index,
             namespace,
             address,
             layout,
             alive: AtomicBool::new(true),
+            partitioned: AtomicBool::new(false),
             heartbeat: Mutex::new(SystemTime::now()),
             conditions: Mutex::new(Vec::new()),
             runc,
             store,
             containers: Mutex::new(Vec::new()),
-        })
+            side: StatusSide::Kubelet {
+                posting: AtomicBool::new(false),
+                publish: Mutex::new(()),
+            },
+        };
+        Ok(node)
+    }
+
+    /// From now on every status change is posted for observers (the first post is now). Off
+    /// by default: only a controller in another process needs it, and the heartbeats run on a
+    /// real-time thread that should not wait for a disk otherwise.
+    pub fn start_posting_status(&self) {
+        if let StatusSide::Kubelet { posting, .. } = &self.side {
+            posting.store(true, Ordering::SeqCst);
+            self.publish_status();
+        }
+    }
+
+    /// The node as a controller in another process sees it: the same storage and runtime
+    /// state, with the status its kubelet posts (see the module header).
+    ///
+    /// It does not open the node's checkpoint store: opening one clears the staging
+    /// directories of interrupted writes, and the agent may be writing a checkpoint right then.
+    /// Its [`LocalNode::store`] is an empty stand-in (`<node>/observer-store/`); it reads the
+    /// real store through [`LocalNode::has_checkpoint`] and [`LocalNode::verified_checkpoint`].
+    pub fn observer(
+        name: String,
+        index: usize,
+        namespace: String,
+        address: std::net::Ipv4Addr,
+        layout: NodeLayout,
+    ) -> Result<Self, NodeError> {
+        let store = CheckpointStore::open(&layout.root().join("observer-store"))?;
+        let runc = RuncBackend::new(SystemRunner, "runc", "criu").with_root(layout.runc_root());
+        let node = Self {
+            name,
+            index,
+            namespace,
+            address,
+            layout,
+            alive: AtomicBool::new(true),
+            partitioned: AtomicBool::new(false),
+            heartbeat: Mutex::new(SystemTime::UNIX_EPOCH),
+            conditions: Mutex::new(Vec::new()),
+            runc,
+            store,
+            containers: Mutex::new(Vec::new()),
+            side: StatusSide::Observer {
+                last: Mutex::new(None),
+            },
+        };
+        node.read_published();
+        Ok(node)
+    }
+
+    /// Whether this process only observes the node (its kubelet runs elsewhere).
+    pub fn is_observer(&self) -> bool {
+        matches!(self.side, StatusSide::Observer { .. })
+    }
+
+    /// Writes the kubelet's status where observers read it (temporary file, then rename).
+    fn publish_status(&self) {
+        let StatusSide::Kubelet { posting, publish } = &self.side else {
+            return;
+        };
+        if !posting.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(_one_writer) = publish.lock() else {
+            return;
+        };
+        let status = PublishedStatus {
+            alive: self.alive.load(Ordering::SeqCst),
+            heartbeat_unix_nanos: self
+                .heartbeat
+                .lock()
+                .map(|heartbeat| unix_nanos(*heartbeat))
+                .unwrap_or_default(),
+            conditions: self
+                .conditions
+                .lock()
+                .map(|conditions| {
+                    conditions
+                        .iter()
+                        .map(|(kind, since)| PublishedCondition {
+                            kind: kind.clone(),
+                            since_unix_nanos: unix_nanos(*since),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let path = self.layout.status_file();
+        let temporary = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&status)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(&temporary, text))
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        if let Err(error) = written {
+            tracing::warn!(node = %self.name, %error, "cannot post the node status");
+        }
+    }
+
+    /// An observer's read of the posted status; the last good one when this read fails.
+    fn read_published(&self) -> Option<PublishedStatus> {
+        let StatusSide::Observer { last } = &self.side else {
+            return None;
+        };
+        let fresh = std::fs::read(self.layout.status_file())
+            .ok()
+            .and_then(|text| serde_json::from_slice::<PublishedStatus>(&text).ok());
+        let mut last = last.lock().ok()?;
+        if let Some(fresh) = fresh {
+            *last = Some(fresh);
+        }
+        last.clone()
     }
 
     pub fn name(&self) -> &str {
@@ -261,8 +437,49 @@ impl LocalNode {
         &self.layout
     }
 
+    /// The node's checkpoint store (an empty stand-in on an [`LocalNode::observer`]).
     pub fn store(&self) -> &CheckpointStore {
         &self.store
+    }
+
+    /// Where the store keeps checkpoint `id` of `pod` (the store's layout:
+    /// `checkpoints/<namespace>/<pod>/<id>/`), for reading it without opening the store.
+    pub fn checkpoint_dir(
+        &self,
+        pod: &automigrate_checkpoint::PodKey,
+        id: &str,
+    ) -> Result<PathBuf, NodeError> {
+        let parts = [pod.namespace.as_str(), pod.name.as_str(), id];
+        if let Some(bad) = parts.iter().find(|part| {
+            part.is_empty() || part.starts_with('.') || part.contains('/') || part.contains('\0')
+        }) {
+            return Err(NodeError::Container {
+                node: self.name.clone(),
+                id: id.to_string(),
+                reason: format!("{bad:?} cannot name a checkpoint directory"),
+            });
+        }
+        Ok(parts
+            .iter()
+            .fold(self.layout.store(), |dir, part| dir.join(part)))
+    }
+
+    /// Whether the store holds checkpoint `id` of `pod` (its manifest is there: stores
+    /// publish a checkpoint by renaming its finished directory into place).
+    pub fn has_checkpoint(&self, pod: &automigrate_checkpoint::PodKey, id: &str) -> bool {
+        self.checkpoint_dir(pod, id)
+            .is_ok_and(|dir| automigrate_checkpoint::archive::read_manifest(&dir).is_ok())
+    }
+
+    /// Checkpoint `id` of `pod` and its parents, every file checked against the manifests, as
+    /// a restore needs. Blocking.
+    pub fn verified_checkpoint(
+        &self,
+        pod: &automigrate_checkpoint::PodKey,
+        id: &str,
+    ) -> Result<automigrate_checkpoint::VerifiedCheckpoint, NodeError> {
+        let dir = self.checkpoint_dir(pod, id)?;
+        Ok(automigrate_checkpoint::archive::verify_chain(&dir)?)
     }
 
     pub fn runc(&self) -> &RuncBackend<SystemRunner> {
@@ -270,6 +487,10 @@ impl LocalNode {
     }
 
     pub fn is_alive(&self) -> bool {
+        if self.is_observer() {
+            // Never posted: nothing says the node lives.
+            return self.read_published().is_some_and(|status| status.alive);
+        }
         self.alive.load(Ordering::SeqCst)
     }
 
@@ -285,11 +506,19 @@ impl LocalNode {
 
     /// The kubelet's heartbeat: renews the Lease while the node lives.
     pub fn renew_heartbeat(&self) {
-        if self.is_alive()
-            && let Ok(mut heartbeat) = self.heartbeat.lock()
-        {
+        if self.is_observer() || !self.is_alive() || self.partitioned.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Ok(mut heartbeat) = self.heartbeat.lock() {
             *heartbeat = SystemTime::now();
         }
+        self.publish_status();
+    }
+
+    /// Starts (`true`) or ends a network partition between the node and the control plane:
+    /// the heartbeat stops arriving while the node and its containers keep running.
+    pub fn set_partitioned(&self, partitioned: bool) {
+        self.partitioned.store(partitioned, Ordering::SeqCst);
     }
 
     /// Sets a node condition to `True` (as node-problem-detector or the kubelet's eviction
@@ -301,16 +530,36 @@ impl LocalNode {
             tracing::info!(node = %self.name, condition = kind, "condition injected");
             conditions.push((kind.to_string(), SystemTime::now()));
         }
+        self.publish_status();
     }
 
     pub fn clear_conditions(&self) {
         if let Ok(mut conditions) = self.conditions.lock() {
             conditions.clear();
         }
+        self.publish_status();
     }
 
     /// The node's status as its kubelet last reported it, with conditions in policy time.
     pub fn status(&self, policy_time: impl Fn(SystemTime) -> jiff::Timestamp) -> NodeStatus {
+        if self.is_observer() {
+            let posted = self.read_published().unwrap_or_default();
+            return NodeStatus {
+                alive: posted.alive,
+                last_heartbeat: from_unix_nanos(posted.heartbeat_unix_nanos),
+                conditions: posted
+                    .conditions
+                    .iter()
+                    .map(|condition| NodeCondition {
+                        kind: condition.kind.clone(),
+                        status: ConditionStatus::True,
+                        since: Some(policy_time(from_unix_nanos(condition.since_unix_nanos))),
+                        reason: Some("Injected".into()),
+                        message: Some("injected by the demo scenario".into()),
+                    })
+                    .collect(),
+            };
+        }
         let last_heartbeat = self
             .heartbeat
             .lock()
@@ -341,14 +590,25 @@ impl LocalNode {
 
     /// The node dies: heartbeat stops, every container it runs gets SIGKILL. (The agent and
     /// the network links are stopped by the cluster.)
+    ///
+    /// Every container runc has state for on this node is killed, including ones a controller
+    /// in another process started.
     #[tracing::instrument(name = "node_power_off", skip(self), fields(node = %self.name))]
     pub async fn power_off(&self) {
+        if self.is_observer() {
+            tracing::warn!("an observer cannot power a node off");
+            return;
+        }
         self.alive.store(false, Ordering::SeqCst);
-        let containers: Vec<String> = self
+        self.publish_status();
+        let mut containers: Vec<String> = self
             .containers
             .lock()
             .map(|list| list.iter().map(|(_, id)| id.clone()).collect())
             .unwrap_or_default();
+        containers.extend(self.runc_container_ids());
+        containers.sort();
+        containers.dedup();
         for id in containers {
             if let Err(error) = self.runc.kill(&id, "KILL").await {
                 tracing::debug!(%id, %error, "kill on power-off");
@@ -445,9 +705,8 @@ impl LocalNode {
         self.ensure_alive()?;
         let store_pod = automigrate_checkpoint::PodKey::new(&spec.pod.namespace, &spec.pod.name);
         let verified = {
-            let store = self.store.clone();
-            let id = checkpoint_id.to_string();
-            tokio::task::spawn_blocking(move || store.verified(&store_pod, &id))
+            let dir = self.checkpoint_dir(&store_pod, checkpoint_id)?;
+            tokio::task::spawn_blocking(move || automigrate_checkpoint::archive::verify_chain(&dir))
                 .await
                 .map_err(|error| NodeError::Container {
                     node: self.name.clone(),
@@ -462,6 +721,21 @@ impl LocalNode {
             &self.cgroups_path(spec),
         )?;
         let work_dir = self.layout.restore_work(&spec.instance);
+        // A restore tried before with this instance (a retry, or a controller that died in it)
+        // left its images view: views are hard links into the store, and making one over an
+        // old one would copy each archive file onto itself, truncating the stored checkpoint.
+        // The old one is moved aside (what a killed restore left may not be removable).
+        if work_dir.exists() {
+            let aside = work_dir.with_extension(format!(
+                "abandoned-{}",
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|since| since.as_nanos())
+                    .unwrap_or_default()
+            ));
+            std::fs::rename(&work_dir, &aside).map_err(io_error(&work_dir))?;
+            tracing::warn!(node = %self.name, aside = %aside.display(), "an earlier restore's work directory was moved aside");
+        }
         let id = spec.runtime_id();
         let restored = self
             .runc
@@ -482,6 +756,30 @@ impl LocalNode {
     /// Stops and removes a container (`runc delete --force`); fine if it is gone.
     pub async fn remove_container(&self, id: &str) -> Result<(), NodeError> {
         self.runc.delete(id).await?;
+        // A `runc restore` or `runc run` killed early leaves the container's state directory
+        // without its state file: runc then neither deletes it ("does not exist") nor creates
+        // the id again ("already exists").
+        // A killed `runc restore` also leaves the root filesystem bind-mounted in it
+        // (`criu-root`), which must go first.
+        let state_dir = self.layout.runc_root().join(id);
+        if state_dir.is_dir() && !state_dir.join("state.json").exists() {
+            tracing::warn!(node = %self.name, %id, "removing a half-made container's runc state");
+            for mount in mounts_under(&state_dir) {
+                let unmounted = tokio::process::Command::new("umount")
+                    .arg("--lazy")
+                    .arg(&mount)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await;
+                if !unmounted
+                    .as_ref()
+                    .is_ok_and(|output| output.status.success())
+                {
+                    tracing::warn!(mount = %mount.display(), ?unmounted, "cannot unmount");
+                }
+            }
+            std::fs::remove_dir_all(&state_dir).map_err(io_error(&state_dir))?;
+        }
         self.unregister(id);
         Ok(())
     }
@@ -526,6 +824,38 @@ impl LocalNode {
             .collect();
         ids.sort();
         ids
+    }
+
+    /// Processes of `runc` working on this node's runtime state now (`--root` names it), read
+    /// from `/proc`: an operation a killed controller started goes on after it died.
+    pub fn runtime_operations(&self) -> Vec<u32> {
+        let root = self.layout.runc_root();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let own = std::process::id();
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| *pid != own)
+            .filter(|pid| {
+                let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                    return false;
+                };
+                let args: Vec<&[u8]> = cmdline.split(|byte| *byte == 0).collect();
+                let is_runc = args
+                    .first()
+                    .and_then(|program| program.rsplit(|byte| *byte == b'/').next())
+                    .is_some_and(|name| name == b"runc");
+                is_runc
+                    && args.windows(2).any(|pair| {
+                        pair.first().is_some_and(|flag| *flag == b"--root")
+                            && pair.get(1).is_some_and(|path| {
+                                Path::new(std::ffi::OsStr::from_bytes(path)) == root
+                            })
+                    })
+            })
+            .collect()
     }
 
     /// Whether CRIU on this node can take incremental dumps (the kernel's dirty tracking).
@@ -614,6 +944,23 @@ fn raise_to_realtime(priority: u8) {
     }
 }
 
+/// Mount points at or under `dir` in this process's mount namespace, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    // Field 5 is the mount point, with spaces and the like escaped as octal (`\040`).
+    let mut found: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|escaped| PathBuf::from(escaped.replace("\\040", " ")))
+        .filter(|mount| mount.starts_with(dir))
+        .collect();
+    found.sort_by_key(|mount| std::cmp::Reverse(mount.components().count()));
+    found.dedup();
+    found
+}
+
 /// `/proc/<pid>/stat`: the process exists, started at `start` (clock ticks since boot, as runc
 /// records it) and is not a zombie.
 fn process_matches(pid: i64, start: u64) -> bool {
@@ -662,6 +1009,122 @@ mod tests {
             Path::new("/srv/demo/node-a/work/trainer-node-a-1/progress.log")
         );
         assert_ne!(layout.bundle("x"), layout.bundle("y"));
+    }
+
+    fn node(layout: &NodeLayout, observer: bool) -> LocalNode {
+        let make = if observer {
+            LocalNode::observer
+        } else {
+            LocalNode::new
+        };
+        make(
+            "node-a".into(),
+            0,
+            "amnet-test-0".into(),
+            std::net::Ipv4Addr::LOCALHOST,
+            layout.clone(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_observer_reads_what_the_kubelet_posts() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = NodeLayout::new(root.path().join("node-a"));
+        let kubelet = node(&layout, false);
+        let observer = node(&layout, true);
+        let policy_time = |_| jiff::Timestamp::UNIX_EPOCH;
+        assert!(observer.is_observer() && !kubelet.is_observer());
+        // Nothing is posted until asked for.
+        assert!(!observer.is_alive());
+        assert!(!layout.status_file().exists());
+        kubelet.start_posting_status();
+        assert!(observer.is_alive());
+        let posted = kubelet.status(policy_time).last_heartbeat;
+        assert_eq!(observer.status(policy_time).last_heartbeat, posted);
+
+        std::thread::sleep(Duration::from_millis(5));
+        kubelet.renew_heartbeat();
+        kubelet.inject_condition("DiskPressure");
+        let seen = observer.status(policy_time);
+        assert!(seen.last_heartbeat > posted);
+        assert_eq!(
+            seen.last_heartbeat,
+            kubelet.status(policy_time).last_heartbeat
+        );
+        assert_eq!(seen.conditions.len(), 1);
+        assert_eq!(seen.conditions[0].kind, "DiskPressure");
+        assert_eq!(seen.conditions[0].status, ConditionStatus::True);
+
+        // An observer posts nothing and cannot power the node off.
+        observer.renew_heartbeat();
+        observer.power_off().await;
+        assert!(kubelet.is_alive());
+        assert_eq!(observer.status(policy_time), seen);
+
+        kubelet.power_off().await;
+        assert!(!observer.is_alive());
+        // A post that cannot be read leaves the last good one.
+        std::fs::write(layout.status_file(), "{").unwrap();
+        assert!(!observer.is_alive());
+        assert_eq!(observer.status(policy_time).conditions.len(), 1);
+    }
+
+    #[test]
+    fn an_observer_never_posted_to_sees_no_live_node() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = NodeLayout::new(root.path().join("node-a"));
+        layout.create().unwrap();
+        assert!(!node(&layout, true).is_alive());
+    }
+
+    #[test]
+    fn checkpoints_are_found_by_the_store_layout() {
+        let root = tempfile::tempdir().unwrap();
+        let layout = NodeLayout::new(root.path().join("node-a"));
+        let observer = node(&layout, true);
+        let pod = automigrate_checkpoint::PodKey::new("ml", "trainer");
+        assert_eq!(
+            observer.checkpoint_dir(&pod, "trainer-000007").unwrap(),
+            layout.store().join("ml/trainer/trainer-000007")
+        );
+        for bad in ["", "..", ".staging-1", "a/b"] {
+            assert!(observer.checkpoint_dir(&pod, bad).is_err(), "{bad:?}");
+        }
+        assert!(!observer.has_checkpoint(&pod, "trainer-000007"));
+        assert!(
+            observer
+                .verified_checkpoint(&pod, "trainer-000007")
+                .is_err()
+        );
+        // The observer opened no store over the real one.
+        assert_ne!(observer.store().root(), layout.store());
+    }
+
+    #[test]
+    fn runtime_operations_are_runc_processes_naming_the_node_root() {
+        use std::os::unix::process::CommandExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let layout = NodeLayout::new(root.path().join("node-a"));
+        let observer = node(&layout, true);
+        let other = root.path().join("node-b").join("runc");
+        let start = |runc_root: &Path| {
+            // `; true` keeps the shell from exec-ing sleep (its command line must stay).
+            std::process::Command::new("/bin/sh")
+                .arg0("runc")
+                .args(["-c", "sleep 30; true", "--root"])
+                .arg(runc_root)
+                .spawn()
+                .unwrap()
+        };
+        let mut busy = start(&layout.runc_root());
+        let mut elsewhere = start(&other);
+        let found = observer.runtime_operations();
+        busy.kill().unwrap();
+        elsewhere.kill().unwrap();
+        let _ = (busy.wait(), elsewhere.wait());
+        assert_eq!(found, vec![busy.id()]);
+        assert!(observer.runtime_operations().is_empty());
     }
 
     #[test]

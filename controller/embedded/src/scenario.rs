@@ -197,14 +197,14 @@ pub struct RunResult {
     pub load_average: (String, String),
 }
 
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|text| text.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
 }
 
 impl DemoSettings {
-    fn cluster_config(&self, run: &str) -> ClusterConfig {
+    pub(crate) fn cluster_config(&self, run: &str) -> ClusterConfig {
         let mut config = ClusterConfig::line(
             self.nodes,
             Duration::from_millis(self.rtt_step_ms),
@@ -216,7 +216,7 @@ impl DemoSettings {
         config
     }
 
-    fn pod(&self, policy: &str, extra: &[(&str, &str)]) -> PodConfig {
+    pub(crate) fn pod(&self, policy: &str, extra: &[(&str, &str)]) -> PodConfig {
         let interval = self.checkpoint_interval.clone();
         let mut annotations: Vec<(&str, &str)> = vec![(
             automigrate_core::annotations::CHECKPOINT_INTERVAL,
@@ -239,7 +239,7 @@ impl DemoSettings {
 
 /// Clears what an earlier run of the same name left (a `--keep` run, or one that crashed):
 /// its containers first, then its storage, so every run starts from nothing.
-fn prepare_run_dir(settings: &DemoSettings, run: &str) -> Result<(), ScenarioError> {
+pub(crate) fn prepare_run_dir(settings: &DemoSettings, run: &str) -> Result<(), ScenarioError> {
     let dir = settings.root.join(run);
     if !dir.exists() {
         return Ok(());
@@ -280,7 +280,7 @@ fn short_prefix(run: &str) -> String {
     }
 }
 
-fn progress_of_all(cluster: &LocalCluster) -> Vec<ContainerRun> {
+pub(crate) fn progress_of_all(cluster: &LocalCluster) -> Vec<ContainerRun> {
     let mut runs = Vec::new();
     for node in cluster.nodes() {
         let work = node.layout().root().join("work");
@@ -338,7 +338,7 @@ fn progress_of_all(cluster: &LocalCluster) -> Vec<ContainerRun> {
 }
 
 /// Whether two containers' reported spans overlap in time.
-fn spans_overlap(containers: &[ContainerRun]) -> bool {
+pub(crate) fn spans_overlap(containers: &[ContainerRun]) -> bool {
     let spans: Vec<(f64, f64)> = containers
         .iter()
         .filter_map(|run| Some((run.first_at?, run.last_at?)))
@@ -442,7 +442,7 @@ struct ScenarioAction {
 }
 
 /// Waits until the container on `node` has reported at least `epoch` epochs.
-async fn wait_for_epoch(path: &Path, epoch: u32) -> Option<u32> {
+pub(crate) async fn wait_for_epoch(path: &Path, epoch: u32) -> Option<u32> {
     loop {
         match workload::read_progress(path) {
             Ok(progress) => {

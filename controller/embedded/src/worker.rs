@@ -7,9 +7,16 @@
 //! a verified copy of the dataset. [`Worker`] carries out transfers through the sending node's
 //! agent and records them; [`CheckpointJob`] is one periodic checkpoint decision carried out to
 //! the end (dump, dataset and checkpoint to each standby, retention on every holder).
+//!
+//! A [`Shared`] made with [`Shared::journaled`] also writes itself to the controller's state
+//! directory, so a restarted controller (and the process that started it) can read it back:
+//! every timeline event is appended as one JSON line to `timeline.jsonl` (a line cut short by a
+//! kill is skipped on reading), the epochs and dataset holders are rewritten atomically to
+//! `shared.json` on every change.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,11 +45,122 @@ pub struct Shared {
     timeline: Mutex<Vec<TimelineEvent>>,
     epochs: Mutex<BTreeMap<String, EpochRange>>,
     holders: Mutex<BTreeSet<String>>,
+    /// The state directory it is journaled to, if any.
+    journal: Option<PathBuf>,
+}
+
+/// `shared.json`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SharedRecords {
+    epochs: BTreeMap<String, EpochRange>,
+    holders: BTreeSet<String>,
+}
+
+pub const TIMELINE_FILE: &str = "timeline.jsonl";
+const RECORDS_FILE: &str = "shared.json";
+
+/// The timeline journaled in `state_dir` (lines cut short or unreadable are skipped).
+pub fn read_timeline(state_dir: &Path) -> Vec<TimelineEvent> {
+    std::fs::read_to_string(state_dir.join(TIMELINE_FILE))
+        .map(|text| {
+            text.lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Shared {
+    /// A record journaled to `state_dir`: with `resume`, what is there already is read back
+    /// first; otherwise it starts empty (an earlier journal is replaced).
+    pub fn journaled(state_dir: &Path, resume: bool) -> Result<Self, ControllerError> {
+        let error = |path: &Path, reason: String| ControllerError::Persist {
+            path: path.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(state_dir).map_err(|e| error(state_dir, e.to_string()))?;
+        let timeline_path = state_dir.join(TIMELINE_FILE);
+        let records_path = state_dir.join(RECORDS_FILE);
+        let (timeline, records) = if resume {
+            let records = match std::fs::read(&records_path) {
+                Ok(text) => serde_json::from_slice::<SharedRecords>(&text)
+                    .map_err(|e| error(&records_path, e.to_string()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => SharedRecords::default(),
+                Err(e) => return Err(error(&records_path, e.to_string())),
+            };
+            // A line cut short by a kill is ended, so the next event starts a line of its own.
+            let ends_cut_short = std::fs::read(&timeline_path)
+                .is_ok_and(|text| text.last().is_some_and(|last| *last != b'\n'));
+            if ends_cut_short {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&timeline_path)
+                    .and_then(|mut file| file.write_all(b"\n"))
+                    .map_err(|e| error(&timeline_path, e.to_string()))?;
+            }
+            (read_timeline(state_dir), records)
+        } else {
+            for path in [&timeline_path, &records_path] {
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(error(path, e.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+            (Vec::new(), SharedRecords::default())
+        };
+        Ok(Self {
+            timeline: Mutex::new(timeline),
+            epochs: Mutex::new(records.epochs),
+            holders: Mutex::new(records.holders),
+            journal: Some(state_dir.to_path_buf()),
+        })
+    }
+
+    fn append_to_journal(&self, event: &TimelineEvent) {
+        let Some(dir) = &self.journal else {
+            return;
+        };
+        let path = dir.join(TIMELINE_FILE);
+        let written = serde_json::to_string(event)
+            .map_err(std::io::Error::other)
+            .and_then(|line| {
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)?;
+                // One write per line, so a reader never sees two events interleaved.
+                file.write_all(format!("{line}\n").as_bytes())
+            });
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "cannot journal a timeline event");
+        }
+    }
+
+    fn save_records(&self) {
+        let Some(dir) = &self.journal else {
+            return;
+        };
+        let records = SharedRecords {
+            epochs: self.epochs(),
+            holders: self.holders(),
+        };
+        let path = dir.join(RECORDS_FILE);
+        let temporary = path.with_extension("json.tmp");
+        let written = serde_json::to_vec_pretty(&records)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(&temporary, text))
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "cannot save epochs and dataset holders");
+        }
+    }
+
     pub fn push(&self, event: TimelineEvent) {
         if let Ok(mut timeline) = self.timeline.lock() {
+            self.append_to_journal(&event);
             timeline.push(event);
         }
     }
@@ -58,6 +176,7 @@ impl Shared {
         if let Ok(mut epochs) = self.epochs.lock() {
             epochs.insert(id.to_string(), range);
         }
+        self.save_records();
     }
 
     pub fn epochs(&self) -> BTreeMap<String, EpochRange> {
@@ -85,8 +204,12 @@ impl Shared {
     }
 
     pub fn add_holder(&self, node: &str) {
-        if let Ok(mut holders) = self.holders.lock() {
-            holders.insert(node.to_string());
+        let added = self
+            .holders
+            .lock()
+            .is_ok_and(|mut holders| holders.insert(node.to_string()));
+        if added {
+            self.save_records();
         }
     }
 
@@ -389,5 +512,58 @@ impl CheckpointJob {
                 tracing::warn!(node = %holder, %error, "retention failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(message: &str) -> TimelineEvent {
+        TimelineEvent::Problem {
+            at: 1.5,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn a_journaled_record_is_read_back_by_the_next_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Shared::journaled(dir.path(), false).unwrap();
+        first.push(problem("one"));
+        first.set_epochs("ck-1", (Some(3), Some(4)));
+        first.add_holder("node-a");
+        first.add_holder("node-b");
+        first.push(problem("two"));
+        drop(first);
+        // A kill in the middle of a write leaves half a line: it is skipped.
+        let mut journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(TIMELINE_FILE))
+            .unwrap();
+        journal.write_all(br#"{"event":"problem","at":2"#).unwrap();
+
+        let second = Shared::journaled(dir.path(), true).unwrap();
+        assert_eq!(second.timeline(), vec![problem("one"), problem("two")]);
+        assert_eq!(second.epochs().get("ck-1"), Some(&(Some(3), Some(4))));
+        assert_eq!(
+            second.holders().into_iter().collect::<Vec<_>>(),
+            ["node-a", "node-b"]
+        );
+        second.push(problem("three"));
+        assert_eq!(read_timeline(dir.path()).len(), 3);
+
+        // Starting afresh replaces the journal.
+        let fresh = Shared::journaled(dir.path(), false).unwrap();
+        assert!(fresh.timeline().is_empty() && fresh.holders().is_empty());
+        assert!(read_timeline(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn an_unjournaled_record_writes_nothing() {
+        let shared = Shared::default();
+        shared.push(problem("in memory"));
+        shared.add_holder("node-a");
+        assert_eq!(shared.timeline().len(), 1);
     }
 }
