@@ -38,7 +38,13 @@ use automigrate_embedded::workload::{self, DatasetMeta, DatasetSpec, TrainerSpec
 
 const SKIP_VARIABLE: &str = "AUTOMIGRATE_SKIP_PRIVILEGED";
 const HOME: &str = "node-a";
-const EPOCHS: u32 = 20;
+// Long enough that the node failure (injected once the standby holds a checkpoint from after
+// epoch 1) lands before training ends, also on a loaded machine.
+const EPOCHS: u32 = 40;
+
+/// The tests of this file run one at a time: each trains in real time against phase deadlines,
+/// and three real clusters side by side on two cores made the failure land after training ended.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One cluster at a time: two training at once on two cores would only slow both.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -386,6 +392,7 @@ async fn halted_and_resumed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_migration_resumes_after_the_controller_stops_in_any_phase() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     if !privileged("a_live_migration_resumes_after_the_controller_stops_in_any_phase") {
         return;
     }
@@ -422,6 +429,7 @@ async fn a_live_migration_resumes_after_the_controller_stops_in_any_phase() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_source_migration_resumes_after_the_controller_stops() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     if !privileged("a_dead_source_migration_resumes_after_the_controller_stops") {
         return;
     }
@@ -610,6 +618,7 @@ async fn killed_and_restarted(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_process_killed_in_each_phase_is_replaced() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     if !privileged("a_controller_process_killed_in_each_phase_is_replaced") {
         return;
     }
