@@ -8,14 +8,13 @@
 //! tests); with `AUTOMIGRATE_SKIP_PRIVILEGED=1` it skips, loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{policies_dir, privileged};
 
 use automigrate_embedded::daemon::find_agent_binary;
 use automigrate_embedded::faults::{self, FaultKind, FaultParams, report};
 use automigrate_embedded::policies::load_policies;
-
-const SKIP_VARIABLE: &str = "AUTOMIGRATE_SKIP_PRIVILEGED";
 
 /// The kinds of the smoke subset, one run each (in the order the seed shuffles them).
 const SMOKE_KINDS: [FaultKind; 5] = [
@@ -26,33 +25,6 @@ const SMOKE_KINDS: [FaultKind; 5] = [
     FaultKind::PolicyEditInvalid,
 ];
 const SMOKE_SEED: u64 = 20261123;
-
-fn privileged(test: &str) -> bool {
-    if std::env::var(SKIP_VARIABLE).as_deref() == Ok("1") {
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n************************************************************\n\
-             SKIPPED {test}: {SKIP_VARIABLE}=1 is set.\n\
-             This test needs root, network namespaces, TUN, runc, CRIU >= 4,\n\
-             iptables, python3-numpy and the automigrate-agent binary;\n\
-             it did NOT run. CI never sets {SKIP_VARIABLE}.\n\
-             ************************************************************\n"
-        );
-        return false;
-    }
-    let missing = faults::missing_prerequisites();
-    assert!(
-        missing.is_empty(),
-        "{test} cannot run: missing {}.\nInstall them with `sudo scripts/install-node-deps.sh`, \
-         or set {SKIP_VARIABLE}=1 to skip privileged tests (loudly).",
-        missing.join("; ")
-    );
-    true
-}
-
-fn policies_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
-}
 
 #[test]
 fn the_smoke_plan_is_one_run_per_kind_and_fixed_by_the_seed() {

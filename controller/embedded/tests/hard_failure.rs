@@ -6,51 +6,24 @@
 //! (`sudo scripts/install-node-deps.sh`); with `AUTOMIGRATE_SKIP_PRIVILEGED=1` it skips, loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{policies_dir, privileged};
 
 use automigrate_core::migration::Phase;
 use automigrate_embedded::cluster::AgentMode;
 use automigrate_embedded::controller::Recovery;
 use automigrate_embedded::daemon::find_agent_binary;
-use automigrate_embedded::demo::{DemoPlan, missing_prerequisites};
+use automigrate_embedded::demo::DemoPlan;
 use automigrate_embedded::node::NodeLayout;
 use automigrate_embedded::policies::load_policies;
 use automigrate_embedded::scenario::{self, RunKind};
 use automigrate_embedded::workload::{DatasetSpec, TrainerSpec, verify_dataset};
 
-const SKIP_VARIABLE: &str = "AUTOMIGRATE_SKIP_PRIVILEGED";
-
 /// One run at a time: two clusters training at once on two cores would only slow both.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// True when the test may run; a missing prerequisite fails the test unless skipping was asked
-/// for, and a skip is never silent.
-fn privileged(test: &str) -> bool {
-    if std::env::var(SKIP_VARIABLE).as_deref() == Ok("1") {
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n************************************************************\n\
-             SKIPPED {test}: {SKIP_VARIABLE}=1 is set.\n\
-             This test needs root, network namespaces, TUN, runc, CRIU >= 4,\n\
-             iptables and python3-numpy; it did NOT run. CI never sets {SKIP_VARIABLE}.\n\
-             ************************************************************\n"
-        );
-        return false;
-    }
-    let missing = missing_prerequisites();
-    assert!(
-        missing.is_empty(),
-        "{test} cannot run: missing {}.\nInstall them with `sudo scripts/install-node-deps.sh`, \
-         or set {SKIP_VARIABLE}=1 to skip privileged tests (loudly).",
-        missing.join("; ")
-    );
-    true
-}
-
-fn policies_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
-}
 
 /// A short run: a few seconds of training on a small dataset.
 fn short_plan(root: &Path) -> DemoPlan {

@@ -1253,11 +1253,6 @@ fn verdict(
     record.findings = findings;
 }
 
-/// Whether this process can run the suite (the demo's prerequisites).
-pub fn missing_prerequisites() -> Vec<String> {
-    crate::demo::missing_prerequisites()
-}
-
 /// Paths of the run's files, for tests that inspect a kept run.
 pub fn run_dir(settings: &SuiteSettings, plan: &FaultPlan) -> PathBuf {
     settings.demo.root.join(plan.name())
