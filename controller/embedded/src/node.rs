@@ -1119,6 +1119,23 @@ mod tests {
         };
         let mut busy = start(&layout.runc_root());
         let mut elsewhere = start(&other);
+        // A vfork parent wakes inside the child's execve, before the kernel has set the new
+        // argument pointers: until then /proc/PID/cmdline reads empty.
+        for child in [&busy, &elsewhere] {
+            let cmdline = format!("/proc/{}/cmdline", child.id());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !std::fs::read(&cmdline)
+                .unwrap()
+                .windows(b"--root".len())
+                .any(|window| window == b"--root")
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{cmdline} never filled"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
         let found = observer.runtime_operations();
         busy.kill().unwrap();
         elsewhere.kill().unwrap();
