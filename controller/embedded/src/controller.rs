@@ -1117,6 +1117,10 @@ impl LocalController {
         }
     }
 
+    /// How long a container may read as not running before it counts as stopped: runc needs a
+    /// moment between `run` or `restore` returning and its state file naming the process.
+    const RUNTIME_STATE_GRACE: Duration = Duration::from_secs(2);
+
     /// A container on a live node that stopped before the end of training is lost: no
     /// migration can help (the engine only moves pods off failing nodes), so the run ends.
     fn check_workload(&mut self) -> Result<(), ControllerError> {
@@ -1126,9 +1130,8 @@ impl LocalController {
             self.stopped_since = None;
             return Ok(());
         }
-        // runc needs a moment between `run` returning and the state file naming the process.
         let since = *self.stopped_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > Duration::from_secs(2) {
+        if since.elapsed() > Self::RUNTIME_STATE_GRACE {
             return Err(ControllerError::WorkloadLost {
                 node: self.pod.node.clone(),
                 container: self.pod.container.clone(),
@@ -1906,6 +1909,7 @@ impl LocalController {
     async fn verify(&mut self, run: &mut MigrationRun) -> Result<Event, ControllerError> {
         let target = run.state.target.clone();
         let container = run.new_container.clone();
+        let mut stopped_since: Option<Instant> = None;
         loop {
             let progress = self.progress_of(&target, &container);
             if run.driver.fresh_start
@@ -1940,7 +1944,11 @@ impl LocalController {
             let running = self
                 .node(&target)
                 .is_ok_and(|node| node.container_running(&self.runtime_id()));
-            if !running && progress.done().is_none() {
+            if running {
+                stopped_since = None;
+            } else if stopped_since.get_or_insert_with(Instant::now).elapsed()
+                > Self::RUNTIME_STATE_GRACE
+            {
                 return Ok(Self::failed_step(
                     format!("container {container} on {target} stopped without progress"),
                     false,

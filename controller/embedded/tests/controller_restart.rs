@@ -346,7 +346,20 @@ async fn halted_and_resumed(
     second.deploy_once().await.unwrap();
     match tokio::time::timeout(Duration::from_secs(60), second.run_until(|_| false)).await {
         Ok(Ok(())) => {}
-        Ok(Err(error)) => panic!("{label}: {error}"),
+        Ok(Err(error)) => {
+            // The phases with their messages say where the migration went wrong.
+            let phases: Vec<String> = second
+                .timeline()
+                .iter()
+                .filter_map(|event| match event {
+                    TimelineEvent::Phase { phase, message, .. } => {
+                        Some(format!("{phase}: {}", message.as_deref().unwrap_or("")))
+                    }
+                    _ => None,
+                })
+                .collect();
+            panic!("{label}: {error}\nphases: {phases:#?}")
+        }
         Err(_) => panic!("{label}: training did not finish after the restart"),
     }
     assert!(second.training_done(), "{label}");
