@@ -665,7 +665,12 @@ impl Agent {
         let span = tracing::info_span!("transfer", %id, to = %peer.node, payload = payload_label);
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
+                let unfinished = UnfinishedTransfer {
+                    agent: agent.clone(),
+                    id: Some(id.clone()),
+                };
                 let outcome = agent.run_transfer(&id, &peer, source, target).await;
+                unfinished.disarm();
                 agent.finish_transfer(&id, outcome);
             },
             span,
@@ -1011,5 +1016,29 @@ impl Agent {
 
     pub(crate) fn metrics_ref(&self) -> &AgentMetrics {
         &self.inner.metrics
+    }
+}
+
+/// Marks a transfer Failed if its task ends without a result (a panic, or an abort at
+/// shutdown): a transfer left `Running` would keep its caller polling until a deadline.
+struct UnfinishedTransfer {
+    agent: Agent,
+    id: Option<String>,
+}
+
+impl UnfinishedTransfer {
+    fn disarm(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for UnfinishedTransfer {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.agent.finish_transfer(
+                &id,
+                Err("the transfer task ended without a result (panicked or stopped)".into()),
+            );
+        }
     }
 }

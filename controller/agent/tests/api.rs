@@ -1174,3 +1174,29 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[tokio::test]
+async fn a_transfer_stopped_without_a_result_reads_failed() {
+    let pki = Pki::new();
+    let a = start_agent(&pki, "node-a", Setup::default()).await;
+    write(&a.data_root(), "set/file", b"data");
+    // A peer that takes the connection and never answers: the transfer stays in its handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let started = a
+        .client
+        .start_transfer(&TransferRequest {
+            payload: Payload::Dataset { path: "set".into() },
+            to: Peer {
+                node: "node-b".into(),
+                address: silent.local_addr().unwrap().to_string(),
+            },
+        })
+        .await
+        .unwrap();
+    assert_eq!(started.state, TransferState::Running);
+    a.agent().abort_background();
+    let done = finished_transfer(&a.client, &started.id).await;
+    assert_eq!(done.state, TransferState::Failed);
+    let error = done.error.unwrap();
+    assert!(error.contains("without a result"), "{error}");
+}

@@ -86,6 +86,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Logging is best effort: a failed write must not panic the long runs (demo, faults).
+        .log_internal_errors(false)
         .init();
     match run(cli.command) {
         Ok(code) => code,

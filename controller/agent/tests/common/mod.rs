@@ -30,6 +30,26 @@ impl Pki {
         }
     }
 
+    /// The CA, a certificate for `node` and its key as PEM files in `dir`, for the binary.
+    pub fn write_identity(&self, node: &str, dir: &Path) -> [PathBuf; 3] {
+        let cert = self
+            .ca
+            .node(node, &["127.0.0.1".into(), "localhost".into()], 2)
+            .unwrap();
+        let paths = [
+            dir.join("ca.pem"),
+            dir.join(format!("{node}.pem")),
+            dir.join(format!("{node}-key.pem")),
+        ];
+        for (path, pem) in paths
+            .iter()
+            .zip([self.ca.cert_pem(), &cert.cert_pem, &cert.key_pem])
+        {
+            std::fs::write(path, pem).unwrap();
+        }
+        paths
+    }
+
     pub fn identity(&self, node: &str) -> TlsConfig {
         let cert = self
             .ca

@@ -599,8 +599,14 @@ fn fill(path: &Path, free_kib: u64) -> Result<u64, String> {
     Ok(keep)
 }
 
+/// Size of the tmpfs a node's logs get in disk-full runs.
+const LOG_DISK_MIB: u64 = 64;
+
 /// Mounts a `mib` MiB tmpfs as the storage root of every node but `home`, before the cluster
-/// creates its layout there; returns the mount points.
+/// creates its layout there; returns the mount points, each node's log mount before its root.
+///
+/// A node's logs get a tmpfs of their own, as `/var/log` often has on a real node: the agent's
+/// account of what the full disk did to it is the point of the run.
 pub fn mount_small_disks(
     config: &ClusterConfig,
     home: &str,
@@ -609,33 +615,44 @@ pub fn mount_small_disks(
     let mut mounted = Vec::new();
     for node in config.nodes.iter().filter(|node| node.as_str() != home) {
         let dir = config.root.join(node);
-        std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m,mode=0755"),
-                "automigrate-faults",
-            ])
-            .arg(&dir)
-            .status()
-            .map_err(|error| format!("mount: {error}"))?;
-        if !status.success() {
-            unmount(&mounted);
-            return Err(format!(
-                "mount -t tmpfs on {} failed ({status})",
-                dir.display()
-            ));
+        let logs = dir.join("logs");
+        for (point, size) in [(&dir, mib), (&logs, LOG_DISK_MIB)] {
+            if let Err(error) = mount_tmpfs(point, size) {
+                unmount(&mounted);
+                return Err(error);
+            }
+            mounted.insert(0, point.clone());
         }
-        mounted.push(dir);
     }
     Ok(mounted)
 }
 
+fn mount_tmpfs(point: &Path, mib: u64) -> Result<(), String> {
+    std::fs::create_dir_all(point).map_err(|error| format!("{}: {error}", point.display()))?;
+    let status = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m,mode=0755"),
+            "automigrate-faults",
+        ])
+        .arg(point)
+        .status()
+        .map_err(|error| format!("mount: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount -t tmpfs on {} failed ({status})",
+            point.display()
+        ))
+    }
+}
+
 /// Copies `<point>/logs` to `<point>-logs` for each mount point (before it is unmounted).
 pub fn keep_logs(points: &[PathBuf]) {
-    for point in points {
+    for point in points.iter().filter(|point| point.join("logs").is_dir()) {
         let mut kept = point.clone().into_os_string();
         kept.push("-logs");
         let _ = Command::new("cp")

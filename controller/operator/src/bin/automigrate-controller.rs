@@ -166,7 +166,10 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logging is best effort: a failed write must not panic (see the agent's `init_tracing`).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder
             .json()
