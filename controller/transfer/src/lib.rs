@@ -16,7 +16,8 @@
 //! 4. The receiver hashes each piece as it arrives and writes only what matches; it syncs,
 //!    reads back, journals, and moves each file into place once complete ([`receiver`]).
 //! 5. `Done` / `Complete` ends the session; a lost connection, a refused piece or a restarted
-//!    agent leads to resending only what is missing.
+//!    agent leads to resending only what is missing. A receiver out of disk space refuses with
+//!    `NoSpace`, which ends the transfer at once: another session would fail the same way.
 //!
 //! Modules: [`wire`] (frames, pure `decode`), [`conn`] (frames over a stream, sockets),
 //! [`manifest`] (scan, hashes, piece numbering, transfer id), [`pieceset`] (piece bitmaps),

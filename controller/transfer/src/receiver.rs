@@ -119,9 +119,27 @@ impl ReceiveError {
             }
             Self::Manifest(_) => ErrorCode::Protocol,
             Self::Superseded => ErrorCode::Superseded,
+            other if out_of_space(other) => ErrorCode::NoSpace,
             _ => ErrorCode::Io,
         }
     }
+}
+
+/// Whether an I/O error in `error`'s chain says the disk is full or the quota spent.
+fn out_of_space(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// How the receiver behaves.

@@ -359,6 +359,10 @@ pub enum ErrorCode {
     Io,
     /// A file failed its whole-file check.
     Verification,
+    /// The receiver's disk is full (or its quota spent): another session fails the same way
+    /// until space is freed there, so the sender gives up at once. An older sender reads it as
+    /// `Other(9)`, which it does not retry either.
+    NoSpace,
     /// Any other code, kept so that a newer peer's code is reported rather than rejected.
     Other(u16),
 }
@@ -375,6 +379,7 @@ impl ErrorCode {
             Self::LimitExceeded => 6,
             Self::Io => 7,
             Self::Verification => 8,
+            Self::NoSpace => 9,
             Self::Other(code) => code,
         }
     }
@@ -390,6 +395,7 @@ impl ErrorCode {
             6 => Self::LimitExceeded,
             7 => Self::Io,
             8 => Self::Verification,
+            9 => Self::NoSpace,
             other => Self::Other(other),
         }
     }

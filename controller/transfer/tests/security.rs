@@ -162,14 +162,7 @@ async fn a_symlink_inside_the_destination_cannot_be_used_to_escape() {
     // Through a file path.
     let source = tempfile::tempdir().unwrap();
     write(source.path(), "escape/x", b"payload");
-    let error = send(
-        &Source::Dir(source.path().into()),
-        running.addr,
-        &pki.sender,
-        &SendOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let error = send_refused(source.path(), running.addr, &pki.sender).await;
     assert!(
         matches!(error, SendError::Rejected { code: ErrorCode::PathRejected, ref message } if message.contains("symlink")),
         "{error}"
@@ -301,14 +294,7 @@ async fn a_peer_with_a_certificate_from_another_ca_writes_nothing() {
     let source = tempfile::tempdir().unwrap();
     write(source.path(), "x", b"payload");
 
-    let error = send(
-        &Source::Dir(source.path().into()),
-        running.addr,
-        &intruder,
-        &SendOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let error = send_refused(source.path(), running.addr, &intruder).await;
 
     assert!(matches!(error, SendError::Handshake { .. }), "{error}");
     assert!(running.receiver.stats().tls_rejected >= 1);
@@ -333,14 +319,7 @@ async fn a_receiver_we_do_not_trust_gets_nothing() {
     let running = start_receiver(ReceiverConfig::new(dest.path()), &other, None).await;
     let source = tempfile::tempdir().unwrap();
     write(source.path(), "secret", b"payload");
-    let error = send(
-        &Source::Dir(source.path().into()),
-        running.addr,
-        &pki.sender,
-        &SendOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let error = send_refused(source.path(), running.addr, &pki.sender).await;
     assert!(matches!(error, SendError::Handshake { .. }), "{error}");
     assert!(everything(dest.path()).is_empty());
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use automigrate_transfer::devcerts::DevCa;
+use automigrate_transfer::manifest::Source;
 use automigrate_transfer::receiver::{Receiver, ReceiverConfig};
+use automigrate_transfer::sender::{SendError, SendOptions, send};
 use automigrate_transfer::tls::TlsConfig;
 
 /// A CA with two node identities.
@@ -194,4 +196,16 @@ pub fn progress_counter() -> (
         seen.store(progress.bytes_done, std::sync::atomic::Ordering::Relaxed);
     });
     (callback, done)
+}
+
+/// Sends the directory `source` to `to` with default options, expecting the transfer to fail.
+pub async fn send_refused(source: &Path, to: SocketAddr, tls: &TlsConfig) -> SendError {
+    send(
+        &Source::Dir(source.into()),
+        to,
+        tls,
+        &SendOptions::default(),
+    )
+    .await
+    .unwrap_err()
 }
