@@ -496,7 +496,8 @@ pub struct RunRecord {
     /// Per replacement: epochs of work the fault cost (the epoch reported when it struck, or
     /// the replaced container's last one, minus where the replacement resumed).
     pub redone_epochs: Vec<u32>,
-    /// One checkpoint interval plus the longest replication lag seen, in epochs, plus one.
+    /// One checkpoint interval, one controller pass and the longest replication lag seen, in
+    /// epochs, plus one.
     pub redone_allowed: u32,
     /// Longest time from a periodic checkpoint's start to its standby copy being complete.
     pub replication_lag_s: Option<f64>,
@@ -1147,12 +1148,14 @@ fn verdict(
     damaged: Option<&(String, String)>,
 ) {
     let mut findings = Vec::new();
-    // One checkpoint interval of real time and the longest replication lag of the run, in
+    // One checkpoint interval of real time, one controller pass (a checkpoint that falls due
+    // between passes starts at the next one) and the longest replication lag of the run, in
     // epochs, plus the epoch in flight.
     let interval_s = automigrate_core::units::parse_duration(&demo.checkpoint_interval)
         .map(|interval| interval.as_secs_f64() / f64::from(demo.time_scale.max(1)))
         .unwrap_or(1.0);
-    let window_s = interval_s + record.replication_lag_s.unwrap_or(0.0);
+    let pass_s = Duration::from_millis(demo.tick_ms).as_secs_f64();
+    let window_s = interval_s + pass_s + record.replication_lag_s.unwrap_or(0.0);
     record.redone_allowed = (window_s / reference.epoch_s.max(1e-3)).ceil() as u32 + 1;
     if record.double_running() {
         findings.push(format!(
@@ -1360,13 +1363,13 @@ mod tests {
             record.resumable_before_fault = vec!["trainer-000002 on node-b".into()];
         });
         assert_eq!(restart.findings.len(), 1);
-        // 1 s interval (30 s at ×30) + 0.5 s lag at 0.1 s per epoch: 15 + 1 allowed.
+        // 1 s interval (30 s at ×30) + a 0.1 s pass + 0.5 s lag at 0.1 s per epoch: 16 + 1.
         let lost = judged(|record| {
             record.replication_lag_s = Some(0.5);
             record.resumed_from = vec![10];
-            record.redone_epochs = vec![17];
+            record.redone_epochs = vec![18];
         });
-        assert_eq!(lost.redone_allowed, 16);
+        assert_eq!(lost.redone_allowed, 17);
         assert_eq!(lost.findings.len(), 1, "{:?}", lost.findings);
     }
 
