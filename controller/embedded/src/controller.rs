@@ -1905,7 +1905,8 @@ impl LocalController {
         }
     }
 
-    /// Waits until the replacement reports progress (an epoch, or the end of training).
+    /// Waits until the replacement reports progress of its own (a new epoch, or the end of
+    /// training).
     async fn verify(&mut self, run: &mut MigrationRun) -> Result<Event, ControllerError> {
         let target = run.state.target.clone();
         let container = run.new_container.clone();
@@ -1926,7 +1927,21 @@ impl LocalController {
                     fresh: true,
                 });
             }
-            if progress.last_epoch().is_some() || progress.done().is_some() {
+            // Progress of the replacement itself: a restored work directory carries the
+            // checkpointed process's lines, so only an epoch written since the replacement
+            // started (or, if that moment was not seen, since Verifying began) counts.
+            let since = run.driver.resumed_at.or_else(|| {
+                run.driver
+                    .phases
+                    .iter()
+                    .rev()
+                    .find(|(phase, _)| *phase == Phase::Verifying)
+                    .map(|(_, at)| *at)
+            });
+            let progressed = progress
+                .epochs()
+                .any(|record| since.is_none_or(|since| record.at >= since));
+            if progressed || progress.done().is_some() {
                 if run.driver.resumed_at.is_none() {
                     // Restored by a controller that died before it saw the restore return.
                     let at = unix_now();
