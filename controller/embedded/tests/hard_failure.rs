@@ -25,6 +25,12 @@ use automigrate_embedded::workload::{DatasetSpec, TrainerSpec, verify_dataset};
 /// One run at a time: two clusters training at once on two cores would only slow both.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Long enough that a checkpoint taken after the first epoch reaches its standby well before
+/// the failure at 75 %: the failure waits for that copy. With 20 epochs, a quiet machine
+/// finished training first (CI, 2026-11-23 07:54 UTC: the checkpoint due after 1 s was taken
+/// at epoch 15, so about 70 ms an epoch).
+const EPOCHS: u32 = 60;
+
 /// A short run: a few seconds of training on a small dataset.
 fn short_plan(root: &Path) -> DemoPlan {
     let mut plan = DemoPlan::standard(root.to_path_buf(), policies_dir());
@@ -37,7 +43,7 @@ fn short_plan(root: &Path) -> DemoPlan {
         seed: 5,
     };
     plan.settings.trainer = TrainerSpec {
-        epochs: 20,
+        epochs: EPOCHS,
         hidden: 128,
         seed: 3,
         learning_rate: 0.05,
@@ -93,7 +99,7 @@ async fn hard_failure_at_75_percent(agent: AgentMode) {
 
     let reference = scenario::reference_run(settings).await.unwrap();
     let reference_loss = reference.final_loss_hex.clone().unwrap();
-    assert_eq!(reference.final_epoch, Some(20));
+    assert_eq!(reference.final_epoch, Some(EPOCHS));
 
     // Late enough that a checkpoint taken after the first epochs has reached its standby (the
     // first one is taken at start-up, before any epoch).
@@ -131,7 +137,7 @@ async fn hard_failure_at_75_percent(agent: AgentMode) {
     );
 
     // Bit-identical final loss.
-    assert_eq!(run.final_epoch, Some(20));
+    assert_eq!(run.final_epoch, Some(EPOCHS));
     assert_eq!(run.final_loss_hex.as_deref(), Some(reference_loss.as_str()));
 
     // Never two copies: the monitor's samples and the progress spans agree.
