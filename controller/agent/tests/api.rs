@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use automigrate_agent::api::{
-    CheckpointKind, CheckpointQuery, CheckpointRequest, ErrorBody, ImageRequest, Payload, Peer,
-    PodKey, TransferRequest, TransferState, error_kind,
+    CheckpointKind, CheckpointQuery, CheckpointRequest, CheckpointSummary, ErrorBody, ImageRequest,
+    Payload, Peer, PodKey, TransferRequest, TransferState, error_kind,
 };
 use automigrate_agent::checkpointer::testing::FakeBackend;
 use automigrate_agent::client::{AgentClient, ClientError};
@@ -1010,12 +1010,18 @@ async fn peers_report_rtt_and_loss() {
     );
 }
 
-#[tokio::test]
-async fn shutdown_finishes_the_request_in_flight_then_stops() {
-    let pki = Pki::new();
+/// An agent whose fake backend holds every dump until `gate` gets a permit, with a final
+/// checkpoint of `trainer` requested and started (the dump is waiting at the gate).
+async fn a_final_checkpoint_held_at_the_gate(
+    pki: &Pki,
+) -> (
+    common::TestAgent,
+    Arc<Semaphore>,
+    tokio::task::JoinHandle<Result<CheckpointSummary, ClientError>>,
+) {
     let gate = Arc::new(Semaphore::new(0));
-    let mut agent = start_agent(
-        &pki,
+    let agent = start_agent(
+        pki,
         "node-a",
         Setup {
             fake: FakeBackend::default().with_gate(gate.clone()),
@@ -1035,6 +1041,13 @@ async fn shutdown_finishes_the_request_in_flight_then_stops() {
         async move { started }
     })
     .await;
+    (agent, gate, in_flight)
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_request_in_flight_then_stops() {
+    let pki = Pki::new();
+    let (mut agent, gate, in_flight) = a_final_checkpoint_held_at_the_gate(&pki).await;
     let running = agent.running.take().unwrap();
     let shutdown = tokio::spawn(running.shutdown());
     // New connections are refused while the checkpoint is still running.
@@ -1058,28 +1071,8 @@ async fn shutdown_finishes_the_request_in_flight_then_stops() {
 #[tokio::test]
 async fn a_checkpoint_whose_caller_went_away_still_finishes_and_is_stored() {
     let pki = Pki::new();
-    let gate = Arc::new(Semaphore::new(0));
-    let agent = start_agent(
-        &pki,
-        "node-a",
-        Setup {
-            fake: FakeBackend::default().with_gate(gate.clone()),
-            ..Setup::default()
-        },
-    )
-    .await;
-    let client = agent.client.clone();
-    let caller = tokio::spawn(async move {
-        client
-            .checkpoint(&request("trainer", CheckpointKind::Final))
-            .await
-    });
+    let (agent, gate, caller) = a_final_checkpoint_held_at_the_gate(&pki).await;
     let fake = agent.fake.clone().unwrap();
-    wait_until("the checkpoint to start", || {
-        let started = !fake.calls().is_empty();
-        async move { started }
-    })
-    .await;
     // The controller dies mid-request: its connection closes with the dump half done.
     caller.abort();
     assert!(caller.await.unwrap_err().is_cancelled());

@@ -285,8 +285,33 @@ impl LocalNode {
         layout.create()?;
         let store = CheckpointStore::open(&layout.store())?;
         workload::install_program(&layout.app())?;
+        Ok(Self::assemble(
+            (name, index, namespace, address, layout),
+            store,
+            SystemTime::now(),
+            StatusSide::Kubelet {
+                posting: AtomicBool::new(false),
+                publish: Mutex::new(()),
+            },
+        ))
+    }
+
+    /// The parts a kubelet-side node and an observer share: a live, connected node with no
+    /// conditions and no containers yet.
+    fn assemble(
+        (name, index, namespace, address, layout): (
+            String,
+            usize,
+            String,
+            std::net::Ipv4Addr,
+            NodeLayout,
+        ),
+        store: CheckpointStore,
+        heartbeat: SystemTime,
+        side: StatusSide,
+    ) -> Self {
         let runc = RuncBackend::new(SystemRunner, "runc", "criu").with_root(layout.runc_root());
-        let node = Self {
+        Self {
             name,
             index,
             namespace,
@@ -294,17 +319,13 @@ impl LocalNode {
             layout,
             alive: AtomicBool::new(true),
             partitioned: AtomicBool::new(false),
-            heartbeat: Mutex::new(SystemTime::now()),
+            heartbeat: Mutex::new(heartbeat),
             conditions: Mutex::new(Vec::new()),
             runc,
             store,
             containers: Mutex::new(Vec::new()),
-            side: StatusSide::Kubelet {
-                posting: AtomicBool::new(false),
-                publish: Mutex::new(()),
-            },
-        };
-        Ok(node)
+            side,
+        }
     }
 
     /// From now on every status change is posted for observers (the first post is now). Off
@@ -332,24 +353,14 @@ impl LocalNode {
         layout: NodeLayout,
     ) -> Result<Self, NodeError> {
         let store = CheckpointStore::open(&layout.root().join("observer-store"))?;
-        let runc = RuncBackend::new(SystemRunner, "runc", "criu").with_root(layout.runc_root());
-        let node = Self {
-            name,
-            index,
-            namespace,
-            address,
-            layout,
-            alive: AtomicBool::new(true),
-            partitioned: AtomicBool::new(false),
-            heartbeat: Mutex::new(SystemTime::UNIX_EPOCH),
-            conditions: Mutex::new(Vec::new()),
-            runc,
+        let node = Self::assemble(
+            (name, index, namespace, address, layout),
             store,
-            containers: Mutex::new(Vec::new()),
-            side: StatusSide::Observer {
+            SystemTime::UNIX_EPOCH,
+            StatusSide::Observer {
                 last: Mutex::new(None),
             },
-        };
+        );
         node.read_published();
         Ok(node)
     }

@@ -19,7 +19,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{policies_dir, privileged};
+use common::{agent_binary, init_logs, policies_dir, privileged};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +32,6 @@ use automigrate_embedded::controller::{
     ControllerError, ControllerOptions, HaltPoint, LocalController, PodConfig, Purpose, Recovery,
     TimelineEvent,
 };
-use automigrate_embedded::daemon::find_agent_binary;
 use automigrate_embedded::monitor::{CopyMonitor, CopyReport};
 use automigrate_embedded::policies::load_policies;
 use automigrate_embedded::process::{ControllerLaunch, ControllerProcess, StepDelay};
@@ -46,17 +45,6 @@ const EPOCHS: u32 = 40;
 
 /// One cluster at a time: two training at once on two cores would only slow both.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn init_logs() {
-    // `AUTOMIGRATE_LOG=automigrate_embedded=info cargo test … -- --nocapture` shows each step.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AUTOMIGRATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 fn dataset_spec() -> DatasetSpec {
     DatasetSpec {
@@ -447,16 +435,6 @@ async fn a_dead_source_migration_resumes_after_the_controller_stops() {
         )
         .await;
     }
-}
-
-fn agent_binary() -> PathBuf {
-    // Not a skip: a missing binary fails the test (scripts/test.sh builds it first).
-    find_agent_binary().unwrap_or_else(|| {
-        panic!(
-            "no automigrate-agent binary next to the test binary and no $AUTOMIGRATE_AGENT_BIN; \
-             build it first: cargo build -p automigrate-agent"
-        )
-    })
 }
 
 /// When in a phase the controller process gets SIGKILL.

@@ -10,9 +10,8 @@
 
 mod common;
 
-use common::{policies_dir, privileged};
+use common::{agent_binary, init_logs, policies_dir, privileged};
 
-use automigrate_embedded::daemon::find_agent_binary;
 use automigrate_embedded::faults::{self, FaultKind, FaultParams, report};
 use automigrate_embedded::policies::load_policies;
 
@@ -45,19 +44,8 @@ async fn fault_injection_smoke_subset_has_no_findings() {
     if !privileged("fault_injection_smoke_subset_has_no_findings") {
         return;
     }
-    let Some(agent) = find_agent_binary() else {
-        panic!(
-            "no automigrate-agent binary next to the test binary and no $AUTOMIGRATE_AGENT_BIN; \
-             build it first: cargo build -p automigrate-agent"
-        );
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AUTOMIGRATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    let agent = agent_binary();
+    init_logs();
     let root = tempfile::tempdir().unwrap();
     let settings = faults::standard_settings(
         root.path().to_path_buf(),

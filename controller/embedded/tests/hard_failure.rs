@@ -10,12 +10,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{policies_dir, privileged};
+use common::{agent_binary, init_logs, policies_dir, privileged};
 
 use automigrate_core::migration::Phase;
 use automigrate_embedded::cluster::AgentMode;
 use automigrate_embedded::controller::Recovery;
-use automigrate_embedded::daemon::find_agent_binary;
 use automigrate_embedded::demo::DemoPlan;
 use automigrate_embedded::node::NodeLayout;
 use automigrate_embedded::policies::load_policies;
@@ -71,26 +70,15 @@ async fn hard_failure_with_agent_daemons() {
     if !privileged("hard_failure_with_agent_daemons") {
         return;
     }
-    // Not a skip: a missing binary fails the test (scripts/test.sh builds it first).
-    let Some(binary) = find_agent_binary() else {
-        panic!(
-            "no automigrate-agent binary next to the test binary and no $AUTOMIGRATE_AGENT_BIN; \
-             build it first: cargo build -p automigrate-agent"
-        );
-    };
-    hard_failure_at_75_percent(AgentMode::Daemon { binary }).await;
+    hard_failure_at_75_percent(AgentMode::Daemon {
+        binary: agent_binary(),
+    })
+    .await;
 }
 
 async fn hard_failure_at_75_percent(agent: AgentMode) {
     let _one_at_a_time = SERIAL.lock().await;
-    // `AUTOMIGRATE_LOG=automigrate_embedded=info cargo test … -- --nocapture` shows each step.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AUTOMIGRATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    init_logs();
     let root = tempfile::tempdir().unwrap();
     let mut plan = short_plan(root.path());
     plan.settings.agent = agent;

@@ -66,9 +66,12 @@ pub struct Inputs<'a> {
     pub checkpoints_in_progress: &'a BTreeSet<PodRef>,
 }
 
-pub fn build(inputs: &Inputs<'_>, now: Timestamp) -> ClusterSnapshot {
-    let heartbeats: BTreeMap<&str, Timestamp> = inputs
-        .leases
+/// Each node's last heartbeat: the renew time of its Lease in the node-lease namespace.
+fn node_heartbeats<'a, C>(leases: &'a [Arc<Lease>]) -> C
+where
+    C: FromIterator<(&'a str, Timestamp)>,
+{
+    leases
         .iter()
         .filter(|lease| lease.metadata.namespace.as_deref() == Some(NODE_LEASE_NAMESPACE))
         .filter_map(|lease| {
@@ -76,7 +79,11 @@ pub fn build(inputs: &Inputs<'_>, now: Timestamp) -> ClusterSnapshot {
             let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
             Some((name, renewed))
         })
-        .collect();
+        .collect()
+}
+
+pub fn build(inputs: &Inputs<'_>, now: Timestamp) -> ClusterSnapshot {
+    let heartbeats: BTreeMap<&str, Timestamp> = node_heartbeats(inputs.leases);
     let mut requested: BTreeMap<&str, Resources> = BTreeMap::new();
     for pod in inputs.pods {
         if let Some(node) = pod_node(pod)

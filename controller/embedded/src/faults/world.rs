@@ -396,22 +396,26 @@ impl FaultContext {
     /// Cuts a node off: every link (peers' probes and transfers), the controller's access to
     /// its agent, and its heartbeat; the node and its containers run on.
     pub fn partition(&self, node: &str) -> Result<(), String> {
-        let local = self.node(node)?;
-        for rule in partition_rules() {
-            iptables(local.namespace(), "-I", &rule)?;
-        }
-        local.set_partitioned(true);
+        self.set_partitioned(node, true)?;
         self.push_undo(Undo::Partition(node.to_string()));
+        Ok(())
+    }
+
+    /// Inserts (or deletes) the partition's firewall rules in the node's namespace and marks
+    /// the node accordingly.
+    fn set_partitioned(&self, node: &str, partitioned: bool) -> Result<(), String> {
+        let local = self.node(node)?;
+        let action = if partitioned { "-I" } else { "-D" };
+        for rule in partition_rules() {
+            iptables(local.namespace(), action, &rule)?;
+        }
+        local.set_partitioned(partitioned);
         Ok(())
     }
 
     /// Ends a partition.
     pub fn heal_partition(&self, node: &str) -> Result<(), String> {
-        let local = self.node(node)?;
-        for rule in partition_rules() {
-            iptables(local.namespace(), "-D", &rule)?;
-        }
-        local.set_partitioned(false);
+        self.set_partitioned(node, false)?;
         if let Ok(mut list) = self.inner.undo.lock() {
             list.retain(|undo| !matches!(undo, Undo::Partition(name) if name == node));
         }

@@ -1,9 +1,10 @@
 //! What every privileged test of the embedded mode shares: the rule for running or skipping,
-//! and where the shipped policies are.
+//! where the shipped policies and the agent binary are, and the log set-up.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use automigrate_embedded::daemon::find_agent_binary;
 use automigrate_embedded::demo::missing_prerequisites;
 
 pub const SKIP_VARIABLE: &str = "AUTOMIGRATE_SKIP_PRIVILEGED";
@@ -35,4 +36,27 @@ pub fn privileged(test: &str) -> bool {
 
 pub fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}
+
+/// The `automigrate-agent` binary. Not a skip: a missing binary fails the test
+/// (scripts/test.sh builds it first).
+pub fn agent_binary() -> PathBuf {
+    find_agent_binary().unwrap_or_else(|| {
+        panic!(
+            "no automigrate-agent binary next to the test binary and no $AUTOMIGRATE_AGENT_BIN; \
+             build it first: cargo build -p automigrate-agent"
+        )
+    })
+}
+
+/// Logs to the test's output at `warn`, or as `AUTOMIGRATE_LOG` says:
+/// `AUTOMIGRATE_LOG=automigrate_embedded=info cargo test … -- --nocapture` shows each step.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AUTOMIGRATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
 }

@@ -44,8 +44,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{
-    Inputs, NODE_LEASE_NAMESPACE, convert_node, is_terminated, migration_records, pod_node,
-    pod_order, pod_requests, protected_pod, user_observations,
+    Inputs, convert_node, is_terminated, migration_records, node_heartbeats, pod_node, pod_order,
+    pod_requests, protected_pod, user_observations,
 };
 
 /// The address of an object a store handed out.
@@ -600,15 +600,7 @@ impl IncrementalSnapshot {
         &mut self,
         leases: &[Arc<k8s_openapi::api::coordination::v1::Lease>],
     ) {
-        let heartbeats: HashMap<&str, Timestamp, RandomState> = leases
-            .iter()
-            .filter(|lease| lease.metadata.namespace.as_deref() == Some(NODE_LEASE_NAMESPACE))
-            .filter_map(|lease| {
-                let name = lease.metadata.name.as_deref()?;
-                let renewed = lease.spec.as_ref()?.renew_time.as_ref()?.0;
-                Some((name, renewed))
-            })
-            .collect();
+        let heartbeats: HashMap<&str, Timestamp, RandomState> = node_heartbeats(leases);
         for node in &mut self.snapshot.nodes {
             node.last_heartbeat = heartbeats.get(node.name.as_str()).copied();
             node.requested = self

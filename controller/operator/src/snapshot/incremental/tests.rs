@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::snapshot::NODE_LEASE_NAMESPACE;
+
 use automigrate_core::decide::EngineMemory;
 use automigrate_core::model::{ClusterSnapshot, LinkObservation, PodRef, UserObservation};
 use automigrate_core::policy::PolicySet;
