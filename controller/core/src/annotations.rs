@@ -203,7 +203,13 @@ fn parse_value(key: &str, value: &str, settings: &mut PodSettings) -> Result<(),
             settings.user = Some(value.to_string());
         }
         CHECKPOINT_INTERVAL => {
-            settings.checkpoint_interval = Some(value.parse::<IntervalSetting>()?);
+            let interval = value.parse::<IntervalSetting>()?;
+            // The floor every policy's minInterval obeys, in the same words; the policy's own
+            // minInterval..maxInterval is only known once the pod's policy is chosen.
+            if let IntervalSetting::Every(every) = interval {
+                crate::policy::check_interval_floor(every)?;
+            }
+            settings.checkpoint_interval = Some(interval);
         }
         REPLICATE_TO => {
             let count: u32 = value
@@ -405,6 +411,43 @@ mod tests {
                 "{message} does not start with {prefix}"
             );
         }
+    }
+
+    #[test]
+    fn checkpoint_interval_obeys_the_policy_floor() {
+        // Issue 14, finding 4: `0s` was taken, a checkpoint every pass; a policy refuses it.
+        for value in ["0s", "0ms", "500ms"] {
+            let (settings, errors) =
+                parse("ml", "p", &annotations(&[(CHECKPOINT_INTERVAL, value)]));
+            assert_eq!(settings.checkpoint_interval, None, "{value} is not applied");
+            assert_eq!(errors.len(), 1, "{value}: {errors:?}");
+            assert!(
+                errors[0]
+                    .reason
+                    .contains("is below 1s, the shortest checkpoint interval"),
+                "{value}: {}",
+                errors[0].reason
+            );
+        }
+        // The same words as a policy's refusal of the same value.
+        let policy_issues =
+            crate::policy::Policy::from_yaml("p", "checkpoint: {minInterval: 0s, interval: 0s}")
+                .unwrap_err()
+                .issues;
+        let (_, errors) = parse("ml", "p", &annotations(&[(CHECKPOINT_INTERVAL, "0s")]));
+        assert!(
+            policy_issues
+                .iter()
+                .any(|issue| issue.reason == errors[0].reason),
+            "{policy_issues:?} vs {}",
+            errors[0].reason
+        );
+        let (settings, errors) = parse("ml", "p", &annotations(&[(CHECKPOINT_INTERVAL, "1s")]));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            settings.checkpoint_interval,
+            Some(IntervalSetting::Every(Duration::from_secs(1)))
+        );
     }
 
     #[test]

@@ -57,6 +57,40 @@ pub fn from_yaml_with_path<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The shortest checkpoint interval anything may ask for: the floor of a policy's
+/// `checkpoint.minInterval` and of a pod's `automigrate.dev/checkpoint-interval`. Each dump
+/// freezes the pod (`checkpoint.timeout` is at least 1s too); more often than this the pod
+/// would do little but stop for dumps.
+pub const MIN_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checks an interval against [`MIN_CHECKPOINT_INTERVAL`]. One check for policies and pod
+/// annotations, so both refuse the same values in the same words.
+pub fn check_interval_floor(interval: Duration) -> Result<(), String> {
+    if interval < MIN_CHECKPOINT_INTERVAL {
+        return Err(format!(
+            "{} is below {}, the shortest checkpoint interval",
+            units::format_duration(interval),
+            units::format_duration(MIN_CHECKPOINT_INTERVAL)
+        ));
+    }
+    Ok(())
+}
+
+/// How often a kubelet renews its node's Lease (`nodeLeaseDurationSeconds` 40 × 0.25) and
+/// computes its node status (`nodeStatusUpdateFrequency`): 10 s in every Kubernetes release
+/// since Leases exist. Kubernetes' own node-monitor grace period is 40-50 s.
+pub const KUBELET_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// The least `triggers.leaseTimeout`: a healthy node's Lease is up to one renewal period
+/// ([`KUBELET_HEARTBEAT`]) old, plus the API server's and our watch's delay; 5 s of slack
+/// over the period keeps one late renewal from failing a healthy node.
+pub const MIN_LEASE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The least `triggers.notReadyGrace`: a kubelet corrects a `Ready` condition it reported
+/// wrongly at its next status update, one [`KUBELET_HEARTBEAT`] later; a shorter grace fails
+/// a node over a blip that heals by itself.
+pub const MIN_NOT_READY_GRACE: Duration = Duration::from_secs(10);
+
 /// How often to checkpoint: a fixed period, or derived from failure rate and checkpoint cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntervalSetting {
@@ -592,8 +626,8 @@ impl Policy {
         let show = |duration: Duration| units::format_duration(duration);
 
         let checkpoint = &self.checkpoint;
-        if checkpoint.min_interval.is_zero() {
-            issue("checkpoint.minInterval", "must be greater than zero".into());
+        if let Err(reason) = check_interval_floor(checkpoint.min_interval) {
+            issue("checkpoint.minInterval", reason);
         }
         if checkpoint.min_interval > checkpoint.max_interval {
             issue(
@@ -647,11 +681,27 @@ impl Policy {
         }
 
         let triggers = &self.triggers;
-        if triggers.not_ready_grace < Duration::from_secs(1) {
-            issue("triggers.notReadyGrace", "must be at least 1s".into());
+        if triggers.not_ready_grace < MIN_NOT_READY_GRACE {
+            issue(
+                "triggers.notReadyGrace",
+                format!(
+                    "{} is below {}: a kubelet posts its node status every {} s and corrects a wrong Ready at the next post, so a shorter grace fails nodes over blips that heal by themselves",
+                    show(triggers.not_ready_grace),
+                    show(MIN_NOT_READY_GRACE),
+                    KUBELET_HEARTBEAT.as_secs()
+                ),
+            );
         }
-        if triggers.lease_timeout < Duration::from_secs(1) {
-            issue("triggers.leaseTimeout", "must be at least 1s".into());
+        if triggers.lease_timeout < MIN_LEASE_TIMEOUT {
+            issue(
+                "triggers.leaseTimeout",
+                format!(
+                    "{} is below {}: a kubelet renews its Lease every {} s, so a healthy node's Lease is up to that old and a shorter timeout marks healthy nodes failed",
+                    show(triggers.lease_timeout),
+                    show(MIN_LEASE_TIMEOUT),
+                    KUBELET_HEARTBEAT.as_secs()
+                ),
+            );
         }
         for (index, condition) in triggers.conditions.iter().enumerate() {
             let path = format!("triggers.conditions[{index}]");
@@ -1160,6 +1210,53 @@ mod tests {
         let mut set = PolicySet::new();
         assert!(set.apply("new", "checkpoint: {replicateTo: 99}").is_err());
         assert!(set.get("new").is_none());
+    }
+
+    #[test]
+    fn heartbeat_timeouts_a_kubelet_cannot_meet_are_refused() {
+        // Issue 14, finding 5: 1s passed; a kubelet renews its Lease and posts its status
+        // every 10 s, so every healthy node would read as failed.
+        let error =
+            Policy::from_yaml("p", "triggers: {leaseTimeout: 1s, notReadyGrace: 1s}").unwrap_err();
+        let paths: Vec<&str> = error.issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["triggers.notReadyGrace", "triggers.leaseTimeout"],
+            "{error}"
+        );
+        assert!(
+            error.issues[1].reason.starts_with("1s is below 15s:")
+                && error.issues[1]
+                    .reason
+                    .contains("renews its Lease every 10 s"),
+            "{error}"
+        );
+        assert!(
+            error.issues[0].reason.starts_with("1s is below 10s:")
+                && error.issues[0].reason.contains("every 10 s"),
+            "{error}"
+        );
+        for text in [
+            "triggers: {leaseTimeout: 14s}",
+            "triggers: {notReadyGrace: 9s}",
+        ] {
+            assert!(Policy::from_yaml("p", text).is_err(), "{text}");
+        }
+        // The floors themselves are allowed (policies/fast-failover.yaml uses them).
+        assert!(
+            Policy::from_yaml("p", "triggers: {leaseTimeout: 15s, notReadyGrace: 10s}").is_ok()
+        );
+    }
+
+    #[test]
+    fn checkpoint_min_interval_has_a_floor() {
+        let error =
+            Policy::from_yaml("p", "checkpoint: {minInterval: 0s, interval: 1m}").unwrap_err();
+        assert_eq!(error.issues[0].path, "checkpoint.minInterval", "{error}");
+        assert_eq!(
+            error.issues[0].reason,
+            "0s is below 1s, the shortest checkpoint interval"
+        );
     }
 
     #[test]
