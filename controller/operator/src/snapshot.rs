@@ -4,8 +4,10 @@
 //! - Node + its Lease in `kube-node-lease` → [`model::Node`] (conditions with their transition
 //!   times, taints, allocatable, the Lease's `renewTime` as the heartbeat, and the sum of the
 //!   requests of every non-terminated pod bound to the node).
-//! - Pod with an `automigrate.dev/protect` annotation, bound to a node, not terminated and not
-//!   being deleted → [`ProtectedPod`] (raw annotations: the engine parses and reports them). Its
+//! - Pod with any `automigrate.dev/` annotation (not only `protect`: a misspelled key must be
+//!   reported, not skipped), bound to a node, not terminated and not being deleted →
+//!   [`ProtectedPod`] (raw annotations: the engine parses and reports them, and acts only on
+//!   pods whose `protect` is `"true"`). Its
 //!   newest checkpoint is kept on the pod in the [`LATEST_CHECKPOINT`] annotation, which the
 //!   controller writes after every checkpoint and replication, so it survives a controller
 //!   restart and is visible in `kubectl describe pod`.
@@ -172,6 +174,10 @@ pub fn user_observations<'p>(
     // (user, node) → (pod, latency): the first pod by namespace/name wins.
     let mut annotated: BTreeMap<(String, String), (PodRef, std::time::Duration)> = BTreeMap::new();
     for pod in pods {
+        // Only pods that say `protect` at all; one with a misspelled key alone speaks for no user.
+        if !pod.annotations.contains_key(annotations::PROTECT) {
+            continue;
+        }
         let (Some(value), Some(user)) = (
             pod.annotations.get(annotations::USER_LATENCY),
             pod.annotations.get(annotations::USER),
@@ -329,7 +335,12 @@ pub fn latest_checkpoint(pod: &Pod) -> Option<CheckpointInfo> {
 fn protected_pod(pod: &Pod, in_progress: &BTreeSet<PodRef>) -> Option<ProtectedPod> {
     let metadata = &pod.metadata;
     let annotations_map = metadata.annotations.as_ref()?;
-    if !annotations_map.contains_key(annotations::PROTECT)
+    // Any `automigrate.dev/` key, not only `protect`: the engine parses every such pod and
+    // reports a misspelled key (`automigrate.dev/protected`) instead of the pod being skipped
+    // silently. A prefix test per key keeps this cheap for the many pods with none.
+    if !annotations_map
+        .keys()
+        .any(|key| key.starts_with(annotations::DOMAIN))
         || metadata.deletion_timestamp.is_some()
         || is_terminated(pod)
     {
