@@ -1277,7 +1277,11 @@ impl<'a> Pass<'a> {
                     )),
                 }
             }
-        } else if let Some(annotations::DatasetRef::Path(path)) = &settings.dataset {
+        } else if let Some(annotations::DatasetRef::Path(path)) = &settings.dataset
+            && !source_alive
+        {
+            // A live source still holds the dataset and the controller copies it from there;
+            // only a dead source leaves the pod without it.
             self.problem(
                 Some(pod.pod_ref()),
                 Severity::Warning,

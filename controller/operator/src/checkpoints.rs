@@ -30,6 +30,8 @@ pub enum CheckpointError {
     NoContainer(PodRef),
     #[error("a checkpoint of {0} is already in progress")]
     Busy(PodRef),
+    #[error("pod {0} is not running yet (no status, or phase not Running): nothing to checkpoint")]
+    NotRunning(PodRef),
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error("recording the checkpoint on the pod failed: {0}")]
@@ -42,6 +44,7 @@ impl CheckpointError {
             Self::PodGone(_) => "pod_gone",
             Self::NoContainer(_) => "no_container",
             Self::Busy(_) => "busy",
+            Self::NotRunning(_) => "not_running",
             Self::Agent(error) => error.metric_label(),
             Self::Record(error) => error.metric_label(),
         }
@@ -149,6 +152,16 @@ impl CheckpointOrchestrator {
             .stores
             .pod(&pod_ref.namespace, &pod_ref.name)
             .ok_or_else(|| CheckpointError::PodGone(pod_ref.clone()))?;
+        // A replacement pod is bound to its node before the kubelet starts it: until it runs
+        // there is no process to dump (and a restore may still be writing its files).
+        let running = pod
+            .status
+            .as_ref()
+            .and_then(|status| status.phase.as_deref())
+            == Some("Running");
+        if !running {
+            return Err(CheckpointError::NotRunning(pod_ref));
+        }
         let container = pod
             .spec
             .as_ref()

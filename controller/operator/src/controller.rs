@@ -168,7 +168,20 @@ impl Controller {
         );
     }
 
+    /// Waits until every store holds its initial list: a pass over half-listed stores would
+    /// see pods missing (and refuse their requests) or nodes without their Leases. `false`
+    /// when `shutdown` came first or the stores can never sync.
+    async fn synced(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            ready = self.stores.ready() => ready.is_ok(),
+            _ = shutdown.wait_for(|stop| *stop) => false,
+        }
+    }
+
     async fn decision_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
+        if !self.synced(&mut shutdown).await {
+            return;
+        }
         loop {
             if leadership.is_leader() {
                 match self.decider.pass(self.clock.now()).await {
@@ -196,6 +209,9 @@ impl Controller {
 
     async fn executor_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
         let in_flight = InFlight::default();
+        if !self.synced(&mut shutdown).await {
+            return;
+        }
         loop {
             if leadership.is_leader() {
                 for migration in self.executor.active() {

@@ -3,8 +3,21 @@
 //! failed before its fix.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use automigrate_kube_fake::FakeCluster;
+use std::sync::Arc;
+use std::time::Duration;
+
+use automigrate_core::migration::Phase;
+use automigrate_kube_fake::{FakeCluster, Fault};
+use automigrate_operator::agent::{AgentCall, RecordingAgent};
+use automigrate_operator::clock::ManualClock;
+use automigrate_operator::controller::{Config, Controller};
+use automigrate_operator::crd::Migration;
+use automigrate_operator::leader::Leadership;
+use automigrate_operator::manual;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use tokio::sync::watch;
 
 mod common;
 use common::*;
@@ -79,4 +92,180 @@ async fn a_misspelled_protect_key_is_reported_on_the_pod() {
         report.checkpoints.iter().all(|c| c.pod.name != "typo"),
         "{report:#?}"
     );
+}
+
+// Defect 9 (first part): the decision loop ran before the stores had synced, so a pass over an
+// empty pod store refused a person's request with "pod does not exist".
+#[tokio::test]
+async fn the_first_decision_pass_waits_for_every_store() {
+    let cluster = FakeCluster::new();
+    let agent = RecordingAgent::new();
+    cluster.put(&policy_map("default", "{}"));
+    for name in ["edge-1", "edge-2", "edge-3"] {
+        cluster.put(&node(name, "True", at(-3600)));
+        cluster.put(&lease(name, at(0)));
+    }
+    cluster.put(&protected_pod("trainer", "edge-2", &[]));
+    let api: Api<Migration> = Api::namespaced(cluster.client(), NS);
+    let request = manual::request(&api, "trainer", Some("edge-3"), "maintenance")
+        .await
+        .unwrap();
+    let name = request.metadata.name.unwrap();
+    // The pod list fails until cleared: the pod store cannot sync.
+    cluster.inject_fault(
+        Fault::status(500)
+            .on(http::Method::GET, "/api/v1/pods")
+            .always(),
+    );
+    let controller = Controller::start(
+        cluster.client(),
+        |_| Arc::new(agent.clone()),
+        Leadership::always(),
+        Arc::new(ManualClock::new(at(0))),
+        Config {
+            policy_namespace: POLICY_NS.into(),
+            decision_interval: Duration::from_millis(20),
+            executor_interval: Duration::from_secs(3600),
+            probe_interval: Duration::from_secs(3600),
+            ..Config::default()
+        },
+    );
+    let (stop, shutdown) = watch::channel(false);
+    let running = {
+        let controller = controller.clone();
+        tokio::spawn(async move { controller.run(Leadership::always(), shutdown).await })
+    };
+    // Every other store syncs, and the pod list has failed a few times: without the wait, the
+    // loop has run many passes by now.
+    let stores = controller.stores.clone();
+    eventually("the Migration store to sync", || {
+        stores.migrations.state().len() == 1
+    })
+    .await;
+    for _ in 0..3 {
+        let seen = cluster.clone();
+        eventually("a failed pod list", || {
+            seen.requests()
+                .iter()
+                .filter(|request| request.path == "/api/v1/pods")
+                .count()
+                >= 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waiting: Migration = cluster.get(Some(NS), &name).unwrap();
+    assert!(
+        waiting.status.is_none(),
+        "decided over an unsynced pod store: {:?}",
+        waiting.status.map(|status| status.state.message)
+    );
+
+    cluster.clear_faults();
+    let seen = cluster.clone();
+    eventually("the request to be taken", || {
+        seen.get::<Migration>(Some(NS), &name)
+            .and_then(|migration| migration.status)
+            .is_some()
+    })
+    .await;
+    let taken: Migration = cluster.get(Some(NS), &name).unwrap();
+    let state = taken.status.unwrap().state;
+    assert_ne!(state.phase, Phase::Failed, "{:?}", state.message);
+    assert_eq!(state.target, "edge-3");
+    stop.send(true).unwrap();
+    running.await.unwrap();
+}
+
+// Defect 9 (second part): a live source's dataset is copied by the controller, yet an Event
+// said it "will not be moved".
+#[tokio::test]
+async fn a_dataset_the_migration_moves_is_not_reported_as_left_behind() {
+    let h = Harness::new().await;
+    healthy_cluster(&h, "triggers:\n  alerts: [NodeDiskFailing]\n").await;
+    let now = at(0);
+    h.agent.set_now(now);
+    h.controller.alerts.record(
+        vec![automigrate_core::model::Alert {
+            name: "NodeDiskFailing".into(),
+            status: automigrate_core::model::AlertStatus::Firing,
+            labels: [
+                ("alertname".to_string(), "NodeDiskFailing".to_string()),
+                ("node".to_string(), "edge-2".to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            starts_at: Some(now),
+        }],
+        now,
+    );
+    let report = h.controller.decider.pass(now).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    let status = h.only_migration().status.unwrap();
+    assert!(status.state.source_alive);
+    assert!(
+        status
+            .transfers
+            .iter()
+            .any(|transfer| transfer.payload.dataset.as_deref() == Some("/data/esc50")),
+        "the dataset is moved: {:?}",
+        status.transfers
+    );
+    let said: Vec<String> = report
+        .decisions
+        .problems
+        .iter()
+        .map(|problem| problem.message.clone())
+        .chain(
+            notes(&h.cluster, "trainer")
+                .into_iter()
+                .map(|(_, note)| note),
+        )
+        .collect();
+    assert!(
+        said.iter().all(|note| !note.contains("will not be moved")),
+        "{said:#?}"
+    );
+}
+
+// Defect 9 (third part): a replacement pod is bound to its node before the kubelet starts it;
+// it was checkpointed while it had no status.
+#[tokio::test]
+async fn a_pod_that_is_not_running_yet_is_not_checkpointed() {
+    let h = Harness::new().await;
+    healthy_cluster(&h, "checkpoint:\n  interval: 1m\n").await;
+    let mut fresh = protected_pod("trainer-5ca520", "edge-3", &[]);
+    fresh.status = None;
+    h.cluster.put(&fresh);
+    h.settle(3, 2).await;
+    let now = at(0);
+    h.agent.set_now(now);
+    let report = h.controller.decider.pass(now).await.unwrap();
+    let decision = report
+        .checkpoints
+        .iter()
+        .find(|decision| decision.pod.name == "trainer-5ca520");
+    if let Some(decision) = decision {
+        let result = h.controller.checkpoints.run(decision).await;
+        let error = result.expect_err("a pod with no status is not dumped");
+        assert!(error.to_string().contains("not running"), "{error}");
+    }
+    let running = report
+        .checkpoints
+        .iter()
+        .find(|decision| decision.pod.name == "trainer")
+        .expect("the running pod is due");
+    h.controller.checkpoints.run(running).await.unwrap();
+    let dumped: Vec<String> = h
+        .agent
+        .calls()
+        .into_iter()
+        .filter_map(|call| match call {
+            AgentCall::Checkpoint { pod, .. } => Some(pod.name),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dumped, vec!["trainer".to_string()], "only the running pod");
+    let untouched: Pod = h.cluster.get(Some(NS), "trainer-5ca520").unwrap();
+    assert!(untouched.status.is_none());
 }
