@@ -729,52 +729,54 @@ impl Agent {
                     "checkpoint",
                 ))
             }
-            Payload::Dataset { path } => {
-                api::validate_relative_path(path)?;
-                let full = self.confined_data_path(path)?;
-                let relative = PathBuf::from(path);
-                tracing::debug!(path = %full.display(), "dataset source");
-                Ok((
-                    Source::Paths {
-                        base: self.inner.options.data_root.clone(),
-                        paths: vec![relative],
-                    },
-                    None,
-                    "dataset",
-                ))
-            }
+            Payload::Dataset { path } => Ok((self.dataset_source(path)?, None, "dataset")),
         }
     }
 
-    /// `<data root>/<path>`, refusing a path that leaves the data root through a symlink.
-    fn confined_data_path(&self, path: &str) -> Result<PathBuf, AgentError> {
+    /// What a transfer of the dataset `path` reads: `path` confined beneath the data root.
+    /// The check here answers early (404, 400); the confinement itself is in the transfer
+    /// engine, which opens every directory and file of a [`Source::Beneath`] through a handle
+    /// on the data root with no symlink followed, at the scan and again when it sends. So a
+    /// directory swapped for a symlink after this check cannot lead a read outside the root
+    /// (checking a canonical path, then reading by path, could).
+    pub fn dataset_source(&self, path: &str) -> Result<Source, AgentError> {
+        api::validate_relative_path(path)?;
+        let relative = automigrate_transfer::paths::RelPath::parse(path)
+            .map_err(|error| AgentError::Invalid(format!("dataset `{path}`: {error}")))?;
+        if path == INCOMING_DIR || path.starts_with(&format!("{INCOMING_DIR}/")) {
+            return Err(AgentError::Invalid(format!(
+                "dataset `{path}` is inside the agent's incoming directory"
+            )));
+        }
         let root = &self.inner.options.data_root;
-        let full = root.join(path);
-        let canonical_root = root.canonicalize().map_err(|error| {
+        let handle = automigrate_transfer::beneath::open_root(root).map_err(|error| {
             AgentError::Internal(format!("data root {}: {error}", root.display()))
         })?;
-        let canonical = match full.canonicalize() {
-            Ok(canonical) => canonical,
+        match automigrate_transfer::beneath::open(&handle, Path::new(path), false) {
+            Ok(_) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 return Err(AgentError::NotFound(format!(
                     "dataset `{path}` does not exist under the data root"
                 )));
             }
+            Err(error)
+                if error.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32)
+                    || error.raw_os_error() == Some(nix::errno::Errno::EXDEV as i32) =>
+            {
+                return Err(AgentError::Invalid(format!(
+                    "dataset `{path}` goes through a symlink; datasets are read beneath the \
+                     data root without following symlinks"
+                )));
+            }
             Err(error) => {
                 return Err(AgentError::Invalid(format!("dataset `{path}`: {error}")));
             }
-        };
-        if !canonical.starts_with(&canonical_root) || canonical == canonical_root {
-            return Err(AgentError::Invalid(format!(
-                "dataset `{path}` resolves outside the data root"
-            )));
         }
-        if canonical.starts_with(canonical_root.join(INCOMING_DIR)) {
-            return Err(AgentError::Invalid(format!(
-                "dataset `{path}` is inside the agent's incoming directory"
-            )));
-        }
-        Ok(full)
+        tracing::debug!(root = %root.display(), path, "dataset source");
+        Ok(Source::Beneath {
+            root: root.clone(),
+            paths: vec![relative],
+        })
     }
 
     async fn run_transfer(

@@ -21,11 +21,12 @@
 //!
 //! Modules: [`wire`] (frames, pure `decode`), [`conn`] (frames over a stream, sockets),
 //! [`manifest`] (scan, hashes, piece numbering, transfer id), [`pieceset`] (piece bitmaps),
-//! [`paths`] (confinement to the destination root), [`journal`] (durable record of verified
-//! pieces), [`tls`] (mutual TLS from PEM files), [`devcerts`] (a throw-away CA for trying it),
-//! [`ratelimit`] (token bucket shared by streams), [`sender`] ([`send`]), [`receiver`]
-//! ([`Receiver`]).
+//! [`paths`] (confinement to the destination root), [`beneath`] (a source read without leaving
+//! its root), [`journal`] (durable record of verified pieces), [`tls`] (mutual TLS from PEM
+//! files), [`devcerts`] (a throw-away CA for trying it), [`ratelimit`] (token bucket shared by
+//! streams), [`sender`] ([`send`]), [`receiver`] ([`Receiver`]).
 
+pub mod beneath;
 pub mod conn;
 pub mod devcerts;
 pub mod journal;

@@ -368,6 +368,15 @@ pub enum Source {
         /// Files or directories, absolute or relative to `base`.
         paths: Vec<PathBuf>,
     },
+    /// Files and directories confined beneath `root`: every one is opened through a handle on
+    /// `root` with no symlink followed ([`crate::beneath`]), at the scan and again when the
+    /// sender reads it, so a symlink swapped in after a check cannot lead outside `root`.
+    Beneath {
+        /// The confining directory (trusted: a symlink in its own path is followed).
+        root: PathBuf,
+        /// Files or directories relative to `root`, no `..`; sent under these same paths.
+        paths: Vec<RelPath>,
+    },
 }
 
 /// A scanned source: the manifest and, per file index, the local path to read.
@@ -375,8 +384,11 @@ pub enum Source {
 pub struct Scanned {
     /// The manifest.
     pub manifest: Manifest,
-    /// Local paths, by file index.
+    /// Local paths, by file index; relative to `beneath` when it is set.
     pub local_paths: Vec<PathBuf>,
+    /// The handle on a [`Source::Beneath`] root: local paths are opened through it with
+    /// [`crate::beneath::open_file`], never by path.
+    pub beneath: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Lists and hashes the source. Runs on the calling thread and `threads - 1` more (files are
@@ -393,8 +405,19 @@ pub fn scan(
     }
     let mut listed_files: Vec<(RelPath, PathBuf, u64, u32)> = Vec::new();
     let mut listed_dirs: Vec<DirEntry> = Vec::new();
+    let mut beneath = None;
     match source {
         Source::Dir(root) => list_dir(root, None, &mut listed_files, &mut listed_dirs)?,
+        Source::Beneath { root, paths } => {
+            let handle = crate::beneath::open_root(root).map_err(|source| ManifestError::Read {
+                path: root.clone(),
+                source,
+            })?;
+            for path in paths {
+                list_beneath(&handle, path, &mut listed_files, &mut listed_dirs)?;
+            }
+            beneath = Some(std::sync::Arc::new(handle));
+        }
         Source::Paths { base, paths } => {
             for path in paths {
                 let full = if path.is_absolute() {
@@ -432,7 +455,12 @@ pub fn scan(
     listed_dirs.sort_by(|a, b| a.path.cmp(&b.path));
     listed_dirs.dedup();
 
-    let hashed = hash_files(&listed_files, chunk_size, threads.max(1))?;
+    let hashed = hash_files(
+        &listed_files,
+        beneath.as_deref(),
+        chunk_size,
+        threads.max(1),
+    )?;
     let mut files = Vec::with_capacity(listed_files.len());
     let mut local_paths = Vec::with_capacity(listed_files.len());
     for ((path, local, _, mode), (size, hash, chunk_hashes)) in listed_files.into_iter().zip(hashed)
@@ -450,6 +478,7 @@ pub fn scan(
     Ok(Scanned {
         manifest,
         local_paths,
+        beneath,
     })
 }
 
@@ -506,12 +535,83 @@ fn list_dir(
     Ok(())
 }
 
+/// Lists `path` beneath `root` (a file, or a directory recursively) through directory handles:
+/// each directory is opened relative to its parent's handle, refusing symlinks, so the walk
+/// never leaves `root` whatever is renamed meanwhile. Local paths are relative to `root`.
+fn list_beneath(
+    root: &std::os::fd::OwnedFd,
+    path: &RelPath,
+    files: &mut Vec<(RelPath, PathBuf, u64, u32)>,
+    dirs: &mut Vec<DirEntry>,
+) -> Result<(), ManifestError> {
+    use crate::beneath::{self, Kind};
+    let local = PathBuf::from(path.as_str());
+    let read_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ManifestError::Read { path, source }
+    };
+    let handle = beneath::open(root, &local, false).map_err(read_error(&local))?;
+    let opened = beneath::stat(&handle).map_err(read_error(&local))?;
+    match opened.kind {
+        Kind::File => {
+            files.push((path.clone(), local, opened.size, opened.mode));
+            return Ok(());
+        }
+        Kind::Other => return Err(ManifestError::Unsupported(local)),
+        Kind::Dir => dirs.push(DirEntry {
+            path: path.clone(),
+            mode: opened.mode,
+        }),
+    }
+    walk_beneath(handle, path, &local, files, dirs)
+}
+
+/// The entries under the directory `dir` (opened beneath the root), depth first: one open
+/// handle per level, so a wide tree does not run out of descriptors.
+fn walk_beneath(
+    dir: std::os::fd::OwnedFd,
+    relative: &RelPath,
+    local: &Path,
+    files: &mut Vec<(RelPath, PathBuf, u64, u32)>,
+    dirs: &mut Vec<DirEntry>,
+) -> Result<(), ManifestError> {
+    use crate::beneath::{self, Kind};
+    let read_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ManifestError::Read { path, source }
+    };
+    let (entries, dir) = beneath::list_dir(dir).map_err(read_error(local))?;
+    for entry in entries {
+        let entry_local = local.join(&entry.name);
+        let name = entry
+            .name
+            .to_str()
+            .ok_or_else(|| ManifestError::NotUtf8(entry_local.clone()))?;
+        let entry_relative = RelPath::parse(&format!("{relative}/{name}"))?;
+        match entry.kind {
+            Kind::File => files.push((entry_relative, entry_local, entry.size, entry.mode)),
+            Kind::Dir => {
+                dirs.push(DirEntry {
+                    path: entry_relative.clone(),
+                    mode: entry.mode,
+                });
+                let sub =
+                    beneath::open_subdir(&dir, &entry.name).map_err(read_error(&entry_local))?;
+                walk_beneath(sub, &entry_relative, &entry_local, files, dirs)?;
+            }
+            Kind::Other => return Err(ManifestError::Unsupported(entry_local)),
+        }
+    }
+    Ok(())
+}
+
 type FileHashes = (u64, Hash, Vec<Hash>);
 
 /// Hashes files on `threads` threads, taking files from a shared counter so one large file
 /// does not leave the others waiting.
 fn hash_files(
     files: &[(RelPath, PathBuf, u64, u32)],
+    beneath: Option<&std::os::fd::OwnedFd>,
     chunk_size: u64,
     threads: usize,
 ) -> Result<Vec<FileHashes>, ManifestError> {
@@ -529,7 +629,7 @@ fn hash_files(
                     let Some((_, local, _, _)) = files.get(index) else {
                         break;
                     };
-                    let result = hash_file(local, chunk_size, &mut buffer);
+                    let result = hash_file(local, beneath, chunk_size, &mut buffer);
                     if let Ok(mut results) = results.lock() {
                         results[index] = Some(result);
                     }
@@ -551,12 +651,21 @@ fn hash_files(
 /// Reads a file once, hashing each chunk; the file's hash is its content hash when it fits in
 /// one chunk, else the hash list of its chunks ([`file_hash_from_chunks`]). The size is what
 /// was read, so a file that grew or shrank since listing is described as it is now.
-fn hash_file(path: &Path, chunk_size: u64, buffer: &mut [u8]) -> Result<FileHashes, ManifestError> {
+fn hash_file(
+    path: &Path,
+    beneath: Option<&std::os::fd::OwnedFd>,
+    chunk_size: u64,
+    buffer: &mut [u8],
+) -> Result<FileHashes, ManifestError> {
     let error = |source| ManifestError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(error)?;
+    let file = match beneath {
+        Some(root) => crate::beneath::open_file(root, path),
+        None => File::open(path),
+    }
+    .map_err(error)?;
     hash_content(file, chunk_size, buffer).map_err(error)
 }
 

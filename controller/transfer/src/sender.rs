@@ -446,6 +446,7 @@ pub async fn send(
         let Scanned {
             manifest,
             local_paths,
+            beneath,
         } = scanned;
         let transfer_id = manifest.transfer_id()?;
         info!(
@@ -458,6 +459,7 @@ pub async fn send(
         let mut transfer = Transfer {
             manifest: Arc::new(manifest),
             local_paths: Arc::new(local_paths),
+            beneath,
             transfer_id,
             peer,
             connector: tls.connector(),
@@ -486,6 +488,8 @@ pub async fn send(
 struct Transfer {
     manifest: Arc<Manifest>,
     local_paths: Arc<Vec<PathBuf>>,
+    /// A confined source's root handle: local paths are opened through it, never by path.
+    beneath: Option<Arc<std::os::fd::OwnedFd>>,
     transfer_id: [u8; 32],
     peer: SocketAddr,
     connector: tokio_rustls::TlsConnector,
@@ -991,6 +995,7 @@ enum FinishReply {
 struct Shared {
     manifest: Arc<Manifest>,
     local_paths: Arc<Vec<PathBuf>>,
+    beneath: Option<Arc<std::os::fd::OwnedFd>>,
     peer: SocketAddr,
     counters: Arc<Counters>,
     sent_before: Arc<Mutex<PieceSet>>,
@@ -1290,6 +1295,7 @@ impl SessionRun {
         let shared = Arc::new(Shared {
             manifest: transfer.manifest.clone(),
             local_paths: transfer.local_paths.clone(),
+            beneath: transfer.beneath.clone(),
             peer: transfer.peer,
             counters: transfer.counters.clone(),
             sent_before: transfer.sent_before.clone(),
@@ -2276,10 +2282,12 @@ async fn send_unit(
             block.resize(want, 0);
             let opened = file.clone();
             let read_path = path.clone();
+            let beneath = shared.beneath.clone();
             let (block, opened) = tokio::task::spawn_blocking(move || {
-                let opened = match opened {
-                    Some(opened) => opened,
-                    None => Arc::new(std::fs::File::open(&read_path)?),
+                let opened = match (opened, beneath) {
+                    (Some(opened), _) => opened,
+                    (None, Some(root)) => Arc::new(crate::beneath::open_file(&*root, &read_path)?),
+                    (None, None) => Arc::new(std::fs::File::open(&read_path)?),
                 };
                 opened.read_exact_at(&mut block, offset)?;
                 Ok::<_, std::io::Error>((block, opened))
