@@ -1,6 +1,6 @@
 //! The controller's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the process
-//! serves), `/readyz` (every reflector holds its initial list), and the Alertmanager webhook
-//! when a token is configured.
+//! serves), `/readyz` (every reflector holds its initial list and every watch task runs), and
+//! the Alertmanager webhook when a token is configured.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,20 +11,39 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::alertmanager::{self, Receiver};
+use crate::stores::WatchHealth;
 
-/// Readiness, set once the stores are synced.
+/// Readiness: the stores have synced, and every watch task still runs.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     ready: Arc<AtomicBool>,
+    watches: Option<WatchHealth>,
 }
 
 impl Readiness {
+    /// Ready once synced and while every watch of `watches` runs.
+    pub fn following(watches: WatchHealth) -> Self {
+        Self {
+            ready: Arc::default(),
+            watches: Some(watches),
+        }
+    }
+
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.why_not().is_none()
+    }
+
+    /// Why this replica is not ready, `None` when it is.
+    pub fn why_not(&self) -> Option<String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Some("stores not synced yet".into());
+        }
+        let down = self.watches.as_ref().map(WatchHealth::down)?;
+        (!down.is_empty()).then(|| format!("watch not running: {}", down.join(", ")))
     }
 }
 
@@ -38,12 +57,11 @@ pub fn router(
         .route(
             "/readyz",
             get(move || {
-                let ready = readiness.is_ready();
+                let why_not = readiness.why_not();
                 async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "stores not synced yet\n")
+                    match why_not {
+                        None => (StatusCode::OK, "ready\n".to_string()),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                     }
                 }
             }),

@@ -92,7 +92,7 @@ pub async fn run(
     };
     let controller = Controller::start(client, agent, leadership.clone(), clock.clone(), config);
 
-    let readiness = Readiness::default();
+    let readiness = Readiness::following(controller.stores.watches.clone());
     {
         let stores = controller.stores.clone();
         let readiness = readiness.clone();

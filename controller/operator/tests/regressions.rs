@@ -269,3 +269,163 @@ async fn a_pod_that_is_not_running_yet_is_not_checkpointed() {
     let untouched: Pod = h.cluster.get(Some(NS), "trainer-5ca520").unwrap();
     assert!(untouched.status.is_none());
 }
+
+/// A client whose every pod list also carries a pod without a name, as the API server the
+/// issue was found on once sent.
+#[derive(Clone)]
+struct NamelessPodInLists {
+    inner: automigrate_kube_fake::FakeService,
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for NamelessPodInLists {
+    type Response = http::Response<axum::body::Body>;
+    type Error = automigrate_kube_fake::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        let list = request.method() == http::Method::GET
+            && request.uri().path() == "/api/v1/pods"
+            && !request.uri().query().unwrap_or_default().contains("watch=");
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let response = tower::Service::call(&mut inner, request).await?;
+            let (mut parts, body) = response.into_parts();
+            let body = axum::body::Body::new(body);
+            if !list || parts.status != http::StatusCode::OK {
+                return Ok(http::Response::from_parts(parts, body));
+            }
+            let bytes = axum::body::to_bytes(body, usize::MAX).await?;
+            let mut value: serde_json::Value = serde_json::from_slice(&bytes)?;
+            if let Some(items) = value["items"].as_array_mut() {
+                items.push(serde_json::json!({
+                    "metadata": {"namespace": NS, "annotations": {"automigrate.dev/protect": "true"}},
+                    "spec": {"nodeName": "edge-1", "containers": [{"name": "x"}]},
+                }));
+            }
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            Ok(http::Response::from_parts(
+                parts,
+                axum::body::Body::from(serde_json::to_vec(&value)?),
+            ))
+        })
+    }
+}
+
+// Defect 8 (first part): an object without a name made kube's reflector panic, which killed the
+// pod watch for good while the process kept running.
+#[tokio::test]
+async fn an_object_without_a_name_does_not_kill_the_pod_watch() {
+    let cluster = FakeCluster::new();
+    healthy_objects(&cluster);
+    let client = kube::Client::new(
+        NamelessPodInLists {
+            inner: cluster.service(),
+        },
+        "default",
+    );
+    let controller = Controller::start(
+        client,
+        |_| Arc::new(RecordingAgent::new()),
+        Leadership::always(),
+        Arc::new(ManualClock::new(at(0))),
+        Config {
+            policy_namespace: POLICY_NS.into(),
+            ..Config::default()
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(10), controller.stores.ready())
+        .await
+        .expect("the stores sync despite the nameless pod")
+        .expect("no store writer was dropped");
+    assert!(controller.stores.watches.all_running());
+    // The watch still follows the cluster.
+    cluster.put(&protected_pod("later", "edge-3", &[]));
+    let stores = controller.stores.clone();
+    eventually("the pod store to see a pod created afterwards", || {
+        stores.pod(NS, "later").is_some()
+    })
+    .await;
+    assert_eq!(stores.pods.state().len(), 2, "the nameless pod is not kept");
+    let report = controller.decider.pass(at(0)).await.unwrap();
+    assert!(report.decisions.problems.is_empty(), "{report:#?}");
+}
+
+/// Three healthy nodes with fresh Leases, a default policy and a protected pod on edge-2.
+fn healthy_objects(cluster: &FakeCluster) {
+    cluster.put(&policy_map("default", "{}"));
+    for name in ["edge-1", "edge-2", "edge-3"] {
+        cluster.put(&node(name, "True", at(-3600)));
+        cluster.put(&lease(name, at(0)));
+    }
+    cluster.put(&protected_pod("trainer", "edge-2", &[]));
+}
+
+// Defect 8 (second part): a watch task that ended left `/readyz` saying ready and was never
+// started again.
+#[tokio::test]
+async fn a_watch_task_that_dies_fails_readyz_and_is_restarted() {
+    use automigrate_operator::http::{Readiness, router};
+    use automigrate_operator::stores::{WatchHealth, supervise};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    let health = WatchHealth::default();
+    let readiness = Readiness::following(health.clone());
+    readiness.set_ready();
+    let readyz = {
+        let app = router(None, readiness.clone(), None);
+        move || {
+            let app = app.clone();
+            async move {
+                app.oneshot(
+                    http::Request::get("/readyz")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap()
+                .status()
+            }
+        }
+    };
+    assert_eq!(readyz().await, http::StatusCode::OK);
+    let starts = Arc::new(AtomicUsize::new(0));
+    let (dead, mut died) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let counted = starts.clone();
+    let _supervisor = supervise("pods", health.clone(), move || {
+        let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+        let dead = dead.clone();
+        async move {
+            if first {
+                let _ = dead.send(());
+                panic!("a watch task panics");
+            }
+            std::future::pending::<()>().await;
+        }
+    });
+    died.recv().await.unwrap();
+    let down = health.clone();
+    eventually("the watch marked down", || !down.all_running()).await;
+    assert_eq!(health.down(), vec!["pods"]);
+    assert_eq!(readyz().await, http::StatusCode::SERVICE_UNAVAILABLE);
+    let restarted = starts.clone();
+    for _ in 0..10 {
+        if restarted.load(Ordering::SeqCst) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(starts.load(Ordering::SeqCst), 2, "started again");
+    let up = health.clone();
+    eventually("the watch running again", || up.all_running()).await;
+    assert_eq!(readyz().await, http::StatusCode::OK);
+}
