@@ -17,6 +17,24 @@
 //! any failure → RollingBack → RolledBack | Restarted,   or → Failed
 //! ```
 //!
+//! Availability comes first: no migration may end with the workload stopped and nowhere
+//! running while it could still be brought back. The retry and escalation rules:
+//!
+//! - A **retryable** step failure (an agent or the API server unreachable for a moment) never
+//!   leaves the phase: the step is tried again after a backoff computed from the attempt count
+//!   alone ([`retry_delay`]: 1 s, 2 s, 4 s … capped at 30 s), recorded as
+//!   [`MigrationState::retry_at`] so a restarted driver honours it. Only the phase's deadline
+//!   ([`timeout`]) or a non-retryable failure ends the phase. Drivers pass `now`; this module
+//!   reads no clock.
+//! - A **rollback** that cannot complete does not give up on the workload: when its deadline
+//!   passes (or its step fails for good) while it was restoring the checkpoint on the source,
+//!   it escalates once to starting the workload fresh on the target
+//!   ([`RollbackAction::RestartFresh`]), unless the policy's fallback is `fail`. Starting fresh
+//!   needs the source fenced first, so such a rollback fences before it restarts.
+//! - [`Phase::Failed`] is left for what a person must look at: a source that cannot be proven
+//!   stopped (fencing), a policy whose fallback is `fail`, or a rollback that has exhausted
+//!   its escalation. Drivers raise an alert for it.
+//!
 //! The fencing rule: the replacement may start only once the source is stopped or confirmed
 //! dead (`source_fenced`), and a rollback that starts the workload again first stops the
 //! replacement. So at no point may two copies of one training pod run.
@@ -135,8 +153,8 @@ pub enum Step {
 pub enum Event {
     /// The current phase's step finished. A checkpoint step names the checkpoint it made.
     StepSucceeded { checkpoint_id: Option<String> },
-    /// The current phase's step failed. Retryable failures are retried up to
-    /// [`Limits::max_attempts`] times within the phase's timeout.
+    /// The current phase's step failed. Retryable failures are retried with a backoff until
+    /// the phase's deadline; others end the phase at once.
     StepFailed { reason: String, retryable: bool },
     /// The source node died during the migration: no fresh checkpoint can be taken any more.
     SourceLost,
@@ -176,6 +194,7 @@ pub struct Limits {
     #[serde(with = "units::duration")]
     #[cfg_attr(feature = "schemars", schemars(with = "String"))]
     pub restore: Duration,
+    /// No longer ends retrying (the phase deadline does); kept so stored statuses still parse.
     pub max_attempts: u32,
     pub fallback: Fallback,
 }
@@ -242,6 +261,9 @@ pub struct MigrationState {
     pub phase_started_at: Timestamp,
     /// Attempts made in the current phase.
     pub attempts: u32,
+    /// After a retryable failure: the step is not tried again before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Timestamp>,
     /// When the workload stopped making progress (the freeze, or the node failure).
     pub downtime_started_at: Option<Timestamp>,
     #[serde(default, with = "units::option_duration")]
@@ -282,6 +304,7 @@ impl MigrationState {
             started_at: now,
             phase_started_at: now,
             attempts: 0,
+            retry_at: None,
             downtime_started_at: if source_alive {
                 None
             } else {
@@ -309,6 +332,49 @@ impl MigrationState {
         self.phase = next;
         self.phase_started_at = now;
         self.attempts = 0;
+        self.retry_at = None;
+        Ok(())
+    }
+
+    /// Whether the current phase has run past its deadline at `now`.
+    pub fn past_deadline(&self, limits: &Limits, now: Timestamp) -> bool {
+        limits
+            .deadline(self.phase)
+            .is_some_and(|deadline| units::age(now, self.phase_started_at) >= deadline)
+    }
+
+    /// Whether the driver should wait before trying the step again.
+    pub fn retry_pending(&self, now: Timestamp) -> bool {
+        self.retry_at.is_some_and(|at| at > now)
+    }
+
+    /// A rollback that cannot complete: escalate to a fresh start on the target when the
+    /// policy allows and that is not what already failed; otherwise a person must look.
+    fn rollback_failed(
+        &mut self,
+        reason: &str,
+        limits: &Limits,
+        now: Timestamp,
+    ) -> Result<(), TransitionError> {
+        let escalate = self.rollback == Some(RollbackAction::RestoreOnSource)
+            && limits.fallback != Fallback::Fail;
+        if !escalate {
+            self.message = Some(format!("rollback failed: {reason}"));
+            return self.enter(Phase::Failed, now);
+        }
+        self.history.push(PhaseTiming {
+            phase: self.phase,
+            started_at: self.phase_started_at,
+            duration: units::age(now, self.phase_started_at),
+        });
+        self.rollback = Some(RollbackAction::RestartFresh);
+        self.phase_started_at = now;
+        self.attempts = 0;
+        self.retry_at = None;
+        self.message = Some(format!(
+            "restoring on the source failed ({reason}); starting the workload fresh on {} per the policy's fallback",
+            self.target
+        ));
         Ok(())
     }
 
@@ -385,6 +451,15 @@ impl MigrationState {
                 self.message = Some("the replacement runs and makes progress".into());
                 self.enter(Succeeded, now)
             }
+            // A fresh start fences the source first (an escalated rollback may not have).
+            RollingBack
+                if self.rollback == Some(RollbackAction::RestartFresh) && !self.source_fenced =>
+            {
+                self.source_fenced = true;
+                self.attempts = 0;
+                self.retry_at = None;
+                Ok(())
+            }
             RollingBack => {
                 let ended = match self.rollback {
                     Some(RollbackAction::RestartFresh) => Restarted,
@@ -418,15 +493,18 @@ pub fn apply(
     match event {
         Event::StepSucceeded { checkpoint_id } => next.succeed(checkpoint_id.clone(), now)?,
         Event::StepFailed { reason, retryable } => {
-            if *retryable && next.attempts + 1 < limits.max_attempts {
-                next.attempts += 1;
+            if *retryable && !next.past_deadline(limits, now) {
+                next.attempts = next.attempts.saturating_add(1);
+                let delay = retry_delay(next.attempts);
+                next.retry_at = Some(units::after(now, delay));
                 next.message = Some(format!(
-                    "{} attempt {} failed, retrying: {reason}",
-                    next.phase, next.attempts
+                    "{} attempt {} failed, retrying in {}: {reason}",
+                    next.phase,
+                    next.attempts,
+                    units::format_duration(delay)
                 ));
             } else if next.phase == Phase::RollingBack {
-                next.message = Some(format!("rollback failed: {reason}"));
-                next.enter(Phase::Failed, now)?;
+                next.rollback_failed(reason, limits, now)?;
             } else {
                 next.fail(reason.clone(), limits, now)?;
             }
@@ -453,6 +531,14 @@ pub fn apply(
         Event::Cancel { reason } => next.fail(format!("cancelled: {reason}"), limits, now)?,
     }
     Ok(next)
+}
+
+/// How long to wait before retry number `attempt` (1 for the first retry): 1 s doubling up
+/// to 30 s. A pure function of the count, so a restarted driver computes the same schedule.
+pub fn retry_delay(attempt: u32) -> Duration {
+    const CAP: Duration = Duration::from_secs(30);
+    let exponent = attempt.saturating_sub(1).min(5);
+    Duration::from_secs(1u64 << exponent).min(CAP)
 }
 
 /// The event a deadline produces, if the current phase has run too long.
@@ -506,6 +592,14 @@ pub fn step(state: &MigrationState) -> Step {
             source_alive: state.source_alive,
         },
         Phase::Verifying => Step::Verify,
+        // The fencing rule again: a fresh start needs the source stopped or dead first.
+        Phase::RollingBack
+            if state.rollback == Some(RollbackAction::RestartFresh) && !state.source_fenced =>
+        {
+            Step::Fence {
+                source_alive: state.source_alive,
+            }
+        }
         Phase::RollingBack => Step::RollBack {
             stop_target: state.target_started,
             action: state.rollback.unwrap_or(RollbackAction::KeepSource),
@@ -648,17 +742,152 @@ mod tests {
         assert!(state.message.unwrap().contains("timed out"));
     }
 
-    #[test]
-    fn retryable_failures_retry_then_give_up() {
-        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
-        let flaky = Event::StepFailed {
-            reason: "connection reset".into(),
+    fn flaky() -> Event {
+        Event::StepFailed {
+            reason: "agent unreachable".into(),
             retryable: true,
-        };
-        let state = run(&start, &[ok(), flaky.clone()]);
-        assert_eq!((state.phase, state.attempts), (Phase::Syncing, 1));
-        let state = run(&state, &[flaky.clone(), flaky]);
+        }
+    }
+
+    #[test]
+    fn retryable_failures_back_off_until_the_deadline() {
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let limits = limits();
+        let mut state = apply(&start, &ok(), &limits, t(0)).unwrap();
+        assert_eq!(state.phase, Phase::Syncing);
+        // Many more failures than the old three attempts: still Syncing, each retry later.
+        let mut now = 0;
+        for attempt in 1..=12u32 {
+            state = apply(&state, &flaky(), &limits, t(now)).unwrap();
+            assert_eq!((state.phase, state.attempts), (Phase::Syncing, attempt));
+            let delay = retry_delay(attempt);
+            assert_eq!(state.retry_at, Some(units::after(t(now), delay)));
+            assert!(state.retry_pending(t(now)));
+            assert!(!state.retry_pending(state.retry_at.unwrap()));
+            now += delay.as_secs() as i64;
+        }
+        assert!(
+            state
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("retrying in 30s")
+        );
+        // The deadline, not a count, ends it.
+        let deadline = limits.sync.as_secs() as i64;
+        let event = timeout(&state, &limits, t(deadline)).unwrap();
+        let state = apply(&state, &event, &limits, t(deadline)).unwrap();
         assert_eq!(state.phase, Phase::RollingBack);
+        assert_eq!((state.attempts, state.retry_at), (0, None));
+    }
+
+    #[test]
+    fn retry_delay_doubles_and_is_capped() {
+        let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(30));
+    }
+
+    /// The defect this replaces: agents unreachable for ~9 s during the transfer ended the
+    /// migration in Failed with the source already stopped.
+    #[test]
+    fn a_short_agent_outage_while_transferring_is_ridden_out() {
+        let limits = limits();
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let mut state = run(&start, &[ok(), ok(), ok()]);
+        assert_eq!(state.phase, Phase::Transferring);
+        for second in 31..=40 {
+            if !state.retry_pending(t(second)) {
+                state = apply(&state, &flaky(), &limits, t(second)).unwrap();
+            }
+            assert_eq!(state.phase, Phase::Transferring);
+        }
+        let state = apply(&state, &ok(), &limits, t(41)).unwrap();
+        assert_eq!(state.phase, Phase::Fencing);
+    }
+
+    #[test]
+    fn a_rollback_that_cannot_restore_on_the_source_restarts_fresh_after_fencing() {
+        let limits = limits();
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let state = run(&start, &[ok(), ok(), ok()]);
+        assert_eq!(state.phase, Phase::Transferring);
+        let state = apply(
+            &state,
+            &timeout(&state, &limits, t(100_000)).unwrap(),
+            &limits,
+            t(100_000),
+        )
+        .unwrap();
+        assert_eq!(state.rollback, Some(RollbackAction::RestoreOnSource));
+        // The source's agent stays away: retries, then the rollback's own deadline.
+        let state = apply(&state, &flaky(), &limits, t(100_001)).unwrap();
+        assert_eq!(state.phase, Phase::RollingBack);
+        let later = t(200_000);
+        let state = apply(
+            &state,
+            &timeout(&state, &limits, later).unwrap(),
+            &limits,
+            later,
+        )
+        .unwrap();
+        assert_eq!(state.phase, Phase::RollingBack, "escalated, not Failed");
+        assert_eq!(state.rollback, Some(RollbackAction::RestartFresh));
+        assert_eq!(state.phase_started_at, later);
+        assert!(!state.source_fenced);
+        assert_eq!(step(&state), Step::Fence { source_alive: true });
+        let state = apply(&state, &ok(), &limits, t(200_010)).unwrap();
+        assert!(state.source_fenced);
+        assert_eq!(
+            step(&state),
+            Step::RollBack {
+                stop_target: false,
+                action: RollbackAction::RestartFresh
+            }
+        );
+        let state = apply(&state, &ok(), &limits, t(200_020)).unwrap();
+        assert_eq!(state.phase, Phase::Restarted);
+    }
+
+    #[test]
+    fn a_rollback_under_fallback_fail_ends_failed_for_a_person() {
+        let limits = Limits {
+            fallback: Fallback::Fail,
+            ..limits()
+        };
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let mut state = start;
+        for _ in 0..3 {
+            state = apply(&state, &ok(), &limits, t(0)).unwrap();
+        }
+        let state = apply(
+            &state,
+            &timeout(&state, &limits, t(100_000)).unwrap(),
+            &limits,
+            t(100_000),
+        )
+        .unwrap();
+        let state = apply(
+            &state,
+            &timeout(&state, &limits, t(200_000)).unwrap(),
+            &limits,
+            t(200_000),
+        )
+        .unwrap();
+        assert_eq!(state.phase, Phase::Failed);
+        assert!(state.message.unwrap().starts_with("rollback failed"));
+    }
+
+    #[test]
+    fn a_status_written_before_retry_at_existed_still_parses() {
+        let state = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let mut value = serde_json::to_value(&state).unwrap();
+        assert!(value.get("retryAt").is_none(), "skipped when unset");
+        value.as_object_mut().unwrap().remove("retryAt");
+        assert_eq!(
+            serde_json::from_value::<MigrationState>(value).unwrap(),
+            state
+        );
     }
 
     #[test]
@@ -747,13 +976,21 @@ mod tests {
         fn never_two_copies(
             alive in any::<bool>(),
             fallback in any_fallback(),
-            events in proptest::collection::vec(any_event(), 0..40),
+            events in proptest::collection::vec((any_event(), proptest::bool::weighted(0.2)), 0..40),
         ) {
             let limits = Limits { fallback, ..limits() };
             let mut state = MigrationState::new("a".into(), "b".into(), alive, t(0), None);
-            for (index, event) in events.iter().enumerate() {
+            let mut now = 0;
+            for (event, late) in &events {
                 let before = state.phase;
-                match apply(&state, event, &limits, t(index as i64)) {
+                // Sometimes a phase's deadline passes first (rollback escalation included).
+                now += if *late { 100_000 } else { 1 };
+                let event = if *late {
+                    timeout(&state, &limits, t(now)).unwrap_or_else(|| event.clone())
+                } else {
+                    event.clone()
+                };
+                match apply(&state, &event, &limits, t(now)) {
                     Ok(next) => state = next,
                     Err(_) => { prop_assert!(before.is_terminal()); break; }
                 }
@@ -797,6 +1034,36 @@ mod tests {
                 state = apply(&state, &event, &limits, t(now)).unwrap();
             }
             prop_assert!(state.phase.is_terminal(), "stuck in {}", state.phase);
+        }
+
+        /// Retryable failures alone never move a migration out of its phase before the
+        /// phase's deadline, however many there are and however they are spaced.
+        #[test]
+        fn retryable_failures_never_leave_the_phase_before_its_deadline(
+            alive in any::<bool>(),
+            fallback in any_fallback(),
+            prefix in proptest::collection::vec(any_event(), 0..8),
+            gaps in proptest::collection::vec(0i64..120, 1..60),
+        ) {
+            let limits = Limits { fallback, ..limits() };
+            let mut state = MigrationState::new("a".into(), "b".into(), alive, t(0), None);
+            for event in &prefix {
+                if let Ok(next) = apply(&state, event, &limits, t(0)) { state = next; }
+            }
+            prop_assume!(!state.phase.is_terminal());
+            let phase = state.phase;
+            let rollback = state.rollback;
+            let mut now = 0;
+            for gap in gaps {
+                now += gap;
+                if state.past_deadline(&limits, t(now)) { break; }
+                state = apply(&state, &flaky(), &limits, t(now)).unwrap();
+                prop_assert_eq!(state.phase, phase);
+                prop_assert_eq!(state.rollback, rollback);
+                let retry_at = state.retry_at.unwrap();
+                prop_assert!(retry_at > t(now));
+                prop_assert!(units::age(retry_at, t(now)) <= Duration::from_secs(30));
+            }
         }
     }
 }

@@ -37,6 +37,12 @@
 //!   when its node is dead) and Events go to both pods and the Migration.
 //! - **Roll back**: the replacement is deleted first if it was started, then the workload comes
 //!   back as the state machine says (kept running, restored on the source, or restarted fresh).
+//!   A rollback escalated to a fresh start fences the source first (the Fence step above).
+//!
+//! Failures: an unreachable agent or a transient API error is retryable. The state machine
+//! keeps the phase and records `retryAt` (backoff from the attempt count); this driver does not
+//! carry out the step again before then, and the phase deadline ends the retrying. So an agent
+//! outage shorter than the phase's timeout delays a migration but never ends it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -313,6 +319,12 @@ impl Executor {
             if let Some(event) = implied {
                 current = self.transition(&current, status, &event, now).await?;
                 continue;
+            }
+            // A failed step is tried again only once its backoff has passed (persisted, so a
+            // restarted controller keeps the schedule); the deadline above still applies.
+            if let Some(retry_at) = status.state.retry_at.filter(|at| *at > now) {
+                waiting = Some(format!("retrying a failed step at {retry_at}"));
+                break;
             }
             let mut working = status.clone();
             let outcome = self.perform(&current, &mut working, now).await;
