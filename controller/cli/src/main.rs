@@ -62,8 +62,13 @@ enum Command {
         save_memory: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
+        /// Most YAML nodes (values, lists and maps; about 30 per cluster node or pod) read from
+        /// the snapshot, a guard against runaway documents.
+        #[arg(long, default_value_t = automigrate_core::ClusterSnapshot::DEFAULT_MAX_YAML_NODES)]
+        max_yaml_nodes: usize,
     },
-    /// Validate policy ConfigMap files; exits non-zero if any is invalid.
+    /// Validate policy ConfigMap files; exits non-zero if any is invalid, or if a file holds
+    /// no policy (it says why: no label, a mistyped label, not a ConfigMap, empty).
     Check {
         /// Files or directories.
         #[arg(required = true)]
@@ -107,11 +112,15 @@ fn run(command: Command) -> Result<ExitCode> {
             memory,
             save_memory,
             output,
+            max_yaml_nodes,
         } => {
-            let snapshot = load::snapshot(&snapshot)?;
+            let snapshot = load::snapshot(&snapshot, max_yaml_nodes)?;
             let policies = match policies {
                 Some(path) => {
                     let loaded = load::policies(&path)?;
+                    for missing in &loaded.missing {
+                        eprintln!("warning: {missing}");
+                    }
                     if !loaded.errors.is_empty() {
                         for error in &loaded.errors {
                             eprintln!("error: {error}");
@@ -168,7 +177,14 @@ fn run(command: Command) -> Result<ExitCode> {
                 for error in &loaded.errors {
                     println!("invalid {error}");
                 }
-                failed += loaded.errors.len();
+                // A file meant as a policy that is not one must not pass as checked.
+                for missing in &loaded.missing {
+                    println!("none    {missing}");
+                }
+                for skipped in &loaded.skipped {
+                    println!("skipped {skipped}");
+                }
+                failed += loaded.errors.len() + loaded.missing.len();
             }
             Ok(if failed == 0 {
                 ExitCode::SUCCESS

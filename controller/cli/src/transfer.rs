@@ -101,8 +101,8 @@ struct SendArgs {
     /// Known link capacity (`1Gbit/s`).
     #[arg(long, value_parser = parse_rate)]
     bandwidth: Option<u64>,
-    /// Known packet loss, a fraction (`0.001` for 0.1 %).
-    #[arg(long, default_value_t = 0.0)]
+    /// Known packet loss: a fraction from 0 to 1 (`0.001`), or a percentage (`0.1%`).
+    #[arg(long, default_value = "0", value_parser = parse_loss)]
     loss: f64,
     /// Least length of a measurement round (`1s`); default from the RTT.
     #[arg(long, value_parser = parse_duration_arg)]
@@ -170,6 +170,25 @@ fn parse_rate(input: &str) -> Result<u64, String> {
         .parse::<BitRate>()
         .map(|rate| rate.0)
         .map_err(|error| error.to_string())
+}
+
+/// A packet loss probability: a fraction in `0..=1`, or a percentage in `0%..=100%`, the bound
+/// the link model ([`LinkEstimate::loss`]) takes. `7` is refused, not read as 700 % or 7 %.
+fn parse_loss(input: &str) -> Result<f64, String> {
+    let text = input.trim();
+    let (number, scale, bounds) = match text.strip_suffix('%') {
+        Some(percent) => (percent.trim(), 100.0, "a loss percentage in 0%..100%"),
+        None => (text, 1.0, "a loss fraction in 0..1"),
+    };
+    let hint = if scale == 1.0 {
+        " (write 0.001 or 0.1% for 0.1 %)"
+    } else {
+        ""
+    };
+    match number.parse::<f64>() {
+        Ok(value) if (0.0..=scale).contains(&value) => Ok(value / scale),
+        _ => Err(format!("{text} is not {bounds}{hint}")),
+    }
 }
 
 fn parse_duration_arg(input: &str) -> Result<Duration, String> {

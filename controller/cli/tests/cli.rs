@@ -156,3 +156,177 @@ fn a_missing_or_malformed_snapshot_says_which_file_and_where() {
     assert!(stderr.contains("nodes[0].allocatable.cpu"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("automigrate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const VALID_POLICY: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ok-policy\n  labels: {automigrate.dev/policy: \"true\"}\ndata:\n  policy.yaml: \"{}\"\n";
+
+#[test]
+fn check_fails_and_says_why_on_files_without_a_policy() {
+    // Issue 14, finding 6: each of these passed `check` silently with exit 0.
+    let dir = scratch("nopolicy");
+    let cases = [
+        (
+            "unlabelled.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: unlabelled}\ndata:\n  policy.yaml: \"checkpoint: {intervall: 5m}\"\n",
+            "ConfigMap unlabelled has policy.yaml but lacks label automigrate.dev/policy: \"true\"",
+        ),
+        (
+            "typo.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: typo\n  labels: {automigrate.dev/polciy: \"true\"}\ndata:\n  policy.yaml: \"{}\"\n",
+            "did you mean automigrate.dev/policy instead of automigrate.dev/polciy?",
+        ),
+        (
+            "not-true.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: yes-policy\n  labels: {automigrate.dev/policy: \"yes\"}\ndata:\n  policy.yaml: \"{}\"\n",
+            "label automigrate.dev/policy is \"yes\", not \"true\"",
+        ),
+        (
+            "secret.yaml",
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\nstringData: {policy.yaml: \"{}\"}\n",
+            "Secret creds is not a ConfigMap",
+        ),
+        ("empty.yaml", "", "holds no YAML document"),
+    ];
+    for (file, text, why) in cases {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = automigrate(&["check", path.to_str().unwrap()]);
+        assert_eq!(code, 1, "{file}: {stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("{}: no policy found", path.display())),
+            "{file}: {stdout}"
+        );
+        assert!(stdout.contains(why), "{file}: {stdout} lacks {why}");
+    }
+    // A file with a policy next to other objects passes, and says what it skipped.
+    let mixed = dir.join("mixed.yaml");
+    std::fs::write(
+        &mixed,
+        format!("{VALID_POLICY}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: creds}}\n"),
+    )
+    .unwrap();
+    let (code, stdout, _) = automigrate(&["check", mixed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("ok      ok-policy"), "{stdout}");
+    assert!(
+        stdout.contains("Secret creds is not a ConfigMap"),
+        "{stdout}"
+    );
+    // A directory with nothing to read.
+    let empty_dir = dir.join("nothing");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let (code, stdout, _) = automigrate(&["check", empty_dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("no *.yaml or *.yml file"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A snapshot of `count` healthy nodes (about 30 YAML nodes each).
+fn big_snapshot(count: usize) -> String {
+    let mut text = String::from("takenAt: 2026-11-22T12:00:00Z\nnodes:\n");
+    for index in 0..count {
+        text.push_str(&format!(
+            "  - name: node-{index}\n    zone: z{zone}\n    labels: {{role: worker}}\n    conditions: [{{type: Ready, status: \"True\"}}]\n    lastHeartbeat: 2026-11-22T11:59:55Z\n    allocatable: {{cpu: \"4\", memory: 16Gi}}\n    requested: {{cpu: \"1\", memory: 6Gi}}\n",
+            zone = index % 7
+        ));
+    }
+    text
+}
+
+#[test]
+fn a_large_snapshot_is_read_and_the_limit_is_named_with_its_flag() {
+    // Issue 14, finding 7: 20,000 nodes were refused with "budget breached: Nodes { nodes:
+    // 250001 }", naming neither the limit nor how to raise it.
+    let dir = scratch("bigsnapshot");
+    let path = dir.join("snapshot.yaml");
+    std::fs::write(&path, big_snapshot(20_000)).unwrap();
+    let (code, stdout, stderr) = automigrate(&["plan", "--snapshot", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("20000"), "{stdout}");
+
+    let (code, _, stderr) = automigrate(&[
+        "plan",
+        "--snapshot",
+        path.to_str().unwrap(),
+        "--max-yaml-nodes",
+        "100000",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("more than 100000 YAML nodes"),
+        "the limit is named: {stderr}"
+    );
+    assert!(
+        stderr.contains("--max-yaml-nodes"),
+        "the way to raise it is named: {stderr}"
+    );
+    assert!(!stderr.contains("Nodes {"), "no debug output: {stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn transfer_refuses_a_loss_that_is_not_a_probability() {
+    // Issue 14, finding 7: `--loss 7` was accepted.
+    let dir = scratch("loss");
+    let file = dir.join("none.pem");
+    let file = file.to_str().unwrap();
+    for (loss, why) in [
+        ("7", "7 is not a loss fraction in 0..1"),
+        ("-0.1", "-0.1 is not a loss fraction in 0..1"),
+        ("NaN", "NaN is not a loss fraction in 0..1"),
+        ("150%", "150% is not a loss percentage in 0%..100%"),
+    ] {
+        let (code, _, stderr) = automigrate(&[
+            "transfer",
+            "send",
+            "--to",
+            "127.0.0.1:9",
+            "--ca",
+            file,
+            "--cert",
+            file,
+            "--key",
+            file,
+            "--rtt",
+            "10ms",
+            &format!("--loss={loss}"),
+            dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 2, "{loss}: {stderr}");
+        assert!(
+            stderr.contains("--loss") && stderr.contains(why),
+            "{loss}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("TLS"),
+            "refused before anything else: {stderr}"
+        );
+    }
+    // A fraction and a percentage are both taken (the TLS files are what fails next).
+    for loss in ["0.001", "0.1%", "1"] {
+        let (_, _, stderr) = automigrate(&[
+            "transfer",
+            "send",
+            "--to",
+            "127.0.0.1:9",
+            "--ca",
+            file,
+            "--cert",
+            file,
+            "--key",
+            file,
+            &format!("--loss={loss}"),
+            dir.to_str().unwrap(),
+        ]);
+        assert!(!stderr.contains("--loss"), "{loss}: {stderr}");
+        assert!(stderr.contains("TLS"), "{loss}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

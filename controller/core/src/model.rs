@@ -363,6 +363,11 @@ pub struct ClusterSnapshot {
 pub enum SnapshotError {
     #[error("snapshot: {path}: {reason}")]
     Invalid { path: String, reason: String },
+    /// The document holds more YAML nodes than the reader was allowed to read.
+    #[error(
+        "snapshot: more than {limit} YAML nodes (values, lists and maps; about 30 per cluster node or pod), the reading limit; stopped at {path}"
+    )]
+    TooLarge { limit: usize, path: String },
     #[error("snapshot: node `{0}` is listed twice")]
     DuplicateNode(NodeName),
     #[error("snapshot: pod {0} is listed twice")]
@@ -370,10 +375,33 @@ pub enum SnapshotError {
 }
 
 impl ClusterSnapshot {
-    /// Parses a YAML snapshot; errors name the field path (`pods[3].requests.memory`).
+    /// Parses a YAML snapshot; errors name the field path (`pods[3].requests.memory`). Reads at
+    /// most [`ClusterSnapshot::DEFAULT_MAX_YAML_NODES`] YAML nodes.
     pub fn from_yaml(text: &str) -> Result<Self, SnapshotError> {
-        let snapshot: ClusterSnapshot = crate::policy::from_yaml_with_path(text)
-            .map_err(|(path, reason)| SnapshotError::Invalid { path, reason })?;
+        Self::from_yaml_with_limit(text, Self::DEFAULT_MAX_YAML_NODES)
+    }
+
+    /// The most YAML nodes [`ClusterSnapshot::from_yaml`] reads: about 30 per cluster node or
+    /// pod, so some 300,000 of them (a 5,000-node cluster with 150,000 pods is Kubernetes'
+    /// tested limit). The limit only stops a runaway document early; memory grows with the
+    /// file, not with the limit.
+    pub const DEFAULT_MAX_YAML_NODES: usize = 10_000_000;
+
+    /// [`ClusterSnapshot::from_yaml`] with another limit on the YAML nodes read.
+    pub fn from_yaml_with_limit(text: &str, max_yaml_nodes: usize) -> Result<Self, SnapshotError> {
+        let snapshot: ClusterSnapshot =
+            crate::policy::from_yaml_with_node_limit(text, max_yaml_nodes).map_err(
+                |(path, reason, too_many_nodes)| {
+                    if too_many_nodes {
+                        SnapshotError::TooLarge {
+                            limit: max_yaml_nodes,
+                            path,
+                        }
+                    } else {
+                        SnapshotError::Invalid { path, reason }
+                    }
+                },
+            )?;
         snapshot.check_unique()?;
         Ok(snapshot)
     }

@@ -32,28 +32,73 @@ pub const POLICY_DATA_KEY: &str = "policy.yaml";
 pub const FALLBACK_POLICY: &str = "default";
 
 /// Parses YAML into `T`; on failure returns the field path (`checkpoint.interval`) and reason.
+/// The YAML parser's default budget applies (250,000 YAML nodes and more), ample for policies.
 pub fn from_yaml_with_path<T: serde::de::DeserializeOwned>(
     text: &str,
 ) -> Result<T, (String, String)> {
+    from_yaml_under_budget(text, serde_saphyr::Options::default())
+        .map_err(|(path, reason, _)| (path, reason))
+}
+
+/// Parses YAML into `T` reading at most `max_nodes` YAML nodes (every scalar, list and map;
+/// a cluster snapshot has about 30 per node or pod). On failure returns the field path, the
+/// reason, and whether it was the node limit that stopped the parse.
+pub fn from_yaml_with_node_limit<T: serde::de::DeserializeOwned>(
+    text: &str,
+    max_nodes: usize,
+) -> Result<T, (String, String, bool)> {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = max_nodes;
+    // The other counts grow with the node count; keep them from stopping the parse first.
+    // Every node is one event, every list and map one more for its end.
+    budget.max_events = budget
+        .max_events
+        .max(max_nodes.saturating_mul(2).saturating_add(64));
+    budget.max_total_scalar_bytes = budget
+        .max_total_scalar_bytes
+        .max(max_nodes.saturating_mul(64));
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    from_yaml_under_budget(text, options)
+}
+
+fn from_yaml_under_budget<T: serde::de::DeserializeOwned>(
+    text: &str,
+    options: serde_saphyr::Options,
+) -> Result<T, (String, String, bool)> {
     let mut failed_path = None;
-    let result = serde_saphyr::with_deserializer_from_str(text, |deserializer| {
-        serde_path_to_error::deserialize(deserializer).map_err(|error| {
-            failed_path = Some(error.path().to_string());
-            error.into_inner()
-        })
-    });
+    let result =
+        serde_saphyr::with_deserializer_from_str_with_options(text, options, |deserializer| {
+            serde_path_to_error::deserialize(deserializer).map_err(|error| {
+                failed_path = Some(error.path().to_string());
+                error.into_inner()
+            })
+        });
     result.map_err(|error| {
         let path = match failed_path {
             Some(path) if path != "." => path,
             _ => "(document)".to_string(),
         };
+        let mut inner = &error;
+        while let serde_saphyr::Error::WithSnippet { error, .. }
+        | serde_saphyr::Error::AliasError { error, .. } = inner
+        {
+            inner = error;
+        }
+        let too_many_nodes = matches!(
+            inner,
+            serde_saphyr::Error::Budget {
+                breach: serde_saphyr::budget::BudgetBreach::Nodes { .. },
+                ..
+            }
+        );
         // One line, so the reason fits a Kubernetes Event and a log line; the position stays.
         let reason = error.without_snippet().to_string();
         let reason = reason
             .strip_prefix("error: ")
             .unwrap_or(&reason)
             .to_string();
-        (path, reason)
+        (path, reason, too_many_nodes)
     })
 }
 
@@ -220,6 +265,27 @@ impl Default for CheckpointPolicy {
             replicate_to: 1,
             max_concurrent_per_node: 2,
             timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl CheckpointPolicy {
+    /// Checks a fixed interval against this policy's `minInterval..maxInterval` (`auto` is
+    /// clamped to them anyway). The policy's own `interval` is checked with it; so can be a
+    /// pod's `automigrate.dev/checkpoint-interval` once its policy is known, in the same words.
+    pub fn check_interval(&self, interval: IntervalSetting) -> Result<(), String> {
+        match interval {
+            IntervalSetting::Every(every)
+                if every < self.min_interval || every > self.max_interval =>
+            {
+                Err(format!(
+                    "{} is outside checkpoint.minInterval..maxInterval ({}..{})",
+                    units::format_duration(every),
+                    units::format_duration(self.min_interval),
+                    units::format_duration(self.max_interval)
+                ))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -639,18 +705,8 @@ impl Policy {
                 ),
             );
         }
-        if let IntervalSetting::Every(interval) = checkpoint.interval
-            && (interval < checkpoint.min_interval || interval > checkpoint.max_interval)
-        {
-            issue(
-                "checkpoint.interval",
-                format!(
-                    "{} is outside checkpoint.minInterval..maxInterval ({}..{})",
-                    show(interval),
-                    show(checkpoint.min_interval),
-                    show(checkpoint.max_interval)
-                ),
-            );
+        if let Err(reason) = checkpoint.check_interval(checkpoint.interval) {
+            issue("checkpoint.interval", reason);
         }
         if checkpoint.mtbf.is_zero() {
             issue("checkpoint.mtbf", "must be greater than zero".into());
@@ -890,6 +946,49 @@ impl ConfigMapDocument {
             && self.metadata.labels.get(POLICY_LABEL).map(String::as_str) == Some("true")
     }
 
+    /// Why this document is not a policy; `None` when it is one.
+    pub fn not_a_policy(&self) -> Option<NotAPolicy> {
+        if self.is_policy() {
+            return None;
+        }
+        let name = &self.metadata.name;
+        let label = format!("label {POLICY_LABEL}: \"true\"");
+        let (reason, likely_mistake) = if self.kind != "ConfigMap" {
+            let kind = if self.kind.is_empty() {
+                "a document without `kind`"
+            } else {
+                &self.kind
+            };
+            (format!("{kind} {name} is not a ConfigMap"), false)
+        } else if let Some(value) = self.metadata.labels.get(POLICY_LABEL) {
+            (
+                format!("ConfigMap {name}: label {POLICY_LABEL} is {value:?}, not \"true\""),
+                true,
+            )
+        } else if let Some(typo) = self.metadata.labels.keys().find(|key| {
+            edit_distance(&key.to_ascii_lowercase(), POLICY_LABEL) <= 3
+                || (key.contains("automigrate") && key.ends_with("policy"))
+        }) {
+            (
+                format!(
+                    "ConfigMap {name} lacks {label}; did you mean {POLICY_LABEL} instead of {typo}?"
+                ),
+                true,
+            )
+        } else if self.data.contains_key(POLICY_DATA_KEY) {
+            (
+                format!("ConfigMap {name} has {POLICY_DATA_KEY} but lacks {label}"),
+                true,
+            )
+        } else {
+            (format!("ConfigMap {name} lacks {label}"), false)
+        };
+        Some(NotAPolicy {
+            reason,
+            likely_mistake,
+        })
+    }
+
     /// The policy text, or the reason there is none.
     pub fn policy_text(&self) -> Result<&str, PolicyError> {
         self.data
@@ -907,18 +1006,46 @@ impl ConfigMapDocument {
 
 /// Reads every YAML document in a file (`---`-separated) and keeps the policy ConfigMaps.
 pub fn configmaps_from_yaml(text: &str) -> Result<Vec<ConfigMapDocument>, PolicyError> {
-    let documents: Vec<ConfigMapDocument> =
-        serde_saphyr::from_multiple(text).map_err(|error| PolicyError {
-            policy: "(file)".into(),
-            issues: vec![PolicyIssue {
-                path: "(document)".into(),
-                reason: error.to_string(),
-            }],
-        })?;
-    Ok(documents
+    Ok(documents_from_yaml(text)?
         .into_iter()
         .filter(ConfigMapDocument::is_policy)
         .collect())
+}
+
+/// Reads every YAML document in a file (`---`-separated), policies or not: a checker says why
+/// each of the others is not a policy ([`ConfigMapDocument::not_a_policy`]).
+pub fn documents_from_yaml(text: &str) -> Result<Vec<ConfigMapDocument>, PolicyError> {
+    serde_saphyr::from_multiple(text).map_err(|error| PolicyError {
+        policy: "(file)".into(),
+        issues: vec![PolicyIssue {
+            path: "(document)".into(),
+            reason: error.to_string(),
+        }],
+    })
+}
+
+/// Why a document is not a policy, for a user who may have meant it to be one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotAPolicy {
+    pub reason: String,
+    /// It looks meant as a policy (a `policy.yaml` key, a near-miss or wrong-valued label):
+    /// a checker should fail on it rather than skip it.
+    pub likely_mistake: bool,
+}
+
+/// Edits (insert, delete, substitute) between two short strings, to spot a mistyped label.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = previous[j] + usize::from(ca != *cb);
+            current.push(substitute.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// What [`PolicySet::apply`] did.
@@ -1257,6 +1384,33 @@ mod tests {
             error.issues[0].reason,
             "0s is below 1s, the shortest checkpoint interval"
         );
+    }
+
+    #[test]
+    fn documents_that_are_not_policies_say_why() {
+        let documents = documents_from_yaml(
+            "kind: ConfigMap\nmetadata: {name: a, labels: {automigrate.dev/Policy: \"true\"}}\n---\nkind: ConfigMap\nmetadata: {name: b}\ndata: {other: x}\n---\nkind: Deployment\nmetadata: {name: c}\n",
+        )
+        .unwrap();
+        let reasons: Vec<NotAPolicy> = documents.iter().filter_map(|d| d.not_a_policy()).collect();
+        assert_eq!(reasons.len(), 3);
+        assert!(
+            reasons[0]
+                .reason
+                .contains("instead of automigrate.dev/Policy?"),
+            "{reasons:?}"
+        );
+        assert!(reasons[0].likely_mistake);
+        assert_eq!(
+            reasons[1].reason,
+            "ConfigMap b lacks label automigrate.dev/policy: \"true\""
+        );
+        assert!(
+            !reasons[1].likely_mistake,
+            "an unrelated ConfigMap is only skipped"
+        );
+        assert_eq!(reasons[2].reason, "Deployment c is not a ConfigMap");
+        assert_eq!(edit_distance("automigrate.dev/polciy", POLICY_LABEL), 2);
     }
 
     #[test]
