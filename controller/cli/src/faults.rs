@@ -19,7 +19,8 @@ pub struct Args {
     seed: u64,
     /// Fault kinds (comma-separated), run in rounds: controller-kill, source-agent-kill,
     /// target-agent-kill, source-partition, target-death, target-disk-full, corrupt-at-rest,
-    /// corrupt-in-flight, policy-edit-valid, policy-edit-invalid. Default: all.
+    /// corrupt-in-flight, policy-edit-valid, policy-edit-invalid, agent-outage, resume-damage.
+    /// Default: all.
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<String>,
     /// Policy ConfigMaps (the runs use `default`).

@@ -179,7 +179,7 @@ impl TargetStore<'_> {
 }
 
 /// Staging files of transfers arriving on a node (`<data root>/.automigrate-staging/<id>/f<n>`).
-fn staging_files(context: &FaultContext, node: &str) -> Vec<(PathBuf, u64)> {
+pub(super) fn staging_files(context: &FaultContext, node: &str) -> Vec<(PathBuf, u64)> {
     let Ok(local) = context.node(node) else {
         return Vec::new();
     };

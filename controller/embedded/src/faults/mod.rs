@@ -10,8 +10,8 @@
 //! persists in `<state dir>/migrations/` (its phase, source, target, checkpoint) and the
 //! workload's progress file. Nothing inside the controller is hooked.
 //!
-//! Each fault kind lives in its own module (`controller_kill`, `agent_kill`, `partition`,
-//! `target_death`, `disk_full`, `corruption`, `policy_edit`); [`world`] holds what they share
+//! Each fault kind lives in its own module (`controller_kill`, `agent_kill`, `agent_outage`,
+//! `partition`, `target_death`, `disk_full`, `corruption`, `resume_damage`, `policy_edit`); [`world`] holds what they share
 //! (the migration watcher, the daemon supervisor, disk and link tools); [`report`] writes the
 //! report. Controller-kill runs drive the controller as its own OS process
 //! ([`crate::process::ControllerProcess`]); every other run drives it in this process (its
@@ -31,12 +31,14 @@
 //! Any of these is a finding; runs are never dropped from the report.
 
 pub mod agent_kill;
+pub mod agent_outage;
 pub mod controller_kill;
 pub mod corruption;
 pub mod disk_full;
 pub mod partition;
 pub mod policy_edit;
 pub mod report;
+pub mod resume_damage;
 pub mod target_death;
 pub mod world;
 
@@ -97,10 +99,14 @@ pub enum FaultKind {
     PolicyEditValid,
     /// An invalid edit of the pod's policy arrives during a migration.
     PolicyEditInvalid,
+    /// The source's agent, the target's, or both stop answering for 5–30 s in a phase.
+    AgentOutage,
+    /// Pieces the receiver journaled are damaged, then the transfer resumes.
+    ResumeDamage,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::ControllerKill,
         FaultKind::SourceAgentKill,
         FaultKind::TargetAgentKill,
@@ -111,6 +117,8 @@ impl FaultKind {
         FaultKind::CorruptInFlight,
         FaultKind::PolicyEditValid,
         FaultKind::PolicyEditInvalid,
+        FaultKind::AgentOutage,
+        FaultKind::ResumeDamage,
     ];
 
     pub fn name(self) -> &'static str {
@@ -125,6 +133,8 @@ impl FaultKind {
             FaultKind::CorruptInFlight => "corrupt-in-flight",
             FaultKind::PolicyEditValid => "policy-edit-valid",
             FaultKind::PolicyEditInvalid => "policy-edit-invalid",
+            FaultKind::AgentOutage => "agent-outage",
+            FaultKind::ResumeDamage => "resume-damage",
         }
     }
 
@@ -141,6 +151,8 @@ impl FaultKind {
             FaultKind::CorruptInFlight => "cif",
             FaultKind::PolicyEditValid => "pev",
             FaultKind::PolicyEditInvalid => "pei",
+            FaultKind::AgentOutage => "ao",
+            FaultKind::ResumeDamage => "rd",
         }
     }
 }
@@ -184,6 +196,15 @@ pub enum Trigger {
 pub enum Side {
     Source,
     Target,
+}
+
+/// Whose agent daemons an outage freezes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OutageSides {
+    Source,
+    Target,
+    Both,
 }
 
 /// How a file is damaged.
@@ -236,6 +257,24 @@ pub enum FaultParams {
     Partition {
         /// The partition heals after this long; `None`: not before training ends.
         heal_after_ms: Option<u64>,
+    },
+    #[serde(rename_all = "camelCase")]
+    AgentOutage {
+        sides: OutageSides,
+        /// The migration phase the outage waits for.
+        phase: Phase,
+        delay_ms: u64,
+        /// How long the daemons stay frozen.
+        outage_ms: u64,
+    },
+    #[serde(rename_all = "camelCase")]
+    ResumeDamage {
+        /// The receiver's agent is killed and started again too, after the damage.
+        restart_receiver: bool,
+        /// The sender is killed once this many bytes have landed in the receiver's staging.
+        min_bytes: u64,
+        /// The agent's supervisor starts it again after this long.
+        restart_after_ms: u64,
     },
     #[serde(rename_all = "camelCase")]
     TargetDeath { delay_ms: u64 },
@@ -361,6 +400,8 @@ fn draw_plan(index: usize, kind: FaultKind, seed: u64) -> FaultPlan {
         FaultKind::CorruptAtRest => corruption::draw_at_rest(&mut draw),
         FaultKind::CorruptInFlight => corruption::draw_in_flight(&mut draw),
         FaultKind::PolicyEditValid | FaultKind::PolicyEditInvalid => policy_edit::draw(&mut draw),
+        FaultKind::AgentOutage => agent_outage::draw(&mut draw),
+        FaultKind::ResumeDamage => resume_damage::draw(&mut draw),
     };
     FaultPlan {
         index,
@@ -967,6 +1008,8 @@ async fn inject(
             None => Err("the controller does not run as its own process".into()),
         },
         FaultParams::AgentKill { .. } => agent_kill::inject(&context, &plan).await,
+        FaultParams::AgentOutage { .. } => agent_outage::inject(&context, &plan).await,
+        FaultParams::ResumeDamage { .. } => resume_damage::inject(&context, &plan).await,
         FaultParams::Partition { .. } => partition::inject(&context, &plan).await,
         FaultParams::TargetDeath { .. } => target_death::inject(&context, &plan).await,
         FaultParams::DiskFull { .. } => disk_full::inject(&context, &plan).await,

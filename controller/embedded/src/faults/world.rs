@@ -40,6 +40,8 @@ enum Undo {
     Ballast(PathBuf),
     /// A thread that keeps a dead node's processes dead.
     Reaper(Arc<std::sync::atomic::AtomicBool>),
+    /// An agent daemon frozen with SIGSTOP.
+    Frozen(i32),
 }
 
 /// The migration a fault task sees in the controller's state directory.
@@ -362,6 +364,32 @@ impl FaultContext {
         Ok(argv)
     }
 
+    /// Freezes a node's agent daemon (SIGSTOP): its sockets stay open, nothing answers. The
+    /// undo list thaws it, so no run ends with a frozen daemon.
+    pub fn freeze_agent(&self, node: &str) -> Result<(), String> {
+        let pid = self.agent_pid(node)?;
+        signal(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        self.push_undo(Undo::Frozen(pid));
+        Ok(())
+    }
+
+    /// Thaws a daemon [`Self::freeze_agent`] froze (SIGCONT).
+    pub fn thaw_agent(&self, node: &str) -> Result<(), String> {
+        let pid = self.agent_pid(node)?;
+        signal(pid, nix::sys::signal::Signal::SIGCONT)?;
+        if let Ok(mut list) = self.inner.undo.lock() {
+            list.retain(|undo| !matches!(undo, Undo::Frozen(frozen) if *frozen == pid));
+        }
+        Ok(())
+    }
+
+    fn agent_pid(&self, node: &str) -> Result<i32, String> {
+        let store = self.node(node)?.layout().store();
+        agent_process(&store.to_string_lossy())
+            .map(|(pid, _)| pid)
+            .ok_or_else(|| format!("no agent daemon process of {node} found"))
+    }
+
     /// Starts a killed daemon again with the same command line, in its node's namespace, as
     /// its supervisor (systemd, a DaemonSet) would.
     pub fn restart_agent(&self, node: &str, argv: &[String]) -> Result<(), String> {
@@ -453,6 +481,9 @@ impl FaultContext {
                     let _ = std::fs::remove_file(&path);
                 }
                 Undo::Reaper(stop) => stop.store(true, std::sync::atomic::Ordering::SeqCst),
+                Undo::Frozen(pid) => {
+                    let _ = signal(pid, nix::sys::signal::Signal::SIGCONT);
+                }
             }
         }
     }
@@ -543,6 +574,11 @@ fn agent_process(store: &str) -> Option<(i32, Vec<String>)> {
             .any(|pair| pair[0] == "--store-root" && pair[1] == store);
         (is_agent && its_store && !is_zombie(pid)).then_some((pid, argv))
     })
+}
+
+fn signal(pid: i32, signal: nix::sys::signal::Signal) -> Result<(), String> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .map_err(|error| format!("{signal} to {pid}: {error}"))
 }
 
 fn is_zombie(pid: i32) -> bool {
