@@ -20,6 +20,13 @@
 //! - Links and user latency come from the [`LinkBook`] and [`UserBook`] (fresh entries only)
 //!   and from the pods' `automigrate.dev/user-latency` annotations (see [`crate::snapshot`]).
 //!
+//! - Cooldown and history follow the workload, not its pod name: every migration renames the
+//!   pod (`trainer` → `trainer-5ca520`), so before the engine runs, the records of a workload's
+//!   earlier migrations are also filed under the name its pod has now. The identity is the
+//!   [`replacement::ORIGIN_LABEL`] the controller sets on every replacement (the original pod's
+//!   name, kept across further moves); a Migration's workload is that label on the pod it
+//!   recorded, or the pod it names.
+//!
 //! The pass reads no clock: `now` is an argument, so tests step time explicitly. Only the
 //! decision latency metric and the report's [`PassTimings`] read a monotonic timer.
 
@@ -279,13 +286,14 @@ impl Decider {
             .map_err(|_| DecideError::Poisoned)?
             .clone();
         let mut kept = self.snapshot.lock().map_err(|_| DecideError::Poisoned)?;
-        let refresh = {
+        let (refresh, moved) = {
             // The listings are dropped before the engine runs (50,000 reference counts).
             let nodes = self.stores.nodes.state();
             let leases = self.stores.leases.state();
             let pods = self.stores.pods.state();
             let in_progress = self.checkpoints.in_progress();
-            kept.update(
+            let moved = moved_workloads(&pods);
+            let refresh = kept.update(
                 Inputs {
                     nodes: &nodes,
                     leases: &leases,
@@ -297,8 +305,10 @@ impl Decider {
                     checkpoints_in_progress: &in_progress,
                 },
                 now,
-            )
+            );
+            (refresh, moved)
         };
+        follow_workloads(kept.snapshot_mut(), migrations, &moved);
         self.add_unseen_starts(kept.snapshot_mut(), migrations, now);
         let snapshot = kept.snapshot();
 
@@ -663,6 +673,92 @@ impl Decider {
             .await;
         }
     }
+}
+
+/// `(namespace, workload)` → the names of the pods that carry it now, for pods that a
+/// migration created (they have the origin label); other pods are their own workload.
+type MovedWorkloads = std::collections::HashMap<(String, String), Vec<String>>;
+
+fn moved_workloads(pods: &[std::sync::Arc<Pod>]) -> MovedWorkloads {
+    let mut moved = MovedWorkloads::new();
+    for pod in pods {
+        let Some(origin) = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(replacement::ORIGIN_LABEL))
+        else {
+            continue;
+        };
+        let (Some(namespace), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
+            continue;
+        };
+        if name != origin {
+            moved
+                .entry((namespace.clone(), origin.clone()))
+                .or_default()
+                .push(name.clone());
+        }
+    }
+    moved
+}
+
+/// The workload a Migration moved: the origin label of the pod it recorded when it began
+/// (a pod that was itself a replacement), else the pod it names.
+fn workload_of(migration: &Migration) -> String {
+    migration
+        .status
+        .as_ref()
+        .and_then(|status| status.source_pod.as_ref())
+        .and_then(|pod| {
+            pod.get("metadata")?
+                .get("labels")?
+                .get(replacement::ORIGIN_LABEL)
+        })
+        .and_then(serde_json::Value::as_str)
+        .map(String::from)
+        .unwrap_or_else(|| migration.spec.pod.clone())
+}
+
+/// Files every migration record also under the current names of its workload's pods, so the
+/// engine's cooldown, retry backoff and failed-node memory (all looked up by pod) follow a
+/// workload across the renames its migrations make.
+fn follow_workloads(
+    snapshot: &mut automigrate_core::ClusterSnapshot,
+    migrations: &[std::sync::Arc<Migration>],
+    moved: &MovedWorkloads,
+) {
+    if moved.is_empty() {
+        return;
+    }
+    let workloads: std::collections::HashMap<(&str, &str), String> = migrations
+        .iter()
+        .filter(|migration| migration.status.is_some())
+        .filter_map(|migration| {
+            let namespace = migration.metadata.namespace.as_deref()?;
+            Some((
+                (namespace, migration.spec.pod.as_str()),
+                workload_of(migration),
+            ))
+        })
+        .collect();
+    let mut extra = Vec::new();
+    for record in &snapshot.migrations {
+        let namespace = record.pod.namespace.as_str();
+        let workload = workloads
+            .get(&(namespace, record.pod.name.as_str()))
+            .cloned()
+            .unwrap_or_else(|| record.pod.name.clone());
+        let Some(names) = moved.get(&(namespace.to_string(), workload)) else {
+            continue;
+        };
+        for name in names.iter().filter(|name| **name != record.pod.name) {
+            let mut copy = record.clone();
+            copy.pod = PodRef::new(namespace, name.as_str());
+            extra.push(copy);
+        }
+    }
+    snapshot.migrations.extend(extra);
 }
 
 fn log_write(error: &WriteError, migration: &Migration) {

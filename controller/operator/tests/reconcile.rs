@@ -824,3 +824,89 @@ async fn pods_of_controllers_that_recreate_them_are_not_migrated() {
     })
     .await;
 }
+
+/// Cooldown follows the workload across the renames its migrations make. A manual migration
+/// moves `trainer` to edge-3 (the replacement is `trainer-<suffix>`); six minutes later an
+/// alert fires for edge-3. The policy's 10 m cooldown holds the workload where it is: it was
+/// looked up by pod name, and the renamed pod had no history, so the alert moved it again.
+#[tokio::test]
+async fn cooldown_follows_the_workload_across_renames() {
+    let h = Harness::new().await;
+    healthy_cluster(
+        &h,
+        "triggers:\n  alerts: [NodeDiskFailing]\n  cooldown: 10m\n",
+    )
+    .await;
+    let api: Api<Migration> = Api::namespaced(h.cluster.clone().client(), NS);
+    let request = manual::request(&api, "trainer", Some("edge-3"), "maintenance")
+        .await
+        .unwrap();
+    let first = request.metadata.name.unwrap();
+    let stores = h.controller.stores.clone();
+    eventually("the request to reach the store", || {
+        stores.migration(NS, &first).is_some()
+    })
+    .await;
+    h.agent.set_now(at(0));
+    let report = h.controller.decider.pass(at(0)).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    h.drive(&first, at(0), |a| a.phase == Phase::Verifying)
+        .await;
+    let replacement_name = h
+        .cluster
+        .get::<Migration>(Some(NS), &first)
+        .unwrap()
+        .status
+        .unwrap()
+        .replacement_pod
+        .unwrap();
+    assert_ne!(replacement_name, "trainer", "the migration renames the pod");
+    h.kubelet_runs(&replacement_name).await;
+    h.drive(&first, at(0), |a| a.phase == Phase::Succeeded)
+        .await;
+    eventually("the store to show the moved workload", || {
+        stores.pod(NS, "trainer").is_none()
+            && stores
+                .pod(NS, &replacement_name)
+                .is_some_and(|pod| automigrate_operator::snapshot::is_ready(&pod))
+            && stores
+                .migration(NS, &first)
+                .is_some_and(|m| m.phase() == Some(Phase::Succeeded))
+    })
+    .await;
+
+    // Six minutes later the disk of edge-3, where the workload now runs, starts failing.
+    let alert = ALERT_PAYLOAD
+        .replace("\"node\": \"edge-2\"", "\"node\": \"edge-3\"")
+        .replace("2030-01-01T00:00:00Z", "2030-01-01T00:06:00Z");
+    h.clock.set(at(360));
+    for name in ["edge-1", "edge-2", "edge-3"] {
+        h.cluster.put(&lease(name, at(360)));
+    }
+    h.lease_seen("edge-3", at(360)).await;
+    assert_eq!(post_alert(&h, &alert).await, StatusCode::OK);
+    let report = h.controller.decider.pass(at(360)).await.unwrap();
+    assert!(
+        report.decisions.migrations.is_empty(),
+        "inside the cooldown: {report:#?}"
+    );
+    assert!(report.started.is_empty(), "{report:#?}");
+    assert_eq!(h.migrations().len(), 1, "no second migration");
+    let deferred = report
+        .decisions
+        .deferred
+        .iter()
+        .find(|deferral| deferral.pod.name == replacement_name)
+        .unwrap_or_else(|| panic!("the renamed pod is deferred: {report:#?}"));
+    assert!(deferred.reason.contains("cooldown"), "{}", deferred.reason);
+
+    // Past the cooldown the same alert moves it: the test above is not vacuous.
+    h.clock.set(at(660));
+    for name in ["edge-1", "edge-2", "edge-3"] {
+        h.cluster.put(&lease(name, at(660)));
+    }
+    h.lease_seen("edge-3", at(660)).await;
+    let report = h.controller.decider.pass(at(660)).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    assert_eq!(report.decisions.migrations[0].pod.name, replacement_name);
+}
