@@ -17,6 +17,16 @@ if [[ ${AUTOMIGRATE_SKIP_PRIVILEGED:-} == 1 ]]; then
 else
     scripts/install-node-deps.sh
 fi
+step "kubectl (the local API server's test runs the real client against it)"
+if command -v kubectl >/dev/null 2>&1; then
+    kubectl version --client
+elif [[ ${AUTOMIGRATE_SKIP_PRIVILEGED:-} == 1 ]]; then
+    echo "!!! kubectl is not on PATH: the kubectl test of automigrate-apiserver will be SKIPPED !!!" >&2
+else
+    echo "error: kubectl is not on PATH; controller/apiserver/tests/kubectl.rs needs it (https://kubernetes.io/docs/tasks/tools/)." >&2
+    echo "       Set AUTOMIGRATE_SKIP_PRIVILEGED=1 to skip that test loudly." >&2
+    exit 1
+fi
 step "cargo test"
 # The embedded mode's end-to-end test runs the real agent daemon: build it first.
 cargo build --locked -p automigrate-agent

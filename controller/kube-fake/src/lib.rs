@@ -29,7 +29,15 @@
 //! pods without finalizers go away at once), kubelets (nothing runs pods or changes their
 //! status: tests do that), scheduling, PodDisruptionBudgets on eviction, `limit`/`continue`
 //! paging (lists are returned whole), field managers and managedFields, authentication and
-//! RBAC, protobuf, YAML request bodies, discovery (`/api`, `/apis`).
+//! RBAC, protobuf, YAML request bodies, aggregated discovery, OpenAPI (`/openapi/v2`,
+//! `/openapi/v3` answer 404, so kubectl needs `--validate=false`).
+//!
+//! For kubectl (see `docs/local-cluster.md`):
+//! - `discovery` (private): legacy discovery documents (`/api`, `/api/v1`, `/apis`,
+//!   `/apis/{group}[/{version}]`) for the built-in types, `Migration` and stored CRDs.
+//! - `table` (private): `Table` answers (`Accept: ...;as=Table`) with the columns of
+//!   `kubectl get`, CRD printer columns included.
+//! - [`server`] (feature `server`): the whole service on a real HTTP/1.1 socket.
 //!
 //! [`FakeCluster::client`] must be called inside a Tokio runtime (kube's client spawns its
 //! request buffer there).
@@ -42,13 +50,17 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+mod discovery;
 pub mod error;
 pub mod fault;
 pub mod path;
 pub mod proxy;
 pub mod selector;
+#[cfg(feature = "server")]
+pub mod server;
 mod service;
 mod store;
+mod table;
 mod watch;
 
 pub use error::ApiError;

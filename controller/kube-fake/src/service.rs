@@ -25,6 +25,7 @@ use crate::path::{ResourceType, Target};
 use crate::proxy::NodeProxyRequest;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{Deletion, Update};
+use crate::table::{Include, TableSpec};
 use crate::watch::{
     Filter, Rendering, ResponseBody, WatchStart, bookmark_line, error_line, event_line,
     stream_body, translate,
@@ -142,13 +143,17 @@ fn filter_from(
 }
 
 fn list_body(
-    rendering: Rendering,
+    rendering: &Rendering,
     kind: &str,
     api_version: &str,
     rv: u64,
     items: &[Arc<Value>],
 ) -> Vec<u8> {
     let (list_kind, list_api_version) = match rendering {
+        Rendering::Table(spec) => {
+            let table = spec.table(items.iter().map(|i| &**i), Some(rv), jiff::Timestamp::now());
+            return serde_json::to_vec(&table).unwrap_or_default();
+        }
         Rendering::Full => (format!("{kind}List"), api_version.to_owned()),
         Rendering::MetadataOnly => (
             "PartialObjectMetadataList".to_owned(),
@@ -235,21 +240,41 @@ impl FakeCluster {
             }
         }
 
-        let rendering = match parts
+        let accept = parts
             .headers
             .get(header::ACCEPT)
             .and_then(|a| a.to_str().ok())
-        {
-            Some(accept) if accept.contains("as=PartialObjectMetadata") => Rendering::MetadataOnly,
-            _ => Rendering::Full,
-        };
+            .unwrap_or_default();
         let dry_run = query.get("dryRun").is_some_and(|d| d == "All");
         let Some(target) = crate::path::parse(&path) else {
+            if parts.method == Method::GET
+                && let Some(document) = crate::discovery::document(&self.lock().store, &path)
+            {
+                return Ok(value_response(StatusCode::OK, &document));
+            }
             return Ok(error_response(&ApiError::NotFound {
                 resource: String::new(),
                 group: String::new(),
                 name: path,
             }));
+        };
+        let rendering = match &target {
+            // kubectl get: server-side printing, for objects and collections (not subresources).
+            Target::Collection { resource, .. }
+            | Target::Object {
+                resource,
+                subresource: None,
+                ..
+            } if accept.contains("as=Table") => {
+                let advertised = crate::discovery::find(&self.lock().store, resource);
+                Rendering::Table(TableSpec::for_resource(
+                    resource,
+                    advertised.as_ref(),
+                    Include::from_query(query.get("includeObject").map(String::as_str)),
+                ))
+            }
+            _ if accept.contains("as=PartialObjectMetadata") => Rendering::MetadataOnly,
+            _ => Rendering::Full,
         };
         let content_type = parts
             .headers
@@ -474,7 +499,7 @@ impl FakeCluster {
             )
         };
         let body = list_body(
-            request.rendering,
+            &request.rendering,
             &kind,
             &resource.api_version(),
             rv,
@@ -522,7 +547,7 @@ impl FakeCluster {
         Ok(json_response(
             StatusCode::OK,
             list_body(
-                request.rendering,
+                &request.rendering,
                 &kind,
                 &resource.api_version(),
                 rv,
@@ -620,7 +645,7 @@ impl FakeCluster {
             initial,
             receiver,
             filter,
-            rendering: request.rendering,
+            rendering: request.rendering.clone(),
             bookmarks,
             timeout,
             start_rv: current.max(from.unwrap_or_default()),

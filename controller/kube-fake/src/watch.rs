@@ -80,11 +80,14 @@ impl Filter {
 }
 
 /// How objects are rendered in responses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Rendering {
     Full,
     /// `Accept: application/json;as=PartialObjectMetadata...`
     MetadataOnly,
+    /// `Accept: application/json;as=Table...` (kubectl get): one `Table` per object, with the
+    /// resource type's columns.
+    Table(Arc<crate::table::TableSpec>),
 }
 
 impl Rendering {
@@ -96,6 +99,9 @@ impl Rendering {
                 "kind": "PartialObjectMetadata",
                 "metadata": object.get("metadata").cloned().unwrap_or_else(|| json!({})),
             })),
+            Rendering::Table(spec) => {
+                std::borrow::Cow::Owned(spec.table([object], None, jiff::Timestamp::now()))
+            }
         }
     }
 }

@@ -1,0 +1,120 @@
+//! A plain `kube::Client` over real HTTP: discovery, list, patch and a watch that streams
+//! events while its response is still open, then a graceful stop that ends the open watch.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use automigrate_apiserver::{Options, start};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::discovery::{Discovery, Scope};
+use serde_json::json;
+
+/// Bound on waiting for an event that should arrive at once; only a hang reaches it.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn client_for(path: &std::path::Path) -> kube::Client {
+    let kubeconfig = Kubeconfig::read_from(path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_client_lists_patches_and_watches_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    let running = start(&Options {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        allow_non_loopback: false,
+        kubeconfig: Some(path.clone()),
+        graceful_pod_deletion: true,
+    })
+    .await
+    .unwrap();
+    let client = client_for(&path).await;
+
+    // kube's discovery reads the same legacy documents kubectl does.
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let group = discovery.get("automigrate.dev").unwrap();
+    let (migrations, capabilities) = group.recommended_kind("Migration").unwrap();
+    assert_eq!(migrations.plural, "migrations");
+    assert_eq!(capabilities.scope, Scope::Namespaced);
+    assert!(discovery.get("coordination.k8s.io").is_some());
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p1", "labels": {"app": "train"}},
+        "spec": {"containers": [{"name": "main", "image": "x"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let listed = pods
+        .list(&ListParams::default().labels("app=train"))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    let rv = listed.metadata.resource_version.unwrap();
+
+    let mut events = pods
+        .watch(&WatchParams::default().timeout(290), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    pods.patch(
+        "p1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"step": "one"}}})),
+    )
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(PATIENCE, events.next()).await.unwrap();
+    match first.unwrap().unwrap() {
+        WatchEvent::Modified(pod) => {
+            assert_eq!(pod.metadata.annotations.unwrap()["step"], "one");
+        }
+        other => panic!("expected MODIFIED, got {other:?}"),
+    }
+    // A second change on the same open response: the body is streamed, not buffered.
+    pods.patch_status(
+        "p1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running"}})),
+    )
+    .await
+    .unwrap();
+    let second = tokio::time::timeout(PATIENCE, events.next()).await.unwrap();
+    match second.unwrap().unwrap() {
+        WatchEvent::Modified(pod) => {
+            assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Running"));
+        }
+        other => panic!("expected MODIFIED, got {other:?}"),
+    }
+
+    // Graceful stop with the watch open: the stream ends and stop() returns.
+    tokio::time::timeout(PATIENCE, running.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let after = tokio::time::timeout(PATIENCE, events.next()).await.unwrap();
+    assert!(
+        !matches!(after, Some(Ok(_))),
+        "the watch should end with the server, got {after:?}"
+    );
+    assert!(pods.list(&ListParams::default()).await.is_err());
+}
+
+#[test]
+fn non_loopback_addresses_need_an_explicit_flag() {
+    let public = SocketAddr::from(([192, 0, 2, 1], 6443));
+    let refused = automigrate_apiserver::check_listen(public, false).unwrap_err();
+    assert!(refused.to_string().contains("loopback"), "{refused}");
+    automigrate_apiserver::check_listen(public, true).unwrap();
+    automigrate_apiserver::check_listen(SocketAddr::from(([127, 0, 0, 1], 6443)), false).unwrap();
+    automigrate_apiserver::check_listen("[::1]:6443".parse().unwrap(), false).unwrap();
+}
