@@ -685,7 +685,8 @@ impl<'a> Pass<'a> {
     }
 
     fn classify_pod(&mut self, pod_index: usize, pod: &'a ProtectedPod) {
-        let (settings, errors) = annotations::parse(&pod.namespace, &pod.name, &pod.annotations);
+        let (mut settings, errors) =
+            annotations::parse(&pod.namespace, &pod.name, &pod.annotations);
         let pod_ref = || pod.pod_ref();
         for error in errors {
             self.problem(Some(pod_ref()), Severity::Error, error.to_string());
@@ -717,6 +718,22 @@ impl<'a> Pass<'a> {
                 Severity::Warning
             };
             self.problem(Some(pod_ref()), severity, note);
+        }
+        // A pod's own interval obeys its policy's bounds, as the policy's interval does.
+        if let Some(interval) = settings.checkpoint_interval
+            && let Err(reason) = policy.checkpoint.check_interval(interval)
+        {
+            self.problem(
+                Some(pod_ref()),
+                Severity::Error,
+                format!(
+                    "pod {}/{}: annotation {}: {reason} of policy `{policy_name}`; the policy's interval applies",
+                    pod.namespace,
+                    pod.name,
+                    annotations::CHECKPOINT_INTERVAL
+                ),
+            );
+            settings.checkpoint_interval = None;
         }
         let context = self.context_for(policy_name, policy);
         let key = (pod.namespace.as_str(), pod.name.as_str());

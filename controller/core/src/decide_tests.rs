@@ -565,6 +565,37 @@ fn overdue_is_measured_against_each_pods_own_interval() {
 }
 
 #[test]
+fn a_pod_interval_outside_its_policys_bounds_is_reported_and_not_applied() {
+    let mut snapshot = triangle();
+    // 5s is above the 1s floor every interval obeys, but below this policy's minInterval.
+    snapshot.pods[0] = PodBuilder::new("ml", "train", "a")
+        .annotation(CHECKPOINT_INTERVAL, "5s")
+        .checkpoint("ck-7", t(-60), 1 << 20, &["a"])
+        .build();
+    let set = policies(&[(
+        "default",
+        "checkpoint: {interval: 2m, minInterval: 30s}",
+    )]);
+    let decisions = run(&snapshot, &set, t(0));
+    assert!(
+        decisions.checkpoints.is_empty(),
+        "the policy's 2m applies, and the last checkpoint is 1m old: {:?}",
+        decisions.checkpoints
+    );
+    let problems: Vec<&str> = decisions
+        .problems
+        .iter()
+        .map(|problem| problem.message.as_str())
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "pod ml/train: annotation automigrate.dev/checkpoint-interval: 5s is outside checkpoint.minInterval..maxInterval (30s..1h) of policy `default`; the policy's interval applies"
+        ]
+    );
+}
+
+#[test]
 fn zero_concurrent_checkpoints_is_refused_with_its_field() {
     let mut set = PolicySet::new();
     let error = set
