@@ -572,10 +572,7 @@ fn a_pod_interval_outside_its_policys_bounds_is_reported_and_not_applied() {
         .annotation(CHECKPOINT_INTERVAL, "5s")
         .checkpoint("ck-7", t(-60), 1 << 20, &["a"])
         .build();
-    let set = policies(&[(
-        "default",
-        "checkpoint: {interval: 2m, minInterval: 30s}",
-    )]);
+    let set = policies(&[("default", "checkpoint: {interval: 2m, minInterval: 30s}")]);
     let decisions = run(&snapshot, &set, t(0));
     assert!(
         decisions.checkpoints.is_empty(),
