@@ -25,7 +25,7 @@ use crate::checkpointer::{self, Checkpointer, RuncIdTemplate, WorkloadsDir};
 use crate::image::ImageOptions;
 use crate::kubeapi::ApiServerTransport;
 use crate::prober::{PeerSource, ProbeOptions, parse_peer};
-use crate::server::ServeOptions;
+use crate::server::{HttpLimits, ServeOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
@@ -61,6 +61,25 @@ pub struct Args {
     /// HTTP API address.
     #[arg(long, env = "AUTOMIGRATE_API_LISTEN", default_value = "0.0.0.0:9460")]
     pub api_listen: SocketAddr,
+
+    /// Time a client has to send a request's head, from connecting (or from the previous answer
+    /// on a kept-alive connection); then the API closes the connection.
+    #[arg(long, env = "AUTOMIGRATE_API_HEADER_TIMEOUT", value_parser = duration, default_value = "15s")]
+    pub api_header_timeout: Duration,
+
+    /// Longest a request body or an answer may stop moving before the API closes the
+    /// connection.
+    #[arg(long, env = "AUTOMIGRATE_API_IDLE_TIMEOUT", value_parser = duration, default_value = "60s")]
+    pub api_idle_timeout: Duration,
+
+    /// API connections served at once; more are closed as soon as they are accepted.
+    #[arg(long, env = "AUTOMIGRATE_API_MAX_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub api_max_connections: u32,
+
+    /// Longest a shutdown (SIGTERM) waits for API requests in flight before closing them.
+    #[arg(long, env = "AUTOMIGRATE_SHUTDOWN_TIMEOUT", value_parser = duration, default_value = "20s")]
+    pub shutdown_timeout: Duration,
 
     /// Transfer engine address (TCP, mutual TLS); the latency probe responder uses the same
     /// port over UDP.
@@ -370,6 +389,12 @@ impl Args {
             window: self.probe_window,
         };
         serve.receiver.congestion_control = self.congestion_control.clone();
+        serve.http = HttpLimits {
+            header_read_timeout: self.api_header_timeout,
+            idle_timeout: self.api_idle_timeout,
+            max_connections: usize::try_from(self.api_max_connections).unwrap_or(usize::MAX),
+            shutdown_timeout: self.shutdown_timeout,
+        };
         Ok(Parts {
             options,
             serve,
@@ -526,6 +551,22 @@ mod tests {
         assert!(error.to_string().contains("--peer"), "{error}");
         assert!(fixture.args(&["--probe-interval=soon"]).is_err());
         assert!(fixture.args(&["--backend=docker"]).is_err());
+        let parts = fixture
+            .args(&[
+                "--allow-unauthenticated",
+                "--api-header-timeout=2s",
+                "--api-idle-timeout=30s",
+                "--api-max-connections=8",
+                "--shutdown-timeout=5s",
+            ])
+            .unwrap()
+            .into_parts()
+            .unwrap();
+        assert_eq!(parts.serve.http.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(parts.serve.http.idle_timeout, Duration::from_secs(30));
+        assert_eq!(parts.serve.http.max_connections, 8);
+        assert_eq!(parts.serve.http.shutdown_timeout, Duration::from_secs(5));
+        assert!(fixture.args(&["--api-max-connections=0"]).is_err());
         let parts = fixture
             .args(&[
                 "--allow-unauthenticated",

@@ -7,12 +7,22 @@
 //! to [`MAX_BODY_BYTES`]; a malformed body, query or path is a 400 with an [`ErrorBody`] of kind
 //! `invalid`, an unknown route a 404 `notFound`; every error answer is an [`ErrorBody`].
 //!
-//! Shutdown ([`RunningAgent::shutdown`]): readiness goes false, the API stops accepting and
-//! finishes the requests in flight (a checkpoint runs to its end), then transfers, the prober
-//! and the receiver stop (the receiver's journal lets a sender resume later).
+//! Connections ([`HttpLimits`], served here rather than by `axum::serve`, which has none of
+//! these): a request head must arrive within the header-read timeout, which also closes a
+//! kept-alive connection that sends no next request (like the transfer port's handshake
+//! timeout); a request body or an answer that stops moving for the idle timeout ends the
+//! connection; past the connection cap a new connection is closed at once.
+//!
+//! Shutdown ([`RunningAgent::shutdown`]): readiness goes false, the API stops accepting, closes
+//! idle connections and finishes the requests in flight (a checkpoint runs to its end) for at
+//! most the shutdown timeout, then closes what is left; then transfers, the prober and the
+//! receiver stop (the receiver's journal lets a sender resume later).
 
+use std::future::Future as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -22,9 +32,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::agent::{Agent, AgentError};
 use crate::api::{
@@ -79,10 +90,24 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 fn json_rejection(rejection: JsonRejection) -> Response {
     let status = match &rejection {
         JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        JsonRejection::BytesRejection(_) if caused_by_idle_body(&rejection) => {
+            StatusCode::REQUEST_TIMEOUT
+        }
         JsonRejection::BytesRejection(_) => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::BAD_REQUEST,
     };
     error_response(status, error_kind::INVALID, rejection.body_text())
+}
+
+fn caused_by_idle_body(rejection: &JsonRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<BodyIdle>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// `Query` whose rejections are [`ErrorBody`]s.
@@ -277,6 +302,247 @@ async fn peers(State(state): State<AppState>) -> Response {
     Json(state.agent.peers()).into_response()
 }
 
+/// Bounds on the API's connections (see the module header).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// From waiting for a request (a new connection, or the next request on a kept-alive one)
+    /// to its complete head.
+    pub header_read_timeout: Duration,
+    /// Longest a request body or an answer may stop moving.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Longest a shutdown waits for requests in flight before closing their connections.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            // The transfer port's handshake timeout.
+            header_read_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 256,
+            // Inside Kubernetes' default 30 s termination grace period.
+            shutdown_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A request body stopped arriving for the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stopped arriving for {0:?}")]
+struct BodyIdle(Duration);
+
+/// A request body that fails once no data arrives for `timeout`.
+struct IdleBody {
+    inner: axum::body::Body,
+    timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for IdleBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.stalled = None;
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let stalled = this
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyIdle(timeout))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn idle_body(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    let request = request.map(|inner| {
+        axum::body::Body::new(IdleBody {
+            inner,
+            timeout,
+            stalled: None,
+        })
+    });
+    next.run(request).await
+}
+
+/// An accepted API connection: holds its slot under the cap, and fails a write that makes no
+/// progress for the idle timeout (a client that stopped reading its answer).
+struct ApiConnection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    idle_timeout: Duration,
+    write_stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ApiConnection {
+    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let timeout = self.idle_timeout;
+        let stalled = self
+            .write_stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing of the answer for {timeout:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for ApiConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ApiConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Ready(result) => {
+                self.write_stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.stalled(cx),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Ready(result) => {
+                self.write_stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.stalled(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Serves the API on `listener` within `limits` until `stop` turns true, then shuts down
+/// gracefully for at most `limits.shutdown_timeout`.
+async fn serve_api(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = app.layer(middleware::from_fn_with_state(
+        limits.idle_timeout,
+        idle_body,
+    ));
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of descriptors, most likely: a pause lets connections end.
+                        tracing::warn!(%error, "accepting an API connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        %peer,
+                        limit = limits.max_connections,
+                        "API connection refused: at the connection limit"
+                    );
+                    drop(stream);
+                    continue;
+                };
+                let io = ApiConnection {
+                    stream,
+                    _slot: slot,
+                    idle_timeout: limits.idle_timeout,
+                    write_stalled: None,
+                };
+                let connection = builder.serve_connection(
+                    hyper_util::rt::TokioIo::new(io),
+                    hyper_util::service::TowerToHyperService::new(app.clone()),
+                );
+                let mut stop = stop.clone();
+                connections.spawn(async move {
+                    tokio::pin!(connection);
+                    let result = tokio::select! {
+                        result = connection.as_mut() => result,
+                        () = stopped(&mut stop) => {
+                            // Closes it if idle, else after the answer in flight.
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
+                    };
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "API connection ended");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(limits.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            bound = ?limits.shutdown_timeout,
+            "closing API connections still open at the shutdown bound"
+        );
+        connections.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Returns once `stop` is true (or its sender is gone); holds no borrow of the value.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
 /// The sockets a running agent uses, bound by the caller (the binary binds the configured
 /// addresses; tests bind port 0).
 #[derive(Debug)]
@@ -312,6 +578,8 @@ pub struct ServeOptions {
     /// How often to look for received checkpoints when the receiver completed files.
     pub ingest_interval: Duration,
     pub receiver: automigrate_transfer::ReceiverConfig,
+    /// Bounds on the API's connections.
+    pub http: HttpLimits,
 }
 
 impl ServeOptions {
@@ -323,6 +591,7 @@ impl ServeOptions {
             probe: ProbeOptions::default(),
             ingest_interval: Duration::from_millis(500),
             receiver: automigrate_transfer::ReceiverConfig::new(data_root),
+            http: HttpLimits::default(),
         }
     }
 }
@@ -407,16 +676,9 @@ impl RunningAgent {
             }
         }));
 
-        let (shutdown, mut stop) = watch::channel(false);
+        let (shutdown, stop) = watch::channel(false);
         let app = router(agent.clone(), options.token.clone());
-        let api_listener = listeners.api;
-        let http = tokio::spawn(async move {
-            axum::serve(api_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        let http = tokio::spawn(serve_api(listeners.api, app, options.http, stop));
         tracing::info!(api = %api_addr, transfer = %transfer_addr, node = %agent.options().node_name, "agent serving");
         Ok(Self {
             agent,
@@ -481,5 +743,37 @@ async fn ingest_loop(agent: Agent, receiver: automigrate_transfer::Receiver, int
                 tracing::warn!(%error, "taking in received checkpoints failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+
+    /// A client that stopped reading: once the socket buffers are full, the write fails after
+    /// the idle timeout instead of holding the connection (and its slot) forever.
+    #[tokio::test]
+    async fn an_answer_the_client_does_not_read_fails_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = ApiConnection {
+            stream,
+            _slot: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            idle_timeout: Duration::from_millis(100),
+            write_stalled: None,
+        };
+        // Far more than any socket buffer; the client never reads.
+        let answer = vec![0_u8; 256 << 20];
+        let error = tokio::time::timeout(Duration::from_secs(20), connection.write_all(&answer))
+            .await
+            .expect("the stalled write never failed")
+            .unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        drop(client);
     }
 }

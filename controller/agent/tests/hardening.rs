@@ -5,8 +5,68 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use automigrate_agent::server::HttpLimits;
 use automigrate_transfer::manifest::{MIN_CHUNK_SIZE, scan};
-use common::{Pki, Setup, start_agent, write};
+use common::{Pki, Setup, TOKEN, TestAgent, start_agent, write};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// A guard against a test hanging, far above every bound the tests configure: reaching it
+/// means "never", not "too slow".
+const NEVER: Duration = Duration::from_secs(20);
+
+async fn agent_with(limits: HttpLimits) -> (Pki, TestAgent, SocketAddr) {
+    let pki = Pki::new();
+    let agent = start_agent(
+        &pki,
+        "node-a",
+        Setup {
+            tune: Box::new(move |_, serve| serve.http = limits),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let addr = agent.running.as_ref().unwrap().api_addr;
+    (pki, agent, addr)
+}
+
+/// Reads until the server closes the connection; `Err` if it is still open at [`NEVER`].
+async fn closed_by_server(stream: &mut TcpStream) -> Result<(), String> {
+    let mut sink = Vec::new();
+    match tokio::time::timeout(NEVER, stream.read_to_end(&mut sink)).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!("still open after {NEVER:?}")),
+    }
+}
+
+/// A request head that never completes.
+async fn half_a_head(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /v1/peers HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    stream
+}
+
+async fn healthz_answers(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    if stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(NEVER, stream.read_to_end(&mut answer)).await;
+    answer.starts_with(b"HTTP/1.1 200")
+}
 
 /// The check and the read are one step: after `dataset_source` has checked `sets/ds`, its
 /// parent directory is swapped for a symlink to a tree outside the data root holding the same
@@ -36,4 +96,98 @@ async fn a_dataset_swapped_for_a_symlink_after_the_check_is_not_read_outside_the
             .collect();
         panic!("the swapped-in tree outside the data root was read: {files:?}");
     }
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_no_request_head_is_closed_after_the_header_timeout() {
+    let (_pki, _agent, addr) = agent_with(HttpLimits {
+        header_read_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    })
+    .await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut slow = half_a_head(addr).await;
+    closed_by_server(&mut silent)
+        .await
+        .expect("a silent connection");
+    closed_by_server(&mut slow)
+        .await
+        .expect("a connection with half a head");
+    assert!(healthz_answers(addr).await, "the API still answers");
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_and_a_freed_slot_serves_again() {
+    let (_pki, _agent, addr) = agent_with(HttpLimits {
+        header_read_timeout: Duration::from_secs(600),
+        max_connections: 2,
+        ..HttpLimits::default()
+    })
+    .await;
+    // Accepted in order: these two hold both slots (their header timeout is far away).
+    let first = TcpStream::connect(addr).await.unwrap();
+    let _second = half_a_head(addr).await;
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    closed_by_server(&mut third)
+        .await
+        .expect("a connection past the cap");
+    drop(first);
+    let deadline = tokio::time::Instant::now() + NEVER;
+    while !healthz_answers(addr).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a freed slot never served again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_ends_within_its_bound_with_idle_connections_open() {
+    let (_pki, mut agent, addr) = agent_with(HttpLimits {
+        header_read_timeout: Duration::from_secs(600),
+        idle_timeout: Duration::from_secs(600),
+        shutdown_timeout: Duration::from_millis(300),
+        ..HttpLimits::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(TcpStream::connect(addr).await.unwrap());
+    }
+    for _ in 0..2 {
+        open.push(half_a_head(addr).await);
+    }
+    // Every connection is accepted and waiting for its head before the shutdown starts.
+    assert!(healthz_answers(addr).await);
+    tokio::time::timeout(NEVER, agent.stop())
+        .await
+        .expect("the shutdown did not end");
+    for stream in &mut open {
+        closed_by_server(stream)
+            .await
+            .expect("closed by the shutdown");
+    }
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_is_answered_408_after_the_idle_timeout() {
+    let (_pki, _agent, addr) = agent_with(HttpLimits {
+        idle_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/transfers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"payl"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(NEVER, stream.read_to_end(&mut answer))
+        .await
+        .expect("the stalled request was never answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
