@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use automigrate_apiserver::{Options, start};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
+use kube::Resource as _;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::{Discovery, Scope};
+use kube::runtime::events::{Event, EventType, Recorder};
 use serde_json::json;
 
 /// Bound on waiting for an event that should arrive at once; only a hang reaches it.
@@ -95,6 +97,42 @@ async fn kube_client_lists_patches_and_watches_over_http() {
         }
         other => panic!("expected MODIFIED, got {other:?}"),
     }
+
+    // kube's event recorder writes events.k8s.io/v1; `kubectl describe` lists core v1 Events by
+    // involvedObject: both must see the one Event, as on a real server.
+    let created = pods.get("p1").await.unwrap();
+    let recorder = Recorder::new(client.clone(), "automigrate-controller".into());
+    let note = "checkpoint 3 written on node-a";
+    recorder
+        .publish(
+            &Event {
+                type_: EventType::Normal,
+                reason: "Checkpointed".into(),
+                note: Some(note.into()),
+                action: "Checkpoint".into(),
+                secondary: None,
+            },
+            &created.object_ref(&()),
+        )
+        .await
+        .unwrap();
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let selector = format!(
+        "involvedObject.name=p1,involvedObject.kind=Pod,involvedObject.uid={}",
+        created.metadata.uid.as_deref().unwrap()
+    );
+    let listed = core
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1, "{listed:?}");
+    assert_eq!(listed.items[0].message.as_deref(), Some(note));
+    assert_eq!(listed.items[0].reason.as_deref(), Some("Checkpointed"));
+    let other = core
+        .list(&ListParams::default().fields("involvedObject.name=p2"))
+        .await
+        .unwrap();
+    assert!(other.items.is_empty(), "{other:?}");
 
     // Graceful stop with the watch open: the stream ends and stop() returns.
     tokio::time::timeout(PATIENCE, running.stop())

@@ -305,6 +305,49 @@ fn kubectl_get_apply_watch_describe_delete() {
             .any(|l| columns(l) == ["Phase:", "Checkpointing"]),
         "{described}"
     );
+    // An Event the controller records (events.k8s.io/v1) shows in describe.
+    let uid = server.ok(&[
+        "get",
+        "migration",
+        "train-1",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let event = write(
+        server.dir.path(),
+        "event.yaml",
+        &format!(
+            r#"
+apiVersion: events.k8s.io/v1
+kind: Event
+metadata:
+  name: train-1.checkpointed
+eventTime: "2026-01-01T00:00:00.000000Z"
+reportingController: automigrate-controller
+reportingInstance: controller-0
+action: Checkpoint
+reason: Checkpointed
+note: checkpoint 3 written on node-a
+type: Normal
+regarding:
+  apiVersion: automigrate.dev/v1alpha1
+  kind: Migration
+  name: train-1
+  namespace: default
+  uid: {uid}
+"#
+        ),
+    );
+    server.ok(&["create", "--validate=false", "-f", &event]);
+    let described = server.ok(&["describe", "migration", "train-1"]);
+    let line = described
+        .lines()
+        .find(|l| l.contains("Checkpointed"))
+        .unwrap_or_else(|| panic!("no event in describe:\n{described}"));
+    assert!(
+        line.contains("automigrate-controller") && line.contains("checkpoint 3 written on node-a"),
+        "{line}"
+    );
     let short = server.ok(&["get", "mig", "train-1", "-o", "name"]);
     assert_eq!(short.trim(), "migration.automigrate.dev/train-1");
 

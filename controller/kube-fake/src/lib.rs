@@ -37,6 +37,8 @@
 //!   `/apis/{group}[/{version}]`) for the built-in types, `Migration` and stored CRDs.
 //! - `table` (private): `Table` answers (`Accept: ...;as=Table`) with the columns of
 //!   `kubectl get`, CRD printer columns included.
+//! - `events` (private): `events.k8s.io/v1` Events also listed as core `v1` Events (one
+//!   storage on a real server), so `kubectl describe` shows what the controller recorded.
 //! - [`server`] (feature `server`): the whole service on a real HTTP/1.1 socket.
 //!
 //! [`FakeCluster::client`] must be called inside a Tokio runtime (kube's client spawns its
@@ -52,6 +54,7 @@ use serde_json::Value;
 
 mod discovery;
 pub mod error;
+mod events;
 pub mod fault;
 pub mod path;
 pub mod proxy;

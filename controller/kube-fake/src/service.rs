@@ -489,7 +489,7 @@ impl FakeCluster {
         request: &RequestContext,
     ) -> Result<Response<ResponseBody>, ApiError> {
         let filter = filter_from(&request.query, resource, namespace)?;
-        let (items, rv, kind) = {
+        let (mut items, rv, kind) = {
             let state = self.lock();
             let items = state.store.list(resource, &filter);
             (
@@ -498,6 +498,27 @@ impl FakeCluster {
                 state.store.kind_of(resource),
             )
         };
+        if crate::events::is_core_events(resource) {
+            // One Event storage on a real server: see `crate::events`.
+            let unfiltered = crate::watch::Filter {
+                namespace: filter.namespace.clone(),
+                ..Default::default()
+            };
+            let newer = self
+                .lock()
+                .store
+                .list(&crate::events::events_v1(), &unfiltered);
+            for event in newer {
+                let core = crate::events::to_core(&event);
+                let namespace = core
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if filter.matches(namespace, &core) {
+                    items.push(Arc::new(core));
+                }
+            }
+        }
         let body = list_body(
             &request.rendering,
             &kind,
