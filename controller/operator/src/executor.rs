@@ -29,7 +29,10 @@
 //!   taint (`NoExecute`), the Kubernetes signal for non-graceful node shutdown: the pod
 //!   garbage collector may then force-delete its pods, and a kubelet that comes back evicts them
 //!   instead of resuming. With [`DeadNodeFencing::Administrator`] the controller waits for a
-//!   person to set that taint instead of setting it.
+//!   person to set that taint instead of setting it. The taint is added alone, from a fresh read
+//!   of the node with a resourceVersion precondition ([`Writer::add_node_taint`]), never by
+//!   writing back the cached list: taints set meanwhile by others (the node lifecycle
+//!   controller's `unreachable`) survive.
 //! - **Restore**: the replacement pod ([`crate::replacement`]) on the target, from the
 //!   checkpoint image the target's agent builds (transparent) or with the checkpoint mounted
 //!   (application), or fresh when no checkpoint survives.
@@ -856,14 +859,15 @@ impl Executor {
                 "node {node}'s Lease expired; waiting for an administrator to confirm shutdown with the {OUT_OF_SERVICE_TAINT} taint"
             )),
             DeadNodeFencing::Taint => {
-                let mut next = taints;
-                next.push(Taint {
+                // Only our taint is added, from a fresh read with a precondition: the cached
+                // list may miss a taint set meanwhile, which a whole-list write would drop.
+                let taint = Taint {
                     key: OUT_OF_SERVICE_TAINT.into(),
                     value: Some("nodeshutdown".into()),
                     effect: "NoExecute".into(),
                     time_added: Some(Time(now)),
-                });
-                if let Err(error) = self.writer.set_node_taints(&node, next).await {
+                };
+                if let Err(error) = self.writer.add_node_taint(&node, taint).await {
                     return Outcome::write(&error);
                 }
                 self.writer

@@ -81,9 +81,9 @@ enum Write {
         annotations: BTreeMap<String, String>,
         reply: Reply<()>,
     },
-    SetNodeTaints {
+    AddNodeTaint {
         node: String,
-        taints: Vec<Taint>,
+        taint: Box<Taint>,
         reply: Reply<()>,
     },
     Event {
@@ -183,10 +183,12 @@ impl Writer {
     }
 
     /// Replaces a node's taints with `taints` (the caller read the current list).
-    pub async fn set_node_taints(&self, node: &str, taints: Vec<Taint>) -> Result<(), WriteError> {
-        self.send(|reply| Write::SetNodeTaints {
+    /// Adds `taint` to `node` unless a taint with its key is already there, never touching the
+    /// node's other taints (see [`add_node_taint`]).
+    pub async fn add_node_taint(&self, node: &str, taint: Taint) -> Result<(), WriteError> {
+        self.send(|reply| Write::AddNodeTaint {
             node: node.into(),
-            taints,
+            taint: Box::new(taint),
             reply,
         })
         .await
@@ -221,6 +223,58 @@ struct WriterTask {
     client: Client,
     recorder: Recorder,
     leadership: Leadership,
+}
+
+/// The JSON patch that appends `taint` to `node` as read, guarded by a `test` of the node's
+/// resourceVersion: it fails (and nothing is written) if the node changed since it was read.
+fn taint_patch(node: &Node, taint: &Taint) -> Result<json_patch::Patch, serde_json::Error> {
+    let version = node.metadata.resource_version.clone().unwrap_or_default();
+    let add = match node.spec.as_ref().map(|spec| spec.taints.is_some()) {
+        Some(true) => serde_json::json!({ "op": "add", "path": "/spec/taints/-", "value": taint }),
+        Some(false) => serde_json::json!({ "op": "add", "path": "/spec/taints", "value": [taint] }),
+        None => serde_json::json!({ "op": "add", "path": "/spec", "value": { "taints": [taint] } }),
+    };
+    serde_json::from_value(serde_json::json!([
+        { "op": "test", "path": "/metadata/resourceVersion", "value": version },
+        add,
+    ]))
+}
+
+/// Adds `taint` to `node` from a fresh read of the node, never from a cache: a taint another
+/// controller set meanwhile (the node lifecycle controller's `unreachable`) must survive. The
+/// patch only appends, with a resourceVersion precondition; when the node changed between the
+/// read and the patch (409, or 422 for the failed `test`), it is read again and retried with
+/// backoff.
+async fn add_node_taint(api: &Api<Node>, node: &str, taint: &Taint) -> Result<(), kube::Error> {
+    use backon::{ExponentialBuilder, Retryable};
+    let attempt = || async {
+        let current = api.get(node).await?;
+        let present = current
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|t| t.key == taint.key));
+        if present {
+            return Ok(());
+        }
+        let patch = taint_patch(&current, taint).map_err(kube::Error::SerdeError)?;
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        api.patch(node, &params, &Patch::Json::<()>(patch))
+            .await
+            .map(|_| ())
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(50))
+                .with_max_delay(std::time::Duration::from_secs(1))
+                .with_max_times(5),
+        )
+        .when(|error| matches!(error, kube::Error::Api(status) if status.code == 409 || status.code == 422))
+        .await
 }
 
 impl WriterTask {
@@ -345,24 +399,12 @@ impl WriterTask {
                     .map(|_| ());
                 Self::answer(reply, "annotate pod", result);
             }
-            Write::SetNodeTaints {
-                node,
-                taints,
-                reply,
-            } => {
+            Write::AddNodeTaint { node, taint, reply } => {
                 let Some(reply) = self.check(reply) else {
                     return;
                 };
                 let api: Api<Node> = Api::all(self.client.clone());
-                let patch = serde_json::json!({ "spec": { "taints": taints } });
-                let merge = PatchParams {
-                    field_manager: params.field_manager.clone(),
-                    ..PatchParams::default()
-                };
-                let result = api
-                    .patch(&node, &merge, &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ());
+                let result = add_node_taint(&api, &node, &taint).await;
                 Self::answer(reply, "taint node", result);
             }
             Write::Event {

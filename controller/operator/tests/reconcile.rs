@@ -910,3 +910,94 @@ async fn cooldown_follows_the_workload_across_renames() {
     assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
     assert_eq!(report.decisions.migrations[0].pod.name, replacement_name);
 }
+
+/// The fence adds the out-of-service taint without losing a taint the controller's cache has
+/// not seen yet. The node watch stalls (the cache keeps edge-2 without taints) while the node
+/// lifecycle controller taints edge-2 `unreachable` on the server; writing the whole taint list
+/// from the cache as a merge patch dropped that taint.
+#[tokio::test]
+async fn the_out_of_service_taint_keeps_taints_the_cache_has_not_seen() {
+    use automigrate_kube_fake::Fault;
+    use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    let h = Harness::new().await;
+    h.cluster.put(&node("edge-1", "True", at(-3600)));
+    h.cluster.put(&node("edge-2", "Unknown", at(-120)));
+    h.cluster.put(&lease("edge-1", at(0)));
+    h.cluster.put(&lease("edge-2", at(-120)));
+    h.cluster.put(&protected_pod(
+        "trainer",
+        "edge-2",
+        &[(
+            LATEST_CHECKPOINT,
+            &checkpoint_annotation("trainer-ck-7", &["edge-2", "edge-1"]),
+        )],
+    ));
+    h.settle(2, 1).await;
+
+    // Node watches fail from now on; the open ones are closed, so the cache goes stale.
+    h.cluster.inject_fault(
+        Fault::unreachable()
+            .path("/api/v1/nodes")
+            .watches(true)
+            .always(),
+    );
+    h.cluster.close_watches();
+    let mut tainted = node("edge-2", "Unknown", at(-120));
+    tainted.spec = Some(NodeSpec {
+        taints: Some(vec![Taint {
+            key: "node.kubernetes.io/unreachable".into(),
+            effect: "NoExecute".into(),
+            time_added: Some(Time(at(-100))),
+            value: None,
+        }]),
+        ..NodeSpec::default()
+    });
+    h.cluster.put(&tainted);
+    h.settle(2, 1).await;
+    assert!(
+        h.controller
+            .stores
+            .node("edge-2")
+            .unwrap()
+            .spec
+            .clone()
+            .and_then(|spec| spec.taints)
+            .is_none(),
+        "the cache must be stale for this test"
+    );
+
+    // The node also changes between the fence's read and its patch once: a conflict, retried.
+    h.cluster
+        .inject_fault(Fault::status(409).on(http::Method::PATCH, "/api/v1/nodes/edge-2"));
+    h.controller.decider.pass(at(0)).await.unwrap();
+    let name = h.only_migration().metadata.name.unwrap();
+    h.drive(&name, at(0), |a| a.phase == Phase::Verifying).await;
+
+    let server: Node = h.cluster.get(None, "edge-2").unwrap();
+    let keys: Vec<String> = server
+        .spec
+        .unwrap()
+        .taints
+        .unwrap()
+        .into_iter()
+        .map(|taint| taint.key)
+        .collect();
+    assert_eq!(
+        keys,
+        ["node.kubernetes.io/unreachable", OUT_OF_SERVICE_TAINT],
+        "both taints survive"
+    );
+    let patches: Vec<_> = h
+        .cluster
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == http::Method::PATCH && r.path == "/api/v1/nodes/edge-2")
+        .collect();
+    assert_eq!(patches.len(), 2, "the conflict was retried: {patches:#?}");
+    let ops = patches[1].body.clone().unwrap();
+    assert_eq!(ops[0]["op"], "test", "guarded by a precondition: {ops}");
+    assert_eq!(ops[1]["path"], "/spec/taints/-", "appends only ours: {ops}");
+    h.cluster.clear_faults();
+}
