@@ -1,0 +1,428 @@
+//! The container runtime: a pod's container becomes an OCI bundle and a `runc run` that this
+//! kubelet waits on, the way conmon waits on a CRI-O container, so the container's exit code is
+//! known when it ends.
+//!
+//! There is no registry: every image reference resolves to the host's root filesystem, bound
+//! read-only (`/usr`, `/etc`, and `/lib`, `/lib64`, `/bin`, `/sbin` as the host has them), which
+//! is [`automigrate_checkpoint::bundle`]'s layout, the one the embedded demo runs. The container's
+//! stdio is `/dev/null` (CRIU cannot dump host files outside the container's mounts).
+//! Volumes: `hostPath` and `emptyDir` (a directory under the pod's directory), bound at their
+//! `mountPath`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use automigrate_checkpoint::bundle::{Bundle, BundleError, BundleSpec};
+use automigrate_checkpoint::command::SystemRunner;
+use automigrate_checkpoint::criu;
+use automigrate_checkpoint::runc::{RuncBackend, RuncError};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Runc(#[from] RuncError),
+    #[error("container {container}: {reason}")]
+    Config { container: String, reason: String },
+    #[error("`runc run {id}` ended before the container ran (exit code {exit_code:?}): {detail}")]
+    StartFailed {
+        id: String,
+        exit_code: Option<i32>,
+        detail: String,
+    },
+    #[error("container {id} did not start within {after:?}")]
+    StartTimedOut { id: String, after: Duration },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where this kubelet keeps things, all under its root directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// runc's state directory (`runc --root`): one per node, so nodes never see each other's
+    /// containers.
+    pub fn runc_root(&self) -> PathBuf {
+        self.root.join("runc")
+    }
+
+    pub fn pod_dir(&self, uid: &str) -> PathBuf {
+        self.root.join("pods").join(uid)
+    }
+
+    pub fn container_dir(&self, uid: &str, container: &str) -> PathBuf {
+        self.pod_dir(uid).join("containers").join(container)
+    }
+
+    pub fn empty_dir(&self, uid: &str, volume: &str) -> PathBuf {
+        self.pod_dir(uid).join("volumes/empty-dir").join(volume)
+    }
+
+    /// Where checkpoint archives go (the real kubelet's `<root-dir>/checkpoints`).
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+}
+
+/// The runc container id of a pod's container: unique per pod incarnation (the uid) so a pod
+/// recreated under the same name never collides with a container still being stopped.
+pub fn container_id(pod: &Pod, container: &str) -> String {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = pod.metadata.name.as_deref().unwrap_or("");
+    let uid = pod.metadata.uid.as_deref().unwrap_or("");
+    let short: String = uid
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    format!("{namespace}_{name}_{container}_{short}")
+}
+
+/// What it takes to start one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub id: String,
+    pub dir: PathBuf,
+    pub spec: BundleSpec,
+    /// Container paths bound read-only (`volumeMounts[].readOnly`).
+    pub read_only: Vec<String>,
+    pub host_network: bool,
+}
+
+/// Translates a pod's container into a [`Launch`]; the image only names the (host) root
+/// filesystem, so the command must be given.
+pub fn launch_for(
+    layout: &Layout,
+    pod: &Pod,
+    container: &Container,
+) -> Result<Launch, RuntimeError> {
+    let config = |reason: String| RuntimeError::Config {
+        container: container.name.clone(),
+        reason,
+    };
+    let uid = pod
+        .metadata
+        .uid
+        .as_deref()
+        .ok_or_else(|| config("the pod has no uid".into()))?;
+    let spec_of_pod = pod
+        .spec
+        .as_ref()
+        .ok_or_else(|| config("the pod has no spec".into()))?;
+    let args: Vec<String> = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .cloned()
+        .collect();
+    if container.command.as_ref().is_none_or(Vec::is_empty) {
+        return Err(config(
+            "no `command`: images resolve to the host's root filesystem, which has no entrypoint"
+                .into(),
+        ));
+    }
+    let mut spec = BundleSpec::new(args);
+    spec.hostname = pod.metadata.name.clone().unwrap_or_default();
+    if let Some(dir) = &container.working_dir {
+        spec = spec.cwd(dir.clone());
+    }
+    for variable in container.env.iter().flatten() {
+        spec = spec.env(format!(
+            "{}={}",
+            variable.name,
+            variable.value.clone().unwrap_or_default()
+        ));
+    }
+    let volumes: BTreeMap<&str, _> = spec_of_pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|volume| (volume.name.as_str(), volume))
+        .collect();
+    let mut read_only = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let volume = volumes
+            .get(mount.name.as_str())
+            .ok_or_else(|| config(format!("volume `{}` is not declared", mount.name)))?;
+        let host = if let Some(host_path) = &volume.host_path {
+            PathBuf::from(&host_path.path)
+        } else if volume.empty_dir.is_some() {
+            layout.empty_dir(uid, &volume.name)
+        } else {
+            return Err(config(format!(
+                "volume `{}`: only hostPath and emptyDir volumes are supported here",
+                volume.name
+            )));
+        };
+        std::fs::create_dir_all(&host).map_err(io_error(&host))?;
+        if mount.read_only == Some(true) {
+            read_only.push(mount.mount_path.clone());
+        }
+        spec = spec.writable(host, mount.mount_path.clone());
+    }
+    Ok(Launch {
+        id: container_id(pod, &container.name),
+        dir: layout.container_dir(uid, &container.name),
+        spec,
+        read_only,
+        host_network: spec_of_pod.host_network == Some(true),
+    })
+}
+
+/// A container `runc run` is running; `exit` turns `Some(code)` when it ends (a signal `n`
+/// reads `128 + n`, as the runtimes report it).
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub id: String,
+    pub started_at: Timestamp,
+    pub exit: watch::Receiver<Option<i32>>,
+}
+
+#[derive(Debug)]
+pub struct Runtime {
+    layout: Layout,
+    runc_program: String,
+    runc: RuncBackend<SystemRunner>,
+    start_timeout: Duration,
+}
+
+impl Runtime {
+    pub fn new(layout: Layout, runc_program: impl Into<String>) -> Self {
+        let runc_program = runc_program.into();
+        let runc = RuncBackend::new(SystemRunner, runc_program.clone(), "criu")
+            .with_root(layout.runc_root());
+        Self {
+            layout,
+            runc_program,
+            runc,
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn runc(&self) -> &RuncBackend<SystemRunner> {
+        &self.runc
+    }
+
+    /// `runc --version`'s version as nodeInfo's `containerRuntimeVersion` (`runc://1.1.5`).
+    pub async fn version(&self) -> String {
+        let output = tokio::process::Command::new(&self.runc_program)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .await;
+        output
+            .ok()
+            .and_then(|output| {
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .find_map(|line| line.strip_prefix("runc version "))
+                    .map(|version| format!("runc://{}", version.trim()))
+            })
+            .unwrap_or_else(|| "runc://unknown".to_string())
+    }
+
+    fn write_bundle(&self, launch: &Launch) -> Result<Bundle, RuntimeError> {
+        let bundle_dir = launch.dir.join("bundle");
+        if bundle_dir.exists() {
+            std::fs::remove_dir_all(&bundle_dir).map_err(io_error(&bundle_dir))?;
+        }
+        let bundle = Bundle::create(&bundle_dir, &launch.spec)?;
+        if !launch.host_network && launch.read_only.is_empty() {
+            return Ok(bundle);
+        }
+        let path = bundle.config_path();
+        let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+        let bad = |reason: String| RuntimeError::Config {
+            container: launch.id.clone(),
+            reason,
+        };
+        let mut config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|error| bad(error.to_string()))?;
+        if launch.host_network
+            && let Some(namespaces) = config
+                .pointer_mut("/linux/namespaces")
+                .and_then(serde_json::Value::as_array_mut)
+        {
+            namespaces.retain(|namespace| namespace["type"] != "network");
+        }
+        if let Some(mounts) = config
+            .get_mut("mounts")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            for mount in mounts.iter_mut().filter(|mount| {
+                launch
+                    .read_only
+                    .iter()
+                    .any(|path| mount["destination"] == path.as_str())
+            }) {
+                if let Some(options) = mount
+                    .get_mut("options")
+                    .and_then(serde_json::Value::as_array_mut)
+                {
+                    for option in options.iter_mut().filter(|option| *option == "rw") {
+                        *option = "ro".into();
+                    }
+                }
+            }
+        }
+        let text = serde_json::to_string_pretty(&config).map_err(|error| bad(error.to_string()))?;
+        std::fs::write(&path, text).map_err(io_error(&path))?;
+        Ok(bundle)
+    }
+
+    /// Starts the container and returns once runc reports it running.
+    #[tracing::instrument(skip_all, fields(id = %launch.id))]
+    pub async fn start(&self, launch: &Launch) -> Result<Running, RuntimeError> {
+        std::fs::create_dir_all(&launch.dir).map_err(io_error(&launch.dir))?;
+        let bundle = self.write_bundle(launch)?;
+        let log = launch.dir.join("runc.log");
+        let runc_root = self.layout.runc_root();
+        let mut child = tokio::process::Command::new(&self.runc_program)
+            .arg("--root")
+            .arg(&runc_root)
+            .arg("--log")
+            .arg(&log)
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle.dir())
+            .arg(&launch.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // The container outlives this kubelet (as it outlives a restarted CRI-O).
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(io_error(Path::new(&self.runc_program)))?;
+        let deadline = tokio::time::Instant::now() + self.start_timeout;
+        loop {
+            if let Some(status) = child.try_wait().map_err(io_error(&log))? {
+                return Err(RuntimeError::StartFailed {
+                    id: launch.id.clone(),
+                    exit_code: status.code(),
+                    detail: criu::log_tail(&log, 10),
+                });
+            }
+            if let Ok(state) = self.runc.state(&launch.id).await
+                && state.status == "running"
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = self.runc.delete(&launch.id).await;
+                return Err(RuntimeError::StartTimedOut {
+                    id: launch.id.clone(),
+                    after: self.start_timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (sender, exit) = watch::channel(None);
+        let id = launch.id.clone();
+        tokio::spawn(async move {
+            let code = match child.wait().await {
+                Ok(status) => exit_code(status),
+                Err(error) => {
+                    tracing::warn!(%id, %error, "lost the container's runc process");
+                    255
+                }
+            };
+            tracing::info!(%id, code, "container exited");
+            let _ = sender.send(Some(code));
+        });
+        Ok(Running {
+            id: launch.id.clone(),
+            started_at: Timestamp::now(),
+            exit,
+        })
+    }
+
+    /// Stops a container as the runtime's StopContainer does: SIGTERM, up to `grace` for it to
+    /// end, then SIGKILL; returns its exit code.
+    #[tracing::instrument(skip_all, fields(id = %running.id, grace = ?grace))]
+    pub async fn stop(&self, running: &Running, grace: Duration) -> i32 {
+        let mut exit = running.exit.clone();
+        if let Some(code) = *exit.borrow() {
+            return code;
+        }
+        if !grace.is_zero() {
+            if let Err(error) = self.runc.kill(&running.id, "TERM").await {
+                tracing::debug!(%error, "SIGTERM not delivered (container ending?)");
+            }
+            if let Ok(Some(code)) = tokio::time::timeout(grace, wait_exit(&mut exit)).await {
+                return code;
+            }
+        }
+        if let Err(error) = self.runc.kill(&running.id, "KILL").await {
+            tracing::debug!(%error, "SIGKILL not delivered (container ending?)");
+        }
+        let code = match tokio::time::timeout(Duration::from_secs(30), wait_exit(&mut exit)).await {
+            Ok(Some(code)) => code,
+            _ => {
+                tracing::warn!("container did not end after SIGKILL; deleting it");
+                137
+            }
+        };
+        if let Err(error) = self.runc.delete(&running.id).await {
+            tracing::warn!(%error, "runc delete failed");
+        }
+        code
+    }
+
+    /// Removes the pod's directory (bundles, logs, emptyDir volumes) once its containers are gone.
+    pub fn remove_pod_dir(&self, uid: &str) {
+        let dir = self.layout.pod_dir(uid);
+        if let Err(error) = std::fs::remove_dir_all(&dir)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), %error, "pod directory not removed");
+        }
+    }
+}
+
+/// Waits for a container's exit code (`None`: its watcher ended without one).
+pub async fn wait_exit(exit: &mut watch::Receiver<Option<i32>>) -> Option<i32> {
+    match exit.wait_for(Option::is_some).await {
+        Ok(code) => *code,
+        Err(_) => None,
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(255)
+}

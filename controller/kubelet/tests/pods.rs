@@ -1,0 +1,261 @@
+//! Pods bound to the node run as real runc containers (root and runc needed): status as a
+//! kubelet writes it, and graceful deletion (SIGTERM, grace, SIGKILL, zero-grace DELETE).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{NODE, NODE_IP, RuncGuard, cluster, eventually, skip_privileged, start};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
+
+const NS: &str = "ml";
+
+fn pod(name: &str, script: &str, restart_policy: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(NODE.into()),
+            restart_policy: Some(restart_policy.into()),
+            containers: vec![Container {
+                name: "main".into(),
+                image: Some("docker.io/library/debian:12".into()),
+                command: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn stored(cluster: &automigrate_kube_fake::FakeCluster, name: &str) -> Option<Pod> {
+    cluster.get(Some(NS), name)
+}
+
+fn main_status(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == "main")
+        .cloned()
+}
+
+fn condition(pod: &Pod, kind: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+/// The exit code of `main` in the last status the kubelet wrote before removing the pod.
+fn last_reported_exit_code(cluster: &automigrate_kube_fake::FakeCluster, name: &str) -> i64 {
+    let path = format!("/api/v1/namespaces/{NS}/pods/{name}/status");
+    let body = cluster
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == http::Method::PATCH && r.path == path)
+        .filter_map(|r| r.body)
+        .next_back()
+        .expect("a status patch");
+    body["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("last status has no terminated state: {body}"))
+}
+
+/// The zero-grace DELETE the kubelet confirms a stopped pod with, preconditioned on its uid.
+fn confirming_delete(cluster: &automigrate_kube_fake::FakeCluster, name: &str, uid: &str) -> bool {
+    let path = format!("/api/v1/namespaces/{NS}/pods/{name}");
+    cluster.requests().into_iter().any(|r| {
+        r.method == http::Method::DELETE
+            && r.path == path
+            && r.body
+                .as_ref()
+                .is_some_and(|b| b["gracePeriodSeconds"] == 0 && b["preconditions"]["uid"] == uid)
+    })
+}
+
+#[tokio::test]
+async fn a_pod_runs_and_graceful_deletion_escalates_to_sigkill() {
+    if skip_privileged("a_pod_runs_and_graceful_deletion_escalates_to_sigkill") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("sleeper", "sleep 1000", "Always"),
+        )
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+
+    eventually("the pod Running and Ready", || {
+        stored(&cluster, "sleeper").is_some_and(|p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && condition(&p, "Ready").as_deref() == Some("True")
+        })
+    })
+    .await;
+    let running = stored(&cluster, "sleeper").unwrap();
+    let status = running.status.clone().unwrap();
+    assert_eq!(status.host_ip.as_deref(), Some(NODE_IP));
+    assert!(status.start_time.is_some());
+    assert_eq!(condition(&running, "PodScheduled").as_deref(), Some("True"));
+    assert_eq!(
+        condition(&running, "ContainersReady").as_deref(),
+        Some("True")
+    );
+    let main = main_status(&running).unwrap();
+    assert!(main.ready);
+    assert_eq!(main.restart_count, 0);
+    assert!(main.state.unwrap().running.unwrap().started_at.is_some());
+    let id = main
+        .container_id
+        .unwrap()
+        .strip_prefix("runc://")
+        .unwrap()
+        .to_string();
+    // Really running, as runc sees it.
+    assert_eq!(guard.containers(), [(id.clone(), "running".to_string())]);
+    assert_eq!(
+        kubelet
+            .registry()
+            .get(&automigrate_kubelet::pods::ContainerKey {
+                namespace: NS.into(),
+                pod: "sleeper".into(),
+                container: "main".into(),
+            }),
+        Some(id)
+    );
+
+    // `sh` as the container's init ignores SIGTERM: the grace period runs out and SIGKILL
+    // ends it (137), then the kubelet removes the pod.
+    pods.delete(
+        "sleeper",
+        &DeleteParams {
+            grace_period_seconds: Some(1),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually("the pod removed", || stored(&cluster, "sleeper").is_none()).await;
+    assert!(guard.containers().is_empty(), "{:?}", guard.containers());
+    assert_eq!(last_reported_exit_code(&cluster, "sleeper"), 137);
+    assert!(confirming_delete(&cluster, "sleeper", &uid));
+    assert!(!root.path().join("pods").join(&uid).exists());
+    kubelet.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_comes_first_and_a_container_that_honours_it_exits_cleanly() {
+    if skip_privileged("sigterm_comes_first_and_a_container_that_honours_it_exits_cleanly") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let script = "trap 'exit 0' TERM; while :; do sleep 0.1; done";
+    let created = pods
+        .create(&PostParams::default(), &pod("polite", script, "Always"))
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    eventually("the pod Running", || {
+        stored(&cluster, "polite")
+            .and_then(|p| main_status(&p))
+            .is_some_and(|s| s.state.is_some_and(|s| s.running.is_some()))
+    })
+    .await;
+    // A long grace period: only SIGTERM can end it before the test's wait runs out.
+    pods.delete(
+        "polite",
+        &DeleteParams {
+            grace_period_seconds: Some(600),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually("the pod removed", || stored(&cluster, "polite").is_none()).await;
+    assert_eq!(last_reported_exit_code(&cluster, "polite"), 0);
+    assert!(confirming_delete(&cluster, "polite", &uid));
+    assert!(guard.containers().is_empty());
+    kubelet.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_container_that_fails_under_restart_policy_never_fails_the_pod() {
+    if skip_privileged("a_container_that_fails_under_restart_policy_never_fails_the_pod") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let _guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    pods.create(&PostParams::default(), &pod("crasher", "exit 3", "Never"))
+        .await
+        .unwrap();
+    eventually("the pod Failed", || {
+        stored(&cluster, "crasher")
+            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Failed"))
+    })
+    .await;
+    let main = main_status(&stored(&cluster, "crasher").unwrap()).unwrap();
+    let terminated = main.state.unwrap().terminated.unwrap();
+    assert_eq!(terminated.exit_code, 3);
+    assert_eq!(terminated.reason.as_deref(), Some("Error"));
+    assert!(!main.ready);
+    kubelet.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crashing_container_under_restart_policy_always_is_restarted() {
+    if skip_privileged("a_crashing_container_under_restart_policy_always_is_restarted") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let _guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    pods.create(&PostParams::default(), &pod("flaky", "exit 7", "Always"))
+        .await
+        .unwrap();
+    eventually("two restarts", || {
+        stored(&cluster, "flaky")
+            .and_then(|p| main_status(&p))
+            .is_some_and(|s| s.restart_count >= 2)
+    })
+    .await;
+    let pod = stored(&cluster, "flaky").unwrap();
+    assert_eq!(
+        pod.status.clone().unwrap().phase.as_deref(),
+        Some("Running")
+    );
+    let last = main_status(&pod)
+        .unwrap()
+        .last_state
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!(last.exit_code, 7);
+    kubelet.shutdown().await.unwrap();
+}
