@@ -22,11 +22,12 @@ use std::time::Duration;
 use automigrate_core::policy::PolicySet;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::events::Reporter;
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{Notify, watch};
 
 use crate::agent::NodeAgent;
-use crate::alertmanager::AlertBook;
+use crate::alertmanager::{ALERTS_CONFIG_MAP, AlertBook};
 use crate::checkpoints::CheckpointOrchestrator;
 use crate::clock::Clock;
 use crate::decider::Decider;
@@ -45,6 +46,9 @@ pub struct Config {
     pub probe_interval: Duration,
     /// Namespace of the policy ConfigMaps.
     pub policy_namespace: String,
+    /// The controller's own namespace: the ConfigMap of received alerts
+    /// ([`ALERTS_CONFIG_MAP`](crate::alertmanager::ALERTS_CONFIG_MAP)) lives here.
+    pub namespace: String,
     /// How long a firing alert counts without being repeated by Alertmanager.
     pub alert_ttl: Duration,
     pub executor: ExecutorConfig,
@@ -70,6 +74,7 @@ impl Default for Config {
             executor_interval: Duration::from_secs(2),
             probe_interval: Duration::from_secs(30),
             policy_namespace: "automigrate-system".into(),
+            namespace: "automigrate-system".into(),
             alert_ttl: Duration::from_secs(4 * 3600),
             executor: ExecutorConfig::default(),
             reporter: Reporter {
@@ -99,6 +104,8 @@ pub struct Controller {
     pub wake: Arc<Notify>,
     config: Config,
     warned_no_prometheus: Arc<AtomicBool>,
+    /// True once every store and the shared alert book hold their initial lists.
+    synced: watch::Receiver<bool>,
 }
 
 impl Controller {
@@ -112,15 +119,35 @@ impl Controller {
         config: Config,
     ) -> Self {
         let stores = Stores::spawn(&client);
+        let wake = Arc::new(Notify::new());
         let agent = agent(&stores);
         let writer = Writer::spawn(client.clone(), leadership, config.reporter.clone());
         let policies: SharedPolicies = Arc::new(RwLock::new(PolicySet::new()));
         let loader = PolicyLoader::new(policies.clone(), writer.clone());
         tokio::spawn(loader.run(Api::<ConfigMap>::namespaced(
-            client,
+            client.clone(),
             &config.policy_namespace,
         )));
-        let alerts = AlertBook::new(config.alert_ttl);
+        // Every replica follows the shared alert book; each change wakes the decision loop, so
+        // the leader acts on an alert whichever replica received it.
+        let alerts_api = Api::<ConfigMap>::namespaced(client, &config.namespace);
+        let alert_store = crate::stores::reflect(
+            alerts_api.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={ALERTS_CONFIG_MAP}")),
+            "alerts",
+            stores.watches.clone(),
+            Some(wake.clone()),
+        );
+        let alerts = AlertBook::shared(config.alert_ttl, alerts_api, alert_store);
+        let (synced_sender, synced) = watch::channel(false);
+        {
+            let (stores, alerts) = (stores.clone(), alerts.clone());
+            tokio::spawn(async move {
+                if stores.ready().await.is_ok() && alerts.ready().await {
+                    let _ = synced_sender.send(true);
+                }
+            });
+        }
         let links = LinkBook::new(config.signal_max_age());
         let users = UserBook::new(config.signal_max_age());
         let checkpoints =
@@ -134,12 +161,15 @@ impl Controller {
             writer.clone(),
             checkpoints.clone(),
         ));
-        let executor = Arc::new(Executor::new(
-            stores.clone(),
-            writer.clone(),
-            agent.clone(),
-            config.executor.clone(),
-        ));
+        let executor = Arc::new(
+            Executor::new(
+                stores.clone(),
+                writer.clone(),
+                agent.clone(),
+                config.executor.clone(),
+            )
+            .with_clock(clock.clone()),
+        );
         Self {
             stores,
             policies,
@@ -152,9 +182,10 @@ impl Controller {
             executor,
             agent,
             clock,
-            wake: Arc::new(Notify::new()),
+            wake,
             config,
             warned_no_prometheus: Arc::default(),
+            synced,
         }
     }
 
@@ -172,8 +203,9 @@ impl Controller {
     /// see pods missing (and refuse their requests) or nodes without their Leases. `false`
     /// when `shutdown` came first or the stores can never sync.
     async fn synced(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let mut synced = self.synced.clone();
         tokio::select! {
-            ready = self.stores.ready() => ready.is_ok(),
+            ready = synced.wait_for(|synced| *synced) => ready.is_ok(),
             _ = shutdown.wait_for(|stop| *stop) => false,
         }
     }

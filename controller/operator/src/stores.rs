@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::crd::Migration;
 use crate::snapshot::NODE_LEASE_NAMESPACE;
@@ -34,6 +34,22 @@ pub struct Stores {
     pub migrations: Store<Migration>,
     /// Which watch tasks run now; `/readyz` fails while one does not.
     pub watches: WatchHealth,
+    /// `Some(true)` once every store holds its initial list, `Some(false)` if one never can.
+    synced: watch::Receiver<Option<bool>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a store's writer stopped before its initial list arrived")]
+    NeverSynced,
+}
+
+impl StoreError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::NeverSynced => "never_synced",
+        }
+    }
 }
 
 /// The watch tasks that are not running now (ended or panicked, waiting to be restarted).
@@ -233,22 +249,46 @@ impl Stores {
             watches.clone(),
             None,
         );
+        // One task waits on the stores and tells every other waiter: kube's readiness future
+        // wakes only the last task that polled it, so two tasks awaiting one store directly
+        // can leave one of them waiting for ever.
+        let (sender, synced) = watch::channel(None);
+        {
+            let (nodes, leases, pods, migrations) = (
+                nodes.clone(),
+                leases.clone(),
+                pods.clone(),
+                migrations.clone(),
+            );
+            tokio::spawn(async move {
+                let synced = nodes.wait_until_ready().await.is_ok()
+                    && leases.wait_until_ready().await.is_ok()
+                    && pods.wait_until_ready().await.is_ok()
+                    && migrations.wait_until_ready().await.is_ok();
+                let _ = sender.send(Some(synced));
+            });
+        }
         Self {
             nodes,
             leases,
             pods,
             migrations,
             watches,
+            synced,
         }
     }
 
-    /// Waits until every store holds its initial list.
-    pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.nodes.wait_until_ready().await?;
-        self.leases.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
-        self.migrations.wait_until_ready().await?;
-        Ok(())
+    /// Waits until every store holds its initial list. Any number of tasks may wait at once.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        let mut synced = self.synced.clone();
+        let synced = synced
+            .wait_for(Option::is_some)
+            .await
+            .map(|synced| *synced == Some(true));
+        match synced {
+            Ok(true) => Ok(()),
+            _ => Err(StoreError::NeverSynced),
+        }
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {

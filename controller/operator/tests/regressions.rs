@@ -429,3 +429,167 @@ async fn a_watch_task_that_dies_fails_readyz_and_is_restarted() {
     eventually("the watch running again", || up.all_running()).await;
     assert_eq!(readyz().await, http::StatusCode::OK);
 }
+
+/// A webhook payload with one alert about `node`, `status` "firing" or "resolved".
+fn alert_payload(node: &str, status: &str) -> String {
+    serde_json::json!({
+        "version": "4", "status": status, "receiver": "automigrate",
+        "alerts": [{
+            "status": status,
+            "labels": {"alertname": "NodeDiskFailing", "node": node},
+            "startsAt": "2030-01-01T00:00:00Z",
+            "endsAt": if status == "resolved" { "2030-01-01T00:05:00Z" } else { "0001-01-01T00:00:00Z" },
+        }],
+    })
+    .to_string()
+}
+
+/// POSTs `body` to the webhook of `controller` (whatever its leadership).
+async fn post_to(controller: &Controller, clock: &ManualClock, body: String) -> http::StatusCode {
+    use tower::ServiceExt;
+    let receiver = automigrate_operator::alertmanager::Receiver {
+        token: Arc::from("hook-token"),
+        book: controller.alerts.clone(),
+        clock: Arc::new(clock.clone()),
+        wake: controller.wake.clone(),
+    };
+    automigrate_operator::alertmanager::router(receiver)
+        .oneshot(
+            http::Request::post(automigrate_operator::alertmanager::PATH)
+                .header(http::header::AUTHORIZATION, "Bearer hook-token")
+                .body(axum::body::Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .status()
+}
+
+/// A second replica on `cluster` that does not lead.
+async fn standby(cluster: &FakeCluster) -> (Controller, ManualClock, watch::Sender<bool>) {
+    let clock = ManualClock::new(t0());
+    let (leading, receiver) = watch::channel(false);
+    let controller = Controller::start(
+        cluster.client(),
+        |_| Arc::new(RecordingAgent::new()),
+        Leadership::from_receiver(receiver),
+        Arc::new(clock.clone()),
+        Config {
+            policy_namespace: POLICY_NS.into(),
+            ..Config::default()
+        },
+    );
+    controller.stores.ready().await.unwrap();
+    (controller, clock, leading)
+}
+
+// Defect 2 (first part): an alert posted to the standby got 200 and nothing happened: it lived
+// in the standby's memory only.
+#[tokio::test]
+async fn an_alert_posted_to_the_standby_is_acted_on_by_the_leader() {
+    let h = Harness::new().await;
+    healthy_cluster(&h, "triggers:\n  alerts: [NodeDiskFailing]\n").await;
+    let (standby, standby_clock, _leading) = standby(&h.cluster).await;
+    let now = at(0);
+    h.agent.set_now(now);
+
+    assert_eq!(
+        post_to(&standby, &standby_clock, alert_payload("edge-2", "firing")).await,
+        http::StatusCode::OK
+    );
+    let book = h.controller.alerts.clone();
+    eventually("the leader to hear of the alert", || {
+        book.firing(now).len() == 1
+    })
+    .await;
+    let report = h.controller.decider.pass(now).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    assert_eq!(report.decisions.migrations[0].from, "edge-2");
+    assert!(
+        report.decisions.migrations[0]
+            .reason
+            .contains("NodeDiskFailing")
+    );
+    // The standby wrote nothing else: no Migration, no Event of its own.
+    assert_eq!(h.migrations().len(), 1);
+
+    // What is kept, and where: one entry, named by a stable fingerprint.
+    let stored: k8s_openapi::api::core::v1::ConfigMap = h
+        .cluster
+        .get(
+            Some("automigrate-system"),
+            automigrate_operator::alertmanager::ALERTS_CONFIG_MAP,
+        )
+        .unwrap();
+    let data = stored.data.unwrap();
+    assert_eq!(data.len(), 1, "{data:?}");
+    let entry: serde_json::Value = serde_json::from_str(data.values().next().unwrap()).unwrap();
+    assert_eq!(entry["labels"]["node"], "edge-2");
+    assert_eq!(entry["startsAt"], "2030-01-01T00:00:00Z");
+    assert_eq!(entry["receivedAt"], "2030-01-01T00:00:00Z");
+
+    // Resolved on the standby: the leader forgets it too.
+    assert_eq!(
+        post_to(
+            &standby,
+            &standby_clock,
+            alert_payload("edge-2", "resolved")
+        )
+        .await,
+        http::StatusCode::OK
+    );
+    eventually("the leader to hear it resolved", || {
+        book.firing(now).is_empty()
+    })
+    .await;
+}
+
+// Defect 2 (second part): after a restart or a failover, firing alerts were forgotten until
+// Alertmanager repeated them.
+#[tokio::test]
+async fn firing_alerts_survive_a_controller_restart() {
+    let h = Harness::new().await;
+    healthy_cluster(&h, "triggers:\n  alerts: [NodeDiskFailing]\n").await;
+    assert_eq!(
+        post_to(&h.controller, &h.clock, alert_payload("edge-2", "firing")).await,
+        http::StatusCode::OK
+    );
+    // A new process: nothing of the old one's memory.
+    let restarted = Harness::start(&h.cluster, &RecordingAgent::new()).await;
+    let now = at(5);
+    restarted.agent.set_now(now);
+    let book = restarted.controller.alerts.clone();
+    eventually("the restarted controller to load the alert", || {
+        book.firing(now).len() == 1
+    })
+    .await;
+    let policies = restarted.controller.policies.clone();
+    eventually("the policy to load", || {
+        policies.read().unwrap().get("default").is_some()
+    })
+    .await;
+    let report = restarted.controller.decider.pass(now).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    // Past the time to live without a repeat, it no longer counts.
+    let later = at(4 * 3600 + 1);
+    assert!(restarted.controller.alerts.firing(later).is_empty());
+}
+
+// Defect 2: a write the API refuses is not answered 200 (Alertmanager would not send it again).
+#[tokio::test]
+async fn an_alert_that_cannot_be_stored_is_refused_for_a_retry() {
+    let h = Harness::new().await;
+    healthy_cluster(&h, "{}").await;
+    h.cluster.inject_fault(
+        Fault::status(403)
+            .on(
+                http::Method::PATCH,
+                "/api/v1/namespaces/automigrate-system/configmaps",
+            )
+            .always(),
+    );
+    assert_eq!(
+        post_to(&h.controller, &h.clock, alert_payload("edge-2", "firing")).await,
+        http::StatusCode::SERVICE_UNAVAILABLE
+    );
+}

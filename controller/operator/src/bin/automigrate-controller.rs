@@ -232,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
             .policy_namespace
             .clone()
             .unwrap_or_else(|| args.namespace.clone()),
+        namespace: args.namespace.clone(),
         alert_ttl: args.alert_ttl,
         executor: ExecutorConfig {
             dead_node_fencing: match args.dead_node_fencing {
