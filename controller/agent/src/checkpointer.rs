@@ -26,7 +26,7 @@ use automigrate_checkpoint::backend::TakeError;
 use automigrate_checkpoint::command::CommandRunner;
 use automigrate_checkpoint::kubelet::{ApiTransport, KubeletBackend, PodContainer};
 use automigrate_checkpoint::process::{ProcessBackend, ProcessWorkload};
-use automigrate_checkpoint::runc::{RuncBackend, RuncContainer};
+use automigrate_checkpoint::runc::{RuncBackend, RuncContainer, RuncError};
 use automigrate_checkpoint::store::StoreError;
 use automigrate_checkpoint::{
     BackendKind, Capabilities, CheckpointBackend, CheckpointStore, DumpKind, StoredCheckpoint,
@@ -152,6 +152,20 @@ where
             .await
             .map_err(|error| match error {
                 TakeError::Store(error) => CheckpointerError::Store(error),
+                // The runtime knows no such container: the pod is not on this node (404), not
+                // a failed dump (500).
+                TakeError::Backend(error)
+                    if matches!(
+                        (&error as &dyn std::error::Error).downcast_ref::<RuncError>(),
+                        Some(RuncError::NoContainer { .. })
+                    ) =>
+                {
+                    CheckpointerError::NoWorkload {
+                        pod: subject.pod.to_string(),
+                        container: subject.container.clone(),
+                        reason: error.to_string(),
+                    }
+                }
                 TakeError::Backend(error) => CheckpointerError::Backend {
                     backend: self.backend.kind(),
                     message: error.to_string(),

@@ -57,7 +57,28 @@ impl IntoResponse for AgentError {
     }
 }
 
+/// Longest message a client error (4xx) carries: such messages quote the caller's input (a
+/// path, a field, the JSON parser's view of the body), which must not come back whole.
+pub const MAX_CLIENT_ERROR_CHARS: usize = 400;
+
+/// `message` cut to `max` characters, saying how much was left out.
+fn truncated(message: String, max: usize) -> String {
+    match message.char_indices().nth(max) {
+        None => message,
+        Some((cut, _)) => format!(
+            "{}… [truncated: {} more bytes]",
+            &message[..cut],
+            message.len() - cut
+        ),
+    }
+}
+
 fn error_response(status: StatusCode, kind: &str, error: String) -> Response {
+    let error = if status.is_client_error() {
+        truncated(error, MAX_CLIENT_ERROR_CHARS)
+    } else {
+        error
+    };
     if status.is_server_error() {
         tracing::error!(%status, kind, %error, "request failed");
     } else {

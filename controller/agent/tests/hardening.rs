@@ -191,3 +191,120 @@ async fn a_request_body_that_stops_arriving_is_answered_408_after_the_idle_timeo
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
+
+/// Sends one request with the token and `Connection: close`; the status and the body.
+async fn exchange(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(NEVER, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+#[tokio::test]
+async fn error_answers_quote_at_most_a_few_hundred_characters_of_the_input() {
+    let (_pki, _agent, addr) = agent_with(HttpLimits::default()).await;
+    let long_path = vec!["segment"; 500].join("/");
+    let unknown_variant = "x".repeat(5000);
+    let cases = [
+        (
+            "POST",
+            "/v1/transfers".to_string(),
+            serde_json::to_string(&automigrate_agent::api::TransferRequest {
+                payload: automigrate_agent::api::Payload::Dataset { path: long_path },
+                to: automigrate_agent::api::Peer {
+                    node: "node-b".into(),
+                    address: "127.0.0.1:9".into(),
+                },
+            })
+            .unwrap(),
+        ),
+        (
+            "POST",
+            "/v1/checkpoints".to_string(),
+            format!(
+                r#"{{"pod": {{"namespace": "ml", "name": "p"}}, "container": "main", "kind": "{unknown_variant}"}}"#
+            ),
+        ),
+        ("GET", format!("/{}", "y".repeat(5000)), String::new()),
+    ];
+    for (method, path, body) in cases {
+        let (status, answer) = exchange(addr, method, &path, &body).await;
+        assert!((400..500).contains(&status), "{status}: {answer}");
+        let answer: automigrate_agent::api::ErrorBody = serde_json::from_str(&answer).unwrap();
+        assert!(
+            answer.error.chars().count() <= 500,
+            "{method} {}…: {} characters: {}…",
+            path.chars().take(20).collect::<String>(),
+            answer.error.len(),
+            answer.error.chars().take(200).collect::<String>()
+        );
+        assert!(answer.error.contains("truncated"), "{}", answer.error);
+    }
+}
+
+/// The README promises 404 `notFound` for a pod this node does not run; with the runc backend
+/// (runc: "container does not exist") it was a 500 `checkpointFailed`.
+#[tokio::test]
+async fn a_checkpoint_of_a_pod_runc_does_not_know_is_404_not_found() {
+    use automigrate_agent::api::{CheckpointKind, CheckpointRequest, PodKey, error_kind};
+    use automigrate_agent::checkpointer::{BackendCheckpointer, RuncIdTemplate};
+    use automigrate_agent::client::ClientError;
+    use automigrate_checkpoint::command::{CommandOutput, RecordingRunner};
+    use automigrate_checkpoint::runc::RuncBackend;
+
+    let runner = RecordingRunner::new();
+    runner.answer_when(
+        ["criu", "--version"],
+        CommandOutput::success("Version: 4.1.1\n"),
+    );
+    runner.answer_when(["criu", "check"], CommandOutput::success("Looks good.\n"));
+    runner.answer_when(
+        ["runc", "--version"],
+        CommandOutput::success("runc version 1.1.5\n"),
+    );
+    // What runc 1.1 prints for an unknown id.
+    runner.answer_when(
+        ["runc", "state"],
+        CommandOutput::failure(
+            1,
+            "time=\"2026-12-06T12:00:00Z\" level=error msg=\"container does not exist\"\n",
+        ),
+    );
+    let checkpointer = std::sync::Arc::new(BackendCheckpointer::new(
+        RuncBackend::new(runner, "runc", "criu"),
+        RuncIdTemplate("{namespace}-{pod}-{container}".into()),
+    ));
+    let pki = Pki::new();
+    let agent = start_agent(
+        &pki,
+        "node-a",
+        Setup {
+            checkpointer: Some(checkpointer),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let error = agent
+        .client
+        .checkpoint(&CheckpointRequest {
+            pod: PodKey::new("ml", "not-here"),
+            container: "main".into(),
+            kind: CheckpointKind::Periodic,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ClientError::NotFound { .. }), "{error}");
+    assert_eq!(error.kind(), Some(error_kind::NOT_FOUND), "{error}");
+}

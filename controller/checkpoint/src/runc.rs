@@ -53,6 +53,9 @@ pub enum RuncError {
     },
     #[error("`runc state {id}` printed something unexpected: {reason}")]
     BadState { id: String, reason: String },
+    /// runc knows no container by this id: nothing to checkpoint (the agent answers 404).
+    #[error("runc has no container `{id}`: {detail}")]
+    NoContainer { id: String, detail: String },
     #[error("checkpoint {id} was taken by the {found} backend, not by runc")]
     WrongBackend { id: String, found: BackendKind },
     #[error("checkpoint {id} is a pre-dump: it can only serve as the parent of a dump")]
@@ -215,7 +218,24 @@ impl<R: CommandRunner> RuncBackend<R> {
     }
 
     pub async fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
-        let output = self.run_ok(self.runc().args(["state", id])).await?;
+        let invocation = self.runc().args(["state", id]);
+        let command = invocation.to_string();
+        let output = self.run(invocation).await?;
+        if !output.succeeded() {
+            let detail = output.stderr.trim().to_string();
+            // libcontainer's ErrNotExist, as `delete` recognises it.
+            if detail.contains("does not exist") {
+                return Err(RuncError::NoContainer {
+                    id: id.to_string(),
+                    detail,
+                });
+            }
+            return Err(RuncError::Failed {
+                command,
+                exit_code: output.exit_code,
+                detail,
+            });
+        }
         serde_json::from_str(&output.stdout).map_err(|error| RuncError::BadState {
             id: id.to_string(),
             reason: error.to_string(),
