@@ -13,10 +13,12 @@
 //!   hashes them as they arrive, and writes a piece only if its hash matches the manifest: a
 //!   corrupted piece is never written anywhere, it is refused with `Nack` and sent again.
 //! - A per-session *committer* task batches durability: it syncs written staging files,
-//!   verifies each completed large file's whole-file hash by reading it back, moves complete
-//!   files into place (`renameat` after walking the parents without following links), syncs
-//!   the directories, and only then appends to the journal. Acks may precede the commit (the
-//!   sender learns of lost work from `Have` when it reconnects), unless `durable_acks` is set.
+//!   reads each new piece back and checks its hash, checks every other piece of a completed
+//!   file the same way (pieces trusted from the journal after a resume included), moves
+//!   complete files into place (`renameat` after walking the parents without following
+//!   links), syncs the directories, and only then appends to the journal. Acks may precede
+//!   the commit (the sender learns of lost work from `Have` when it reconnects), unless
+//!   `durable_acks` is set.
 //! - Every path was checked twice before anything is written: by name when the manifest
 //!   arrives ([`crate::paths::RelPath`]), and against the filesystem (no symlink or file on the
 //!   way) before the session starts, and again when each file is moved into place.
@@ -217,6 +219,13 @@ pub struct ReceiverStats {
     pub bytes_written: u64,
     /// Files moved into place.
     pub files_completed: u64,
+    /// Bytes read back and hashed again right before their file was moved into place: pieces
+    /// checked in an earlier commit or trusted from the journal of an earlier session (the
+    /// cost of whole-file verification beyond the read-back of each new piece).
+    pub bytes_rechecked: u64,
+    /// Pieces whose bytes in staging did not match their hash when read back (a disk that
+    /// lost or changed them); each is sent again.
+    pub pieces_damaged_on_disk: u64,
 }
 
 #[derive(Debug, Default)]
@@ -230,6 +239,8 @@ struct Counters {
     pieces_rejected: AtomicU64,
     bytes_written: AtomicU64,
     files_completed: AtomicU64,
+    bytes_rechecked: AtomicU64,
+    pieces_damaged_on_disk: AtomicU64,
 }
 
 impl Counters {
@@ -245,6 +256,8 @@ impl Counters {
             pieces_rejected: get(&self.pieces_rejected),
             bytes_written: get(&self.bytes_written),
             files_completed: get(&self.files_completed),
+            bytes_rechecked: get(&self.bytes_rechecked),
+            pieces_damaged_on_disk: get(&self.pieces_damaged_on_disk),
         }
     }
 }
@@ -1469,7 +1482,8 @@ impl CommitState {
             // Each piece was checked in memory before it was written; reading it back checks
             // that the disk holds what was checked. Under the file's lock: a second copy of a
             // piece (a resend, an endgame copy) may be rewriting it right now.
-            let guard = self.fs.lock(file);
+            let fs = self.fs.clone();
+            let guard = fs.lock(file);
             let mut stored = Vec::new();
             for piece in self.manifest.pieces_of(file) {
                 if !self.pending_set.contains(piece) {
@@ -1479,19 +1493,35 @@ impl CommitState {
                     self.durable.insert(piece);
                     stored.push(piece);
                 } else {
+                    bump(&inner.counters.pieces_damaged_on_disk, 1);
                     warn!(file = %entry.path, piece, "a piece read back from disk does not match its hash; it will be sent again");
                 }
             }
-            drop(guard);
             let complete = self
                 .manifest
                 .pieces_of(file)
                 .all(|piece| self.durable.contains(piece));
             if !complete {
+                drop(guard);
                 records.extend(stored.into_iter().map(Record::Piece));
                 continue;
             }
-            match self.place(inner, file, &handle, &mut synced_dirs) {
+            // Whole-file check before the file becomes visible: the pieces of earlier commits
+            // and of earlier sessions (trusted from the journal) are read and hashed again, so
+            // bytes damaged in staging since they were checked are never moved into place.
+            // Those just read back above are not read twice. A damaged piece stops counting
+            // as received; `Finish` then reports it `Missing` and the sender sends it again.
+            let damaged = self.damaged_earlier_pieces(inner, file, &handle)?;
+            if !damaged.is_empty() {
+                drop(guard);
+                warn!(file = %entry.path, pieces = ?damaged, "pieces in staging no longer match their hashes; they will be sent again");
+                for piece in damaged {
+                    self.durable.remove(piece);
+                }
+                records.extend(stored.into_iter().map(Record::Piece));
+                continue;
+            }
+            match self.place(inner, file, &handle, &mut synced_dirs, guard) {
                 Ok(()) => {
                     records.push(Record::FileDone(file as u64));
                     self.done.insert(file as u64);
@@ -1543,6 +1573,33 @@ impl CommitState {
             files: self.manifest.files.len() as u64,
             bytes: self.manifest.total_bytes(),
         }))
+    }
+
+    /// The pieces of `file` that were not read back in this commit and whose bytes in the
+    /// staging file no longer hash to the manifest's values. With [`Self::stored_intact`] for
+    /// the pieces of this commit, every piece of the file is checked against the manifest's
+    /// hash list (whose hash is the file's hash) right before the file is placed.
+    fn damaged_earlier_pieces(
+        &self,
+        inner: &Inner,
+        file: usize,
+        handle: &std::fs::File,
+    ) -> Result<Vec<u64>, ReceiveError> {
+        let mut damaged = Vec::new();
+        for piece in self.manifest.pieces_of(file) {
+            if self.pending_set.contains(piece) {
+                continue;
+            }
+            bump(
+                &inner.counters.bytes_rechecked,
+                self.manifest.piece_len(piece),
+            );
+            if !self.stored_intact(piece, handle)? {
+                bump(&inner.counters.pieces_damaged_on_disk, 1);
+                damaged.push(piece);
+            }
+        }
+        Ok(damaged)
     }
 
     /// Whether the bytes of `piece` in its staging file hash to the manifest's value.
@@ -1603,14 +1660,16 @@ impl CommitState {
         Ok(())
     }
 
-    /// Moves a complete file, every piece of which was read back and verified, to its
-    /// destination.
+    /// Moves a complete file, every piece of which was just read back and verified, to its
+    /// destination. `_guard` is the file's lock, held since the check, so no write lands
+    /// between the check and the rename.
     fn place(
         &mut self,
         inner: &Inner,
         file: usize,
         handle: &std::fs::File,
         synced_dirs: &mut HashMap<String, Dir>,
+        _guard: std::sync::MutexGuard<'_, ()>,
     ) -> Result<(), PlaceError> {
         let entry = &self.manifest.files[file];
         let name = staging_file(file);
@@ -1618,7 +1677,6 @@ impl CommitState {
             let path = entry.path.to_string();
             move |source| PlaceError::Other(ReceiveError::Io { op, path, source })
         };
-        let _guard = self.fs.lock(file);
         let length = handle.metadata().map_err(io("stat"))?.len();
         if length != entry.size {
             return Err(PlaceError::Verification);
