@@ -52,7 +52,7 @@ async fn registers_the_node_and_keeps_status_and_lease_current() {
             .kubelet_endpoint
             .unwrap()
             .port,
-        10250
+        i32::from(kubelet.api_addr().unwrap().port())
     );
     for kind in [
         "MemoryPressure",

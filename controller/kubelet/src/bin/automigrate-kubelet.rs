@@ -39,6 +39,13 @@ struct Args {
     /// The node Lease's duration in seconds.
     #[arg(long, default_value_t = 40)]
     node_lease_duration_seconds: i32,
+    /// Address the kubelet API (the checkpoint call) listens on; default: the node IP and --port.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// The checkpoint directory named in checkpoint answers (where the node's agent finds this
+    /// kubelet's checkpoint directory mounted, as on a real node).
+    #[arg(long, default_value = automigrate_checkpoint::kubelet::KUBELET_CHECKPOINT_DIR)]
+    reported_checkpoint_dir: PathBuf,
     /// The runc program.
     #[arg(long, default_value = "runc")]
     runc: String,
@@ -96,6 +103,16 @@ async fn main() -> anyhow::Result<()> {
         node,
         pods: PodConfig::new(&args.node_name, &args.node_ip),
         runc: args.runc,
+        api_listen: Some(match args.listen {
+            Some(addr) => addr,
+            None => std::net::SocketAddr::new(
+                args.node_ip
+                    .parse()
+                    .context("--node-ip must be an IP address")?,
+                args.port,
+            ),
+        }),
+        reported_checkpoint_dir: args.reported_checkpoint_dir,
     };
     let mut kubelet = Kubelet::start(client, config)
         .await

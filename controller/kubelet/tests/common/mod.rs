@@ -41,6 +41,8 @@ pub fn config(root: &Path) -> KubeletConfig {
         node,
         pods,
         runc: "runc".into(),
+        api_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        reported_checkpoint_dir: automigrate_checkpoint::kubelet::KUBELET_CHECKPOINT_DIR.into(),
     }
 }
 
