@@ -389,6 +389,17 @@ impl Args {
             window: self.probe_window,
         };
         serve.receiver.congestion_control = self.congestion_control.clone();
+        for (flag, value) in [
+            ("--api-header-timeout", self.api_header_timeout),
+            ("--api-idle-timeout", self.api_idle_timeout),
+        ] {
+            // Zero would close every connection before its first request.
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "{flag} must be more than 0s (e.g. 15s)"
+                )));
+            }
+        }
         serve.http = HttpLimits {
             header_read_timeout: self.api_header_timeout,
             idle_timeout: self.api_idle_timeout,
@@ -567,6 +578,15 @@ mod tests {
         assert_eq!(parts.serve.http.max_connections, 8);
         assert_eq!(parts.serve.http.shutdown_timeout, Duration::from_secs(5));
         assert!(fixture.args(&["--api-max-connections=0"]).is_err());
+        let error = fixture
+            .args(&["--allow-unauthenticated", "--api-header-timeout=0s"])
+            .unwrap()
+            .into_parts()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("--api-header-timeout"),
+            "{error}"
+        );
         let parts = fixture
             .args(&[
                 "--allow-unauthenticated",
