@@ -64,6 +64,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use crate::agent::{AgentError, CheckpointKind, NodeAgent, TransferState};
+use crate::clock::Clock;
 use crate::crd::{Migration, MigrationStatus, StoredCheckpoint, TransferPayload, TransferRecord};
 use crate::replacement::{self, Restore};
 use crate::snapshot::{self, is_ready, is_terminated};
@@ -173,6 +174,8 @@ pub struct Executor {
     agent: Arc<dyn NodeAgent>,
     config: ExecutorConfig,
     written: Mutex<BTreeMap<String, Migration>>,
+    /// Measures how long the steps of one `advance` take (see [`Executor::with_clock`]).
+    clock: Option<Arc<dyn Clock>>,
 }
 
 fn pod_reference(namespace: &str, name: &str, uid: Option<&str>) -> ObjectReference {
@@ -256,7 +259,19 @@ impl Executor {
             agent,
             config,
             written: Mutex::default(),
+            clock: None,
         }
+    }
+
+    /// Lets `advance` see time pass while it works. A step may take long (a synchronous final
+    /// checkpoint, an API call), and several phases may end in one `advance`; without a clock
+    /// every transition of one `advance` is stamped with the `now` it was called with, and those
+    /// phases read as 0 s in the history, the phase-duration histogram and the downtime. With
+    /// it, each transition is stamped `now` plus the clock's progress since the call began (a
+    /// manual clock that nobody moves keeps tests exact).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// The newest version of a Migration this executor knows: its own last write, unless the
@@ -305,7 +320,15 @@ impl Executor {
     ) -> Result<Advanced, ExecError> {
         let mut current = self.newest(migration);
         let mut waiting = None;
+        // `now` moves with the clock while this call works (see `with_clock`).
+        let base = now;
+        let clock_at_start = self.clock.as_ref().map(|clock| clock.now());
+        let current_time = || match (&self.clock, clock_at_start) {
+            (Some(clock), Some(start)) => units::after(base, units::age(clock.now(), start)),
+            _ => base,
+        };
         for _ in 0..self.config.max_transitions {
+            let now = current_time();
             let Some(status) = current.status.clone() else {
                 return Ok(Advanced {
                     phase: Phase::Pending,
@@ -331,6 +354,8 @@ impl Executor {
             }
             let mut working = status.clone();
             let outcome = self.perform(&current, &mut working, now).await;
+            // The step may have taken a while: what it led to happened now.
+            let now = current_time();
             match outcome {
                 Outcome::Done { checkpoint_id } => {
                     current = self
@@ -415,15 +440,18 @@ impl Executor {
         now: Timestamp,
     ) -> Result<Migration, ExecError> {
         let before = status.state.phase;
+        let recorded = status.state.history.len();
         status.state = migration::apply(&status.state, event, &status.limits, now)?;
         let after = status.state.phase;
         let updated = self.persist(current, status.clone(), now).await?;
+        // Every phase (or escalated rollback stage) this event ended, timed from the persisted
+        // phase timestamps.
+        for (phase, seconds) in ended_phase_seconds(&status.state, recorded) {
+            metrics::histogram!(crate::metrics::PHASE_SECONDS, "phase" => phase.to_string())
+                .record(seconds);
+        }
         if before != after {
-            tracing::info!(from = %before, to = %after, message = status.state.message.as_deref().unwrap_or(""), "migration phase changed");
-            if let Some(timing) = status.state.history.last() {
-                metrics::histogram!(crate::metrics::PHASE_SECONDS, "phase" => timing.phase.to_string())
-                    .record(timing.duration.as_secs_f64());
-            }
+            log_phase_change(before, after, status.state.message.as_deref());
             let warning = matches!(
                 after,
                 Phase::RollingBack | Phase::Failed | Phase::RolledBack | Phase::Restarted
@@ -1094,6 +1122,35 @@ impl Executor {
     }
 }
 
+/// The phases recorded in `state.history` from index `from` on, with their durations in
+/// seconds: from the phase's start to the start of what followed it (the next entry, or the
+/// current phase), as persisted.
+fn ended_phase_seconds(state: &MigrationState, from: usize) -> Vec<(Phase, f64)> {
+    let history = &state.history;
+    (from..history.len())
+        .map(|index| {
+            let timing = &history[index];
+            let next_started = history
+                .get(index + 1)
+                .map_or(state.phase_started_at, |next| next.started_at);
+            let seconds = units::age(next_started, timing.started_at).as_secs_f64();
+            (timing.phase, seconds)
+        })
+        .collect()
+}
+
+/// The log line of a phase change. The migration's message goes in `detail`: a field named
+/// `message` would collide with the event's own message in JSON output (two `"message"` keys,
+/// and readers keep one).
+fn log_phase_change(before: Phase, after: Phase, detail: Option<&str>) {
+    tracing::info!(
+        from = %before,
+        to = %after,
+        detail = detail.unwrap_or(""),
+        "migration phase changed"
+    );
+}
+
 fn describe(record: &TransferRecord) -> String {
     let what = match (&record.payload.checkpoint, &record.payload.dataset) {
         (Some(id), _) => format!("checkpoint {id}"),
@@ -1138,6 +1195,83 @@ impl Drop for InFlightGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `io::Write` into a shared buffer, to read what a subscriber printed.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A phase change's JSON log line has one `message` key (the event's), and the migration's
+    /// message under `detail`. It used to carry a field named `message` too: two keys, and
+    /// JSON readers keep only one of them.
+    #[test]
+    fn a_phase_change_logs_one_message_key_and_the_detail() {
+        let captured = Captured::default();
+        for flatten in [false, true] {
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .json()
+                .flatten_event(flatten)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                log_phase_change(
+                    Phase::Transferring,
+                    Phase::RollingBack,
+                    Some("Transferring failed: agent unreachable"),
+                );
+            });
+            let text = String::from_utf8(std::mem::take(&mut *captured.0.lock().unwrap())).unwrap();
+            let line = text.lines().next().unwrap();
+            assert_eq!(line.matches("\"message\"").count(), 1, "{line}");
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            let fields = if flatten { &value } else { &value["fields"] };
+            assert_eq!(fields["message"], "migration phase changed", "{line}");
+            assert_eq!(
+                fields["detail"], "Transferring failed: agent unreachable",
+                "{line}"
+            );
+            assert_eq!(fields["to"], "RollingBack", "{line}");
+        }
+    }
+
+    #[test]
+    fn ended_phases_are_timed_from_the_persisted_timestamps() {
+        let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+        let mut state = MigrationState::new("a".into(), "b".into(), true, at(0), None);
+        let limits = migration::Limits::from_policy(&automigrate_core::policy::Policy::default());
+        let ok = Event::StepSucceeded {
+            checkpoint_id: None,
+        };
+        state = migration::apply(&state, &ok, &limits, at(0)).unwrap();
+        state = migration::apply(&state, &ok, &limits, at(7)).unwrap();
+        state = migration::apply(&state, &ok, &limits, at(27)).unwrap();
+        assert_eq!(state.phase, Phase::Transferring);
+        let timed = ended_phase_seconds(&state, 0);
+        assert_eq!(
+            timed,
+            [
+                (Phase::Pending, 0.0),
+                (Phase::Syncing, 7.0),
+                (Phase::Checkpointing, 20.0)
+            ]
+        );
+        assert_eq!(
+            ended_phase_seconds(&state, 2),
+            [(Phase::Checkpointing, 20.0)]
+        );
+        assert!(ended_phase_seconds(&state, 3).is_empty());
+    }
 
     #[test]
     fn conditions_follow_the_phase() {

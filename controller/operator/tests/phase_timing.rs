@@ -1,0 +1,187 @@
+//! Phase timing at the reconcile level: a step that takes a while inside one executor round
+//! (a synchronous final checkpoint) is timed, not recorded as 0 s. The controller's clock is a
+//! manual one that the agent double moves while it "dumps", so the run is deterministic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use automigrate_core::migration::Phase;
+use automigrate_core::model::PodRef;
+use automigrate_kube_fake::FakeCluster;
+use automigrate_operator::agent::{
+    AgentResult, CheckpointKind, CheckpointTaken, NodeAgent, PeerLatency, RecordingAgent,
+    TransferProgress,
+};
+use automigrate_operator::clock::{Clock, ManualClock};
+use automigrate_operator::controller::{Config, Controller};
+use automigrate_operator::crd::{Migration, TransferPayload};
+use automigrate_operator::leader::Leadership;
+use automigrate_operator::manual;
+use kube::Api;
+
+mod common;
+use common::*;
+
+/// The recording double, except that a final checkpoint takes `dump` on the manual clock.
+#[derive(Debug)]
+struct SlowDump {
+    inner: RecordingAgent,
+    clock: ManualClock,
+    dump: Duration,
+}
+
+impl NodeAgent for SlowDump {
+    fn checkpoint<'a>(
+        &'a self,
+        node: &'a str,
+        pod: &'a PodRef,
+        container: &'a str,
+        kind: CheckpointKind,
+    ) -> AgentResult<'a, CheckpointTaken> {
+        if kind == CheckpointKind::Final {
+            self.clock.advance(self.dump);
+            self.inner.set_now(self.clock.now());
+        }
+        self.inner.checkpoint(node, pod, container, kind)
+    }
+
+    fn checkpoints<'a>(
+        &'a self,
+        node: &'a str,
+        pod: &'a PodRef,
+    ) -> AgentResult<'a, Vec<CheckpointTaken>> {
+        self.inner.checkpoints(node, pod)
+    }
+
+    fn start_transfer<'a>(
+        &'a self,
+        from: &'a str,
+        payload: &'a TransferPayload,
+        to: &'a str,
+    ) -> AgentResult<'a, TransferProgress> {
+        self.inner.start_transfer(from, payload, to)
+    }
+
+    fn transfer_status<'a>(
+        &'a self,
+        node: &'a str,
+        id: &'a str,
+    ) -> AgentResult<'a, TransferProgress> {
+        self.inner.transfer_status(node, id)
+    }
+
+    fn build_image<'a>(&'a self, node: &'a str, checkpoint_id: &'a str) -> AgentResult<'a, String> {
+        self.inner.build_image(node, checkpoint_id)
+    }
+
+    fn peers<'a>(&'a self, node: &'a str) -> AgentResult<'a, Vec<PeerLatency>> {
+        self.inner.peers(node)
+    }
+}
+
+/// A final checkpoint that takes 20 s finishes inside one executor round (the round's `now` is
+/// the time it began). Checkpointing lasted 20 s and the downtime includes them; both used to
+/// read from the round's fixed `now`: Checkpointing 0 s.
+#[tokio::test]
+async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
+    let cluster = FakeCluster::new();
+    let agent = RecordingAgent::new();
+    let clock = ManualClock::new(t0());
+    let slow = Arc::new(SlowDump {
+        inner: agent.clone(),
+        clock: clock.clone(),
+        dump: Duration::from_secs(20),
+    });
+    let controller = Controller::start(
+        cluster.client(),
+        move |_| slow,
+        Leadership::always(),
+        Arc::new(clock.clone()),
+        Config {
+            policy_namespace: POLICY_NS.into(),
+            ..Config::default()
+        },
+    );
+    controller.stores.ready().await.unwrap();
+    let h = Harness {
+        cluster: cluster.clone(),
+        agent: agent.clone(),
+        clock: clock.clone(),
+        controller,
+    };
+    healthy_cluster(&h, "{}").await;
+    agent.set_now(at(0));
+
+    let api: Api<Migration> = Api::namespaced(cluster.client(), NS);
+    let name = manual::request(&api, "trainer", Some("edge-3"), "timing")
+        .await
+        .unwrap()
+        .metadata
+        .name
+        .unwrap();
+    let stores = h.controller.stores.clone();
+    eventually("the request to reach the store", || {
+        stores.migration(NS, &name).is_some()
+    })
+    .await;
+    h.controller.decider.pass(at(0)).await.unwrap();
+    eventually("the started Migration to reach the store", || {
+        stores
+            .migration(NS, &name)
+            .is_some_and(|m| m.status.is_some())
+    })
+    .await;
+
+    // Rounds at the clock's time, as the executor loop runs them.
+    let mut phase = Phase::Pending;
+    for _ in 0..300 {
+        let migration = stores.migration(NS, &name).unwrap();
+        phase = h
+            .controller
+            .executor
+            .advance(&migration, clock.now())
+            .await
+            .unwrap()
+            .phase;
+        if phase == Phase::Verifying {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(phase, Phase::Verifying);
+    let replacement = cluster
+        .get::<Migration>(Some(NS), &name)
+        .unwrap()
+        .status
+        .unwrap()
+        .replacement_pod
+        .unwrap();
+    h.kubelet_runs(&replacement).await;
+    h.drive(&name, clock.now(), |a| a.phase == Phase::Succeeded)
+        .await;
+
+    let state = cluster
+        .get::<Migration>(Some(NS), &name)
+        .unwrap()
+        .status
+        .unwrap()
+        .state;
+    let checkpointing = state
+        .history
+        .iter()
+        .find(|timing| timing.phase == Phase::Checkpointing)
+        .unwrap();
+    assert_eq!(
+        checkpointing.duration,
+        Duration::from_secs(20),
+        "{:#?}",
+        state.history
+    );
+    assert_eq!(
+        state.downtime,
+        Some(Duration::from_secs(20)),
+        "from the freeze to the replacement running: {:#?}",
+        state.history
+    );
+}
