@@ -258,12 +258,10 @@ pub struct AlertBook {
 /// A stable name for an alert (its name and labels): 64-bit FNV-1a in hex, a valid ConfigMap
 /// key that is the same on every replica and every version of the controller.
 pub fn fingerprint(alert: &Alert) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in AlertBook::key(alert).bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    format!(
+        "{:016x}",
+        crate::writer::stable_hash(&AlertBook::key(alert))
+    )
 }
 
 fn version_of(map: &ConfigMap) -> u64 {

@@ -5,12 +5,22 @@
 //! as a [`Write`] and answered on a oneshot channel. One writer means one place that checks
 //! leadership before each write (a deposed leader's in-flight work cannot write anything), one
 //! place that counts API failures, and writes applied in the order they were decided.
+//!
+//! Events are the exception to "refused when not leader": a standby (or a leader that has not
+//! won yet) queues them, at most [`MAX_QUEUED_EVENTS`], and publishes them once it leads, so a
+//! policy already broken when the controller starts still gets its Event. Each distinct
+//! (object, reason, type, action, note) is its own Event, named by a hash of all of them: a
+//! second, different problem on one object is a second visible Event, while the same one again
+//! (from this replica or another) raises the existing Event's series count.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Taint};
+use k8s_openapi::api::events::v1::{Event as K8sEvent, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::{Api, Client};
 use tokio::sync::{mpsc, oneshot};
 
@@ -19,6 +29,21 @@ use crate::leader::Leadership;
 
 /// Field manager name on every write.
 pub const FIELD_MANAGER: &str = "automigrate-controller";
+/// Most Events held while this replica does not lead; beyond it the oldest are dropped.
+pub const MAX_QUEUED_EVENTS: usize = 1_000;
+/// Events this process published, remembered for their series count; forgotten past this.
+const MAX_EVENT_CACHE: usize = 4_096;
+
+/// 64-bit FNV-1a: a hash that is the same on every replica and every build, for names that
+/// must agree between replicas (Events, stored alerts).
+pub fn stable_hash(text: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -107,9 +132,14 @@ impl Writer {
     pub fn spawn(client: Client, leadership: Leadership, reporter: Reporter) -> Self {
         let (sender, receiver) = mpsc::channel(256);
         let task = WriterTask {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: EventPublisher {
+                client: client.clone(),
+                reporter,
+                published: HashMap::new(),
+            },
             client,
             leadership,
+            queued: VecDeque::new(),
         };
         tokio::spawn(task.run(receiver));
         Self { sender }
@@ -221,8 +251,136 @@ impl Writer {
 
 struct WriterTask {
     client: Client,
-    recorder: Recorder,
+    events: EventPublisher,
     leadership: Leadership,
+    /// Events raised while not leading, published once this replica leads.
+    queued: VecDeque<PendingEvent>,
+}
+
+/// An Event to publish.
+#[derive(Debug, Clone)]
+struct PendingEvent {
+    regarding: ObjectReference,
+    event_type: EventType,
+    reason: String,
+    note: String,
+    action: String,
+}
+
+/// Publishes Events (events.k8s.io/v1), one per distinct note; see the module docs.
+struct EventPublisher {
+    client: Client,
+    reporter: Reporter,
+    /// Events published by name, with what was last written.
+    published: HashMap<String, K8sEvent>,
+}
+
+impl EventPublisher {
+    fn type_name(event_type: EventType) -> &'static str {
+        match event_type {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        }
+    }
+
+    /// `<object>.<hash>`: the same on every replica for the same object, reason, type, action
+    /// and note.
+    fn name(&self, event: &PendingEvent) -> String {
+        let regarding = &event.regarding;
+        let key = [
+            regarding.kind.as_deref().unwrap_or_default(),
+            regarding.namespace.as_deref().unwrap_or_default(),
+            regarding.name.as_deref().unwrap_or_default(),
+            regarding.uid.as_deref().unwrap_or_default(),
+            &self.reporter.controller,
+            Self::type_name(event.event_type),
+            &event.reason,
+            &event.action,
+            &event.note,
+        ]
+        .join("\u{1f}");
+        let object: String = regarding
+            .name
+            .as_deref()
+            .unwrap_or(&self.reporter.controller)
+            .chars()
+            .take(200)
+            .collect();
+        format!("{object}.{:016x}", stable_hash(&key))
+    }
+
+    async fn publish(&mut self, event: &PendingEvent) -> Result<(), kube::Error> {
+        let name = self.name(event);
+        let namespace = event
+            .regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
+        let now = MicroTime(Timestamp::now());
+        let existing = match self.published.get(&name) {
+            Some(known) => Some(known.clone()),
+            None => {
+                let fresh = K8sEvent {
+                    action: Some(event.action.clone()),
+                    reason: Some(event.reason.clone()),
+                    event_time: Some(now.clone()),
+                    regarding: Some(event.regarding.clone()),
+                    note: Some(event.note.clone()),
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(namespace.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    reporting_controller: Some(self.reporter.controller.clone()),
+                    reporting_instance: Some(
+                        self.reporter
+                            .instance
+                            .clone()
+                            .unwrap_or_else(|| self.reporter.controller.clone()),
+                    ),
+                    type_: Some(Self::type_name(event.event_type).into()),
+                    ..K8sEvent::default()
+                };
+                let post = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PostParams::default()
+                };
+                match api.create(&post, &fresh).await {
+                    Ok(created) => {
+                        self.remember(name, created);
+                        return Ok(());
+                    }
+                    // Published before: by another replica, or by this one before a restart.
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        Some(api.get(&name).await?)
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        };
+        let count = existing
+            .as_ref()
+            .and_then(|event| event.series.as_ref())
+            .map_or(2, |series| series.count.saturating_add(1));
+        let patch = serde_json::json!({
+            "series": EventSeries { count, last_observed_time: now },
+        });
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let patched = api.patch(&name, &params, &Patch::Merge(&patch)).await?;
+        self.remember(name, patched);
+        Ok(())
+    }
+
+    fn remember(&mut self, name: String, event: K8sEvent) {
+        if self.published.len() >= MAX_EVENT_CACHE {
+            self.published.clear();
+        }
+        self.published.insert(name, event);
+    }
 }
 
 /// The JSON patch that appends `taint` to `node` as read, guarded by a `test` of the node's
@@ -278,11 +436,70 @@ async fn add_node_taint(api: &Api<Node>, node: &str, taint: &Taint) -> Result<()
 }
 
 impl WriterTask {
-    async fn run(self, mut receiver: mpsc::Receiver<Write>) {
-        while let Some(write) = receiver.recv().await {
-            self.apply(write).await;
+    async fn run(mut self, mut receiver: mpsc::Receiver<Write>) {
+        let mut election = self.leadership.clone();
+        let mut election_over = false;
+        loop {
+            let waiting = !self.queued.is_empty() && !election_over && !election.is_leader();
+            tokio::select! {
+                write = receiver.recv() => match write {
+                    Some(write) => self.take(write).await,
+                    None => break,
+                },
+                acquired = election.acquired(), if waiting => election_over = !acquired,
+            }
+            if !self.queued.is_empty() && self.leadership.is_leader() {
+                self.flush().await;
+            }
         }
         tracing::debug!("writer stopped: no handles left");
+    }
+
+    /// Applies a write; an Event raised while not leading is queued instead (and answered Ok:
+    /// it will be published).
+    async fn take(&mut self, write: Write) {
+        match write {
+            Write::Event {
+                regarding,
+                event_type,
+                reason,
+                note,
+                action,
+                reply,
+            } if !self.leadership.is_leader() => {
+                if self.queued.len() >= MAX_QUEUED_EVENTS {
+                    self.queued.pop_front();
+                    crate::metrics::error("writer", "event_queue_full");
+                }
+                self.queued.push_back(PendingEvent {
+                    regarding,
+                    event_type,
+                    reason,
+                    note,
+                    action,
+                });
+                let _ = reply.send(Ok(()));
+            }
+            write => self.apply(write).await,
+        }
+    }
+
+    /// Publishes the Events queued while not leading, oldest first.
+    async fn flush(&mut self) {
+        tracing::info!(
+            events = self.queued.len(),
+            "leading: publishing the Events queued meanwhile"
+        );
+        while let Some(event) = self.queued.pop_front() {
+            if !self.leadership.is_leader() {
+                self.queued.push_front(event);
+                return;
+            }
+            if let Err(error) = self.events.publish(&event).await {
+                tracing::warn!(%error, reason = %event.reason, "queued event not published");
+                crate::metrics::error("writer", WriteError::Api(error).metric_label());
+            }
+        }
     }
 
     fn check<T>(&self, reply: Reply<T>) -> Option<Reply<T>> {
@@ -304,7 +521,7 @@ impl WriterTask {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn apply(&self, write: Write) {
+    async fn apply(&mut self, write: Write) {
         let params = PatchParams::apply(FIELD_MANAGER);
         let post = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
@@ -418,18 +635,15 @@ impl WriterTask {
                 let Some(reply) = self.check(reply) else {
                     return;
                 };
-                let event = Event {
-                    type_: event_type,
+                let event = PendingEvent {
+                    regarding,
+                    event_type,
                     reason,
-                    note: Some(note),
+                    note,
                     action,
-                    secondary: None,
                 };
-                Self::answer(
-                    reply,
-                    "publish event",
-                    self.recorder.publish(&event, &regarding).await,
-                );
+                let result = self.events.publish(&event).await;
+                Self::answer(reply, "publish event", result);
             }
         }
     }

@@ -593,3 +593,98 @@ async fn an_alert_that_cannot_be_stored_is_refused_for_a_retry() {
         http::StatusCode::SERVICE_UNAVAILABLE
     );
 }
+
+fn pod_reference(name: &str) -> k8s_openapi::api::core::v1::ObjectReference {
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        uid: Some(format!("uid-{name}")),
+        ..Default::default()
+    }
+}
+
+// Defect 5 (first part): Events sharing an object and a reason were merged, so a second,
+// different problem showed only the first note.
+#[tokio::test]
+async fn a_distinct_problem_gets_its_own_event() {
+    use kube::runtime::events::EventType;
+    let h = Harness::new().await;
+    let writer = h.controller.writer.clone();
+    for note in ["first problem", "second problem", "first problem"] {
+        writer
+            .event(
+                pod_reference("trainer"),
+                EventType::Warning,
+                "AutomigrateProblem",
+                note.into(),
+                "Decide",
+            )
+            .await;
+    }
+    let mut seen = notes(&h.cluster, "trainer");
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "AutomigrateProblem".to_string(),
+                "first problem".to_string()
+            ),
+            (
+                "AutomigrateProblem".to_string(),
+                "second problem".to_string()
+            ),
+        ],
+        "one Event per distinct note"
+    );
+    let repeated = h
+        .cluster
+        .list::<Event>()
+        .into_iter()
+        .find(|event| event.note.as_deref() == Some("first problem"))
+        .unwrap();
+    assert_eq!(
+        repeated.series.map(|series| series.count),
+        Some(2),
+        "the same problem again counts on its Event"
+    );
+}
+
+// Defect 5 (second part): Events raised on a replica that did not lead were dropped, so a
+// policy already broken when the controller started got no Event at all.
+#[tokio::test]
+async fn events_raised_before_leading_are_published_once_leading() {
+    use kube::runtime::events::EventType;
+    let cluster = FakeCluster::new();
+    cluster.put(&policy_map("broken", "checkpoint: {interval: soon}\n"));
+    let (replica, _clock, leading) = standby(&cluster).await;
+    replica
+        .writer
+        .event(
+            pod_reference("trainer"),
+            EventType::Warning,
+            "AutomigrateProblem",
+            "raised while standing by".into(),
+            "Decide",
+        )
+        .await;
+    assert!(
+        cluster.list::<Event>().is_empty(),
+        "a standby publishes nothing"
+    );
+
+    leading.send(true).unwrap();
+    let seen = cluster.clone();
+    eventually("the queued Event published", || {
+        notes(&seen, "trainer")
+            .iter()
+            .any(|(_, note)| note == "raised while standing by")
+    })
+    .await;
+    eventually("the broken policy's Event", || {
+        !notes(&seen, "broken").is_empty()
+    })
+    .await;
+}
