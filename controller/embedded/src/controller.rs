@@ -1340,6 +1340,17 @@ impl LocalController {
                 self.apply(&mut run, event)?;
                 continue;
             }
+            // A retryable failure keeps the phase until its deadline; the step runs again only
+            // once the backoff the state machine recorded has passed.
+            if let Some(wait) = run
+                .state
+                .retry_at
+                .map(|at| automigrate_core::units::age(at, self.clock.now()))
+                .filter(|wait| !wait.is_zero())
+            {
+                tokio::time::sleep(self.clock.to_real(wait).min(self.remaining(&run))).await;
+                continue;
+            }
             let step = migration::step(&run.state);
             if step == Step::Done {
                 break;
