@@ -336,6 +336,16 @@ impl MigrationState {
         Ok(())
     }
 
+    /// Why the migration is rolling back: its message without the rollback's retry note.
+    fn rollback_cause(&self) -> String {
+        let message = self.message.as_deref().unwrap_or_default();
+        message
+            .split(ROLLBACK_RETRY)
+            .next()
+            .unwrap_or(message)
+            .to_string()
+    }
+
     /// Whether the current phase has run past its deadline at `now`.
     pub fn past_deadline(&self, limits: &Limits, now: Timestamp) -> bool {
         limits
@@ -466,6 +476,8 @@ impl MigrationState {
                     _ => RolledBack,
                 };
                 self.target_started = false;
+                // The message says why it rolled back, not the rollback's last retry.
+                self.message = Some(self.rollback_cause());
                 self.enter(ended, now)
             }
             Succeeded | RolledBack | Restarted | Failed => Err(TransitionError {
@@ -497,12 +509,17 @@ pub fn apply(
                 next.attempts = next.attempts.saturating_add(1);
                 let delay = retry_delay(next.attempts);
                 next.retry_at = Some(units::after(now, delay));
-                next.message = Some(format!(
-                    "{} attempt {} failed, retrying in {}: {reason}",
-                    next.phase,
+                let retrying = format!(
+                    "attempt {} failed, retrying in {}: {reason}",
                     next.attempts,
                     units::format_duration(delay)
-                ));
+                );
+                next.message = Some(if next.phase == Phase::RollingBack {
+                    // Keep why it is rolling back; the rollback's own retry follows.
+                    format!("{}{ROLLBACK_RETRY}{retrying}", next.rollback_cause())
+                } else {
+                    format!("{} {retrying}", next.phase)
+                });
             } else if next.phase == Phase::RollingBack {
                 next.rollback_failed(reason, limits, now)?;
             } else {
@@ -532,6 +549,9 @@ pub fn apply(
     }
     Ok(next)
 }
+
+/// Separates a rollback's retry note from the cause in [`MigrationState::message`].
+const ROLLBACK_RETRY: &str = "; rollback ";
 
 /// How long to wait before retry number `attempt` (1 for the first retry): 1 s doubling up
 /// to 30 s. A pure function of the count, so a restarted driver computes the same schedule.
@@ -847,6 +867,37 @@ mod tests {
         );
         let state = apply(&state, &ok(), &limits, t(200_020)).unwrap();
         assert_eq!(state.phase, Phase::Restarted);
+    }
+
+    #[test]
+    fn a_rolled_back_migration_says_why_not_its_last_retry() {
+        let limits = limits();
+        let start = MigrationState::new("a".into(), "b".into(), true, t(0), None);
+        let state = run(&start, &[ok(), ok(), ok()]);
+        let state = apply(
+            &state,
+            &timeout(&state, &limits, t(100_000)).unwrap(),
+            &limits,
+            t(100_000),
+        )
+        .unwrap();
+        let state = apply(&state, &flaky(), &limits, t(100_001)).unwrap();
+        let state = apply(&state, &flaky(), &limits, t(100_003)).unwrap();
+        let message = state.message.clone().unwrap();
+        assert!(
+            message.starts_with("Transferring failed: timed out")
+                && message.contains("; rollback attempt 2 failed, retrying in 2s")
+                && message.matches("attempt").count() == 1,
+            "{message}"
+        );
+        let state = apply(&state, &ok(), &limits, t(100_010)).unwrap();
+        assert_eq!(state.phase, Phase::RolledBack);
+        let message = state.message.unwrap();
+        assert!(
+            message.starts_with("Transferring failed: timed out"),
+            "{message}"
+        );
+        assert!(!message.contains("attempt"), "{message}");
     }
 
     #[test]
