@@ -264,9 +264,11 @@ impl LeaderElector {
                         })
                     }
                 };
+                // Every round, on every replica: a standby exports 0, and the series never
+                // goes idle.
+                metrics::gauge!(crate::metrics::LEADER).set(if leading { 1.0 } else { 0.0 });
                 if *sender.borrow() != leading {
                     tracing::info!(leading, identity = %self.identity, "leadership changed");
-                    metrics::gauge!(crate::metrics::LEADER).set(if leading { 1.0 } else { 0.0 });
                     let _ = sender.send(leading);
                 }
                 tokio::select! {
@@ -275,6 +277,7 @@ impl LeaderElector {
                 }
             }
             let _ = sender.send(false);
+            metrics::gauge!(crate::metrics::LEADER).set(0.0);
             if let Err(error) = self.release().await {
                 tracing::warn!(%error, "could not release the leader lease");
             }

@@ -8,18 +8,24 @@
 //! - `automigrate_bytes_moved_total{payload}`: bytes sent between agents for migrations and
 //!   checkpoint replication.
 //! - `automigrate_checkpoint_age_seconds{namespace,pod}`: age of each protected pod's newest
-//!   checkpoint at the last decision pass.
+//!   checkpoint at the last decision pass. A pod that is gone is no longer set, and its series
+//!   is dropped once no pass has set it for [`gauge_idle_timeout`] (gauges are dropped when
+//!   idle; every other gauge is set at least once per pass or election round).
 //! - `automigrate_checkpoints_total{result}`: periodic checkpoints asked of agents.
 //! - `automigrate_decision_pass_seconds`: latency of one decision pass (histogram).
 //! - `automigrate_errors_total{component,kind}`: failures by where and what (each error enum's
 //!   `metric_label`).
 //! - `automigrate_webhook_requests_total{result}`: Alertmanager webhook answers.
 //! - `automigrate_policy_rejections_total{policy}`: invalid policy edits kept out.
-//! - `automigrate_leader`: 1 while this replica holds the leader Lease.
+//! - `automigrate_leader`: 1 while this replica holds the leader Lease, 0 on every other replica
+//!   (set every election round).
 //! - `automigrate_signal_queries_total{source,result}`: latency reads, `source` `agent` (one
 //!   agent's `GET /v1/peers`) or `prometheus` (one PromQL query), `result` `ok` or `error`.
 
+use std::time::Duration;
+
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 pub const MIGRATIONS: &str = "automigrate_migrations_total";
 pub const PHASE_SECONDS: &str = "automigrate_migration_phase_seconds";
@@ -36,9 +42,25 @@ pub const CHECKPOINTS_POSTPONED: &str = "automigrate_checkpoints_postponed";
 pub const LEADER: &str = "automigrate_leader";
 pub const SIGNAL_QUERIES: &str = "automigrate_signal_queries_total";
 
-/// Installs the global Prometheus recorder with histogram buckets suited to each metric, and
-/// returns the handle `/metrics` renders.
+/// Shortest time a gauge may go unset before its series is dropped.
+pub const GAUGE_IDLE_MIN: Duration = Duration::from_secs(300);
+
+/// How long a gauge may go unset before its series is dropped: ten decision passes, at least
+/// [`GAUGE_IDLE_MIN`]. Long enough that a live pod's series never lapses between passes.
+pub fn gauge_idle_timeout(decision_interval: Duration) -> Duration {
+    decision_interval.saturating_mul(10).max(GAUGE_IDLE_MIN)
+}
+
+/// [`install_with`] the idle timeout of the default decision interval.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
+    install_with(gauge_idle_timeout(Duration::from_secs(10)))
+}
+
+/// Installs the global Prometheus recorder with histogram buckets suited to each metric, and
+/// returns the handle `/metrics` renders. A gauge unset for `gauge_idle` is dropped from the
+/// output (so the checkpoint age of a deleted pod does not stay frozen, firing its alert for
+/// ever); counters and histograms are kept.
+pub fn install_with(gauge_idle: Duration) -> Result<PrometheusHandle, BuildError> {
     let phase_buckets = [
         0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
     ];
@@ -46,6 +68,7 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     ];
     let recorder = PrometheusBuilder::new()
+        .idle_timeout(MetricKindMask::GAUGE, Some(gauge_idle))
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(PHASE_SECONDS.into()),
             &phase_buckets,

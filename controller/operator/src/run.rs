@@ -87,6 +87,7 @@ pub async fn run(
         }
         None => {
             tracing::warn!("leader election is off: run exactly one replica");
+            metrics::gauge!(crate::metrics::LEADER).set(1.0);
             (Leadership::always(), None)
         }
     };

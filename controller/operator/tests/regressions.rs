@@ -688,3 +688,97 @@ async fn events_raised_before_leading_are_published_once_leading() {
     })
     .await;
 }
+
+/// This binary's Prometheus recorder, with gauges dropped after 300 ms without a write.
+fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        automigrate_operator::metrics::install_with(Duration::from_millis(300)).unwrap()
+    })
+}
+
+// Defect 6: `automigrate_checkpoint_age_seconds` kept a frozen series for every deleted pod, so
+// the alert rule on it could fire for ever.
+#[tokio::test]
+async fn a_deleted_pod_loses_its_checkpoint_age_series() {
+    let metrics = recorder();
+    let h = Harness::new().await;
+    healthy_cluster(&h, "checkpoint:\n  interval: 1h\n").await;
+    h.cluster.put(&protected_pod(
+        "vanishing",
+        "edge-1",
+        &[(
+            automigrate_operator::snapshot::LATEST_CHECKPOINT,
+            &checkpoint_annotation("vanishing-ck-1", &["edge-1"]),
+        )],
+    ));
+    h.settle(3, 2).await;
+    let series = "automigrate_checkpoint_age_seconds{namespace=\"ml\",pod=\"vanishing\"}";
+    h.controller.decider.pass(at(0)).await.unwrap();
+    assert!(metrics.render().contains(series), "{}", metrics.render());
+
+    h.cluster.remove::<Pod>(Some(NS), "vanishing");
+    h.settle(3, 1).await;
+    h.controller.decider.pass(at(10)).await.unwrap();
+    let mut rendered = metrics.render();
+    for _ in 0..100 {
+        if !rendered.contains(series) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rendered = metrics.render();
+    }
+    assert!(!rendered.contains(series), "still exported:\n{rendered}");
+}
+
+// Defect 6: a standby exported no `automigrate_leader` series.
+#[tokio::test]
+async fn a_standby_exports_leader_zero() {
+    use automigrate_operator::leader::LeaderElector;
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+    let metrics = recorder();
+    let cluster = FakeCluster::new();
+    cluster.put(&Lease {
+        metadata: ObjectMeta {
+            name: Some("automigrate-controller".into()),
+            namespace: Some("automigrate-system".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("replica-a".into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(t0())),
+            ..LeaseSpec::default()
+        }),
+    });
+    let (stop, shutdown) = watch::channel(false);
+    let (leadership, task) = LeaderElector::new(
+        cluster.client(),
+        "automigrate-system",
+        "automigrate-controller",
+        "replica-b",
+        Duration::from_secs(15),
+        Arc::new(ManualClock::new(t0())),
+    )
+    .spawn(Duration::from_millis(20), shutdown);
+    let lease = cluster.clone();
+    eventually("a few election rounds", || {
+        lease
+            .requests()
+            .iter()
+            .filter(|request| request.path.ends_with("/leases/automigrate-controller"))
+            .count()
+            >= 3
+    })
+    .await;
+    assert!(!leadership.is_leader());
+    let rendered = metrics.render();
+    assert!(
+        rendered.lines().any(|line| line == "automigrate_leader 0"),
+        "{rendered}"
+    );
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}

@@ -193,8 +193,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let metrics =
-        automigrate_operator::metrics::install().context("installing the metrics recorder")?;
+    let metrics = automigrate_operator::metrics::install_with(
+        automigrate_operator::metrics::gauge_idle_timeout(args.decision_interval),
+    )
+    .context("installing the metrics recorder")?;
 
     let client = kube::Client::try_default()
         .await
