@@ -1456,6 +1456,23 @@ impl CommitState {
                 files.push(location.file);
             }
         }
+        if finish {
+            // A file can be held whole but not in place: its pieces were journaled by a commit
+            // that found another of its pieces damaged (the good ones are kept), then the
+            // receiver restarted and the journal announced them all. It is checked and placed
+            // now, or its damaged pieces are reported missing; never is `Complete` answered
+            // with a file left in staging.
+            for file in 0..self.manifest.files.len() {
+                if !self.done.contains(file as u64)
+                    && self
+                        .manifest
+                        .pieces_of(file)
+                        .all(|piece| self.durable.contains(piece))
+                {
+                    files.push(file);
+                }
+            }
+        }
         files.sort_unstable();
         files.dedup();
 
@@ -1471,8 +1488,14 @@ impl CommitState {
                 Some(handle) => handle,
                 // An empty file has no bytes to write, so nothing may have created it yet.
                 None if entry.size == 0 => self.fs.staging.create_file(&name, true)?,
-                // Written pieces whose file is gone cannot be trusted; they will be missing.
-                None => continue,
+                // Pieces whose file is gone cannot be trusted, journaled ones included; they
+                // will be missing.
+                None => {
+                    for piece in self.manifest.pieces_of(file) {
+                        self.durable.remove(piece);
+                    }
+                    continue;
+                }
             };
             handle.sync_data().map_err(|source| ReceiveError::Io {
                 op: "sync",

@@ -530,3 +530,72 @@ async fn a_journaled_piece_damaged_in_staging_is_sent_again_when_the_sender_resu
 async fn a_journaled_piece_damaged_in_staging_is_sent_again_after_a_receiver_restart() {
     resume_after_damage_in_staging(true).await;
 }
+
+/// The receiver's journal record for `piece` stored (tag 1), as `journal.rs` encodes it.
+#[cfg(test)]
+fn journal_piece_record(id: &[u8; 32], piece: u64) -> Vec<u8> {
+    let mut record = vec![1_u8];
+    record.extend_from_slice(&piece.to_le_bytes());
+    let check = blake3::keyed_hash(id, &record);
+    record.extend_from_slice(&check.as_bytes()[..7]);
+    record
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_held_whole_in_staging_is_checked_before_it_is_placed() {
+    // What a receiver leaves when a commit found one piece of a file damaged, journaled the
+    // file's other pieces, and stopped before the damaged one came again: a staging file with
+    // every piece journaled, one of them damaged.
+    let pki = pki();
+    let source = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    const CHUNK: u64 = 64 * 1024;
+    mixed_tree(source.path(), 2, 12 * CHUNK as usize, 5, 3000);
+    let manifest =
+        automigrate_transfer::manifest::scan(&Source::Dir(source.path().into()), None, CHUNK, 1)
+            .unwrap()
+            .manifest;
+    let id = manifest.transfer_id().unwrap();
+    let file = manifest
+        .files
+        .iter()
+        .position(|entry| entry.path.to_string() == "large/file-0.bin")
+        .unwrap();
+    let staging = dest
+        .path()
+        .join(".automigrate-staging")
+        .join(automigrate_transfer::receiver::hex(&id));
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut content = std::fs::read(source.path().join("large/file-0.bin")).unwrap();
+    content[5 * CHUNK as usize + 100] ^= 0x01;
+    std::fs::write(staging.join(format!("f{file}")), &content).unwrap();
+    let mut journal = b"AMXJ".to_vec();
+    journal.extend_from_slice(&1_u32.to_le_bytes());
+    journal.extend_from_slice(&id);
+    for piece in manifest.pieces_of(file) {
+        journal.extend_from_slice(&journal_piece_record(&id, piece));
+    }
+    std::fs::write(staging.join("journal"), &journal).unwrap();
+    let running = start_receiver(ReceiverConfig::new(dest.path()), &pki.receiver, None).await;
+
+    let report = send(
+        &Source::Dir(source.path().into()),
+        running.addr,
+        &pki.sender,
+        &options(1, CHUNK),
+    )
+    .await
+    .unwrap_or_else(|error| panic!("the transfer failed: {error}"));
+
+    // Before, the file stayed in staging while the receiver answered Complete.
+    assert_same_tree(source.path(), dest.path());
+    assert_eq!(report.units_skipped, 12, "{report:#?}");
+    // Only the damaged chunk went again.
+    assert_eq!(
+        report.units_sent - report.units_duplicated,
+        report.units_total - report.units_skipped + 1,
+        "{report:#?}"
+    );
+    assert_eq!(running.receiver.stats().pieces_damaged_on_disk, 1);
+    assert!(staging_leftovers(dest.path()).is_empty());
+}
