@@ -7,6 +7,7 @@
 //! - [`pods`]: runs the pods bound to it (`spec.nodeName`) as runc containers, writes their
 //!   status, stops them on deletion honouring the grace period and removes the pod;
 //! - [`runtime`]: the runc side (bundles from pod specs, `runc run`, SIGTERM/SIGKILL);
+//! - [`images`]: the node's image store; checkpoint images are restored, not started;
 //! - [`checkpoint`]: the kubelet checkpoint API (`POST /checkpoint/{namespace}/{pod}/{container}`).
 //!
 //! See docs/local-cluster.md ("Local kubelet") for what differs from a real kubelet.
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 pub mod checkpoint;
+pub mod images;
 pub mod node;
 pub mod pods;
 pub mod runtime;

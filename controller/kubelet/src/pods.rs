@@ -21,6 +21,7 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
+use crate::images::{self, Resolved};
 use crate::runtime::{Launch, Running, Runtime, RuntimeError, launch_for, wait_exit};
 
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +291,10 @@ impl Worker {
                 continue;
             }
             match launch_for(self.context.runtime.layout(), pod, container) {
-                Ok(launch) => self.start_one(pod, &container.name, &launch).await,
+                Ok(launch) => {
+                    self.start_one(pod, &container.name, &launch, container.image.as_deref())
+                        .await;
+                }
                 Err(error) => {
                     tracing::warn!(container = %container.name, %error, "container cannot be created");
                     if let Some(record) = self.containers.get_mut(&container.name) {
@@ -305,8 +309,17 @@ impl Worker {
         }
     }
 
-    async fn start_one(&mut self, pod: &Pod, name: &str, launch: &Launch) {
-        let result = self.context.runtime.start(launch).await;
+    /// Starts (or, for a checkpoint image, restores) one container.
+    async fn start_one(&mut self, pod: &Pod, name: &str, launch: &Launch, image: Option<&str>) {
+        let runtime = &self.context.runtime;
+        let result = match images::resolve(&runtime.layout().images(), image.unwrap_or_default()) {
+            Ok(Resolved::Host) => runtime.start(launch).await,
+            Ok(Resolved::Checkpoint { layout, container }) => {
+                tracing::info!(container = name, checkpointed = %container, image = ?image, "restoring from a checkpoint image");
+                runtime.restore(launch, &layout).await
+            }
+            Err(error) => Err(RuntimeError::Image(error)),
+        };
         let backoff = self.backoff(name);
         let Some(record) = self.containers.get_mut(name) else {
             return;
@@ -330,6 +343,7 @@ impl Worker {
                 tracing::warn!(container = name, %error, "container did not start");
                 let reason = match error {
                     RuntimeError::Config { .. } => "CreateContainerConfigError",
+                    RuntimeError::Image(_) => "ErrImagePull",
                     _ => "RunContainerError",
                 };
                 record.slot = Slot::Waiting {

@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use automigrate_checkpoint::archive;
 use automigrate_checkpoint::bundle::{Bundle, BundleError, BundleSpec};
 use automigrate_checkpoint::command::SystemRunner;
 use automigrate_checkpoint::criu;
+use automigrate_checkpoint::manifest::SPEC_DUMP_FILE;
 use automigrate_checkpoint::runc::{RuncBackend, RuncError};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Container, Pod};
@@ -41,6 +43,10 @@ pub enum RuntimeError {
         exit_code: Option<i32>,
         detail: String,
     },
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
+    #[error(transparent)]
+    Archive(#[from] automigrate_checkpoint::archive::ArchiveError),
     #[error("container {id} did not start within {after:?}")]
     StartTimedOut { id: String, after: Duration },
 }
@@ -83,6 +89,11 @@ impl Layout {
 
     pub fn empty_dir(&self, uid: &str, volume: &str) -> PathBuf {
         self.pod_dir(uid).join("volumes/empty-dir").join(volume)
+    }
+
+    /// The node's image store (see [`crate::images`]).
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
     }
 
     /// Where checkpoint archives go (the real kubelet's `<root-dir>/checkpoints`).
@@ -143,12 +154,6 @@ pub fn launch_for(
         .chain(container.args.iter().flatten())
         .cloned()
         .collect();
-    if container.command.as_ref().is_none_or(Vec::is_empty) {
-        return Err(config(
-            "no `command`: images resolve to the host's root filesystem, which has no entrypoint"
-                .into(),
-        ));
-    }
     let mut spec = BundleSpec::new(args);
     spec.hostname = pod.metadata.name.clone().unwrap_or_default();
     if let Some(dir) = &container.working_dir {
@@ -305,19 +310,104 @@ impl Runtime {
     /// Starts the container and returns once runc reports it running.
     #[tracing::instrument(skip_all, fields(id = %launch.id))]
     pub async fn start(&self, launch: &Launch) -> Result<Running, RuntimeError> {
+        if launch.spec.args.is_empty() {
+            return Err(RuntimeError::Config {
+                container: launch.id.clone(),
+                reason: "no `command`: images resolve to the host's root filesystem, which has \
+                         no entrypoint"
+                    .into(),
+            });
+        }
         std::fs::create_dir_all(&launch.dir).map_err(io_error(&launch.dir))?;
         let bundle = self.write_bundle(launch)?;
         let log = launch.dir.join("runc.log");
+        let args = vec![
+            "run".into(),
+            "--bundle".into(),
+            bundle.dir().as_os_str().to_owned(),
+            launch.id.clone().into(),
+        ];
+        self.run_until_running(&launch.id, &log, args, &log).await
+    }
+
+    /// Restores the container from a checkpoint image instead of starting it fresh, as CRI-O
+    /// and containerd do for a checkpoint image: the archive (the image's one layer) is
+    /// unpacked and verified, the bundle's `config.json` is the dumped `spec.dump` with its
+    /// bind mounts pointed at this pod's volumes, and `runc restore` runs in the foreground so
+    /// the exit code is known, like `runc run` in [`Runtime::start`].
+    #[tracing::instrument(skip_all, fields(id = %launch.id, image = %image.dir.display()))]
+    pub async fn restore(
+        &self,
+        launch: &Launch,
+        image: &automigrate_agent::image::ImageLayout,
+    ) -> Result<Running, RuntimeError> {
+        std::fs::create_dir_all(&launch.dir).map_err(io_error(&launch.dir))?;
+        let layer = automigrate_agent::image::blob_path(&image.dir, &image.layer_digest)
+            .ok_or_else(|| RuntimeError::Config {
+                container: launch.id.clone(),
+                reason: format!("bad layer digest {}", image.layer_digest),
+            })?;
+        let unpacked = launch.dir.join("checkpoint");
+        if unpacked.exists() {
+            std::fs::remove_dir_all(&unpacked).map_err(io_error(&unpacked))?;
+        }
+        let dest = unpacked.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&layer).map_err(io_error(&layer))?;
+            archive::import_tar(std::io::BufReader::new(file), &dest)?;
+            Ok::<_, RuntimeError>(archive::verify_chain(&dest)?)
+        })
+        .await
+        .map_err(|error| RuntimeError::Config {
+            container: launch.id.clone(),
+            reason: format!("unpacking the checkpoint: {error}"),
+        })??;
+        // The process comes from the checkpoint; the pod's command (often the original one)
+        // only has to make a valid bundle, which the dumped spec then replaces.
+        let mut bundle_launch = launch.clone();
+        if bundle_launch.spec.args.is_empty() {
+            bundle_launch.spec.args = vec!["/bin/true".into()];
+        }
+        let bundle = self.write_bundle(&bundle_launch)?;
+        restore_config(
+            &bundle.config_path(),
+            &unpacked.join(SPEC_DUMP_FILE),
+            launch,
+        )?;
+        let work = launch.dir.join("restore");
+        std::fs::create_dir_all(&work).map_err(io_error(&work))?;
+        let images = criu::restore_view(&verified, &work).map_err(RuncError::from)?;
+        let log = launch.dir.join("runc.log");
+        let args = vec![
+            "restore".into(),
+            "--image-path".into(),
+            images.into_os_string(),
+            "--work-path".into(),
+            work.clone().into_os_string(),
+            "--bundle".into(),
+            bundle.dir().as_os_str().to_owned(),
+            launch.id.clone().into(),
+        ];
+        self.run_until_running(&launch.id, &log, args, &work.join("restore.log"))
+            .await
+    }
+
+    /// Spawns `runc --root <root> --log <log> <args>` in the foreground and returns once runc
+    /// reports the container running; a task then waits for its exit code.
+    async fn run_until_running(
+        &self,
+        id: &str,
+        log: &Path,
+        args: Vec<std::ffi::OsString>,
+        detail_log: &Path,
+    ) -> Result<Running, RuntimeError> {
         let runc_root = self.layout.runc_root();
         let mut child = tokio::process::Command::new(&self.runc_program)
             .arg("--root")
             .arg(&runc_root)
             .arg("--log")
-            .arg(&log)
-            .arg("run")
-            .arg("--bundle")
-            .arg(bundle.dir())
-            .arg(&launch.id)
+            .arg(log)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -327,42 +417,46 @@ impl Runtime {
             .map_err(io_error(Path::new(&self.runc_program)))?;
         let deadline = tokio::time::Instant::now() + self.start_timeout;
         loop {
-            if let Some(status) = child.try_wait().map_err(io_error(&log))? {
+            if let Some(status) = child.try_wait().map_err(io_error(log))? {
                 return Err(RuntimeError::StartFailed {
-                    id: launch.id.clone(),
+                    id: id.to_string(),
                     exit_code: status.code(),
-                    detail: criu::log_tail(&log, 10),
+                    detail: format!(
+                        "{}\n{}",
+                        criu::log_tail(log, 10),
+                        criu::log_tail(detail_log, 15)
+                    ),
                 });
             }
-            if let Ok(state) = self.runc.state(&launch.id).await
+            if let Ok(state) = self.runc.state(id).await
                 && state.status == "running"
             {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                let _ = self.runc.delete(&launch.id).await;
+                let _ = self.runc.delete(id).await;
                 return Err(RuntimeError::StartTimedOut {
-                    id: launch.id.clone(),
+                    id: id.to_string(),
                     after: self.start_timeout,
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let (sender, exit) = watch::channel(None);
-        let id = launch.id.clone();
+        let task_id = id.to_string();
         tokio::spawn(async move {
             let code = match child.wait().await {
                 Ok(status) => exit_code(status),
                 Err(error) => {
-                    tracing::warn!(%id, %error, "lost the container's runc process");
+                    tracing::warn!(id = %task_id, %error, "lost the container's runc process");
                     255
                 }
             };
-            tracing::info!(%id, code, "container exited");
+            tracing::info!(id = %task_id, code, "container exited");
             let _ = sender.send(Some(code));
         });
         Ok(Running {
-            id: launch.id.clone(),
+            id: id.to_string(),
             started_at: Timestamp::now(),
             exit,
         })
@@ -417,6 +511,42 @@ pub async fn wait_exit(exit: &mut watch::Receiver<Option<i32>>) -> Option<i32> {
         Ok(code) => *code,
         Err(_) => None,
     }
+}
+
+/// Writes the restore bundle's `config.json`: the dumped spec, with each bind mount whose
+/// destination this pod also mounts taking this pod's source (a new pod's emptyDir lives under
+/// its own uid), and the root file system this bundle provides.
+fn restore_config(
+    config_path: &Path,
+    spec_dump: &Path,
+    launch: &Launch,
+) -> Result<(), RuntimeError> {
+    let bad = |reason: String| RuntimeError::Config {
+        container: launch.id.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(spec_dump).map_err(io_error(spec_dump))?;
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&text).map_err(|error| bad(format!("spec.dump: {error}")))?;
+    if let Some(mounts) = spec
+        .get_mut("mounts")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for mount in mounts.iter_mut() {
+            let Some(bind) = launch
+                .spec
+                .writable
+                .iter()
+                .find(|bind| mount["destination"] == bind.container.as_str())
+            else {
+                continue;
+            };
+            mount["source"] = bind.host.display().to_string().into();
+        }
+    }
+    spec["root"] = serde_json::json!({"path": "rootfs", "readonly": true});
+    let text = serde_json::to_string_pretty(&spec).map_err(|error| bad(error.to_string()))?;
+    std::fs::write(config_path, text).map_err(io_error(config_path))
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {

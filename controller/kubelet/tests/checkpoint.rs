@@ -4,59 +4,18 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
-use automigrate_checkpoint::kubelet::{
-    ApiResponse, ApiTransport, KubeletBackend, KubeletError, PodContainer,
-};
+use automigrate_checkpoint::kubelet::{KubeletBackend, KubeletError, PodContainer};
 use automigrate_checkpoint::{CheckpointBackend, CheckpointRequest, DumpKind};
-use automigrate_kube_fake::{NodeProxyRequest, NodeProxyResponse};
-use common::{NODE, RuncGuard, cluster, eventually, skip_privileged, start};
+use common::{
+    KubeTransport, NODE, RuncGuard, cluster, eventually, forward, skip_privileged, start,
+};
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 
 const NS: &str = "ml";
-
-/// The agent's transport, over the kube client instead of its own HTTPS client.
-struct KubeTransport(kube::Client);
-
-impl ApiTransport for KubeTransport {
-    async fn post(&self, path: &str) -> Result<ApiResponse, KubeletError> {
-        let request = http::Request::post(path).body(Vec::new()).unwrap();
-        match self.0.request_text(request).await {
-            Ok(body) => Ok(ApiResponse { status: 200, body }),
-            Err(kube::Error::Api(status)) => Ok(ApiResponse {
-                status: status.code,
-                body: status.message,
-            }),
-            Err(error) => Err(KubeletError::Transport(error.to_string())),
-        }
-    }
-}
-
-/// What the local API server does for `/api/v1/nodes/{node}/proxy/...`: forwards the request to
-/// the kubelet's port (here with a blocking HTTP/1.1 exchange).
-fn forward(addr: std::net::SocketAddr, request: &NodeProxyRequest) -> NodeProxyResponse {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let target = if request.query.is_empty() {
-        request.path.clone()
-    } else {
-        format!("{}?{}", request.path, request.query)
-    };
-    write!(
-        stream,
-        "{} {target} HTTP/1.1\r\nHost: kubelet\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        request.method
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let status: u16 = answer[9..12].parse().unwrap();
-    let body = answer.split_once("\r\n\r\n").unwrap().1.to_string();
-    NodeProxyResponse::new(http::StatusCode::from_u16(status).unwrap(), body)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_checkpoint_through_the_node_proxy_is_an_archive_the_agent_accepts() {

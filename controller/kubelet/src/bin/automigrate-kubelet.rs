@@ -67,8 +67,31 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// `automigrate-kubelet import-image`: the node's image import, what the agent's
+/// `--image-import-command` runs (`skopeo copy oci:{layout}:{tag} containers-storage:{image}` on
+/// a CRI-O node).
+#[derive(Debug, Parser)]
+#[command(name = "automigrate-kubelet import-image")]
+struct ImportArgs {
+    /// The kubelet's state directory (its image store is `<root-dir>/images`).
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    root_dir: PathBuf,
+    /// The OCI layout to import, `oci:<dir>:<tag>`.
+    source: String,
+    /// The reference pods name it by.
+    image: String,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("import-image") {
+        let args = ImportArgs::parse_from(std::env::args().skip(1));
+        let layout = automigrate_kubelet::runtime::Layout::new(&args.root_dir);
+        let dir = automigrate_kubelet::images::import(&layout.images(), &args.source, &args.image)
+            .with_context(|| format!("importing {} as {}", args.source, args.image))?;
+        println!("{}", dir.display());
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

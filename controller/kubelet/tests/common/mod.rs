@@ -2,10 +2,12 @@
 //! for a state, and a guard that removes every runc container a test started, even on failure.
 #![allow(dead_code)]
 
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use automigrate_kube_fake::{FakeCluster, FakeClusterOptions};
+use automigrate_checkpoint::kubelet::{ApiResponse, ApiTransport, KubeletError};
+use automigrate_kube_fake::{FakeCluster, FakeClusterOptions, NodeProxyRequest, NodeProxyResponse};
 use automigrate_kubelet::node::NodeConfig;
 use automigrate_kubelet::pods::PodConfig;
 use automigrate_kubelet::{Kubelet, KubeletConfig};
@@ -110,4 +112,43 @@ impl Drop for RuncGuard {
                 .status();
         }
     }
+}
+
+/// The agent's transport, over the kube client instead of its own HTTPS client.
+pub struct KubeTransport(pub kube::Client);
+
+impl ApiTransport for KubeTransport {
+    async fn post(&self, path: &str) -> Result<ApiResponse, KubeletError> {
+        let request = http::Request::post(path).body(Vec::new()).unwrap();
+        match self.0.request_text(request).await {
+            Ok(body) => Ok(ApiResponse { status: 200, body }),
+            Err(kube::Error::Api(status)) => Ok(ApiResponse {
+                status: status.code,
+                body: status.message,
+            }),
+            Err(error) => Err(KubeletError::Transport(error.to_string())),
+        }
+    }
+}
+
+/// What the local API server does for `/api/v1/nodes/{node}/proxy/...`: forwards the request to
+/// the kubelet's port (here with a blocking HTTP/1.1 exchange).
+pub fn forward(addr: std::net::SocketAddr, request: &NodeProxyRequest) -> NodeProxyResponse {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let target = if request.query.is_empty() {
+        request.path.clone()
+    } else {
+        format!("{}?{}", request.path, request.query)
+    };
+    write!(
+        stream,
+        "{} {target} HTTP/1.1\r\nHost: kubelet\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        request.method
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status: u16 = answer[9..12].parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1.to_string();
+    NodeProxyResponse::new(http::StatusCode::from_u16(status).unwrap(), body)
 }
