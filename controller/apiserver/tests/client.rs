@@ -156,3 +156,90 @@ fn non_loopback_addresses_need_an_explicit_flag() {
     automigrate_apiserver::check_listen(SocketAddr::from(([127, 0, 0, 1], 6443)), false).unwrap();
     automigrate_apiserver::check_listen("[::1]:6443".parse().unwrap(), false).unwrap();
 }
+
+/// A kubelet stand-in: records `METHOD URI BODY` of each request, answers what the kubelet
+/// checkpoint API answers.
+async fn fake_kubelet() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(move |request: http::Request<axum::body::Body>| {
+        let record = record.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            record.lock().unwrap().push(format!(
+                "{} {} {}",
+                parts.method,
+                parts.uri,
+                String::from_utf8_lossy(&body)
+            ));
+            (
+                [(http::header::CONTENT_TYPE, "application/json")],
+                r#"{"items":["/var/lib/kubelet/checkpoints/checkpoint-p_ml-c-2026.tar"]}"#,
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_proxy_reaches_the_nodes_kubelet() {
+    let (kubelet, seen) = fake_kubelet().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    let running = start(&Options {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        allow_non_loopback: false,
+        kubeconfig: Some(path.clone()),
+        graceful_pod_deletion: true,
+    })
+    .await
+    .unwrap();
+    let client = client_for(&path).await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for name in ["n1", "n2"] {
+        let node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        nodes.create(&PostParams::default(), &node).await.unwrap();
+    }
+    // What a kubelet registers: its address and port.
+    nodes
+        .patch_status(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "addresses": [{"type": "Hostname", "address": "n1"}, {"type": "InternalIP", "address": "127.0.0.1"}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet.port()}},
+            }})),
+        )
+        .await
+        .unwrap();
+
+    // The path the agent's kubelet backend posts to.
+    let request = http::Request::post("/api/v1/nodes/n1/proxy/checkpoint/ml/p/c?timeout=60")
+        .body(Vec::new())
+        .unwrap();
+    let answer = client.request_text(request).await.unwrap();
+    assert!(answer.contains("checkpoint-p_ml-c-2026.tar"), "{answer}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["POST /checkpoint/ml/p/c?timeout=60 "]
+    );
+
+    // A node that registered no address, and one that does not exist.
+    for (node, code) in [("n2", 500), ("n3", 404)] {
+        let request = http::Request::post(format!("/api/v1/nodes/{node}/proxy/checkpoint/ml/p/c"))
+            .body(Vec::new())
+            .unwrap();
+        // kube retries 503s for minutes: the answer must not be one.
+        let answered = tokio::time::timeout(PATIENCE, client.request_text(request)).await;
+        match answered.unwrap() {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, code, "{node}: {status:?}"),
+            other => panic!("{node}: expected an API error {code}, got {other:?}"),
+        }
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    running.stop().await.unwrap();
+}

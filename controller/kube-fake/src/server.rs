@@ -14,6 +14,16 @@
 //! [`serve`] returns once the in-flight answers are written. Clients see what an API server
 //! restart looks like: a watch that ends, then refused connections.
 //!
+//! Node proxy: `/api/v1/nodes/{node}[:port]/proxy/{path}` is forwarded to that node's kubelet,
+//! found as a real API server finds it, from the Node object: the first address of type
+//! `InternalIP` (else `Hostname`, else `ExternalIP`) in `status.addresses`, and the port in
+//! `status.daemonEndpoints.kubeletEndpoint.Port` (else the one in the path, else 10250). This is
+//! how the agent reaches the kubelet checkpoint API (`POST .../proxy/checkpoint/{ns}/{pod}/
+//! {container}`). Unlike a real API server it speaks plain HTTP to the kubelet and presents no
+//! client certificate: the local kubelets serve plain HTTP on a host-only network. A node with
+//! a handler registered in-process ([`FakeCluster::set_node_proxy_handler`]) is answered by
+//! that handler instead, as before.
+//!
 //! Also owns [`kubeconfig`], the kubeconfig text that points kubectl and kube clients here.
 //!
 //! There is no TLS and no authentication: whoever can connect is cluster-admin. Callers bind
@@ -40,6 +50,9 @@ pub enum ServeError {
     /// The listener's address could not be read.
     #[error("reading the listener's address: {0}")]
     LocalAddr(#[source] std::io::Error),
+    /// The HTTP client that forwards node proxy requests could not be built.
+    #[error("building the kubelet proxy client: {0}")]
+    ProxyClient(String),
     /// The server loop failed.
     #[error("serving HTTP on {addr}: {source}")]
     Serve {
@@ -63,8 +76,9 @@ where
 {
     let addr = listener.local_addr().map_err(ServeError::LocalAddr)?;
     let (stop_sender, stopping) = watch::channel(false);
+    let kubelets = kubelet_client()?;
     let service = tower::service_fn(move |request: Request<Body>| {
-        answer(cluster.clone(), stopping.clone(), request)
+        answer(cluster.clone(), kubelets.clone(), stopping.clone(), request)
     });
     let app = axum::Router::new().fallback_service(service);
     tracing::info!(%addr, "API server listening (plain HTTP, no authentication)");
@@ -108,6 +122,7 @@ fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Bo
 
 async fn answer(
     cluster: FakeCluster,
+    kubelets: reqwest::Client,
     stopping: watch::Receiver<bool>,
     request: Request<Body>,
 ) -> Result<Response<Body>, Infallible> {
@@ -137,6 +152,19 @@ async fn answer(
         .unwrap_or_default()
         .split('&')
         .any(|pair| pair == "watch=true" || pair == "watch=1");
+    if let Some(target) = node_proxy_target(&parts.uri)
+        && !cluster.lock().proxy_handlers.contains_key(&target.node)
+    {
+        let response = forward_to_kubelet(&cluster, &kubelets, &parts, body, target).await;
+        tracing::debug!(
+            method = %parts.method,
+            uri = %parts.uri,
+            status = response.status().as_u16(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "node proxy request"
+        );
+        return Ok(response);
+    }
     let response = match cluster.handle(&parts, body) {
         Ok(response) if is_watch => response.map(|body| {
             // End the stream when the server stops, or graceful shutdown would wait for it.
@@ -187,4 +215,201 @@ pub fn kubeconfig(server: &str) -> String {
          - name: automigrate-local\n\
          \x20 user: {{}}\n"
     )
+}
+
+/// The HTTP client for kubelets: plain HTTP in practice; the TLS stack is configured with ring
+/// explicitly (reqwest is built without a default provider) and trusts nothing, so an
+/// `https` kubelet address fails instead of being trusted blindly.
+fn kubelet_client() -> Result<reqwest::Client, ServeError> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ServeError::ProxyClient(error.to_string()))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        // HTTP_PROXY and friends are for this machine's way out, not for its own nodes.
+        .no_proxy()
+        .build()
+        .map_err(|error| ServeError::ProxyClient(error.to_string()))
+}
+
+/// A `nodes/{node}[:port]/proxy/{path}` request. Failures to reach the kubelet are answered as
+/// a real API server answers them: 500 with an empty (Unknown) reason, which clients do not
+/// retry (kube retries 503s for minutes).
+#[derive(Debug, PartialEq, Eq)]
+struct NodeProxyTarget {
+    node: String,
+    port: Option<u16>,
+    /// Path below `proxy`, starting with `/`, with the query if any.
+    path_and_query: String,
+}
+
+fn node_proxy_target(uri: &http::Uri) -> Option<NodeProxyTarget> {
+    let rest = uri.path().strip_prefix("/api/v1/nodes/")?;
+    let (name, below) = rest.split_once('/')?;
+    let below = match below.strip_prefix("proxy") {
+        Some("") => "/",
+        Some(path) if path.starts_with('/') => path,
+        _ => return None,
+    };
+    let (node, port) = match name.split_once(':') {
+        Some((node, port)) => (node, Some(port.parse().ok()?)),
+        None => (name, None),
+    };
+    if node.is_empty() {
+        return None;
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{below}?{query}"),
+        None => below.to_owned(),
+    };
+    Some(NodeProxyTarget {
+        node: node.to_owned(),
+        port,
+        path_and_query,
+    })
+}
+
+/// The kubelet base URL a real API server would use for `node` (see the module docs).
+fn kubelet_base(node: &serde_json::Value, port_in_path: Option<u16>) -> Option<String> {
+    let addresses = node.pointer("/status/addresses")?.as_array()?;
+    let address = ["InternalIP", "Hostname", "ExternalIP"]
+        .iter()
+        .find_map(|wanted| {
+            addresses
+                .iter()
+                .find(|a| a.get("type").and_then(serde_json::Value::as_str) == Some(wanted))
+                .and_then(|a| a.get("address").and_then(serde_json::Value::as_str))
+        })
+        .filter(|a| !a.is_empty())?;
+    let port = node
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .or(port_in_path)
+        .unwrap_or(10250);
+    let host = if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_owned()
+    };
+    Some(format!("http://{host}:{port}"))
+}
+
+async fn forward_to_kubelet(
+    cluster: &FakeCluster,
+    kubelets: &reqwest::Client,
+    parts: &http::request::Parts,
+    body: Bytes,
+    target: NodeProxyTarget,
+) -> Response<Body> {
+    let nodes = crate::ResourceType::new("", "v1", "nodes");
+    let Some(node) = cluster.get_value(&nodes, None, &target.node) else {
+        return status_response(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("nodes \"{}\" not found", target.node),
+        );
+    };
+    let Some(base) = kubelet_base(&node, target.port) else {
+        return status_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "",
+            &format!(
+                "no kubelet address for node {:?}: its status.addresses has no InternalIP, Hostname or ExternalIP",
+                target.node
+            ),
+        );
+    };
+    let url = format!("{base}{}", target.path_and_query);
+    let mut forwarded = kubelets.request(parts.method.clone(), &url).body(body);
+    for name in [header::CONTENT_TYPE, header::ACCEPT] {
+        if let Some(value) = parts.headers.get(&name) {
+            forwarded = forwarded.header(name, value.clone());
+        }
+    }
+    let answered = match forwarded.send().await {
+        Ok(answered) => answered,
+        Err(error) => {
+            return status_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                &format!(
+                    "error dialing backend: error trying to reach the kubelet of node {:?} at {url}: {error}",
+                    target.node
+                ),
+            );
+        }
+    };
+    let status = answered.status();
+    let content_type = answered.headers().get(header::CONTENT_TYPE).cloned();
+    match answered.bytes().await {
+        Ok(bytes) => {
+            let mut response = Response::new(Body::from(bytes));
+            *response.status_mut() = status;
+            if let Some(content_type) = content_type {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type);
+            }
+            response
+        }
+        Err(error) => status_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "",
+            &format!(
+                "reading the answer of the kubelet of node {:?} at {url}: {error}",
+                target.node
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_proxy_paths() {
+        let uri: http::Uri = "/api/v1/nodes/n1:10250/proxy/checkpoint/ml/p/c?timeout=60"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            node_proxy_target(&uri),
+            Some(NodeProxyTarget {
+                node: "n1".into(),
+                port: Some(10250),
+                path_and_query: "/checkpoint/ml/p/c?timeout=60".into(),
+            })
+        );
+        let bare: http::Uri = "/api/v1/nodes/n1/proxy".parse().unwrap();
+        assert_eq!(node_proxy_target(&bare).unwrap().path_and_query, "/");
+        for other in [
+            "/api/v1/nodes/n1",
+            "/api/v1/nodes/n1/status",
+            "/api/v1/nodes/n1/proxyx/a",
+            "/api/v1/namespaces/n/pods/p",
+        ] {
+            assert_eq!(node_proxy_target(&other.parse().unwrap()), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn kubelet_address_as_the_api_server_picks_it() {
+        let node = json!({"status": {
+            "addresses": [{"type": "Hostname", "address": "n1"}, {"type": "InternalIP", "address": "10.77.0.2"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10255}},
+        }});
+        assert_eq!(kubelet_base(&node, None).unwrap(), "http://10.77.0.2:10255");
+        let v6 = json!({"status": {"addresses": [{"type": "InternalIP", "address": "fd00::2"}]}});
+        assert_eq!(
+            kubelet_base(&v6, Some(1234)).unwrap(),
+            "http://[fd00::2]:1234"
+        );
+        assert_eq!(kubelet_base(&v6, None).unwrap(), "http://[fd00::2]:10250");
+        assert_eq!(kubelet_base(&json!({"status": {}}), None), None);
+    }
 }
