@@ -782,3 +782,117 @@ async fn a_standby_exports_leader_zero() {
     stop.send(true).unwrap();
     task.await.unwrap();
 }
+
+/// One HTTP/1.1 exchange with 127.0.0.1:`port`.
+async fn http_exchange(port: u16, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+// Defect 2, as found: two replicas behind one Service; the POST reached the standby, which
+// answered 200, and nothing happened.
+#[tokio::test]
+async fn two_processes_the_standby_receives_the_alert_and_the_leader_migrates() {
+    use automigrate_operator::clock::SystemClock;
+    use automigrate_operator::run::{Election, run};
+    use k8s_openapi::api::coordination::v1::Lease;
+    let cluster = FakeCluster::new();
+    let now = jiff::Timestamp::now();
+    cluster.put(&policy_map(
+        "default",
+        "triggers:\n  alerts: [NodeDiskFailing]\n",
+    ));
+    for name in ["edge-1", "edge-2", "edge-3"] {
+        cluster.put(&node(
+            name,
+            "True",
+            now - jiff::SignedDuration::from_secs(3600),
+        ));
+        cluster.put(&lease(name, now));
+    }
+    cluster.put(&protected_pod("trainer", "edge-2", &[]));
+    let config = || Config {
+        decision_interval: Duration::from_millis(50),
+        executor_interval: Duration::from_secs(3600),
+        probe_interval: Duration::from_secs(3600),
+        policy_namespace: POLICY_NS.into(),
+        ..Config::default()
+    };
+    let election = |identity: &str| Election {
+        namespace: POLICY_NS.into(),
+        lease: "automigrate-controller".into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(15),
+        retry_period: Duration::from_millis(50),
+    };
+    let holder = |cluster: &FakeCluster| {
+        cluster
+            .get::<Lease>(Some(POLICY_NS), "automigrate-controller")
+            .and_then(|lease| lease.spec)
+            .and_then(|spec| spec.holder_identity)
+    };
+    let (stop, shutdown) = watch::channel(false);
+    let mut ports = Vec::new();
+    let mut processes = Vec::new();
+    for identity in ["replica-a", "replica-b"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ports.push(listener.local_addr().unwrap().port());
+        processes.push(tokio::spawn(run(
+            cluster.client(),
+            listener,
+            Some(election(identity)),
+            config(),
+            |_| Arc::new(RecordingAgent::new()),
+            Some("hook-token".into()),
+            None,
+            Arc::new(SystemClock),
+            shutdown.clone(),
+        )));
+        let seen = cluster.clone();
+        eventually("a leader", || holder(&seen).is_some()).await;
+    }
+    let standby = if holder(&cluster).as_deref() == Some("replica-a") {
+        ports[1]
+    } else {
+        ports[0]
+    };
+    for _ in 0..500 {
+        if http_exchange(
+            standby,
+            "GET /readyz HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .starts_with("HTTP/1.1 200")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = alert_payload("edge-2", "firing");
+    let answer = http_exchange(
+        standby,
+        &format!(
+            "POST /v1/alerts HTTP/1.1\r\nHost: c\r\nAuthorization: Bearer hook-token\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = cluster.clone();
+    eventually("the leader to start a Migration", || {
+        seen.list::<Migration>()
+            .iter()
+            .any(|migration| migration.spec.reason.contains("NodeDiskFailing"))
+    })
+    .await;
+    stop.send(true).unwrap();
+    for process in processes {
+        let _ = tokio::time::timeout(Duration::from_secs(10), process).await;
+    }
+}
