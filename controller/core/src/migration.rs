@@ -29,8 +29,10 @@
 //! - A **rollback** that cannot complete does not give up on the workload: when its deadline
 //!   passes (or its step fails for good) while it was restoring the checkpoint on the source,
 //!   it escalates once to starting the workload fresh on the target
-//!   ([`RollbackAction::RestartFresh`]), unless the policy's fallback is `fail`. Starting fresh
-//!   needs the source fenced first, so such a rollback fences before it restarts.
+//!   ([`RollbackAction::RestartFresh`]), unless the policy's fallback is `fail`.
+//! - A rollback that starts the workload again (restored on the source, or fresh) first fences
+//!   the source if the migration had not: after a final dump the source pod still exists,
+//!   stopped, and a runtime that restarts its container would make a second copy.
 //! - [`Phase::Failed`] is left for what a person must look at: a source that cannot be proven
 //!   stopped (fencing), a policy whose fallback is `fail`, or a rollback that has exhausted
 //!   its escalation. Drivers raise an alert for it.
@@ -336,6 +338,14 @@ impl MigrationState {
         Ok(())
     }
 
+    /// Whether the rollback starts the workload again (rather than keeping the source).
+    fn rollback_starts_a_copy(&self) -> bool {
+        matches!(
+            self.rollback,
+            Some(RollbackAction::RestoreOnSource | RollbackAction::RestartFresh)
+        )
+    }
+
     /// Why the migration is rolling back: its message without the rollback's retry note.
     fn rollback_cause(&self) -> String {
         let message = self.message.as_deref().unwrap_or_default();
@@ -461,10 +471,8 @@ impl MigrationState {
                 self.message = Some("the replacement runs and makes progress".into());
                 self.enter(Succeeded, now)
             }
-            // A fresh start fences the source first (an escalated rollback may not have).
-            RollingBack
-                if self.rollback == Some(RollbackAction::RestartFresh) && !self.source_fenced =>
-            {
+            // A rollback that starts a copy fences the source first (see `step`).
+            RollingBack if self.rollback_starts_a_copy() && !self.source_fenced => {
                 self.source_fenced = true;
                 self.attempts = 0;
                 self.retry_at = None;
@@ -612,10 +620,11 @@ pub fn step(state: &MigrationState) -> Step {
             source_alive: state.source_alive,
         },
         Phase::Verifying => Step::Verify,
-        // The fencing rule again: a fresh start needs the source stopped or dead first.
-        Phase::RollingBack
-            if state.rollback == Some(RollbackAction::RestartFresh) && !state.source_fenced =>
-        {
+        // The fencing rule again: a rollback that starts a copy (restored on the source or
+        // fresh on the target) needs the source stopped or dead first. After a final dump the
+        // source pod still exists, stopped; a runtime that restarts its container would make a
+        // second copy.
+        Phase::RollingBack if state.rollback_starts_a_copy() && !state.source_fenced => {
             Step::Fence {
                 source_alive: state.source_alive,
             }
@@ -890,7 +899,18 @@ mod tests {
                 && message.matches("attempt").count() == 1,
             "{message}"
         );
+        // The dumped source is fenced before the checkpoint is restored beside it.
+        assert_eq!(step(&state), Step::Fence { source_alive: true });
         let state = apply(&state, &ok(), &limits, t(100_010)).unwrap();
+        assert!(state.source_fenced);
+        assert_eq!(
+            step(&state),
+            Step::RollBack {
+                stop_target: false,
+                action: RollbackAction::RestoreOnSource
+            }
+        );
+        let state = apply(&state, &ok(), &limits, t(100_011)).unwrap();
         assert_eq!(state.phase, Phase::RolledBack);
         let message = state.message.unwrap();
         assert!(
@@ -1052,7 +1072,7 @@ mod tests {
                     Step::Restore => prop_assert!(state.source_fenced),
                     Step::RollBack { stop_target, action } => {
                         prop_assert_eq!(stop_target, state.target_started);
-                        if action == RollbackAction::RestartFresh {
+                        if action != RollbackAction::KeepSource {
                             prop_assert!(state.source_fenced);
                         }
                     }

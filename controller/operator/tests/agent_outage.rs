@@ -67,6 +67,19 @@ fn running_copies(h: &Harness, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Pods of the workload that exist but do not run: the original stopped by the final dump. One
+/// left behind after the migration ended is a second copy as soon as its runtime restarts it.
+fn stopped_leftovers(h: &Harness, name: &str) -> Vec<String> {
+    let running = running_copies(h, name);
+    h.cluster
+        .list::<Pod>()
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| pod.metadata.name)
+        .filter(|pod| !running.contains(pod))
+        .collect()
+}
+
 /// Asks for a manual migration of `trainer` to edge-3 and has the decision pass take it.
 async fn manual_migration(h: &Harness) -> String {
     let api: Api<Migration> = Api::namespaced(h.cluster.clone().client(), NS);
@@ -104,6 +117,7 @@ struct Ended {
     phase: Phase,
     message: String,
     running: Vec<String>,
+    leftovers: Vec<String>,
     outage_started: Option<i64>,
     phases: Vec<Phase>,
 }
@@ -162,6 +176,7 @@ async fn drive_through(h: &Harness, name: &str, outage: &Outage) -> Ended {
                 phase,
                 message: status.state.message.unwrap_or_default(),
                 running: running_copies(h, name),
+                leftovers: stopped_leftovers(h, name),
                 outage_started: started,
                 phases,
             };
@@ -192,6 +207,7 @@ async fn a_nine_second_agent_outage_while_transferring_does_not_end_training() {
     assert!(ended.outage_started.is_some(), "{ended:#?}");
     assert_eq!(ended.phase, Phase::Succeeded, "{ended:#?}");
     assert_eq!(ended.running.len(), 1, "{ended:#?}");
+    assert!(ended.leftovers.is_empty(), "{ended:#?}");
     assert_ne!(ended.running[0], "trainer", "moved: {ended:#?}");
     let pod: Pod = h.cluster.get(Some(NS), &ended.running[0]).unwrap();
     assert_eq!(
@@ -288,6 +304,10 @@ async fn random_agent_outages_never_leave_training_stopped() {
             ended.running.len(),
             1,
             "{what}: training must run exactly once: {ended:#?}"
+        );
+        assert!(
+            ended.leftovers.is_empty(),
+            "{what}: a stopped copy left behind: {ended:#?}"
         );
         *outcomes.entry(ended.phase.to_string()).or_default() += 1;
         println!(
