@@ -312,14 +312,33 @@ impl Worker {
     /// Starts (or, for a checkpoint image, restores) one container.
     async fn start_one(&mut self, pod: &Pod, name: &str, launch: &Launch, image: Option<&str>) {
         let runtime = &self.context.runtime;
-        let result = match images::resolve(&runtime.layout().images(), image.unwrap_or_default()) {
+        let result = if let Some(running) = runtime.adopt(launch).await {
+            Ok(running)
+        } else {
+            self.create(launch, name, image).await
+        };
+        self.started(pod, name, result);
+    }
+
+    /// Starts the container fresh, or restores it when its image is a checkpoint image.
+    async fn create(
+        &self,
+        launch: &Launch,
+        name: &str,
+        image: Option<&str>,
+    ) -> Result<Running, RuntimeError> {
+        let runtime = &self.context.runtime;
+        match images::resolve(&runtime.layout().images(), image.unwrap_or_default()) {
             Ok(Resolved::Host) => runtime.start(launch).await,
             Ok(Resolved::Checkpoint { layout, container }) => {
                 tracing::info!(container = name, checkpointed = %container, image = ?image, "restoring from a checkpoint image");
                 runtime.restore(launch, &layout).await
             }
             Err(error) => Err(RuntimeError::Image(error)),
-        };
+        }
+    }
+
+    fn started(&mut self, pod: &Pod, name: &str, result: Result<Running, RuntimeError>) {
         let backoff = self.backoff(name);
         let Some(record) = self.containers.get_mut(name) else {
             return;

@@ -402,7 +402,14 @@ impl Runtime {
         detail_log: &Path,
     ) -> Result<Running, RuntimeError> {
         let runc_root = self.layout.runc_root();
-        let mut child = tokio::process::Command::new(&self.runc_program)
+        let exit_file = exit_file(log);
+        // conmon's job, in one line of shell: runc's exit code (the container's) lands in a
+        // file, so a kubelet that restarted while the container ran still learns it.
+        let mut child = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(EXIT_CODE_WRAPPER)
+            .arg(&exit_file)
+            .arg(&self.runc_program)
             .arg("--root")
             .arg(&runc_root)
             .arg("--log")
@@ -458,6 +465,50 @@ impl Runtime {
         Ok(Running {
             id: id.to_string(),
             started_at: Timestamp::now(),
+            exit,
+        })
+    }
+
+    /// Takes over a container a previous kubelet process started (it is still running under
+    /// the same id); its exit code comes from the exit file. A stopped leftover is deleted and
+    /// `None` returned, so the caller starts it afresh.
+    pub async fn adopt(&self, launch: &Launch) -> Option<Running> {
+        let state = self.runc.state(&launch.id).await.ok()?;
+        if state.status == "stopped" {
+            if let Err(error) = self.runc.delete(&launch.id).await {
+                tracing::warn!(id = %launch.id, %error, "stale container not deleted");
+            }
+            return None;
+        }
+        tracing::info!(id = %launch.id, status = %state.status, "adopting a running container");
+        let (sender, exit) = watch::channel(None);
+        let exit_path = exit_file(&launch.dir.join("runc.log"));
+        let runc = RuncBackend::new(SystemRunner, self.runc_program.clone(), "criu")
+            .with_root(self.layout.runc_root());
+        let id = launch.id.clone();
+        tokio::spawn(async move {
+            let mut gone_since: Option<tokio::time::Instant> = None;
+            let code = loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(code) = read_exit_file(&exit_path) {
+                    break code;
+                }
+                if runc.state(&id).await.is_ok() {
+                    continue;
+                }
+                // runc removes its state just before it exits; the wrapper writes right after.
+                let since = *gone_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(%id, "adopted container ended without an exit code");
+                    break 255;
+                }
+            };
+            tracing::info!(%id, code, "adopted container exited");
+            let _ = sender.send(Some(code));
+        });
+        Some(Running {
+            id: launch.id.clone(),
+            started_at: state.created,
             exit,
         })
     }
@@ -547,6 +598,18 @@ fn restore_config(
     spec["root"] = serde_json::json!({"path": "rootfs", "readonly": true});
     let text = serde_json::to_string_pretty(&spec).map_err(|error| bad(error.to_string()))?;
     std::fs::write(config_path, text).map_err(io_error(config_path))
+}
+
+/// `sh -c` script: `$0` is the exit file, `$@` the runc command line.
+const EXIT_CODE_WRAPPER: &str =
+    r#"rm -f "$0"; "$@"; code=$?; echo "$code" > "$0.tmp" && mv "$0.tmp" "$0"; exit "$code""#;
+
+fn exit_file(log: &Path) -> PathBuf {
+    log.with_file_name("exit-code")
+}
+
+fn read_exit_file(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {

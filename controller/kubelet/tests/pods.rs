@@ -259,3 +259,61 @@ async fn a_crashing_container_under_restart_policy_always_is_restarted() {
     assert_eq!(last.exit_code, 7);
     kubelet.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_restarted_kubelet_adopts_the_running_containers_instead_of_starting_copies() {
+    if skip_privileged(
+        "a_restarted_kubelet_adopts_the_running_containers_instead_of_starting_copies",
+    ) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    pods.create(&PostParams::default(), &pod("long", "sleep 1000", "Always"))
+        .await
+        .unwrap();
+    eventually("the pod Running", || {
+        stored(&cluster, "long")
+            .and_then(|p| main_status(&p))
+            .is_some_and(|s| s.state.is_some_and(|s| s.running.is_some()))
+    })
+    .await;
+    let first = main_status(&stored(&cluster, "long").unwrap()).unwrap();
+    // The kubelet goes away; its container keeps running, as under CRI-O.
+    kubelet.shutdown().await.unwrap();
+    assert_eq!(guard.containers().len(), 1);
+
+    cluster.clear_requests();
+    let kubelet = start(&cluster, root.path()).await;
+    // The new kubelet writes its view of the pod: the same container, running, not restarted.
+    eventually("the new kubelet's pod status", || {
+        cluster.requests().iter().any(|r| {
+            r.method == http::Method::PATCH
+                && r.path == format!("/api/v1/namespaces/{NS}/pods/long/status")
+        })
+    })
+    .await;
+    let after = main_status(&stored(&cluster, "long").unwrap()).unwrap();
+    assert_eq!(after.container_id, first.container_id);
+    assert!(after.state.unwrap().running.is_some());
+    assert_eq!(after.restart_count, 0);
+    assert_eq!(guard.containers().len(), 1, "{:?}", guard.containers());
+
+    // Its exit code still reaches the status, though this kubelet is not runc's parent.
+    pods.delete(
+        "long",
+        &DeleteParams {
+            grace_period_seconds: Some(1),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually("the pod removed", || stored(&cluster, "long").is_none()).await;
+    assert_eq!(last_reported_exit_code(&cluster, "long"), 137);
+    assert!(guard.containers().is_empty());
+    kubelet.shutdown().await.unwrap();
+}
