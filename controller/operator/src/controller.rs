@@ -124,10 +124,11 @@ impl Controller {
         let writer = Writer::spawn(client.clone(), leadership, config.reporter.clone());
         let policies: SharedPolicies = Arc::new(RwLock::new(PolicySet::new()));
         let loader = PolicyLoader::new(policies.clone(), writer.clone());
-        tokio::spawn(loader.run(Api::<ConfigMap>::namespaced(
-            client.clone(),
-            &config.policy_namespace,
-        )));
+        let policy_api = Api::<ConfigMap>::namespaced(client.clone(), &config.policy_namespace);
+        // Supervised like the reflectors: a policy watch that ends fails /readyz and restarts.
+        crate::stores::supervise("policies", stores.watches.clone(), move || {
+            loader.clone().run(policy_api.clone())
+        });
         // Every replica follows the shared alert book; each change wakes the decision loop, so
         // the leader acts on an alert whichever replica received it.
         let alerts_api = Api::<ConfigMap>::namespaced(client, &config.namespace);

@@ -5,8 +5,10 @@
 //! Modules:
 //! - [`crd`]: the Migration custom resource (spec = the request, status = the persisted state
 //!   machine), generated into `deploy/crd.yaml` by the `crdgen` binary.
-//! - [`alertmanager`]: the Alertmanager webhook receiver (payload version 4).
-//! - [`stores`]: reflectors for Nodes, node Leases, Pods and Migrations.
+//! - [`alertmanager`]: the Alertmanager webhook receiver (payload version 4), and the alert
+//!   book every replica shares through the ConfigMap `automigrate-alerts`.
+//! - [`stores`]: reflectors for Nodes, node Leases, Pods and Migrations, each a supervised
+//!   watch (one that ends fails `/readyz` and is restarted).
 //! - [`policies`]: policy ConfigMaps, hot reloaded; invalid edits rejected with an Event.
 //! - [`snapshot`]: Kubernetes objects to the engine's `ClusterSnapshot` (pure).
 //! - [`decider`]: the periodic decision pass, which calls `automigrate_core::decide`.
