@@ -97,6 +97,35 @@ fn convert_error(node: &str, error: ClientError) -> AgentError {
     }
 }
 
+/// Runs an idempotent call (a read, or the image build, which the agent keys by checkpoint),
+/// retrying it here a couple of times with backoff (backon) when the agent refused the
+/// connection or answered 503: a blip of a second then costs no executor round. Longer outages
+/// are the migration state machine's to ride out (its retry backoff, persisted in the
+/// Migration). Timeouts are not retried here (the call already used its whole limit), and calls
+/// that start work (a checkpoint, a transfer) never are: one whose answer was lost may have
+/// started.
+async fn idempotent<T, F, Fut>(node: &str, call: F) -> Result<T, AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    call.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_millis(400))
+            .with_max_times(2),
+    )
+    .when(|error| {
+        matches!(
+            error,
+            ClientError::Unreachable { .. } | ClientError::Unavailable { .. }
+        )
+    })
+    .await
+    .map_err(|error| convert_error(node, error))
+}
+
 fn taken(summary: CheckpointSummary) -> CheckpointTaken {
     CheckpointTaken {
         id: summary.id,
@@ -241,11 +270,10 @@ impl NodeAgent for HttpAgents {
     ) -> AgentResult<'a, Vec<CheckpointTaken>> {
         async move {
             let client = self.client(node)?;
-            client
-                .checkpoints(&PodKey::new(&pod.namespace, &pod.name))
+            let key = PodKey::new(&pod.namespace, &pod.name);
+            idempotent(node, || client.checkpoints(&key))
                 .await
                 .map(|list| list.into_iter().map(taken).collect())
-                .map_err(|error| convert_error(node, error))
         }
         .boxed()
     }
@@ -285,11 +313,9 @@ impl NodeAgent for HttpAgents {
     ) -> AgentResult<'a, TransferProgress> {
         async move {
             let client = self.client(node)?;
-            client
-                .transfer_status(id)
+            idempotent(node, || client.transfer_status(id))
                 .await
                 .map(progress)
-                .map_err(|error| convert_error(node, error))
         }
         .boxed()
     }
@@ -297,13 +323,12 @@ impl NodeAgent for HttpAgents {
     fn build_image<'a>(&'a self, node: &'a str, checkpoint_id: &'a str) -> AgentResult<'a, String> {
         async move {
             let client = self.client(node)?;
-            client
-                .build_image(&ImageRequest {
-                    checkpoint_id: checkpoint_id.to_string(),
-                })
+            let request = ImageRequest {
+                checkpoint_id: checkpoint_id.to_string(),
+            };
+            idempotent(node, || client.build_image(&request))
                 .await
                 .map(|response| response.image)
-                .map_err(|error| convert_error(node, error))
         }
         .boxed()
     }
@@ -311,19 +336,15 @@ impl NodeAgent for HttpAgents {
     fn peers<'a>(&'a self, node: &'a str) -> AgentResult<'a, Vec<PeerLatency>> {
         async move {
             let client = self.client(node)?;
-            client
-                .peers()
-                .await
-                .map(|list| {
-                    list.into_iter()
-                        .map(|peer| PeerLatency {
-                            node: peer.node,
-                            rtt: peer.rtt,
-                            loss: peer.loss,
-                        })
-                        .collect()
-                })
-                .map_err(|error| convert_error(node, error))
+            idempotent(node, || client.peers()).await.map(|list| {
+                list.into_iter()
+                    .map(|peer| PeerLatency {
+                        node: peer.node,
+                        rtt: peer.rtt,
+                        loss: peer.loss,
+                    })
+                    .collect()
+            })
         }
         .boxed()
     }

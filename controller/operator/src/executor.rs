@@ -40,7 +40,9 @@
 //!   when its node is dead) and Events go to both pods and the Migration.
 //! - **Roll back**: the replacement is deleted first if it was started, then the workload comes
 //!   back as the state machine says (kept running, restored on the source, or restarted fresh).
-//!   A rollback escalated to a fresh start fences the source first (the Fence step above).
+//!   A rollback that starts the workload again (restored on the source, or fresh) fences the
+//!   source first if the migration had not (the Fence step above): the dumped source pod must
+//!   be gone before a copy starts.
 //!
 //! Failures: an unreachable agent or a transient API error is retryable. The state machine
 //! keeps the phase and records `retryAt` (backoff from the attempt count); this driver does not

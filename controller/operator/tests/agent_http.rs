@@ -245,3 +245,94 @@ async fn talks_to_the_agent_on_each_node_over_http() {
             .all(|token| token == "Bearer agent-token")
     );
 }
+
+/// A blip: the agent answers 503 once (starting up). Reads are retried within the call and
+/// succeed; a call that starts work (a final checkpoint) is not repeated behind the caller's
+/// back, its failure goes to the state machine as retryable.
+#[tokio::test]
+async fn reads_ride_out_a_blip_and_calls_that_start_work_are_not_repeated() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let polls = Arc::new(Mutex::new(0u32));
+    let dumps = Arc::new(Mutex::new(0u32));
+    let unavailable = || {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(ErrorBody {
+                error: "starting".into(),
+                kind: "unavailable".into(),
+            }),
+        )
+    };
+    let router = Router::new()
+        .route(
+            "/v1/transfers/{id}",
+            get({
+                let polls = polls.clone();
+                move |Path(id): Path<String>| async move {
+                    let mut polls = polls.lock().unwrap();
+                    *polls += 1;
+                    if *polls == 1 {
+                        return Err(unavailable());
+                    }
+                    Ok(Json(TransferStatus {
+                        id,
+                        state: TransferState::Succeeded,
+                        bytes_total: 600,
+                        bytes_done: 600,
+                        streams: 1,
+                        error: None,
+                    }))
+                }
+            }),
+        )
+        .route(
+            "/v1/checkpoints",
+            post({
+                let dumps = dumps.clone();
+                move || async move {
+                    *dumps.lock().unwrap() += 1;
+                    unavailable()
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(axum::serve(listener, router).into_future());
+
+    let cluster = FakeCluster::new();
+    cluster.put(&agent_pod("edge-1", "127.0.0.1"));
+    let stores = Stores::spawn(&cluster.client());
+    stores.ready().await.unwrap();
+    for _ in 0..500 {
+        if stores.pods.state().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let agents = HttpAgents::new(
+        stores,
+        AgentDirectoryConfig {
+            namespace: "automigrate-system".into(),
+            selector: BTreeMap::from([("app.kubernetes.io/component".into(), "agent".into())]),
+            api_port: port,
+            transfer_port: 9461,
+            scheme: "http".into(),
+            token: None,
+            ca_pem: None,
+            data_root: "/var/lib/automigrate/data/".into(),
+            timeout: Duration::from_secs(10),
+        },
+    );
+
+    let done = agents.transfer_status("edge-1", "t-9").await.unwrap();
+    assert_eq!(done.bytes_done, 600);
+    assert_eq!(*polls.lock().unwrap(), 2, "the 503 was retried once");
+
+    let pod = PodRef::new("ml", "trainer");
+    let error = agents
+        .checkpoint("edge-1", &pod, "train", CheckpointKind::Final)
+        .await
+        .unwrap_err();
+    assert!(error.retryable(), "{error}");
+    assert_eq!(*dumps.lock().unwrap(), 1, "a final dump is asked once");
+}
