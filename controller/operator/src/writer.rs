@@ -310,6 +310,18 @@ impl EventPublisher {
     }
 
     async fn publish(&mut self, event: &PendingEvent) -> Result<(), kube::Error> {
+        match self.publish_once(event).await {
+            // The Event expired (the API server deletes Events after its TTL) since this
+            // process last wrote it: publish it afresh.
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                self.published.remove(&self.name(event));
+                self.publish_once(event).await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_once(&mut self, event: &PendingEvent) -> Result<(), kube::Error> {
         let name = self.name(event);
         let namespace = event
             .regarding

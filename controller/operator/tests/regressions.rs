@@ -896,3 +896,28 @@ async fn two_processes_the_standby_receives_the_alert_and_the_leader_migrates() 
         let _ = tokio::time::timeout(Duration::from_secs(10), process).await;
     }
 }
+
+// Defect 5: an Event the API server deleted (its TTL) is published afresh, not patched in vain.
+#[tokio::test]
+async fn an_expired_event_is_published_again() {
+    use kube::runtime::events::EventType;
+    let h = Harness::new().await;
+    let publish = || {
+        h.controller.writer.event(
+            pod_reference("trainer"),
+            EventType::Warning,
+            "AutomigrateProblem",
+            "a standing problem".into(),
+            "Decide",
+        )
+    };
+    publish().await;
+    let first = h.cluster.list::<Event>();
+    assert_eq!(first.len(), 1);
+    let name = first[0].metadata.name.clone().unwrap();
+    assert!(h.cluster.remove::<Event>(Some(NS), &name));
+    publish().await;
+    let again = h.cluster.list::<Event>();
+    assert_eq!(again.len(), 1, "{again:#?}");
+    assert_eq!(again[0].note.as_deref(), Some("a standing problem"));
+}
