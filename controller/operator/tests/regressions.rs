@@ -921,3 +921,48 @@ async fn an_expired_event_is_published_again() {
     assert_eq!(again.len(), 1, "{again:#?}");
     assert_eq!(again[0].note.as_deref(), Some("a standing problem"));
 }
+
+// Defect 2: the shared book stays bounded: at most MAX_PERSISTED entries, stale ones pruned.
+#[tokio::test]
+async fn the_shared_alert_book_stays_bounded() {
+    use automigrate_operator::alertmanager::{ALERTS_CONFIG_MAP, MAX_PERSISTED};
+    let h = Harness::new().await;
+    let alerts: Vec<serde_json::Value> = (0..MAX_PERSISTED + 100)
+        .map(|i| {
+            serde_json::json!({
+                "status": "firing",
+                "labels": {"alertname": "NodeDiskFailing", "node": format!("node-{i}")},
+            })
+        })
+        .collect();
+    let body = serde_json::json!({"version": "4", "alerts": alerts}).to_string();
+    assert_eq!(
+        post_to(&h.controller, &h.clock, body).await,
+        http::StatusCode::OK
+    );
+    let stored = || {
+        h.cluster
+            .get::<k8s_openapi::api::core::v1::ConfigMap>(
+                Some("automigrate-system"),
+                ALERTS_CONFIG_MAP,
+            )
+            .and_then(|map| map.data)
+            .unwrap_or_default()
+    };
+    assert_eq!(stored().len(), MAX_PERSISTED);
+
+    // Past the time to live, the next payload prunes every stale entry.
+    h.clock.set(at(4 * 3600 + 1));
+    let book = h.controller.alerts.clone();
+    eventually("the store to show the book", || {
+        book.firing(at(0)).len() == MAX_PERSISTED
+    })
+    .await;
+    assert_eq!(
+        post_to(&h.controller, &h.clock, alert_payload("edge-1", "firing")).await,
+        http::StatusCode::OK
+    );
+    let left = stored();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left.values().all(|entry| entry.contains("edge-1")));
+}
