@@ -235,6 +235,45 @@ fn kubectl_get_apply_watch_describe_delete() {
     let again = server.ok(&["apply", "--validate=false", "-f", &manifest]);
     assert!(again.contains("pod/train unchanged"), "{again}");
 
+    // Re-applying a changed manifest: a changed annotation merges; a changed container list
+    // would need strategic-merge list semantics, so it is refused and the pod stays whole.
+    let annotated = write(
+        server.dir.path(),
+        "annotated.yaml",
+        &OBJECTS.replace(
+            r#"automigrate.dev/protect: "true""#,
+            r#"automigrate.dev/protect: "false""#,
+        ),
+    );
+    let configured = server.ok(&["apply", "--validate=false", "-f", &annotated]);
+    assert!(configured.contains("pod/train configured"), "{configured}");
+    let protect = server.ok(&[
+        "get",
+        "pod",
+        "train",
+        "-o",
+        r"jsonpath={.metadata.annotations.automigrate\.dev/protect}",
+    ]);
+    assert_eq!(protect, "false");
+    let reimaged = write(
+        server.dir.path(),
+        "reimaged.yaml",
+        &OBJECTS.replacen("image: local/trainer", "image: local/other", 1),
+    );
+    let refused = server.fails(&["apply", "--validate=false", "-f", &reimaged]);
+    assert!(
+        refused.contains("not supported by this API server"),
+        "{refused}"
+    );
+    let image = server.ok(&[
+        "get",
+        "pod",
+        "train",
+        "-o",
+        "jsonpath={.spec.containers[0].image}",
+    ]);
+    assert_eq!(image, "local/trainer");
+
     // A watch that sees the controller's status write.
     let (mut watch, lines) = server.follow(&["get", "migrations", "-w", "--output-watch-events"]);
     expect_line(&lines, "the ADDED migration", |l| {

@@ -427,7 +427,18 @@ pub(crate) fn resources(store: &Store) -> Vec<ApiResource> {
                 kind: kind.to_owned(),
                 namespaced,
                 short_names: strings(short_names),
-                categories: if plural == "pods" || plural == "services" {
+                // `kubectl get all`, as a real server groups it.
+                categories: if matches!(
+                    plural,
+                    "pods"
+                        | "services"
+                        | "deployments"
+                        | "daemonsets"
+                        | "statefulsets"
+                        | "replicasets"
+                        | "jobs"
+                        | "cronjobs"
+                ) {
                     strings(&["all"])
                 } else {
                     Vec::new()

@@ -150,6 +150,20 @@ impl ApiError {
             } => Some(json!({ "name": name, "group": group, "kind": resource })),
             _ => None,
         };
+        let details = match (self, details) {
+            // A real server lists the invalid fields; kubectl prints only these causes (not
+            // the message) for a 422, so the message travels as the one cause.
+            (ApiError::Invalid { message, .. }, Some(mut details)) => {
+                if let Some(map) = details.as_object_mut() {
+                    map.insert(
+                        "causes".into(),
+                        json!([{ "reason": "FieldValueInvalid", "message": message, "field": "" }]),
+                    );
+                }
+                Some(details)
+            }
+            (_, details) => details,
+        };
         if let (Some(details), Some(map)) = (details, status.as_object_mut()) {
             map.insert("details".into(), details);
         }

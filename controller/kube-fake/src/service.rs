@@ -397,11 +397,25 @@ impl FakeCluster {
                     .unwrap_or_default()
                     .trim();
                 let update = match media {
+                    "application/merge-patch+json" => Update::Merge(body),
                     // Strategic merge is approximated by a JSON merge patch: list merge keys are
-                    // not known to a schema-less server, so lists are replaced whole.
-                    "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
-                        Update::Merge(body)
-                    }
+                    // not known to a schema-less server, so lists are replaced whole. A patch
+                    // with directives (`kubectl apply` changing a list sends
+                    // `$setElementOrder/...` and only the changed fields of each element) would
+                    // replace a list by those partial elements: refused instead of corrupting.
+                    "application/strategic-merge-patch+json" => match directive(&body) {
+                        Some(key) => {
+                            return Err(ApiError::Invalid {
+                                resource: resource.plural.clone(),
+                                group: resource.group.clone(),
+                                name: name.to_owned(),
+                                message: format!(
+                                    "strategic merge patch directive {key:?} is not supported by this API server (it merges lists whole); use kubectl replace, or delete and re-create the object"
+                                ),
+                            });
+                        }
+                        None => Update::Merge(body),
+                    },
                     "application/json-patch+json" => Update::Json(body),
                     "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
                         Update::Apply(body)
@@ -708,6 +722,22 @@ impl FakeCluster {
             response.headers_mut().insert(header::CONTENT_TYPE, value);
         }
         Ok(response)
+    }
+}
+
+/// The first strategic-merge-patch directive key (`$patch`, `$setElementOrder/...`,
+/// `$retainKeys`, `$deleteFromPrimitiveList/...`) anywhere in `patch`.
+fn directive(patch: &Value) -> Option<String> {
+    match patch {
+        Value::Object(map) => map.iter().find_map(|(key, value)| {
+            if key.starts_with('$') {
+                Some(key.clone())
+            } else {
+                directive(value)
+            }
+        }),
+        Value::Array(items) => items.iter().find_map(directive),
+        _ => None,
     }
 }
 
