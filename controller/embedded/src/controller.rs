@@ -1997,7 +1997,7 @@ impl LocalController {
                 .await?;
         }
         match action {
-            RollbackAction::KeepSource => {}
+            RollbackAction::KeepSource => return self.keep_source(run).await,
             RollbackAction::RestoreOnSource => {
                 let Some((id, _)) = self.checkpoint_to_use(run) else {
                     return Ok(Self::failed_step(
@@ -2038,6 +2038,69 @@ impl LocalController {
                 run.driver.fresh_start = true;
             }
         }
+        Ok(Self::succeeded(None))
+    }
+
+    /// Keeping the source means it must run. A final dump whose step failed (its agent stopped
+    /// answering mid-dump, the deadline passed) may still have completed and stopped the
+    /// container: then the source is restored from the newest checkpoint its own store
+    /// verifies (that dump, if it landed), or started fresh if it has none. A source that
+    /// runs, finished its training, or whose node is dead is left as it is.
+    async fn keep_source(&mut self, run: &mut MigrationRun) -> Result<Event, ControllerError> {
+        let source = Arc::clone(self.node(&run.state.source)?);
+        let finished = self
+            .progress_of(&run.state.source, &run.old_container)
+            .done()
+            .is_some();
+        if !source.is_alive() || finished || source.container_running(&self.runtime_id()) {
+            return Ok(Self::succeeded(None));
+        }
+        let newest = {
+            let store = source.store().clone();
+            let pod = automigrate_checkpoint::PodKey::new(
+                &self.pod.config.pod.namespace,
+                &self.pod.config.pod.name,
+            );
+            tokio::task::spawn_blocking(move || {
+                store
+                    .list(&pod)
+                    .ok()?
+                    .into_iter()
+                    .rev()
+                    .filter(|stored| stored.manifest.kind.restorable())
+                    .find(|stored| store.verified(&pod, &stored.manifest.id).is_ok())
+                    .map(|stored| stored.manifest.id)
+            })
+            .await
+            .ok()
+            .flatten()
+        };
+        let container = format!(
+            "{}-{}-{}",
+            self.pod.config.pod.name,
+            run.state.source,
+            self.pod.generation + 1
+        );
+        tracing::warn!(
+            source = %run.state.source,
+            checkpoint = newest.as_deref().unwrap_or("none"),
+            "keeping the source: its container is stopped (a final dump completed after its step failed); bringing it back"
+        );
+        source.remove_container(&self.runtime_id()).await?;
+        let spec = self.spec(&container);
+        match &newest {
+            Some(id) => {
+                source
+                    .restore(&spec, id, self.clock.to_real(run.limits.restore))
+                    .await?;
+            }
+            None => {
+                source.run_fresh(&spec).await?;
+                run.driver.fresh_start = true;
+            }
+        }
+        run.new_container = container;
+        run.driver.checkpoint_used = newest;
         Ok(Self::succeeded(None))
     }
 
