@@ -18,6 +18,11 @@ else
     scripts/install-node-deps.sh
 fi
 step "kubectl (the local API server's test runs the real client against it)"
+if ! command -v kubectl >/dev/null 2>&1 && [[ ${AUTOMIGRATE_SKIP_PRIVILEGED:-} != 1 ]] \
+    && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    # Debian's kubernetes-client (kubectl 1.20) speaks the legacy discovery the server serves.
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client
+fi
 if command -v kubectl >/dev/null 2>&1; then
     kubectl version --client
 elif [[ ${AUTOMIGRATE_SKIP_PRIVILEGED:-} == 1 ]]; then
