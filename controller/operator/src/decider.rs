@@ -255,6 +255,8 @@ impl Decider {
             .filter(|deferred| deferred.no_target)
             .count();
         metrics::gauge!(crate::metrics::PODS_WITHOUT_TARGET).set(without_target as f64);
+        metrics::gauge!(crate::metrics::FAILED_MIGRATIONS)
+            .set(needing_attention(&migrations) as f64);
         metrics::gauge!(crate::metrics::CHECKPOINTS_POSTPONED)
             .set(decisions.summary.checkpoints_postponed as f64);
         let checkpoints = decisions.checkpoints.clone();
@@ -880,6 +882,25 @@ pub fn initial_status(
         conditions: Vec::new(),
         observed_generation: generation,
     }
+}
+
+/// Migrations that ended `Failed` after they began to act (a request refused before it started
+/// is answered to the person who asked and is not counted). They stay counted until a person
+/// deletes the Migration: `Failed` is what a person must look at, so its alert must not clear
+/// on its own.
+pub fn needing_attention(migrations: &[std::sync::Arc<Migration>]) -> usize {
+    migrations
+        .iter()
+        .filter_map(|migration| migration.status.as_ref())
+        .filter(|status| {
+            status.state.phase == Phase::Failed
+                && status
+                    .state
+                    .history
+                    .iter()
+                    .any(|timing| timing.phase != Phase::Pending)
+        })
+        .count()
 }
 
 #[cfg(test)]

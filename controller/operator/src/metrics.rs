@@ -17,6 +17,8 @@
 //!   `metric_label`).
 //! - `automigrate_webhook_requests_total{result}`: Alertmanager webhook answers.
 //! - `automigrate_policy_rejections_total{policy}`: invalid policy edits kept out.
+//! - `automigrate_migrations_failed`: Migrations that ended `Failed` after they began to act
+//!   and have not been deleted (what a person must look at; set every decision pass).
 //! - `automigrate_leader`: 1 while this replica holds the leader Lease, 0 on every other replica
 //!   (set every election round).
 //! - `automigrate_signal_queries_total{source,result}`: latency reads, `source` `agent` (one
@@ -40,6 +42,7 @@ pub const POLICY_REJECTIONS: &str = "automigrate_policy_rejections_total";
 pub const PODS_WITHOUT_TARGET: &str = "automigrate_pods_without_target";
 pub const CHECKPOINTS_POSTPONED: &str = "automigrate_checkpoints_postponed";
 pub const LEADER: &str = "automigrate_leader";
+pub const FAILED_MIGRATIONS: &str = "automigrate_migrations_failed";
 pub const SIGNAL_QUERIES: &str = "automigrate_signal_queries_total";
 
 /// Shortest time a gauge may go unset before its series is dropped.
@@ -126,6 +129,10 @@ fn describe() {
     metrics::describe_gauge!(
         PODS_WITHOUT_TARGET,
         "Protected pods that should move but no node can take (last decision pass)"
+    );
+    metrics::describe_gauge!(
+        FAILED_MIGRATIONS,
+        "Migrations that ended Failed after they began and are not deleted yet (a person must look)"
     );
     metrics::describe_gauge!(
         CHECKPOINTS_POSTPONED,

@@ -966,3 +966,67 @@ async fn the_shared_alert_book_stays_bounded() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(left.values().all(|entry| entry.contains("edge-1")));
 }
+
+// Defect 1's rule "`Failed` raises an alert": the counter-based alert cleared itself 15 minutes
+// after the migration ended, although a Failed migration waits for a person. The gauge counts
+// Failed migrations that began to act until they are deleted; a refused request is not one.
+#[tokio::test]
+async fn failed_migrations_stay_counted_until_deleted() {
+    let metrics = recorder();
+    let h = Harness::new().await;
+    healthy_cluster(&h, "{}").await;
+    h.settle(3, 1).await;
+    let api: Api<Migration> = Api::namespaced(h.cluster.clone().client(), NS);
+    let refused = manual::request(&api, "ghost", None, "").await.unwrap();
+    let refused_name = refused.metadata.name.clone().unwrap();
+    let stores = h.controller.stores.clone();
+    eventually("the request to reach the store", || {
+        stores.migrations.state().len() == 1
+    })
+    .await;
+    h.controller.decider.pass(at(0)).await.unwrap();
+    let mut stuck: Migration = h.cluster.get(Some(NS), &refused_name).unwrap();
+    let status = stuck.status.as_ref().unwrap();
+    assert_eq!(status.state.phase, Phase::Failed, "refused: {status:?}");
+
+    let gauge = |value: &str| format!("automigrate_migrations_failed {value}");
+    h.controller.decider.pass(at(10)).await.unwrap();
+    assert!(
+        metrics.render().contains(&gauge("0")),
+        "a refused request is not counted:\n{}",
+        metrics.render()
+    );
+
+    // The same Migration as if it had begun: Syncing in its history before Failed.
+    stuck.metadata.name = Some("began-then-failed".into());
+    stuck.metadata.resource_version = None;
+    stuck.metadata.uid = None;
+    if let Some(status) = stuck.status.as_mut()
+        && let Some(first) = status.state.history.first().cloned()
+    {
+        let mut syncing = first;
+        syncing.phase = Phase::Syncing;
+        status.state.history.push(syncing);
+    }
+    h.cluster.put(&stuck);
+    eventually("the failed migration to reach the store", || {
+        stores.migrations.state().len() == 2
+    })
+    .await;
+    for second in [20, 2_000] {
+        h.controller.decider.pass(at(second)).await.unwrap();
+        assert!(
+            metrics.render().contains(&gauge("1")),
+            "counted at {second}s:\n{}",
+            metrics.render()
+        );
+    }
+
+    h.cluster.remove::<Migration>(Some(NS), "began-then-failed");
+    eventually("the deletion to reach the store", || {
+        stores.migrations.state().len() == 1
+    })
+    .await;
+    h.controller.decider.pass(at(2_010)).await.unwrap();
+    assert!(metrics.render().contains(&gauge("0")), "{}", metrics.render());
+}
