@@ -211,6 +211,9 @@ struct Worker {
     written: Option<serde_json::Value>,
     transitions: BTreeMap<String, (String, Timestamp)>,
     exits: (mpsc::Sender<Exit>, mpsc::Receiver<Exit>),
+    /// The pod had already ended when this worker first saw it (a kubelet restarted after it
+    /// finished): its containers never run again and its status stays as written.
+    finished_before: bool,
 }
 
 impl Worker {
@@ -222,11 +225,23 @@ impl Worker {
             written: None,
             transitions: BTreeMap::new(),
             exits: mpsc::channel(16),
+            finished_before: false,
         }
     }
 
     async fn run(mut self, mut updates: watch::Receiver<Option<Pod>>) {
         let mut last_pod: Option<Pod> = None;
+        if let Some(status) = updates
+            .borrow()
+            .as_ref()
+            .and_then(|pod| pod.status.as_ref())
+        {
+            // What an earlier kubelet process wrote stands: the start time, and a terminal phase.
+            if let Some(start) = &status.start_time {
+                self.start_time = start.0;
+            }
+            self.finished_before = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+        }
         loop {
             let current = updates.borrow_and_update().clone();
             let Some(pod) = current else {
@@ -243,8 +258,10 @@ impl Worker {
                 self.terminate(&pod).await;
                 return;
             }
-            self.start_due(&pod).await;
-            self.write_status(&pod).await;
+            if !self.finished_before {
+                self.start_due(&pod).await;
+                self.write_status(&pod).await;
+            }
             last_pod = Some(pod);
             let next_start = self
                 .containers
@@ -465,6 +482,12 @@ impl Worker {
 
     /// Graceful deletion: stop, report, then confirm with a zero-grace DELETE.
     async fn terminate(&mut self, pod: &Pod) {
+        if self.finished_before {
+            // Nothing runs; the status written when it ended stays.
+            self.delete_confirmed(pod).await;
+            self.cleanup(pod);
+            return;
+        }
         let grace = pod
             .metadata
             .deletion_grace_period_seconds
@@ -472,6 +495,12 @@ impl Worker {
         tracing::info!(pod = ?pod.metadata.name, ?grace, "stopping the pod's containers");
         self.stop_all(pod, grace).await;
         self.write_status(pod).await;
+        self.delete_confirmed(pod).await;
+        self.cleanup(pod);
+    }
+
+    /// The kubelet's zero-grace DELETE, preconditioned on the pod's uid.
+    async fn delete_confirmed(&self, pod: &Pod) {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.context.client.clone(), namespace);
@@ -490,7 +519,6 @@ impl Worker {
             }
             Err(error) => tracing::warn!(pod = name, %error, "pod not removed"),
         }
-        self.cleanup(pod);
     }
 
     fn cleanup(&self, pod: &Pod) {

@@ -403,6 +403,13 @@ impl Runtime {
     ) -> Result<Running, RuntimeError> {
         let runc_root = self.layout.runc_root();
         let exit_file = exit_file(log);
+        // A fresh log per attempt: an error line in it is how a failed start is told apart
+        // from a container that ran and ended before it was seen running.
+        if let Err(error) = std::fs::remove_file(log)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(io_error(log)(error));
+        }
         // conmon's job, in one line of shell: runc's exit code (the container's) lands in a
         // file, so a kubelet that restarted while the container ran still learns it.
         let mut child = tokio::process::Command::new("/bin/sh")
@@ -425,6 +432,15 @@ impl Runtime {
         let deadline = tokio::time::Instant::now() + self.start_timeout;
         loop {
             if let Some(status) = child.try_wait().map_err(io_error(log))? {
+                if !runc_reported_error(log) {
+                    // It ran, and ended between two looks: its exit code is the container's.
+                    let (_, exit) = watch::channel(Some(exit_code(status)));
+                    return Ok(Running {
+                        id: id.to_string(),
+                        started_at: Timestamp::now(),
+                        exit,
+                    });
+                }
                 return Err(RuntimeError::StartFailed {
                     id: id.to_string(),
                     exit_code: status.code(),
@@ -606,6 +622,15 @@ const EXIT_CODE_WRAPPER: &str =
 
 fn exit_file(log: &Path) -> PathBuf {
     log.with_file_name("exit-code")
+}
+
+/// Whether runc logged an error (its `--log` holds only warnings and errors of runc itself,
+/// never the container's output).
+fn runc_reported_error(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|text| {
+        text.lines()
+            .any(|line| line.contains("level=error") || line.contains("\"level\":\"error\""))
+    })
 }
 
 fn read_exit_file(path: &Path) -> Option<i32> {

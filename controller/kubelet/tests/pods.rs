@@ -5,7 +5,9 @@
 mod common;
 
 use common::{NODE, NODE_IP, RuncGuard, cluster, eventually, skip_privileged, start};
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    Container, HostPathVolumeSource, Pod, PodSpec, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 
@@ -314,6 +316,120 @@ async fn a_restarted_kubelet_adopts_the_running_containers_instead_of_starting_c
     .unwrap();
     eventually("the pod removed", || stored(&cluster, "long").is_none()).await;
     assert_eq!(last_reported_exit_code(&cluster, "long"), 137);
+    assert!(guard.containers().is_empty());
+    kubelet.shutdown().await.unwrap();
+}
+
+/// A completed pod stays completed: a kubelet restarted after the pod ended must not run its
+/// containers again (nor write its phase back to Pending).
+#[tokio::test]
+async fn a_restarted_kubelet_does_not_run_a_finished_pod_again() {
+    if skip_privileged("a_restarted_kubelet_does_not_run_a_finished_pod_again") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let _guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let mut finished = pod("finished", "echo run >> /work/runs; exit 3", "Never");
+    let spec = finished.spec.as_mut().unwrap();
+    spec.containers[0].volume_mounts = Some(vec![VolumeMount {
+        name: "work".into(),
+        mount_path: "/work".into(),
+        ..VolumeMount::default()
+    }]);
+    spec.volumes = Some(vec![Volume {
+        name: "work".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: work.path().display().to_string(),
+            type_: None,
+        }),
+        ..Volume::default()
+    }]);
+    pods.create(&PostParams::default(), &finished)
+        .await
+        .unwrap();
+    eventually("the pod Failed", || {
+        stored(&cluster, "finished")
+            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Failed"))
+    })
+    .await;
+    let before = stored(&cluster, "finished").unwrap().status.unwrap();
+    // It ran once: a container that ends before the kubelet sees it running has still run (it
+    // was taken for a failed start and run again, restartPolicy or not).
+    let runs = std::fs::read_to_string(work.path().join("runs")).unwrap();
+    assert_eq!(runs.lines().count(), 1, "ran more than once: {runs:?}");
+    kubelet.shutdown().await.unwrap();
+
+    let kubelet = start(&cluster, root.path()).await;
+    // A pod created after the restart runs: by then the new kubelet has seen both pods (the
+    // finished one came in its initial list).
+    pods.create(&PostParams::default(), &pod("after", "sleep 1000", "Never"))
+        .await
+        .unwrap();
+    eventually("the new pod Running", || {
+        stored(&cluster, "after")
+            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
+    })
+    .await;
+    let runs = std::fs::read_to_string(work.path().join("runs")).unwrap();
+    assert_eq!(
+        runs.lines().count(),
+        1,
+        "ran again after the restart: {runs:?}"
+    );
+    let after = stored(&cluster, "finished").unwrap().status.unwrap();
+    assert_eq!(after.phase.as_deref(), Some("Failed"));
+    assert_eq!(after.start_time, before.start_time);
+    assert_eq!(
+        after.container_statuses.unwrap()[0]
+            .state
+            .clone()
+            .unwrap()
+            .terminated
+            .unwrap()
+            .exit_code,
+        3
+    );
+    kubelet.shutdown().await.unwrap();
+}
+
+/// A container runc cannot start is a failed start (waiting, RunContainerError, runc's reason),
+/// not a container that ran and exited.
+#[tokio::test]
+async fn a_container_runc_cannot_start_waits_with_run_container_error() {
+    if skip_privileged("a_container_runc_cannot_start_waits_with_run_container_error") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let mut broken = pod("broken", "", "Never");
+    broken.spec.as_mut().unwrap().containers[0].command = Some(vec!["/nonexistent/program".into()]);
+    pods.create(&PostParams::default(), &broken).await.unwrap();
+    eventually("RunContainerError", || {
+        stored(&cluster, "broken")
+            .and_then(|p| main_status(&p))
+            .and_then(|s| s.state?.waiting?.reason)
+            .as_deref()
+            == Some("RunContainerError")
+    })
+    .await;
+    let pod = stored(&cluster, "broken").unwrap();
+    let waiting = main_status(&pod).unwrap().state.unwrap().waiting.unwrap();
+    assert!(
+        waiting
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("/nonexistent/program"),
+        "{waiting:?}"
+    );
+    assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Pending"));
     assert!(guard.containers().is_empty());
     kubelet.shutdown().await.unwrap();
 }
