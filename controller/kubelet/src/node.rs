@@ -29,9 +29,71 @@ pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 /// What this kubelet reports as its version: the Kubernetes API version it speaks, marked local.
 pub const KUBELET_VERSION: &str = "v1.33.0-automigrate-local";
 
-/// The real kubelet's default hard eviction thresholds, which decide its pressure conditions.
-const MEMORY_AVAILABLE_THRESHOLD: u64 = 100 << 20;
-const NODEFS_AVAILABLE_PERCENT: u64 = 10;
+/// The thresholds below which the node reports memory or disk pressure (the real kubelet's
+/// hard eviction thresholds `memory.available` and `nodefs.available`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub memory_available_bytes: u64,
+    pub nodefs_available_percent: u64,
+}
+
+impl Default for Thresholds {
+    /// The kubelet's defaults: `memory.available<100Mi`, `nodefs.available<10%`.
+    fn default() -> Self {
+        Self {
+            memory_available_bytes: 100 << 20,
+            nodefs_available_percent: 10,
+        }
+    }
+}
+
+impl std::str::FromStr for Thresholds {
+    type Err = String;
+
+    /// The kubelet's `--eviction-hard` syntax for the two signals used here, e.g.
+    /// `memory.available<100Mi,nodefs.available<10%`; a signal left out keeps its default.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut thresholds = Self::default();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (signal, value) = entry
+                .split_once('<')
+                .ok_or_else(|| format!("`{entry}`: expected <signal><<value>"))?;
+            match signal {
+                "memory.available" => {
+                    thresholds.memory_available_bytes = parse_bytes(value)
+                        .ok_or_else(|| format!("`{value}`: expected a quantity like 100Mi"))?;
+                }
+                "nodefs.available" => {
+                    thresholds.nodefs_available_percent = value
+                        .strip_suffix('%')
+                        .and_then(|number| number.parse().ok())
+                        .ok_or_else(|| format!("`{value}`: expected a percentage like 10%"))?;
+                }
+                other => return Err(format!("unsupported eviction signal `{other}`")),
+            }
+        }
+        Ok(thresholds)
+    }
+}
+
+fn parse_bytes(text: &str) -> Option<u64> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -63,6 +125,7 @@ pub struct NodeConfig {
     pub lease_duration_seconds: i32,
     /// `containerRuntimeVersion` in nodeInfo, e.g. `runc://1.1.5`.
     pub runtime_version: String,
+    pub thresholds: Thresholds,
 }
 
 impl NodeConfig {
@@ -77,6 +140,7 @@ impl NodeConfig {
             lease_renew_interval: Duration::from_secs(10),
             lease_duration_seconds: 40,
             runtime_version: "runc://unknown".to_string(),
+            thresholds: Thresholds::default(),
         }
     }
 }
@@ -91,9 +155,10 @@ pub struct Decided {
 }
 
 /// The node's conditions from what the kernel reports, with the real kubelet's reasons.
-pub fn decide_conditions(root_dir: &Path) -> Vec<Decided> {
-    let memory_low = mem_available().is_some_and(|bytes| bytes < MEMORY_AVAILABLE_THRESHOLD);
-    let disk_low = disk_available_percent(root_dir).is_some_and(|p| p < NODEFS_AVAILABLE_PERCENT);
+pub fn decide_conditions(root_dir: &Path, thresholds: &Thresholds) -> Vec<Decided> {
+    let memory_low = mem_available().is_some_and(|bytes| bytes < thresholds.memory_available_bytes);
+    let disk_low = disk_available_percent(root_dir)
+        .is_some_and(|percent| percent < thresholds.nodefs_available_percent);
     vec![
         if memory_low {
             Decided {
@@ -302,7 +367,7 @@ pub async fn update_status(client: &kube::Client, config: &NodeConfig) -> Result
         .unwrap_or_default();
     let conditions = merge_conditions(
         &previous,
-        &decide_conditions(&config.root_dir),
+        &decide_conditions(&config.root_dir, &config.thresholds),
         Timestamp::now(),
     );
     nodes
@@ -404,6 +469,50 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    fn status_of(decided: &[Decided], kind: &str) -> &'static str {
+        decided.iter().find(|c| c.kind == kind).unwrap().status
+    }
+
+    #[test]
+    fn pressure_follows_the_thresholds() {
+        let never = Thresholds {
+            memory_available_bytes: 0,
+            nodefs_available_percent: 0,
+        };
+        let always = Thresholds {
+            memory_available_bytes: u64::MAX,
+            nodefs_available_percent: 101,
+        };
+        let relaxed = decide_conditions(Path::new("/"), &never);
+        assert_eq!(status_of(&relaxed, "MemoryPressure"), "False");
+        assert_eq!(status_of(&relaxed, "DiskPressure"), "False");
+        let strict = decide_conditions(Path::new("/"), &always);
+        assert_eq!(status_of(&strict, "MemoryPressure"), "True");
+        assert_eq!(status_of(&strict, "DiskPressure"), "True");
+        assert_eq!(status_of(&strict, "Ready"), "True");
+    }
+
+    #[test]
+    fn eviction_hard_syntax() {
+        let parsed: Thresholds = "memory.available<1Gi,nodefs.available<5%".parse().unwrap();
+        assert_eq!(
+            parsed,
+            Thresholds {
+                memory_available_bytes: 1 << 30,
+                nodefs_available_percent: 5
+            }
+        );
+        assert_eq!(
+            "nodefs.available<0%"
+                .parse::<Thresholds>()
+                .unwrap()
+                .memory_available_bytes,
+            100 << 20
+        );
+        assert!("imagefs.available<15%".parse::<Thresholds>().is_err());
+        assert!("memory.available<lots".parse::<Thresholds>().is_err());
+    }
+
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(1_900_000_000 + seconds).unwrap()
     }
@@ -426,7 +535,7 @@ mod tests {
 
     #[test]
     fn a_healthy_host_reports_every_condition() {
-        let kinds: Vec<_> = decide_conditions(Path::new("/"))
+        let kinds: Vec<_> = decide_conditions(Path::new("/"), &Thresholds::default())
             .iter()
             .map(|c| c.kind)
             .collect();

@@ -46,6 +46,10 @@ struct Args {
     /// kubelet's checkpoint directory mounted, as on a real node).
     #[arg(long, default_value = automigrate_checkpoint::kubelet::KUBELET_CHECKPOINT_DIR)]
     reported_checkpoint_dir: PathBuf,
+    /// Hard eviction thresholds that decide MemoryPressure and DiskPressure, in the kubelet's
+    /// syntax (its defaults; nothing is evicted here).
+    #[arg(long, default_value = "memory.available<100Mi,nodefs.available<10%")]
+    eviction_hard: automigrate_kubelet::node::Thresholds,
     /// The runc program.
     #[arg(long, default_value = "runc")]
     runc: String,
@@ -122,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
     node.status_update_interval = args.node_status_update_frequency;
     node.lease_renew_interval = args.lease_renew_interval;
     node.lease_duration_seconds = args.node_lease_duration_seconds;
+    node.thresholds = args.eviction_hard;
     let config = KubeletConfig {
         node,
         pods: PodConfig::new(&args.node_name, &args.node_ip),

@@ -37,6 +37,12 @@ pub fn config(root: &Path) -> KubeletConfig {
     let mut node = NodeConfig::new(NODE, NODE_IP, root.to_path_buf());
     node.status_update_interval = Duration::from_millis(50);
     node.lease_renew_interval = Duration::from_millis(50);
+    // No pressure whatever the test machine's disk and memory: the tests assert on what the
+    // kubelet reports, not on the host (the thresholds have their own unit test).
+    node.thresholds = automigrate_kubelet::node::Thresholds {
+        memory_available_bytes: 0,
+        nodefs_available_percent: 0,
+    };
     let mut pods = PodConfig::new(NODE, NODE_IP);
     pods.initial_backoff = Duration::from_millis(100);
     KubeletConfig {
