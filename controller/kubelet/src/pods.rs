@@ -90,6 +90,8 @@ impl Registry {
 
 struct Context {
     client: kube::Client,
+    /// The kubelet's shutdown signal, for loops that would otherwise retry forever.
+    shutdown: watch::Receiver<bool>,
     runtime: Arc<Runtime>,
     config: PodConfig,
     registry: Registry,
@@ -108,6 +110,7 @@ pub async fn run(
     let selector = format!("spec.nodeName={}", config.node);
     let context = Arc::new(Context {
         client,
+        shutdown: shutdown.clone(),
         runtime,
         config,
         registry,
@@ -201,6 +204,10 @@ struct ContainerRecord {
     last: Option<Ended>,
 }
 
+/// How soon a refused pod status write or confirming DELETE is tried again (doubling, up to
+/// 10 s, for the DELETE).
+const STATUS_RETRY: Duration = Duration::from_secs(1);
+
 /// A container of the pod ended: its name and exit code.
 type Exit = (String, i32);
 
@@ -214,6 +221,9 @@ struct Worker {
     /// The pod had already ended when this worker first saw it (a kubelet restarted after it
     /// finished): its containers never run again and its status stays as written.
     finished_before: bool,
+    /// When to write the status again after the API server refused it (the real status
+    /// manager retries too).
+    status_retry: Option<tokio::time::Instant>,
 }
 
 impl Worker {
@@ -226,6 +236,7 @@ impl Worker {
             transitions: BTreeMap::new(),
             exits: mpsc::channel(16),
             finished_before: false,
+            status_retry: None,
         }
     }
 
@@ -270,6 +281,9 @@ impl Worker {
                     Slot::Waiting { start_at, .. } => start_at,
                     _ => None,
                 })
+                .min()
+                .into_iter()
+                .chain(self.status_retry)
                 .min();
             tokio::select! {
                 changed = updates.changed() => {
@@ -512,12 +526,28 @@ impl Worker {
             }),
             ..DeleteParams::default()
         };
-        match api.delete(name, &params).await {
-            Ok(_) => tracing::info!(pod = name, "pod removed"),
-            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
-                tracing::info!(pod = name, "pod already gone or replaced");
+        // Until it is done: a pod left Terminating would never go away (a partition that
+        // heals must still end in the confirmation).
+        let mut delay = STATUS_RETRY;
+        loop {
+            match api.delete(name, &params).await {
+                Ok(_) => {
+                    tracing::info!(pod = name, "pod removed");
+                    return;
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {
+                    tracing::info!(pod = name, "pod already gone or replaced");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(pod = name, %error, ?delay, "pod not removed; retrying");
+                }
             }
-            Err(error) => tracing::warn!(pod = name, %error, "pod not removed"),
+            if self.context.shutdown.has_changed().is_err() || *self.context.shutdown.borrow() {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -622,8 +652,14 @@ impl Worker {
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
             .await
         {
-            Ok(_) => self.written = Some(body),
-            Err(error) => tracing::warn!(pod = name, %error, "pod status not written"),
+            Ok(_) => {
+                self.written = Some(body);
+                self.status_retry = None;
+            }
+            Err(error) => {
+                tracing::warn!(pod = name, %error, "pod status not written; retrying");
+                self.status_retry = Some(tokio::time::Instant::now() + STATUS_RETRY);
+            }
         }
     }
 }

@@ -433,3 +433,67 @@ async fn a_container_runc_cannot_start_waits_with_run_container_error() {
     assert!(guard.containers().is_empty());
     kubelet.shutdown().await.unwrap();
 }
+
+/// The API server refusing writes for a while (an outage, a partition that heals) delays the
+/// kubelet's pod status and its confirming DELETE; it does not lose them.
+#[tokio::test]
+async fn status_and_the_confirming_delete_are_retried_after_api_errors() {
+    if skip_privileged("status_and_the_confirming_delete_are_retried_after_api_errors") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let guard = RuncGuard::new(root.path().join("runc"));
+    let cluster = cluster();
+    let kubelet = start(&cluster, root.path()).await;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let status_path = format!("/api/v1/namespaces/{NS}/pods/flaky-api/status");
+    cluster.inject_fault(
+        automigrate_kube_fake::Fault::status(503)
+            .on(http::Method::PATCH, &status_path)
+            .times(3),
+    );
+    pods.create(
+        &PostParams::default(),
+        &pod("flaky-api", "sleep 1000", "Never"),
+    )
+    .await
+    .unwrap();
+    eventually("the pod Running despite refused status writes", || {
+        stored(&cluster, "flaky-api")
+            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
+    })
+    .await;
+
+    pods.delete(
+        "flaky-api",
+        &DeleteParams {
+            grace_period_seconds: Some(1),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Injected before the kubelet's confirmation can come: `sh` as init ignores SIGTERM, so the
+    // container ends only when the 1 s grace period is over. The final status write is refused
+    // too: kube-fake removes a terminating pod on any write to it (a real API server waits for
+    // the zero-grace DELETE), so only the DELETE may remove it here.
+    cluster.inject_fault(
+        automigrate_kube_fake::Fault::status(503)
+            .on(http::Method::PATCH, &status_path)
+            .times(1),
+    );
+    cluster.inject_fault(
+        automigrate_kube_fake::Fault::status(503)
+            .on(
+                http::Method::DELETE,
+                &format!("/api/v1/namespaces/{NS}/pods/flaky-api"),
+            )
+            .times(3),
+    );
+    eventually("the pod removed despite refused DELETEs", || {
+        stored(&cluster, "flaky-api").is_none()
+    })
+    .await;
+    assert!(guard.containers().is_empty());
+    kubelet.shutdown().await.unwrap();
+}
