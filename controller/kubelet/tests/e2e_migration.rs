@@ -9,10 +9,10 @@
 //! with `automigrate-kubelet import-image`); two `automigrate-controller` replicas with leader
 //! election. The nodes' state lives on tmpfs (`/dev/shm`), so a nearly full build disk does not
 //! put them under DiskPressure, where the controller moves nothing to them.
-//! The controller finds each node's agent as it does on a cluster, as the Running pod of the
-//! agent DaemonSet on that node (its pod IP and the agent port): here a `hostNetwork` pod that
-//! the node's kubelet runs (so its pod IP is the node's IP) stands for the agent process, which
-//! runs beside it on the same address (see docs/local-cluster.md, "End to end").
+//! Each agent runs as its node's agent DaemonSet pod (`hostNetwork`, as deploy/agent.yaml's
+//! labels and settings), started by that node's kubelet under runc, and the controller finds it
+//! as on a cluster: the Running agent pod on the node, its pod IP and the agent port (see
+//! docs/local-cluster.md, "End to end").
 //!
 //! A protected pod on node-a counts in a shell; `kubectl-migrate` asks for a move to node-b.
 //! The test reads the Migration back from the API server (Succeeded, its phases in the history),
@@ -207,8 +207,14 @@ impl Drop for Cluster {
                     text.unwrap_or_else(|e| e)
                 );
             }
-            for (name, _) in &self.children {
-                let log = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+            let logs = std::fs::read_dir(self.dir.path().join("logs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path());
+            for path in logs {
+                let name = path.display();
+                let log = std::fs::read_to_string(&path).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(60).collect();
                 eprintln!("===== {name} (last {} lines) =====", tail.len());
                 for line in tail.iter().rev() {
@@ -307,6 +313,28 @@ fn processes_under(dir: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// The sampling thread, stopped and joined before the cluster is torn down (it is declared
+/// after the cluster), also when the test fails: a `runc list` on a removed root recreates it.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// The counter's last value (`None` while the file is being rewritten).
@@ -441,7 +469,59 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
             .count();
         (ready == 2).then_some(())
     });
-    for (node, _) in NODES {
+    // The agent DaemonSet's pod on each node, as deploy/agent.yaml makes it, run by the node's
+    // kubelet: `hostNetwork` (its pod IP is the node's, where the controller calls it), the
+    // binary and the node's directories as `hostPath` volumes at their host paths (the store,
+    // the kubelet's checkpoint directory, the token and TLS files, the image store that the
+    // import command writes). Its output goes to a log file: the kubelet keeps no logs.
+    let bin_dir = binary("automigrate-agent").parent().unwrap().to_path_buf();
+    for (node, ip) in NODES {
+        let node_dir = root.join(node);
+        let kubelet_dir = node_dir.join("kubelet");
+        let import = format!(
+            "{} import-image --root-dir {} oci:{{layout}}:{{tag}} {{image}}",
+            binary("automigrate-kubelet").display(),
+            kubelet_dir.display()
+        );
+        let log = cluster.log(&format!("agent-{node}"));
+        let env = [
+            ("NODE_NAME", node.to_string()),
+            ("AUTOMIGRATE_TOKEN_FILE", token_file.display().to_string()),
+            (
+                "AUTOMIGRATE_TLS_CERT",
+                tls.join(format!("{node}.pem")).display().to_string(),
+            ),
+            (
+                "AUTOMIGRATE_TLS_KEY",
+                tls.join(format!("{node}-key.pem")).display().to_string(),
+            ),
+            (
+                "AUTOMIGRATE_TLS_CA",
+                tls.join("ca.pem").display().to_string(),
+            ),
+            ("AUTOMIGRATE_API_LISTEN", format!("{ip}:{agent_port}")),
+            (
+                "AUTOMIGRATE_TRANSFER_LISTEN",
+                format!("{ip}:{transfer_port}"),
+            ),
+            (
+                "AUTOMIGRATE_DATA_ROOT",
+                node_dir.join("data").display().to_string(),
+            ),
+            (
+                "AUTOMIGRATE_STORE_ROOT",
+                node_dir.join("checkpoints").display().to_string(),
+            ),
+            (
+                "AUTOMIGRATE_KUBELET_CHECKPOINT_DIR",
+                kubelet_dir.join("checkpoints").display().to_string(),
+            ),
+            ("AUTOMIGRATE_KUBE_API", api_url.clone()),
+            ("AUTOMIGRATE_IMAGE_IMPORT_COMMAND", import),
+            ("RUST_LOG", "info".to_string()),
+            ("NO_COLOR", "1".to_string()),
+        ]
+        .map(|(name, value)| json!({"name": name, "value": value}));
         cluster.apply_json(&json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -457,48 +537,25 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
                 "nodeName": node,
                 "hostNetwork": true,
                 "restartPolicy": "Always",
-                "terminationGracePeriodSeconds": 1,
+                "terminationGracePeriodSeconds": 5,
                 "containers": [{
                     "name": "agent",
                     "image": "ghcr.io/automigrate/automigrate-agent:0.1.0",
-                    "command": ["/bin/sh", "-c", "exec sleep 100000"],
+                    "command": ["/bin/sh", "-c", format!("exec \"$0\" \"$@\" >> {} 2>&1", log.display()),
+                        binary("automigrate-agent").display().to_string(),
+                        "--backend", "kubelet", "--log-format", "text"],
+                    "env": env,
+                    "volumeMounts": [
+                        {"name": "bin", "mountPath": bin_dir.display().to_string(), "readOnly": true},
+                        {"name": "cluster", "mountPath": root.display().to_string()},
+                    ],
                 }],
+                "volumes": [
+                    {"name": "bin", "hostPath": {"path": bin_dir.display().to_string()}},
+                    {"name": "cluster", "hostPath": {"path": root.display().to_string()}},
+                ],
             },
         }));
-    }
-    for (node, ip) in NODES {
-        let node_dir = root.join(node);
-        let kubelet_dir = node_dir.join("kubelet");
-        let import = format!(
-            "{} import-image --root-dir {} oci:{{layout}}:{{tag}} {{image}}",
-            binary("automigrate-kubelet").display(),
-            kubelet_dir.display()
-        );
-        cluster.spawn(
-            &format!("agent-{node}"),
-            Command::new(binary("automigrate-agent"))
-                .args(["--backend", "kubelet", "--log-format", "text"])
-                .env("NODE_NAME", node)
-                .env("AUTOMIGRATE_TOKEN_FILE", &token_file)
-                .env("AUTOMIGRATE_TLS_CERT", tls.join(format!("{node}.pem")))
-                .env("AUTOMIGRATE_TLS_KEY", tls.join(format!("{node}-key.pem")))
-                .env("AUTOMIGRATE_TLS_CA", tls.join("ca.pem"))
-                .env("AUTOMIGRATE_API_LISTEN", format!("{ip}:{agent_port}"))
-                .env(
-                    "AUTOMIGRATE_TRANSFER_LISTEN",
-                    format!("{ip}:{transfer_port}"),
-                )
-                .env("AUTOMIGRATE_DATA_ROOT", node_dir.join("data"))
-                .env("AUTOMIGRATE_STORE_ROOT", node_dir.join("checkpoints"))
-                .env(
-                    "AUTOMIGRATE_KUBELET_CHECKPOINT_DIR",
-                    kubelet_dir.join("checkpoints"),
-                )
-                .env("AUTOMIGRATE_KUBE_API", &api_url)
-                .env("AUTOMIGRATE_IMAGE_IMPORT_COMMAND", import)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1"),
-        );
     }
     cluster.eventually("the agent pods Running", Duration::from_secs(60), |c| {
         let pods = c.get(&["pods", "-n", "automigrate-system"])?;
@@ -509,6 +566,19 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
             .count();
         (running == 2).then_some(())
     });
+    cluster.eventually("both agents serving", Duration::from_secs(60), |_| {
+        NODES
+            .iter()
+            .all(|(_, ip)| std::net::TcpStream::connect((*ip, agent_port)).is_ok())
+            .then_some(())
+    });
+    for (node, _) in NODES {
+        let log = std::fs::read_to_string(cluster.log(&format!("agent-{node}"))).unwrap();
+        assert!(
+            log.contains("agent serving") && log.contains("backend=kubelet"),
+            "the agent pod on {node} is not the agent:\n{log}"
+        );
+    }
 
     // The controller, as deploy/controller.yaml runs it: two replicas, one leader.
     for replica in 0..2 {
@@ -581,8 +651,8 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
     let doubles = Arc::new(Mutex::new(Vec::new()));
     let samples = Arc::new(Mutex::new(0_u64));
     let counts = Arc::new(Mutex::new(Vec::new()));
-    let sampler = {
-        let (stop, doubles, samples, counts, roots, work) = (
+    let mut sampler = {
+        let (stopped, doubles, samples, counts, roots, work) = (
             stop.clone(),
             doubles.clone(),
             samples.clone(),
@@ -590,8 +660,8 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
             roots.clone(),
             work.clone(),
         );
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
                 let running = running_counters(&roots);
                 if running.len() > 1 {
                     doubles.lock().unwrap().push(running);
@@ -602,7 +672,11 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-        })
+        });
+        Sampler {
+            stop: stop.clone(),
+            thread: Some(thread),
+        }
     };
 
     // Ask for the move as `kubectl migrate` does.
@@ -713,8 +787,7 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
     assert_eq!(running.len(), 1, "containers running: {running:?}");
     assert_eq!(running[0].0, "node-b");
 
-    stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
+    sampler.stop();
     let doubles = doubles.lock().unwrap().clone();
     let samples = *samples.lock().unwrap();
     assert!(samples > 10, "runc was sampled only {samples} times");
