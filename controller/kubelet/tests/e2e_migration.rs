@@ -667,8 +667,10 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
                     doubles.lock().unwrap().push(running);
                 }
                 *samples.lock().unwrap() += 1;
+                // Stamped before the read: a value stamped after the request was read after it.
+                let at = Instant::now();
                 if let Some(count) = progress(&work) {
-                    counts.lock().unwrap().push((Instant::now(), count));
+                    counts.lock().unwrap().push((at, count));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
