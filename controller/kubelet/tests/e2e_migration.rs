@@ -775,6 +775,17 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
         lowest >= before,
         "the counter fell to {lowest} after the request (it was {before}): restarted, not restored"
     );
+    // The kubelet checkpoint API leaves the source running (`--leave-running`, as CRI-O does),
+    // so the source counts on until it is fenced and the restored copy repeats those counts:
+    // reported, not asserted (it depends on timing).
+    let repeated = counts
+        .lock()
+        .unwrap()
+        .windows(2)
+        .map(|pair| pair[0].1.saturating_sub(pair[1].1))
+        .max()
+        .unwrap_or(0);
+    eprintln!("counts repeated after the restore (source ran on after its checkpoint): {repeated}");
     let starts = std::fs::read_to_string(work.join("starts")).unwrap();
     assert_eq!(
         starts.lines().count(),
