@@ -957,11 +957,13 @@ pub fn verify_files(
 
 /// Lines in the nodes' agent logs where received data failed its hash or an archive was refused.
 pub fn receiver_refusals(cluster: &LocalCluster) -> usize {
-    const SIGNS: [&str; 4] = [
+    const SIGNS: [&str; 5] = [
         "does not match its hash",
         "refused a piece",
         "received checkpoint refused",
         "has the wrong size",
+        // A piece damaged in staging after it was written (checked before placement).
+        "no longer match their hashes",
     ];
     cluster
         .nodes()
