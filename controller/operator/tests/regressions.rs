@@ -1028,5 +1028,9 @@ async fn failed_migrations_stay_counted_until_deleted() {
     })
     .await;
     h.controller.decider.pass(at(2_010)).await.unwrap();
-    assert!(metrics.render().contains(&gauge("0")), "{}", metrics.render());
+    assert!(
+        metrics.render().contains(&gauge("0")),
+        "{}",
+        metrics.render()
+    );
 }
