@@ -1848,32 +1848,7 @@ impl LocalController {
                     Err(error @ (NodeError::Store(_) | NodeError::Archive(_)))
                         if !run.state.source_alive =>
                     {
-                        let older = {
-                            let store = target.store().clone();
-                            let pod = automigrate_checkpoint::PodKey::new(
-                                &self.pod.config.pod.namespace,
-                                &self.pod.config.pod.name,
-                            );
-                            let damaged = id.clone();
-                            tokio::task::spawn_blocking(move || {
-                                store
-                                    .list(&pod)
-                                    .ok()?
-                                    .into_iter()
-                                    .rev()
-                                    .filter(|stored| {
-                                        stored.manifest.id != damaged
-                                            && stored.manifest.kind.restorable()
-                                    })
-                                    .find(|stored| {
-                                        store.verified(&pod, &stored.manifest.id).is_ok()
-                                    })
-                                    .map(|stored| stored.manifest.id)
-                            })
-                            .await
-                            .ok()
-                            .flatten()
-                        };
+                        let older = self.newest_verified(&target, Some(id.clone())).await;
                         let Some(older) = older else {
                             return Ok(Self::failed_step(error, false));
                         };
@@ -2041,6 +2016,36 @@ impl LocalController {
         Ok(Self::succeeded(None))
     }
 
+    /// The newest restorable checkpoint of the pod that `node`'s store verifies, other than
+    /// `except` (one known to be damaged).
+    async fn newest_verified(
+        &self,
+        node: &crate::node::LocalNode,
+        except: Option<String>,
+    ) -> Option<String> {
+        let store = node.store().clone();
+        let pod = automigrate_checkpoint::PodKey::new(
+            &self.pod.config.pod.namespace,
+            &self.pod.config.pod.name,
+        );
+        tokio::task::spawn_blocking(move || {
+            store
+                .list(&pod)
+                .ok()?
+                .into_iter()
+                .rev()
+                .filter(|stored| {
+                    Some(&stored.manifest.id) != except.as_ref()
+                        && stored.manifest.kind.restorable()
+                })
+                .find(|stored| store.verified(&pod, &stored.manifest.id).is_ok())
+                .map(|stored| stored.manifest.id)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// Keeping the source means it must run. A final dump whose step failed (its agent stopped
     /// answering mid-dump, the deadline passed) may still have completed and stopped the
     /// container: then the source is restored from the newest checkpoint its own store
@@ -2055,26 +2060,7 @@ impl LocalController {
         if !source.is_alive() || finished || source.container_running(&self.runtime_id()) {
             return Ok(Self::succeeded(None));
         }
-        let newest = {
-            let store = source.store().clone();
-            let pod = automigrate_checkpoint::PodKey::new(
-                &self.pod.config.pod.namespace,
-                &self.pod.config.pod.name,
-            );
-            tokio::task::spawn_blocking(move || {
-                store
-                    .list(&pod)
-                    .ok()?
-                    .into_iter()
-                    .rev()
-                    .filter(|stored| stored.manifest.kind.restorable())
-                    .find(|stored| store.verified(&pod, &stored.manifest.id).is_ok())
-                    .map(|stored| stored.manifest.id)
-            })
-            .await
-            .ok()
-            .flatten()
-        };
+        let newest = self.newest_verified(&source, None).await;
         let container = format!(
             "{}-{}-{}",
             self.pod.config.pod.name,
