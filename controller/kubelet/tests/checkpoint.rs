@@ -6,14 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use automigrate_checkpoint::kubelet::{KubeletBackend, KubeletError, PodContainer};
+use automigrate_checkpoint::kubelet::{KubeletBackend, KubeletError};
 use automigrate_checkpoint::{CheckpointBackend, CheckpointRequest, DumpKind};
 use common::{
-    KubeTransport, NODE, RuncGuard, cluster, eventually, forward, skip_privileged, start,
+    KubeTransport, NODE, TestNode, create_pod, eventually, main_container, shell_pod,
+    skip_privileged,
 };
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, PostParams};
 
 const NS: &str = "ml";
 
@@ -22,15 +20,11 @@ async fn a_checkpoint_through_the_node_proxy_is_an_archive_the_agent_accepts() {
     if skip_privileged("a_checkpoint_through_the_node_proxy_is_an_archive_the_agent_accepts") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let addr = kubelet.api_addr().unwrap();
-    cluster.set_node_proxy_handler(NODE, move |request| forward(addr, request));
+    let (node, kubelet) = TestNode::start().await;
+    let addr = node.serve_node_proxy(&kubelet);
     // The Node advertises the port the API listens on.
-    let node: k8s_openapi::api::core::v1::Node = cluster.get(None, NODE).unwrap();
-    let port = node
+    let node_object: k8s_openapi::api::core::v1::Node = node.cluster.get(None, NODE).unwrap();
+    let port = node_object
         .status
         .unwrap()
         .daemon_endpoints
@@ -40,55 +34,24 @@ async fn a_checkpoint_through_the_node_proxy_is_an_archive_the_agent_accepts() {
         .port;
     assert_eq!(port, i32::from(addr.port()));
 
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
-    let pod = Pod {
-        metadata: ObjectMeta {
-            name: Some("counter".into()),
-            namespace: Some(NS.into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(NODE.into()),
-            containers: vec![Container {
-                name: "main".into(),
-                image: Some("local/host".into()),
-                command: Some(vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    "i=0; while :; do i=$((i+1)); sleep 0.1; done".into(),
-                ]),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: None,
-    };
-    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let pod = shell_pod(
+        NS,
+        "counter",
+        "local/host",
+        "i=0; while :; do i=$((i+1)); sleep 0.1; done",
+    );
+    create_pod(&node.pods(NS), &pod).await;
     eventually("the container running", || {
-        cluster
-            .get::<Pod>(Some(NS), "counter")
-            .and_then(|p| {
-                p.status?
-                    .container_statuses?
-                    .first()?
-                    .state
-                    .clone()?
-                    .running
-            })
-            .is_some()
+        node.first_container_running(NS, "counter")
     })
     .await;
 
-    let local_dir = root.path().join("checkpoints");
-    let backend = KubeletBackend::new(KubeTransport(cluster.client()), NODE, &local_dir);
+    let local_dir = node.root.path().join("checkpoints");
+    let backend = KubeletBackend::new(KubeTransport(node.cluster.client()), NODE, &local_dir);
     let staging = tempfile::tempdir().unwrap();
     let outcome = backend
         .checkpoint(
-            &PodContainer {
-                namespace: NS.into(),
-                pod: "counter".into(),
-                container: "main".into(),
-            },
+            &main_container(NS, "counter"),
             &CheckpointRequest::new(DumpKind::Periodic, Duration::from_secs(120)),
             staging.path(),
         )
@@ -107,17 +70,13 @@ async fn a_checkpoint_through_the_node_proxy_is_an_archive_the_agent_accepts() {
     // The agent removed the kubelet's archive after importing it, as on a real node.
     assert_eq!(std::fs::read_dir(&local_dir).unwrap().count(), 0);
     // The container was left running.
-    assert_eq!(guard.containers().len(), 1);
-    assert_eq!(guard.containers()[0].1, "running");
+    assert_eq!(node.guard.containers().len(), 1);
+    assert_eq!(node.guard.containers()[0].1, "running");
 
     // A container this node does not run: a 404 that is not the kubelet's "page not found".
     let missing = backend
         .checkpoint(
-            &PodContainer {
-                namespace: NS.into(),
-                pod: "absent".into(),
-                container: "main".into(),
-            },
+            &main_container(NS, "absent"),
             &CheckpointRequest::new(DumpKind::Periodic, Duration::from_secs(10)),
             tempfile::tempdir().unwrap().path(),
         )

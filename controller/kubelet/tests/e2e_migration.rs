@@ -230,27 +230,10 @@ impl Drop for Cluster {
     }
 }
 
-/// `runc list`: the ids of the containers in a runc root, with their status.
+/// `runc list`: the ids of the containers in a runc root, with their status (none where runc
+/// cannot be run: the sampler and the teardown go on).
 fn runc_list(root: &Path) -> Vec<(String, String)> {
-    let Ok(output) = Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["list", "--format", "json"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    let list: Option<Vec<Value>> =
-        serde_json::from_slice(output.stdout.trim_ascii()).unwrap_or(None);
-    list.unwrap_or_default()
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap_or_default().to_string(),
-                c["status"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
+    common::runc_list(root).unwrap_or_default()
 }
 
 /// Kills every container of a runc root, waits for it to stop, deletes it (a forced delete of

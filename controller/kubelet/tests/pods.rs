@@ -4,39 +4,39 @@
 
 mod common;
 
-use common::{NODE, NODE_IP, RuncGuard, cluster, eventually, skip_privileged, start};
-use k8s_openapi::api::core::v1::{
-    Container, HostPathVolumeSource, Pod, PodSpec, Volume, VolumeMount,
+use common::{
+    NODE_IP, TestNode, create_pod, delete_pod, eventually, shell_pod, skip_privileged,
+    with_work_dir,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
 
 const NS: &str = "ml";
 
 fn pod(name: &str, script: &str, restart_policy: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(NODE.into()),
-            restart_policy: Some(restart_policy.into()),
-            containers: vec![Container {
-                name: "main".into(),
-                image: Some("docker.io/library/debian:12".into()),
-                command: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: None,
-    }
+    let mut pod = shell_pod(NS, name, "docker.io/library/debian:12", script);
+    pod.spec.as_mut().unwrap().restart_policy = Some(restart_policy.into());
+    pod
 }
 
 fn stored(cluster: &automigrate_kube_fake::FakeCluster, name: &str) -> Option<Pod> {
     cluster.get(Some(NS), name)
+}
+
+/// The pod's phase, as the kubelet last wrote it.
+fn phase(cluster: &automigrate_kube_fake::FakeCluster, name: &str) -> Option<String> {
+    stored(cluster, name)?.status?.phase
+}
+
+/// Whether the pod's `main` container is running, as the kubelet last wrote it.
+fn main_running(cluster: &automigrate_kube_fake::FakeCluster, name: &str) -> bool {
+    stored(cluster, name)
+        .and_then(|p| main_status(&p))
+        .is_some_and(|s| s.state.is_some_and(|s| s.running.is_some()))
+}
+
+/// Waits for the kubelet to have removed the pod (its confirming DELETE done).
+async fn removed(cluster: &automigrate_kube_fake::FakeCluster, name: &str) {
+    eventually("the pod removed", || stored(cluster, name).is_none()).await;
 }
 
 fn main_status(pod: &Pod) -> Option<k8s_openapi::api::core::v1::ContainerStatus> {
@@ -91,28 +91,19 @@ async fn a_pod_runs_and_graceful_deletion_escalates_to_sigkill() {
     if skip_privileged("a_pod_runs_and_graceful_deletion_escalates_to_sigkill") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("sleeper", "sleep 1000", "Always"),
-        )
-        .await
-        .unwrap();
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
+    let created = create_pod(&pods, &pod("sleeper", "sleep 1000", "Always")).await;
     let uid = created.metadata.uid.clone().unwrap();
 
     eventually("the pod Running and Ready", || {
-        stored(&cluster, "sleeper").is_some_and(|p| {
+        stored(&node.cluster, "sleeper").is_some_and(|p| {
             p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
                 && condition(&p, "Ready").as_deref() == Some("True")
         })
     })
     .await;
-    let running = stored(&cluster, "sleeper").unwrap();
+    let running = stored(&node.cluster, "sleeper").unwrap();
     let status = running.status.clone().unwrap();
     assert_eq!(status.host_ip.as_deref(), Some(NODE_IP));
     assert!(status.start_time.is_some());
@@ -132,7 +123,10 @@ async fn a_pod_runs_and_graceful_deletion_escalates_to_sigkill() {
         .unwrap()
         .to_string();
     // Really running, as runc sees it.
-    assert_eq!(guard.containers(), [(id.clone(), "running".to_string())]);
+    assert_eq!(
+        node.guard.containers(),
+        [(id.clone(), "running".to_string())]
+    );
     assert_eq!(
         kubelet
             .registry()
@@ -146,20 +140,16 @@ async fn a_pod_runs_and_graceful_deletion_escalates_to_sigkill() {
 
     // `sh` as the container's init ignores SIGTERM: the grace period runs out and SIGKILL
     // ends it (137), then the kubelet removes the pod.
-    pods.delete(
-        "sleeper",
-        &DeleteParams {
-            grace_period_seconds: Some(1),
-            ..DeleteParams::default()
-        },
-    )
-    .await
-    .unwrap();
-    eventually("the pod removed", || stored(&cluster, "sleeper").is_none()).await;
-    assert!(guard.containers().is_empty(), "{:?}", guard.containers());
-    assert_eq!(last_reported_exit_code(&cluster, "sleeper"), 137);
-    assert!(confirming_delete(&cluster, "sleeper", &uid));
-    assert!(!root.path().join("pods").join(&uid).exists());
+    delete_pod(&pods, "sleeper", 1).await;
+    removed(&node.cluster, "sleeper").await;
+    assert!(
+        node.guard.containers().is_empty(),
+        "{:?}",
+        node.guard.containers()
+    );
+    assert_eq!(last_reported_exit_code(&node.cluster, "sleeper"), 137);
+    assert!(confirming_delete(&node.cluster, "sleeper", &uid));
+    assert!(!node.root.path().join("pods").join(&uid).exists());
     kubelet.shutdown().await.unwrap();
 }
 
@@ -168,37 +158,18 @@ async fn sigterm_comes_first_and_a_container_that_honours_it_exits_cleanly() {
     if skip_privileged("sigterm_comes_first_and_a_container_that_honours_it_exits_cleanly") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
     let script = "trap 'exit 0' TERM; while :; do sleep 0.1; done";
-    let created = pods
-        .create(&PostParams::default(), &pod("polite", script, "Always"))
-        .await
-        .unwrap();
+    let created = create_pod(&pods, &pod("polite", script, "Always")).await;
     let uid = created.metadata.uid.clone().unwrap();
-    eventually("the pod Running", || {
-        stored(&cluster, "polite")
-            .and_then(|p| main_status(&p))
-            .is_some_and(|s| s.state.is_some_and(|s| s.running.is_some()))
-    })
-    .await;
+    eventually("the pod Running", || main_running(&node.cluster, "polite")).await;
     // A long grace period: only SIGTERM can end it before the test's wait runs out.
-    pods.delete(
-        "polite",
-        &DeleteParams {
-            grace_period_seconds: Some(600),
-            ..DeleteParams::default()
-        },
-    )
-    .await
-    .unwrap();
-    eventually("the pod removed", || stored(&cluster, "polite").is_none()).await;
-    assert_eq!(last_reported_exit_code(&cluster, "polite"), 0);
-    assert!(confirming_delete(&cluster, "polite", &uid));
-    assert!(guard.containers().is_empty());
+    delete_pod(&pods, "polite", 600).await;
+    removed(&node.cluster, "polite").await;
+    assert_eq!(last_reported_exit_code(&node.cluster, "polite"), 0);
+    assert!(confirming_delete(&node.cluster, "polite", &uid));
+    assert!(node.guard.containers().is_empty());
     kubelet.shutdown().await.unwrap();
 }
 
@@ -207,20 +178,14 @@ async fn a_container_that_fails_under_restart_policy_never_fails_the_pod() {
     if skip_privileged("a_container_that_fails_under_restart_policy_never_fails_the_pod") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let _guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
-    pods.create(&PostParams::default(), &pod("crasher", "exit 3", "Never"))
-        .await
-        .unwrap();
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
+    create_pod(&pods, &pod("crasher", "exit 3", "Never")).await;
     eventually("the pod Failed", || {
-        stored(&cluster, "crasher")
-            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Failed"))
+        phase(&node.cluster, "crasher").as_deref() == Some("Failed")
     })
     .await;
-    let main = main_status(&stored(&cluster, "crasher").unwrap()).unwrap();
+    let main = main_status(&stored(&node.cluster, "crasher").unwrap()).unwrap();
     let terminated = main.state.unwrap().terminated.unwrap();
     assert_eq!(terminated.exit_code, 3);
     assert_eq!(terminated.reason.as_deref(), Some("Error"));
@@ -233,21 +198,16 @@ async fn a_crashing_container_under_restart_policy_always_is_restarted() {
     if skip_privileged("a_crashing_container_under_restart_policy_always_is_restarted") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let _guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
-    pods.create(&PostParams::default(), &pod("flaky", "exit 7", "Always"))
-        .await
-        .unwrap();
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
+    create_pod(&pods, &pod("flaky", "exit 7", "Always")).await;
     eventually("two restarts", || {
-        stored(&cluster, "flaky")
+        stored(&node.cluster, "flaky")
             .and_then(|p| main_status(&p))
             .is_some_and(|s| s.restart_count >= 2)
     })
     .await;
-    let pod = stored(&cluster, "flaky").unwrap();
+    let pod = stored(&node.cluster, "flaky").unwrap();
     assert_eq!(
         pod.status.clone().unwrap().phase.as_deref(),
         Some("Running")
@@ -269,54 +229,41 @@ async fn a_restarted_kubelet_adopts_the_running_containers_instead_of_starting_c
     ) {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
-    pods.create(&PostParams::default(), &pod("long", "sleep 1000", "Always"))
-        .await
-        .unwrap();
-    eventually("the pod Running", || {
-        stored(&cluster, "long")
-            .and_then(|p| main_status(&p))
-            .is_some_and(|s| s.state.is_some_and(|s| s.running.is_some()))
-    })
-    .await;
-    let first = main_status(&stored(&cluster, "long").unwrap()).unwrap();
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
+    create_pod(&pods, &pod("long", "sleep 1000", "Always")).await;
+    eventually("the pod Running", || main_running(&node.cluster, "long")).await;
+    let first = main_status(&stored(&node.cluster, "long").unwrap()).unwrap();
     // The kubelet goes away; its container keeps running, as under CRI-O.
     kubelet.shutdown().await.unwrap();
-    assert_eq!(guard.containers().len(), 1);
+    assert_eq!(node.guard.containers().len(), 1);
 
-    cluster.clear_requests();
-    let kubelet = start(&cluster, root.path()).await;
+    node.cluster.clear_requests();
+    let kubelet = node.start_kubelet().await;
     // The new kubelet writes its view of the pod: the same container, running, not restarted.
     eventually("the new kubelet's pod status", || {
-        cluster.requests().iter().any(|r| {
+        node.cluster.requests().iter().any(|r| {
             r.method == http::Method::PATCH
                 && r.path == format!("/api/v1/namespaces/{NS}/pods/long/status")
         })
     })
     .await;
-    let after = main_status(&stored(&cluster, "long").unwrap()).unwrap();
+    let after = main_status(&stored(&node.cluster, "long").unwrap()).unwrap();
     assert_eq!(after.container_id, first.container_id);
     assert!(after.state.unwrap().running.is_some());
     assert_eq!(after.restart_count, 0);
-    assert_eq!(guard.containers().len(), 1, "{:?}", guard.containers());
+    assert_eq!(
+        node.guard.containers().len(),
+        1,
+        "{:?}",
+        node.guard.containers()
+    );
 
     // Its exit code still reaches the status, though this kubelet is not runc's parent.
-    pods.delete(
-        "long",
-        &DeleteParams {
-            grace_period_seconds: Some(1),
-            ..DeleteParams::default()
-        },
-    )
-    .await
-    .unwrap();
-    eventually("the pod removed", || stored(&cluster, "long").is_none()).await;
-    assert_eq!(last_reported_exit_code(&cluster, "long"), 137);
-    assert!(guard.containers().is_empty());
+    delete_pod(&pods, "long", 1).await;
+    removed(&node.cluster, "long").await;
+    assert_eq!(last_reported_exit_code(&node.cluster, "long"), 137);
+    assert!(node.guard.containers().is_empty());
     kubelet.shutdown().await.unwrap();
 }
 
@@ -327,51 +274,31 @@ async fn a_restarted_kubelet_does_not_run_a_finished_pod_again() {
     if skip_privileged("a_restarted_kubelet_does_not_run_a_finished_pod_again") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let _guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
-    let mut finished = pod("finished", "echo run >> /work/runs; exit 3", "Never");
-    let spec = finished.spec.as_mut().unwrap();
-    spec.containers[0].volume_mounts = Some(vec![VolumeMount {
-        name: "work".into(),
-        mount_path: "/work".into(),
-        ..VolumeMount::default()
-    }]);
-    spec.volumes = Some(vec![Volume {
-        name: "work".into(),
-        host_path: Some(HostPathVolumeSource {
-            path: work.path().display().to_string(),
-            type_: None,
-        }),
-        ..Volume::default()
-    }]);
-    pods.create(&PostParams::default(), &finished)
-        .await
-        .unwrap();
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
+    let finished = with_work_dir(
+        pod("finished", "echo run >> /work/runs; exit 3", "Never"),
+        work.path(),
+    );
+    create_pod(&pods, &finished).await;
     eventually("the pod Failed", || {
-        stored(&cluster, "finished")
-            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Failed"))
+        phase(&node.cluster, "finished").as_deref() == Some("Failed")
     })
     .await;
-    let before = stored(&cluster, "finished").unwrap().status.unwrap();
+    let before = stored(&node.cluster, "finished").unwrap().status.unwrap();
     // It ran once: a container that ends before the kubelet sees it running has still run (it
     // was taken for a failed start and run again, restartPolicy or not).
     let runs = std::fs::read_to_string(work.path().join("runs")).unwrap();
     assert_eq!(runs.lines().count(), 1, "ran more than once: {runs:?}");
     kubelet.shutdown().await.unwrap();
 
-    let kubelet = start(&cluster, root.path()).await;
+    let kubelet = node.start_kubelet().await;
     // A pod created after the restart runs: by then the new kubelet has seen both pods (the
     // finished one came in its initial list).
-    pods.create(&PostParams::default(), &pod("after", "sleep 1000", "Never"))
-        .await
-        .unwrap();
+    create_pod(&pods, &pod("after", "sleep 1000", "Never")).await;
     eventually("the new pod Running", || {
-        stored(&cluster, "after")
-            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
+        phase(&node.cluster, "after").as_deref() == Some("Running")
     })
     .await;
     let runs = std::fs::read_to_string(work.path().join("runs")).unwrap();
@@ -380,7 +307,7 @@ async fn a_restarted_kubelet_does_not_run_a_finished_pod_again() {
         1,
         "ran again after the restart: {runs:?}"
     );
-    let after = stored(&cluster, "finished").unwrap().status.unwrap();
+    let after = stored(&node.cluster, "finished").unwrap().status.unwrap();
     assert_eq!(after.phase.as_deref(), Some("Failed"));
     assert_eq!(after.start_time, before.start_time);
     assert_eq!(
@@ -403,23 +330,20 @@ async fn a_container_runc_cannot_start_waits_with_run_container_error() {
     if skip_privileged("a_container_runc_cannot_start_waits_with_run_container_error") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
     let mut broken = pod("broken", "", "Never");
     broken.spec.as_mut().unwrap().containers[0].command = Some(vec!["/nonexistent/program".into()]);
-    pods.create(&PostParams::default(), &broken).await.unwrap();
+    create_pod(&pods, &broken).await;
     eventually("RunContainerError", || {
-        stored(&cluster, "broken")
+        stored(&node.cluster, "broken")
             .and_then(|p| main_status(&p))
             .and_then(|s| s.state?.waiting?.reason)
             .as_deref()
             == Some("RunContainerError")
     })
     .await;
-    let pod = stored(&cluster, "broken").unwrap();
+    let pod = stored(&node.cluster, "broken").unwrap();
     let waiting = main_status(&pod).unwrap().state.unwrap().waiting.unwrap();
     assert!(
         waiting
@@ -430,7 +354,7 @@ async fn a_container_runc_cannot_start_waits_with_run_container_error() {
         "{waiting:?}"
     );
     assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Pending"));
-    assert!(guard.containers().is_empty());
+    assert!(node.guard.containers().is_empty());
     kubelet.shutdown().await.unwrap();
 }
 
@@ -441,48 +365,31 @@ async fn status_and_the_confirming_delete_are_retried_after_api_errors() {
     if skip_privileged("status_and_the_confirming_delete_are_retried_after_api_errors") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let guard = RuncGuard::new(root.path().join("runc"));
-    let cluster = cluster();
-    let kubelet = start(&cluster, root.path()).await;
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), NS);
+    let (node, kubelet) = TestNode::start().await;
+    let pods = node.pods(NS);
     let status_path = format!("/api/v1/namespaces/{NS}/pods/flaky-api/status");
-    cluster.inject_fault(
+    node.cluster.inject_fault(
         automigrate_kube_fake::Fault::status(503)
             .on(http::Method::PATCH, &status_path)
             .times(3),
     );
-    pods.create(
-        &PostParams::default(),
-        &pod("flaky-api", "sleep 1000", "Never"),
-    )
-    .await
-    .unwrap();
+    create_pod(&pods, &pod("flaky-api", "sleep 1000", "Never")).await;
     eventually("the pod Running despite refused status writes", || {
-        stored(&cluster, "flaky-api")
-            .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"))
+        phase(&node.cluster, "flaky-api").as_deref() == Some("Running")
     })
     .await;
 
-    pods.delete(
-        "flaky-api",
-        &DeleteParams {
-            grace_period_seconds: Some(1),
-            ..DeleteParams::default()
-        },
-    )
-    .await
-    .unwrap();
+    delete_pod(&pods, "flaky-api", 1).await;
     // Injected before the kubelet's confirmation can come: `sh` as init ignores SIGTERM, so the
     // container ends only when the 1 s grace period is over. The final status write is refused
     // too: kube-fake removes a terminating pod on any write to it (a real API server waits for
     // the zero-grace DELETE), so only the DELETE may remove it here.
-    cluster.inject_fault(
+    node.cluster.inject_fault(
         automigrate_kube_fake::Fault::status(503)
             .on(http::Method::PATCH, &status_path)
             .times(1),
     );
-    cluster.inject_fault(
+    node.cluster.inject_fault(
         automigrate_kube_fake::Fault::status(503)
             .on(
                 http::Method::DELETE,
@@ -491,9 +398,9 @@ async fn status_and_the_confirming_delete_are_retried_after_api_errors() {
             .times(3),
     );
     eventually("the pod removed despite refused DELETEs", || {
-        stored(&cluster, "flaky-api").is_none()
+        stored(&node.cluster, "flaky-api").is_none()
     })
     .await;
-    assert!(guard.containers().is_empty());
+    assert!(node.guard.containers().is_empty());
     kubelet.shutdown().await.unwrap();
 }

@@ -1,16 +1,22 @@
 //! What the kubelet tests share: a FakeCluster, a kubelet on it with short intervals, waiting
-//! for a state, and a guard that removes every runc container a test started, even on failure.
+//! for a state, a guard that removes every runc container a test started, even on failure, and
+//! the pods, creations and deletions the privileged tests repeat.
 #![allow(dead_code)]
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use automigrate_checkpoint::kubelet::{ApiResponse, ApiTransport, KubeletError};
+use automigrate_checkpoint::kubelet::{ApiResponse, ApiTransport, KubeletError, PodContainer};
 use automigrate_kube_fake::{FakeCluster, FakeClusterOptions, NodeProxyRequest, NodeProxyResponse};
 use automigrate_kubelet::node::NodeConfig;
 use automigrate_kubelet::pods::PodConfig;
 use automigrate_kubelet::{Kubelet, KubeletConfig};
+use k8s_openapi::api::core::v1::{
+    Container, HostPathVolumeSource, Pod, PodSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
 
 pub const NODE: &str = "node-a";
 pub const NODE_IP: &str = "10.77.0.2";
@@ -60,6 +66,129 @@ pub async fn start(cluster: &FakeCluster, root: &Path) -> Kubelet {
         .unwrap()
 }
 
+/// A privileged test's node: a FakeCluster and a state directory whose runc containers are
+/// removed when it drops (fields drop in order: the guard before the directory it lists).
+pub struct TestNode {
+    pub cluster: FakeCluster,
+    pub guard: RuncGuard,
+    pub root: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// A fresh cluster and state directory, with a kubelet started on them.
+    pub async fn start() -> (Self, Kubelet) {
+        let root = tempfile::tempdir().unwrap();
+        let guard = RuncGuard::new(root.path().join("runc"));
+        let node = Self {
+            cluster: cluster(),
+            guard,
+            root,
+        };
+        let kubelet = node.start_kubelet().await;
+        (node, kubelet)
+    }
+
+    /// A kubelet on this node's cluster and state directory (again, after a shutdown).
+    pub async fn start_kubelet(&self) -> Kubelet {
+        start(&self.cluster, self.root.path()).await
+    }
+
+    pub fn pods(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.cluster.client(), namespace)
+    }
+
+    /// Routes the API server's node proxy for [`NODE`] to the kubelet's API, as the agent
+    /// reaches it; returns the address the API listens on.
+    pub fn serve_node_proxy(&self, kubelet: &Kubelet) -> std::net::SocketAddr {
+        let addr = kubelet.api_addr().unwrap();
+        self.cluster
+            .set_node_proxy_handler(NODE, move |request| forward(addr, request));
+        addr
+    }
+
+    /// Whether the pod's first container is running, in the status the kubelet wrote.
+    pub fn first_container_running(&self, namespace: &str, name: &str) -> bool {
+        self.cluster
+            .get::<Pod>(Some(namespace), name)
+            .and_then(|p| {
+                p.status?
+                    .container_statuses?
+                    .first()?
+                    .state
+                    .clone()?
+                    .running
+            })
+            .is_some()
+    }
+}
+
+/// A pod on [`NODE`] whose one container, `main`, runs `script` with `/bin/sh -c`.
+pub fn shell_pod(namespace: &str, name: &str, image: &str, script: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(NODE.into()),
+            containers: vec![Container {
+                name: "main".into(),
+                image: Some(image.into()),
+                command: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Mounts the host directory `work` at `/work` in the pod's first container.
+pub fn with_work_dir(mut pod: Pod, work: &Path) -> Pod {
+    let spec = pod.spec.as_mut().unwrap();
+    spec.containers[0].volume_mounts = Some(vec![VolumeMount {
+        name: "work".into(),
+        mount_path: "/work".into(),
+        ..VolumeMount::default()
+    }]);
+    spec.volumes = Some(vec![Volume {
+        name: "work".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: work.display().to_string(),
+            type_: None,
+        }),
+        ..Volume::default()
+    }]);
+    pod
+}
+
+/// The `main` container of a pod, as the agent names it to the kubelet backend.
+pub fn main_container(namespace: &str, pod: &str) -> PodContainer {
+    PodContainer {
+        namespace: namespace.into(),
+        pod: pod.into(),
+        container: "main".into(),
+    }
+}
+
+pub async fn create_pod(pods: &Api<Pod>, pod: &Pod) -> Pod {
+    pods.create(&PostParams::default(), pod).await.unwrap()
+}
+
+/// A graceful DELETE of a pod with a grace period of `grace_seconds`.
+pub async fn delete_pod(pods: &Api<Pod>, name: &str, grace_seconds: u32) {
+    pods.delete(
+        name,
+        &DeleteParams {
+            grace_period_seconds: Some(grace_seconds),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .unwrap();
+}
+
 /// Polls `check` every 20 ms for up to 60 s (generous: a loaded 2-core machine starts runc
 /// slowly); the test asserts on the state reached, never on how fast.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -84,25 +213,30 @@ impl RuncGuard {
 
     /// The ids of the containers runc knows, with their status.
     pub fn containers(&self) -> Vec<(String, String)> {
-        let output = std::process::Command::new("runc")
-            .arg("--root")
-            .arg(&self.root)
-            .args(["list", "--format", "json"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stdout);
-        let list: Option<Vec<serde_json::Value>> =
-            serde_json::from_str(text.trim()).unwrap_or(None);
-        list.unwrap_or_default()
-            .iter()
-            .map(|c| {
-                (
-                    c["id"].as_str().unwrap_or_default().to_string(),
-                    c["status"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect()
+        runc_list(&self.root).unwrap()
     }
+}
+
+/// `runc list`: the ids of the containers in a runc root, with their status (none where the
+/// root does not exist yet); an error only where runc itself could not be run.
+pub fn runc_list(root: &Path) -> std::io::Result<Vec<(String, String)>> {
+    let output = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "--format", "json"])
+        .output()?;
+    let list: Option<Vec<serde_json::Value>> =
+        serde_json::from_slice(output.stdout.trim_ascii()).unwrap_or(None);
+    Ok(list
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap_or_default().to_string(),
+                c["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
 }
 
 impl Drop for RuncGuard {
