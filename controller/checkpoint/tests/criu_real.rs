@@ -407,11 +407,9 @@ async fn runc_container_final_checkpoint_restores_and_continues() {
     )
     .await
     .unwrap();
-    // Stop-and-dump: runc removed the container.
-    assert!(matches!(
-        container.backend.state(&container.id).await.unwrap_err(),
-        RuncError::Failed { .. }
-    ));
+    // Stop-and-dump: runc removed the container (runc's "does not exist" is its own error).
+    let gone = container.backend.state(&container.id).await.unwrap_err();
+    assert!(matches!(gone, RuncError::NoContainer { .. }), "{gone:?}");
     let last_before = highest(log);
     let manifest = &stored.manifest;
     assert_eq!(
