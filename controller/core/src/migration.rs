@@ -326,16 +326,32 @@ impl MigrationState {
                 event: format!("transition to {next}"),
             });
         }
+        self.close_phase_timing(now);
+        self.phase = next;
+        Ok(())
+    }
+
+    /// Records how long the current phase's step ran and starts its clock and retry budget
+    /// afresh at `now` (entering a phase, or the same phase with another step).
+    fn close_phase_timing(&mut self, now: Timestamp) {
         self.history.push(PhaseTiming {
             phase: self.phase,
             started_at: self.phase_started_at,
             duration: units::age(now, self.phase_started_at),
         });
-        self.phase = next;
         self.phase_started_at = now;
+        self.reset_retries();
+    }
+
+    fn reset_retries(&mut self) {
         self.attempts = 0;
         self.retry_at = None;
-        Ok(())
+    }
+
+    /// A rollback that starts the workload again must fence the source first (the fencing
+    /// rule, which both [`step`] and the step's success follow).
+    fn rollback_must_fence_first(&self) -> bool {
+        self.phase == Phase::RollingBack && self.rollback_starts_a_copy() && !self.source_fenced
     }
 
     /// Whether the rollback starts the workload again (rather than keeping the source).
@@ -382,15 +398,8 @@ impl MigrationState {
             self.message = Some(format!("rollback failed: {reason}"));
             return self.enter(Phase::Failed, now);
         }
-        self.history.push(PhaseTiming {
-            phase: self.phase,
-            started_at: self.phase_started_at,
-            duration: units::age(now, self.phase_started_at),
-        });
+        self.close_phase_timing(now);
         self.rollback = Some(RollbackAction::RestartFresh);
-        self.phase_started_at = now;
-        self.attempts = 0;
-        self.retry_at = None;
         self.message = Some(format!(
             "restoring on the source failed ({reason}); starting the workload fresh on {} per the policy's fallback",
             self.target
@@ -472,10 +481,9 @@ impl MigrationState {
                 self.enter(Succeeded, now)
             }
             // A rollback that starts a copy fences the source first (see `step`).
-            RollingBack if self.rollback_starts_a_copy() && !self.source_fenced => {
+            RollingBack if self.rollback_must_fence_first() => {
                 self.source_fenced = true;
-                self.attempts = 0;
-                self.retry_at = None;
+                self.reset_retries();
                 Ok(())
             }
             RollingBack => {
@@ -624,11 +632,9 @@ pub fn step(state: &MigrationState) -> Step {
         // fresh on the target) needs the source stopped or dead first. After a final dump the
         // source pod still exists, stopped; a runtime that restarts its container would make a
         // second copy.
-        Phase::RollingBack if state.rollback_starts_a_copy() && !state.source_fenced => {
-            Step::Fence {
-                source_alive: state.source_alive,
-            }
-        }
+        Phase::RollingBack if state.rollback_must_fence_first() => Step::Fence {
+            source_alive: state.source_alive,
+        },
         Phase::RollingBack => Step::RollBack {
             stop_target: state.target_started,
             action: state.rollback.unwrap_or(RollbackAction::KeepSource),
