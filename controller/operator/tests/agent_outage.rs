@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use automigrate_core::migration::Phase;
 use automigrate_operator::crd::Migration;
-use automigrate_operator::manual;
 use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-use kube::Api;
 
 mod common;
 use common::*;
@@ -82,16 +80,10 @@ fn stopped_leftovers(h: &Harness, name: &str) -> Vec<String> {
 
 /// Asks for a manual migration of `trainer` to edge-3 and has the decision pass take it.
 async fn manual_migration(h: &Harness) -> String {
-    let api: Api<Migration> = Api::namespaced(h.cluster.clone().client(), NS);
-    let request = manual::request(&api, "trainer", Some("edge-3"), "outage test")
-        .await
-        .unwrap();
-    let name = request.metadata.name.unwrap();
+    let name = h
+        .request_migration("trainer", Some("edge-3"), "outage test")
+        .await;
     let stores = h.controller.stores.clone();
-    eventually("the request to reach the store", || {
-        stores.migration(NS, &name).is_some()
-    })
-    .await;
     let report = h.controller.decider.pass(at(0)).await.unwrap();
     assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
     eventually("the started Migration to reach the store", || {

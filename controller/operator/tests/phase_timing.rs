@@ -17,8 +17,6 @@ use automigrate_operator::clock::{Clock, ManualClock};
 use automigrate_operator::controller::{Config, Controller};
 use automigrate_operator::crd::{Migration, TransferPayload};
 use automigrate_operator::leader::Leadership;
-use automigrate_operator::manual;
-use kube::Api;
 
 mod common;
 use common::*;
@@ -113,18 +111,10 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
     healthy_cluster(&h, "{}").await;
     agent.set_now(at(0));
 
-    let api: Api<Migration> = Api::namespaced(cluster.client(), NS);
-    let name = manual::request(&api, "trainer", Some("edge-3"), "timing")
-        .await
-        .unwrap()
-        .metadata
-        .name
-        .unwrap();
+    let name = h
+        .request_migration("trainer", Some("edge-3"), "timing")
+        .await;
     let stores = h.controller.stores.clone();
-    eventually("the request to reach the store", || {
-        stores.migration(NS, &name).is_some()
-    })
-    .await;
     h.controller.decider.pass(at(0)).await.unwrap();
     eventually("the started Migration to reach the store", || {
         stores

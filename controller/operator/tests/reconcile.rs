@@ -837,16 +837,10 @@ async fn cooldown_follows_the_workload_across_renames() {
         "triggers:\n  alerts: [NodeDiskFailing]\n  cooldown: 10m\n",
     )
     .await;
-    let api: Api<Migration> = Api::namespaced(h.cluster.clone().client(), NS);
-    let request = manual::request(&api, "trainer", Some("edge-3"), "maintenance")
-        .await
-        .unwrap();
-    let first = request.metadata.name.unwrap();
+    let first = h
+        .request_migration("trainer", Some("edge-3"), "maintenance")
+        .await;
     let stores = h.controller.stores.clone();
-    eventually("the request to reach the store", || {
-        stores.migration(NS, &first).is_some()
-    })
-    .await;
     h.agent.set_now(at(0));
     let report = h.controller.decider.pass(at(0)).await.unwrap();
     assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");

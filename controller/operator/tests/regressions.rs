@@ -976,14 +976,8 @@ async fn failed_migrations_stay_counted_until_deleted() {
     let h = Harness::new().await;
     healthy_cluster(&h, "{}").await;
     h.settle(3, 1).await;
-    let api: Api<Migration> = Api::namespaced(h.cluster.clone().client(), NS);
-    let refused = manual::request(&api, "ghost", None, "").await.unwrap();
-    let refused_name = refused.metadata.name.clone().unwrap();
+    let refused_name = h.request_migration("ghost", None, "").await;
     let stores = h.controller.stores.clone();
-    eventually("the request to reach the store", || {
-        stores.migrations.state().len() == 1
-    })
-    .await;
     h.controller.decider.pass(at(0)).await.unwrap();
     let mut stuck: Migration = h.cluster.get(Some(NS), &refused_name).unwrap();
     let status = stuck.status.as_ref().unwrap();

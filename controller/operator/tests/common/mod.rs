@@ -167,6 +167,24 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// Asks for a migration of `pod` as `kubectl migrate` does (a Migration without status)
+    /// and waits until the controller's store holds it; returns its name.
+    pub async fn request_migration(&self, pod: &str, to: Option<&str>, reason: &str) -> String {
+        let api: kube::Api<Migration> = kube::Api::namespaced(self.cluster.clone().client(), NS);
+        let name = automigrate_operator::manual::request(&api, pod, to, reason)
+            .await
+            .unwrap()
+            .metadata
+            .name
+            .unwrap();
+        let stores = self.controller.stores.clone();
+        eventually("the request to reach the store", || {
+            stores.migration(NS, &name).is_some()
+        })
+        .await;
+        name
+    }
+
     pub async fn start(cluster: &FakeCluster, agent: &RecordingAgent) -> Self {
         Self::start_with(cluster, agent, Config::default()).await
     }
