@@ -211,37 +211,58 @@ pub async fn inject_in_flight(context: &FaultContext, plan: &FaultPlan) -> Resul
     let view = context
         .wait_for_phase(Phase::Checkpointing, Duration::from_secs(60))
         .await?;
+    let landed = while_checkpoint_lands(context, &view.target, |files| {
+        let (path, size) = files.into_iter().next()?;
+        let before = context.latest_migration().map(|view| view.phase);
+        match world::damage_file(
+            &path,
+            size,
+            super::Damage::BitFlip {
+                offset_permille,
+                bit,
+            },
+        ) {
+            Ok(done) => Some((before, done)),
+            // The file was completed and moved into place between the look and the write.
+            Err(error) => {
+                tracing::debug!(%error, "staging file gone");
+                None
+            }
+        }
+    })
+    .await;
+    match landed {
+        Ok((before, done)) => {
+            context.strike(&view.target, before);
+            context.note(format!(
+                "a file landing on {} damaged in the receiver's staging area (phase seen: {before:?}): {done}",
+                view.target
+            ));
+        }
+        Err(phase) => context.note(format!(
+            "no file was seen landing on {} while the final checkpoint moved ({phase:?}): not damaged",
+            view.target
+        )),
+    }
+    Ok(())
+}
+
+/// Polls the staging files of transfers arriving on `node` until `take` makes something of
+/// them. `Err` with the phase seen once the migration has gone past the transfer of its final
+/// checkpoint (Fencing or later) or 30 s have passed.
+pub(super) async fn while_checkpoint_lands<T>(
+    context: &FaultContext,
+    node: &str,
+    mut take: impl FnMut(Vec<(PathBuf, u64)>) -> Option<T>,
+) -> Result<T, Option<Phase>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some((path, size)) = staging_files(context, &view.target).into_iter().next() {
-            let before = context.latest_migration().map(|view| view.phase);
-            match world::damage_file(
-                &path,
-                size,
-                super::Damage::BitFlip {
-                    offset_permille,
-                    bit,
-                },
-            ) {
-                Ok(done) => {
-                    context.strike(&view.target, before);
-                    context.note(format!(
-                        "a file landing on {} damaged in the receiver's staging area (phase seen: {before:?}): {done}",
-                        view.target
-                    ));
-                    return Ok(());
-                }
-                // The file was completed and moved into place between the look and the write.
-                Err(error) => tracing::debug!(%error, "staging file gone"),
-            }
+        if let Some(taken) = take(staging_files(context, node)) {
+            return Ok(taken);
         }
         let phase = context.latest_migration().map(|view| view.phase);
         if phase.is_some_and(|phase| phase >= Phase::Fencing) || Instant::now() > deadline {
-            context.note(format!(
-                "no file was seen landing on {} while the final checkpoint moved ({phase:?}): not damaged",
-                view.target
-            ));
-            return Ok(());
+            return Err(phase);
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use automigrate_core::migration::Phase;
 use automigrate_core::transfer::MIN_CHUNK_SIZE;
 
-use super::corruption::staging_files;
+use super::corruption::{staging_files, while_checkpoint_lands};
 use super::world::FaultContext;
 use super::{Draw, FaultParams, FaultPlan, Trigger};
 
@@ -111,24 +111,16 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
         .wait_for_phase(Phase::Checkpointing, Duration::from_secs(60))
         .await?;
     // 1. Wait until a file of the final checkpoint is partly on the target.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let landed: u64 = staging_files(context, &view.target)
-            .iter()
-            .map(|(_, size)| size)
-            .sum();
-        if landed >= min_bytes {
-            break;
-        }
-        let phase = context.latest_migration().map(|view| view.phase);
-        if phase.is_some_and(|phase| phase >= Phase::Fencing) || Instant::now() > deadline {
-            context.note(format!(
-                "fewer than {min_bytes} bytes were seen landing on {} while the final checkpoint moved ({phase:?}): not damaged",
-                view.target
-            ));
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    let landed = while_checkpoint_lands(context, &view.target, |files| {
+        (files.iter().map(|(_, size)| size).sum::<u64>() >= min_bytes).then_some(())
+    })
+    .await;
+    if let Err(phase) = landed {
+        context.note(format!(
+            "fewer than {min_bytes} bytes were seen landing on {} while the final checkpoint moved ({phase:?}): not damaged",
+            view.target
+        ));
+        return Ok(());
     }
     // 2. Kill the sender. The receiver's session ends, and its committer journals what is
     //    durable: those are the committed pieces a resume would trust.
