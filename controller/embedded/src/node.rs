@@ -1120,11 +1120,14 @@ mod tests {
         let observer = node(&layout, true);
         let other = root.path().join("node-b").join("runc");
         let start = |runc_root: &Path| {
-            // `; true` keeps the shell from exec-ing sleep (its command line must stay).
+            // `read` is a shell builtin, so the shell keeps its command line and forks no
+            // child: a forked child carries the parent's command line until it execs, and was
+            // seen here as a second process naming the root. It waits on a pipe never written.
             std::process::Command::new("/bin/sh")
                 .arg0("runc")
-                .args(["-c", "sleep 30; true", "--root"])
+                .args(["-c", "read -r line; true", "--root"])
                 .arg(runc_root)
+                .stdin(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         };
