@@ -212,12 +212,19 @@ pub fn decide_conditions(root_dir: &Path, thresholds: &Thresholds) -> Vec<Decide
 }
 
 /// The new condition list: `lastHeartbeatTime` is now, `lastTransitionTime` is kept while the
-/// status stays the same (what the controller uses as "since").
+/// status stays the same (what the controller uses as "since"). Conditions of types the kubelet
+/// does not decide (a node-problem-detector's `KernelDeadlock`, `ReadonlyFilesystem`, ...) are
+/// kept as they are, after the kubelet's own: the real kubelet patches only its own types, and
+/// the whole list is written here, so dropping them would erase another writer's report.
 pub fn merge_conditions(
     previous: &[NodeCondition],
     decided: &[Decided],
     now: Timestamp,
 ) -> Vec<NodeCondition> {
+    let foreign = previous
+        .iter()
+        .filter(|old| !decided.iter().any(|condition| condition.kind == old.type_))
+        .cloned();
     decided
         .iter()
         .map(|condition| {
@@ -235,6 +242,7 @@ pub fn merge_conditions(
                 last_transition_time: Some(transition),
             }
         })
+        .chain(foreign)
         .collect()
 }
 
@@ -531,6 +539,32 @@ mod tests {
         assert_eq!(second[0].last_heartbeat_time, Some(Time(at(10))));
         let third = merge_conditions(&second, &[ready("False")], at(20));
         assert_eq!(third[0].last_transition_time, Some(Time(at(20))));
+    }
+
+    #[test]
+    fn conditions_another_writer_reported_are_kept() {
+        let ready = Decided {
+            kind: "Ready",
+            status: "True",
+            reason: "KubeletReady",
+            message: String::new(),
+        };
+        let first = merge_conditions(&[], std::slice::from_ref(&ready), at(0));
+        // What a node-problem-detector adds to the Node's status.
+        let mut reported = first.clone();
+        reported.push(NodeCondition {
+            type_: "KernelDeadlock".into(),
+            status: "True".into(),
+            reason: Some("DockerHung".into()),
+            message: Some("task docker:7 blocked for more than 120 seconds".into()),
+            last_heartbeat_time: Some(Time(at(5))),
+            last_transition_time: Some(Time(at(5))),
+        });
+        let next = merge_conditions(&reported, std::slice::from_ref(&ready), at(10));
+        let types: Vec<&str> = next.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Ready", "KernelDeadlock"]);
+        assert_eq!(next[1], reported[1], "the other writer's condition changed");
+        assert_eq!(next[0].last_heartbeat_time, Some(Time(at(10))));
     }
 
     #[test]
