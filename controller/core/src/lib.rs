@@ -16,11 +16,13 @@
 //! - [`targeting`]: where a pod may go and how candidate nodes are scored.
 //! - [`decide`]: the decision pass.
 //! - [`migration`]: the migration state machine, its timeouts, resume rules and fencing.
+//! - [`driver`]: the one migration driver (the loop and its rules) behind the [`driver::Port`].
 //! - [`transfer`]: transfer planning and the feedback controller for parallel streams.
 //! - [`fixtures`]: builders and a deterministic synthetic cluster for tests and benchmarks.
 
 pub mod annotations;
 pub mod decide;
+pub mod driver;
 pub mod fixtures;
 pub mod health;
 mod index;

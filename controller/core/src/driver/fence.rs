@@ -1,0 +1,102 @@
+//! Fencing: making sure the source cannot run before anything else starts the workload.
+//!
+//! The rule (the operator's, now everyone's): a source whose node is alive is stopped and the
+//! step waits until it is gone. A node counts as dead only once its Lease has gone unrenewed
+//! for the policy's lease timeout; a fresh or missing Lease means the node may only be
+//! partitioned and still running the pod, so the step waits, and the phase deadline ends the
+//! migration in `Failed` without ever starting a second copy. A dead node is then marked out
+//! of service (Kubernetes' non-graceful shutdown taint: its pods are force-deleted and a
+//! kubelet that comes back evicts them instead of resuming), by the driver or, in
+//! [`DeadNodeFencing::Administrator`] mode, by a person the driver waits for.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::port::Observation;
+use crate::units;
+
+/// Who confirms that a dead node's pods cannot run any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadNodeFencing {
+    /// The driver marks the node out of service once its Lease has expired.
+    #[default]
+    Taint,
+    /// The driver waits for an administrator to mark the node out of service.
+    Administrator,
+}
+
+/// What fencing needs now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceStep {
+    /// Stop the live source and wait until it is gone.
+    StopSource,
+    /// The source cannot run: fenced.
+    Fenced,
+    /// Mark the dead node out of service.
+    MarkOutOfService,
+    /// Not provable yet; the phase deadline bounds the wait.
+    Wait(String),
+}
+
+/// Whether the node's Lease has gone unrenewed for at least `lease_timeout`.
+pub fn lease_expired(observation: &Observation, lease_timeout: Duration, now: Timestamp) -> bool {
+    lease_age(observation, now).is_some_and(|age| age >= lease_timeout)
+}
+
+/// How long ago the source node last renewed its Lease.
+fn lease_age(observation: &Observation, now: Timestamp) -> Option<Duration> {
+    observation
+        .source_renewed_at
+        .map(|renewed| units::age(now, renewed))
+}
+
+/// The fencing rule. `source_alive` is what the migration believes (a fresh dump was
+/// possible); the Lease decides whether a node that looks alive may be treated as dead.
+pub fn fence_step(
+    source: &str,
+    source_alive: bool,
+    observation: &Observation,
+    lease_timeout: Duration,
+    mode: DeadNodeFencing,
+    now: Timestamp,
+) -> FenceStep {
+    let expired = lease_expired(observation, lease_timeout, now);
+    if source_alive && !expired {
+        return FenceStep::StopSource;
+    }
+    if !observation.source_known {
+        return if observation.source_renewed_at.is_none() {
+            // Neither the node nor its Lease exists: it was removed from the cluster.
+            FenceStep::Fenced
+        } else {
+            FenceStep::Wait(format!(
+                "node {source} is not in the node list but its Lease exists"
+            ))
+        };
+    }
+    match lease_age(observation, now) {
+        None => {
+            return FenceStep::Wait(format!(
+                "node {source} has no Lease renewal on record: it may be partitioned, not dead; not fencing"
+            ));
+        }
+        Some(age) if age < lease_timeout => {
+            return FenceStep::Wait(format!(
+                "node {source} renewed its Lease {} ago (timeout {}): it may be partitioned, not dead; not fencing",
+                units::format_duration(age),
+                units::format_duration(lease_timeout)
+            ));
+        }
+        Some(_) => {}
+    }
+    if observation.source_out_of_service {
+        return FenceStep::Fenced;
+    }
+    match mode {
+        DeadNodeFencing::Taint => FenceStep::MarkOutOfService,
+        DeadNodeFencing::Administrator => FenceStep::Wait(format!(
+            "node {source}'s Lease expired; waiting for an administrator to mark it out of service"
+        )),
+    }
+}
