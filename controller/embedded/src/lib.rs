@@ -7,6 +7,9 @@
 //!
 //! - [`cluster`]: N nodes, each a network namespace of one `automigrate_netem` emulated network
 //!   (per-pair latency), with its own storage root, kubelet part and agent.
+//! - [`kube`]: the local Kubernetes cluster of real components ([`kube::KubeCluster`]): the
+//!   API server and the controller replicas in a `control` namespace, a kubelet per node
+//!   namespace running the agent as its DaemonSet pod; link cuts, power-offs, node conditions.
 //! - [`node`]: one node's storage layout, heartbeat, injected conditions and runc runtime.
 //! - [`agent`]: the node agent's API as a trait ([`agent::NodeAgent`]), the in-process agent
 //!   built from the checkpoint and transfer crates, and [`agent::AgentHandle`] (either kind).
@@ -38,6 +41,7 @@ pub mod controller;
 pub mod daemon;
 pub mod demo;
 pub mod faults;
+pub mod kube;
 pub mod monitor;
 pub mod node;
 pub mod policies;
