@@ -104,6 +104,8 @@ pub struct FakeClusterOptions {
     /// only sets `deletionTimestamp` (now + grace) and `deletionGracePeriodSeconds`; the pod
     /// stays until a DELETE with `gracePeriodSeconds: 0` (what the kubelet sends once the
     /// containers stopped; a partitioned kubelet never does) or [`FakeCluster::remove`].
+    /// Writes in between (status, labels, finalizer removal) keep it Terminating; a shorter
+    /// explicit grace on a second DELETE shortens the pending one.
     /// Off by default: pods without finalizers then go away at once.
     pub graceful_pod_deletion: bool,
 }

@@ -12,8 +12,10 @@
 //! (a stale `metadata.resourceVersion` in a PUT or patch is a 409 Conflict); updates that change
 //! nothing are no-ops (no new resourceVersion, no watch event); the `/status` subresource owns
 //! `.status` for resources that have one; finalizers turn DELETE into setting
-//! `deletionTimestamp`, and the object goes away when an update empties its finalizers; no new
-//! finalizers once deletion started; generateName; DNS-subdomain names.
+//! `deletionTimestamp`, and the object goes away when an update empties its finalizers and no
+//! grace period is pending (`deletionGracePeriodSeconds` 0; a Terminating pod waits for its
+//! kubelet's zero-grace DELETE); no new finalizers once deletion started; generateName;
+//! DNS-subdomain names.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -146,6 +148,24 @@ fn finalizers(object: &Value) -> Vec<&str> {
         .and_then(Value::as_array)
         .map(|list| list.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default()
+}
+
+/// `metadata.deletionGracePeriodSeconds`, 0 when absent.
+fn deletion_grace(object: &Value) -> i64 {
+    meta(object)
+        .and_then(|m| m.get("deletionGracePeriodSeconds"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
+/// Whether a write leaves the object deleted: its deletion started, no finalizer holds it, and
+/// no grace period is pending. A Terminating pod (grace > 0) stays through status writes and
+/// finalizer removal until a zero-grace DELETE, as in the real registry's
+/// `shouldDeleteDuringUpdate`.
+fn deletion_finished(object: &Value) -> bool {
+    meta_str(object, "deletionTimestamp").is_some()
+        && finalizers(object).is_empty()
+        && deletion_grace(object) == 0
 }
 
 /// Everything except metadata and status: what `generation` tracks.
@@ -675,8 +695,7 @@ impl Store {
             m.insert("resourceVersion".into(), Value::String(rv.to_string()));
         }
         let object = Arc::new(new);
-        let finished_deleting =
-            meta_str(&object, "deletionTimestamp").is_some() && finalizers(&object).is_empty();
+        let finished_deleting = deletion_finished(&object);
         let store = self.type_store(resource);
         let kind = if finished_deleting {
             store.objects.remove(&key);
@@ -735,9 +754,12 @@ impl Store {
                 ));
             }
         }
+        if meta_str(&old, "deletionTimestamp").is_some() {
+            return Ok(self.delete_again(resource, key, old, options, dry_run));
+        }
         let grace = self.termination_grace(resource, &old, options);
         if grace > 0 || !finalizers(&old).is_empty() {
-            if meta_str(&old, "deletionTimestamp").is_some() || dry_run {
+            if dry_run {
                 return Ok(Deletion::Pending(old));
             }
             let mut new = (*old).clone();
@@ -768,6 +790,81 @@ impl Store {
             return Ok(Deletion::Removed(old));
         }
         Ok(Deletion::Removed(self.remove_now(resource, key, old)))
+    }
+
+    /// DELETE of an object whose deletion already started. As the real registry does, it may
+    /// only shorten the pending grace period (an explicit, smaller `gracePeriodSeconds`: the
+    /// kubelet's zero-grace confirmation), and the object goes when its grace is 0 and no
+    /// finalizer holds it; otherwise the deletion stays pending as it was.
+    fn delete_again(
+        &mut self,
+        resource: &ResourceType,
+        key: ObjectKey,
+        old: Arc<Value>,
+        options: &Value,
+        dry_run: bool,
+    ) -> Deletion {
+        let pending = deletion_grace(&old);
+        let shorter = options
+            .get("gracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .map(|g| g.max(0))
+            .filter(|g| *g < pending);
+        let current = match shorter {
+            None => old.clone(),
+            Some(grace) => {
+                let mut new = (*old).clone();
+                // The deadline moves by the seconds no longer granted.
+                let deadline = meta_str(&old, "deletionTimestamp")
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .and_then(|t| {
+                        t.checked_sub(jiff::SignedDuration::from_secs(pending - grace))
+                            .ok()
+                    })
+                    .map_or_else(
+                        || self.timestamp_in(grace),
+                        |t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    );
+                if let Some(m) = meta_mut(&mut new) {
+                    m.insert("deletionTimestamp".into(), Value::String(deadline));
+                    m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+                }
+                Arc::new(new)
+            }
+        };
+        if dry_run {
+            return if deletion_finished(&current) {
+                Deletion::Removed(current)
+            } else {
+                Deletion::Pending(current)
+            };
+        }
+        if deletion_finished(&current) {
+            return Deletion::Removed(self.remove_now(resource, key, current));
+        }
+        if shorter.is_none() {
+            return Deletion::Pending(old);
+        }
+        let mut new = (*current).clone();
+        let rv = self.bump();
+        if let Some(m) = meta_mut(&mut new) {
+            m.insert("resourceVersion".into(), Value::String(rv.to_string()));
+        }
+        let object = Arc::new(new);
+        self.type_store(resource)
+            .objects
+            .insert(key.clone(), object.clone());
+        self.emit(
+            resource,
+            Change {
+                rv,
+                kind: ChangeKind::Modified,
+                namespace: key.0,
+                object: object.clone(),
+                previous: Some(old),
+            },
+        );
+        Deletion::Pending(object)
     }
 
     /// Seconds a DELETE leaves a pod terminating: with graceful pod deletion on, a scheduled
@@ -877,9 +974,7 @@ impl Store {
             m.insert("resourceVersion".into(), Value::String(rv.to_string()));
         }
         let object = Arc::new(object);
-        let finished_deleting = old.is_some()
-            && meta_str(&object, "deletionTimestamp").is_some()
-            && finalizers(&object).is_empty();
+        let finished_deleting = old.is_some() && deletion_finished(&object);
         let store = self.type_store(resource);
         let kind = if finished_deleting {
             store.objects.remove(&key);

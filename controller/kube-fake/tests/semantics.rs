@@ -391,6 +391,97 @@ async fn graceful_pod_deletion_waits_for_the_kubelet() {
     assert!(pods.get_opt("unbound").await.unwrap().is_none());
 }
 
+/// A terminating pod is not removed by writes while its grace period is pending: the real API
+/// server deletes on update only when the object's `deletionGracePeriodSeconds` is 0 (its
+/// `shouldDeleteDuringUpdate`), so status writes, label patches and finalizer removal leave the
+/// pod Terminating until the kubelet's zero-grace DELETE.
+#[tokio::test]
+async fn writes_keep_a_terminating_pod_until_the_zero_grace_delete() {
+    let cluster = FakeCluster::with_options(automigrate_kube_fake::FakeClusterOptions {
+        graceful_pod_deletion: true,
+        ..Default::default()
+    });
+    let fixed = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+    cluster.set_time(Some(fixed));
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
+    pods.create(&PostParams::default(), &pod("p", "n1", &[]))
+        .await
+        .unwrap();
+    pods.delete("p", &DeleteParams::default()).await.unwrap();
+
+    // The kubelet reports the stopped containers; someone labels the pod.
+    pods.patch_status(
+        "p",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+    )
+    .await
+    .unwrap();
+    pods.patch(
+        "p",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"seen": "yes"}}})),
+    )
+    .await
+    .unwrap();
+    let still = pods.get_opt("p").await.unwrap().expect("still terminating");
+    assert!(still.metadata.deletion_timestamp.is_some());
+    assert_eq!(still.status.unwrap().phase.as_deref(), Some("Failed"));
+    pods.delete("p", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(pods.get_opt("p").await.unwrap().is_none());
+
+    // With a finalizer: removing it during the grace period does not delete the pod; a
+    // zero-grace DELETE shortens the pending deletion, and then the finalizer's removal does.
+    let mut held = pod("held", "n1", &[]);
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    pods.create(&PostParams::default(), &held).await.unwrap();
+    pods.delete("held", &DeleteParams::default()).await.unwrap();
+    pods.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(pods.get_opt("held").await.unwrap().is_some());
+    pods.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold"]}})),
+    )
+    .await
+    .unwrap_err();
+    let mut held = pod("held2", "n1", &[]);
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    pods.create(&PostParams::default(), &held).await.unwrap();
+    pods.delete("held2", &DeleteParams::default())
+        .await
+        .unwrap();
+    let shortened = pods
+        .delete("held2", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap()
+        .left()
+        .expect("the finalizer still holds it");
+    assert_eq!(shortened.metadata.deletion_grace_period_seconds, Some(0));
+    // deletionTimestamp moves back by the 30 s no longer granted.
+    assert_eq!(shortened.metadata.deletion_timestamp.unwrap().0, fixed);
+    pods.patch(
+        "held2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(pods.get_opt("held2").await.unwrap().is_none());
+    // The first one, its finalizer gone, ends with the zero-grace DELETE.
+    pods.delete("held", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    assert!(pods.get_opt("held").await.unwrap().is_none());
+}
 #[tokio::test]
 async fn put_defaults_the_namespace_of_namespaced_types() {
     let cluster = FakeCluster::new();
