@@ -68,7 +68,8 @@ impl Kubelet {
         client: kube::Client,
         mut config: KubeletConfig,
     ) -> Result<Self, KubeletError> {
-        let layout = runtime::Layout::new(config.node.root_dir.clone());
+        let layout = runtime::Layout::new(config.node.root_dir.clone())
+            .with_host_path_map(config.pods.host_path_map.clone());
         let runtime = Arc::new(runtime::Runtime::new(layout, config.runc.clone()));
         config.node.runtime_version = runtime.version().await;
         let registry = pods::Registry::default();

@@ -43,6 +43,9 @@ pub struct PodConfig {
     /// real kubelet's CrashLoopBackOff.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// `hostPath` prefixes resolved elsewhere on this host, `(from, to)`; see
+    /// [`crate::runtime::Layout::with_host_path_map`].
+    pub host_path_map: Vec<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl PodConfig {
@@ -52,6 +55,7 @@ impl PodConfig {
             host_ip: host_ip.into(),
             initial_backoff: Duration::from_secs(10),
             max_backoff: Duration::from_secs(300),
+            host_path_map: Vec::new(),
         }
     }
 }
@@ -391,8 +395,18 @@ impl Worker {
             }
             Err(error) => {
                 tracing::warn!(container = name, %error, "container did not start");
+                // As the real kubelet: the first failed pull is ErrImagePull, the waits between
+                // the retries that fail again are ImagePullBackOff.
+                let pulled_before = matches!(
+                    record.slot,
+                    Slot::Waiting {
+                        reason: "ErrImagePull" | "ImagePullBackOff",
+                        ..
+                    }
+                );
                 let reason = match error {
                     RuntimeError::Config { .. } => "CreateContainerConfigError",
+                    RuntimeError::Image(_) if pulled_before => "ImagePullBackOff",
                     RuntimeError::Image(_) => "ErrImagePull",
                     _ => "RunContainerError",
                 };

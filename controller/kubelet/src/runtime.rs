@@ -58,15 +58,47 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
     }
 }
 
-/// Where this kubelet keeps things, all under its root directory.
+/// Where this kubelet keeps things, all under its root directory, and where `hostPath`
+/// volumes are on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     root: PathBuf,
+    /// `hostPath` prefixes that are elsewhere on this host (see [`Layout::host_path`]).
+    host_path_map: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            host_path_map: Vec::new(),
+        }
+    }
+
+    /// Resolves `hostPath` volumes under each `from` to the same relative path under its `to`
+    /// (the first matching prefix, whole components only). Several local nodes share one host
+    /// file system; mapping e.g. `/var/lib/automigrate` to each node's own directory gives
+    /// every node its own `/var/lib/automigrate`, as separate machines have, so a pod moved to
+    /// another node finds that node's files under the same path in its spec.
+    pub fn with_host_path_map(mut self, map: Vec<(PathBuf, PathBuf)>) -> Self {
+        self.host_path_map = map;
+        self
+    }
+
+    /// Where a pod's `hostPath` is on this host.
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        self.host_path_map
+            .iter()
+            .find_map(|(from, to)| {
+                path.strip_prefix(from).ok().map(|rest| {
+                    if rest.as_os_str().is_empty() {
+                        to.clone()
+                    } else {
+                        to.join(rest)
+                    }
+                })
+            })
+            .unwrap_or_else(|| path.to_path_buf())
     }
 
     pub fn root(&self) -> &Path {
@@ -178,7 +210,7 @@ pub fn launch_for(
             .get(mount.name.as_str())
             .ok_or_else(|| config(format!("volume `{}` is not declared", mount.name)))?;
         let host = if let Some(host_path) = &volume.host_path {
-            PathBuf::from(&host_path.path)
+            layout.host_path(Path::new(&host_path.path))
         } else if volume.empty_dir.is_some() {
             layout.empty_dir(uid, &volume.name)
         } else {
@@ -643,4 +675,72 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .code()
         .or_else(|| status.signal().map(|signal| 128 + signal))
         .unwrap_or(255)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn pod_with_host_paths(paths: &[(&str, &str)]) -> Pod {
+        let volumes: Vec<serde_json::Value> = paths
+            .iter()
+            .enumerate()
+            .map(|(i, (host, _))| serde_json::json!({"name": format!("v{i}"), "hostPath": {"path": host}}))
+            .collect();
+        let mounts: Vec<serde_json::Value> = paths
+            .iter()
+            .enumerate()
+            .map(|(i, (_, at))| serde_json::json!({"name": format!("v{i}"), "mountPath": at}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ml", "uid": "0123456789"},
+            "spec": {
+                "volumes": volumes,
+                "containers": [{"name": "c", "command": ["true"], "volumeMounts": mounts}],
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn host_paths_under_a_mapped_prefix_are_bound_from_the_nodes_own_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node-b");
+        let prefix = dir.path().join("var/lib/automigrate");
+        let layout = Layout::new(dir.path().join("kubelet"))
+            .with_host_path_map(vec![(prefix.clone(), node.clone())]);
+        let text = |path: &Path| path.to_str().unwrap().to_string();
+        let dataset = text(&prefix.join("data/clusters"));
+        let whole = text(&prefix);
+        // Not under the prefix: a sibling whose name only starts the same way.
+        let sibling = dir.path().join("var/lib/automigrate-other");
+        let shared = dir.path().join("shared");
+        let (sibling_text, shared_text) = (text(&sibling), text(&shared));
+        let pod = pod_with_host_paths(&[
+            (&dataset, "/data"),
+            (&whole, "/all"),
+            (&sibling_text, "/other"),
+            (&shared_text, "/shared"),
+        ]);
+        let container = pod.spec.as_ref().unwrap().containers[0].clone();
+        let launch = launch_for(&layout, &pod, &container).unwrap();
+        let binds: Vec<(PathBuf, String)> = launch
+            .spec
+            .writable
+            .iter()
+            .map(|bind| (bind.host.clone(), bind.container.clone()))
+            .collect();
+        assert_eq!(
+            binds,
+            [
+                (node.join("data/clusters"), "/data".to_string()),
+                (node.clone(), "/all".to_string()),
+                (sibling, "/other".to_string()),
+                (shared, "/shared".to_string()),
+            ]
+        );
+        assert!(!prefix.exists(), "the mapped prefix itself was created");
+    }
 }

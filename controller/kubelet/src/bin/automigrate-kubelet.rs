@@ -53,6 +53,23 @@ struct Args {
     /// The runc program.
     #[arg(long, default_value = "runc")]
     runc: String,
+    /// `FROM=TO`: a `hostPath` volume under FROM is bound from the same path under TO
+    /// (repeatable; the first match wins). For several local nodes on one host: each node's
+    /// kubelet maps e.g. `/var/lib/automigrate` to that node's own directory, as separate
+    /// machines each have their own.
+    #[arg(long, value_parser = host_path_mapping)]
+    host_path_map: Vec<(PathBuf, PathBuf)>,
+}
+
+fn host_path_mapping(text: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (from, to) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: expected FROM=TO"))?;
+    let (from, to) = (PathBuf::from(from), PathBuf::from(to));
+    if !from.is_absolute() || !to.is_absolute() {
+        return Err(format!("`{text}`: both paths must be absolute"));
+    }
+    Ok((from, to))
 }
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -129,7 +146,10 @@ async fn main() -> anyhow::Result<()> {
     node.thresholds = args.eviction_hard;
     let config = KubeletConfig {
         node,
-        pods: PodConfig::new(&args.node_name, &args.node_ip),
+        pods: PodConfig {
+            host_path_map: args.host_path_map,
+            ..PodConfig::new(&args.node_name, &args.node_ip)
+        },
         runc: args.runc,
         api_listen: Some(match args.listen {
             Some(addr) => addr,
