@@ -17,12 +17,14 @@
 //! - [`decide`]: the decision pass.
 //! - [`migration`]: the migration state machine, its timeouts, resume rules and fencing.
 //! - [`driver`]: the one migration driver (the loop and its rules) behind the [`driver::Port`].
+//! - [`fencing`]: when a dead node counts as fenced (the self-fence safe-time rule, the modes).
 //! - [`transfer`]: transfer planning and the feedback controller for parallel streams.
 //! - [`fixtures`]: builders and a deterministic synthetic cluster for tests and benchmarks.
 
 pub mod annotations;
 pub mod decide;
 pub mod driver;
+pub mod fencing;
 pub mod fixtures;
 pub mod health;
 mod index;
