@@ -7,6 +7,11 @@
 //!   node);
 //! - an `oci:<layout dir>:<tag>` reference (what the agent returns when no import command is
 //!   configured), read in place;
+//! - a `localhost/...` reference not in the store: nothing. Such a name is a locally built
+//!   image (the agent names its checkpoint images `localhost/automigrate/...`); with no
+//!   registry behind it, the real kubelet's pull fails (`ErrImagePull`, then
+//!   `ImagePullBackOff`) and the container never starts, so this one does not start it fresh
+//!   either ([`ImageError::NotPresent`]);
 //! - otherwise the host's root filesystem (see [`crate::runtime`]).
 //!
 //! An image is a checkpoint image when its manifest carries the annotations CRI-O
@@ -30,7 +35,14 @@ pub enum ImageError {
     Layout { path: PathBuf, reason: String },
     #[error("`{reference}` is not an `oci:<layout dir>:<tag>` reference")]
     NotOciReference { reference: String },
+    #[error(
+        "failed to pull image \"{reference}\": not in this node's image store, and there is no registry to pull it from"
+    )]
+    NotPresent { reference: String },
 }
+
+/// Registry host of images built on the node itself: never pulled, only found in the store.
+const LOCAL_REGISTRY: &str = "localhost/";
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     move |source| ImageError::Io {
@@ -84,6 +96,10 @@ pub fn resolve(images_root: &Path, reference: &str) -> Result<Resolved, ImageErr
         stored
     } else if let Some(dir) = oci_layout_dir(reference) {
         dir
+    } else if reference.starts_with(LOCAL_REGISTRY) {
+        return Err(ImageError::NotPresent {
+            reference: reference.to_string(),
+        });
     } else {
         return Ok(Resolved::Host);
     };
@@ -184,5 +200,14 @@ mod tests {
             resolve(root.path(), "docker.io/library/debian:12").unwrap(),
             Resolved::Host
         );
+    }
+
+    #[test]
+    fn a_local_image_missing_from_the_store_is_not_the_host_filesystem() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            resolve(root.path(), "localhost/automigrate/ml-p:ckpt-1"),
+            Err(ImageError::NotPresent { .. })
+        ));
     }
 }
