@@ -36,7 +36,7 @@ pub enum ImageError {
     #[error("`{reference}` is not an `oci:<layout dir>:<tag>` reference")]
     NotOciReference { reference: String },
     #[error(
-        "failed to pull image \"{reference}\": not in this node's image store, and there is no registry to pull it from"
+        "failed to pull image \"{reference}\": not in this node's image store, and there is no registry to pull it from (a checkpoint image is imported with `automigrate-kubelet import-image`; any reference outside localhost/ runs on the host's file system)"
     )]
     NotPresent { reference: String },
 }
