@@ -1,13 +1,13 @@
-//! `automigrate demo`: the embedded single-machine mode (crate automigrate-embedded) with real
-//! failures, migrations and resumes, and its report. Everything it does lives in that crate;
-//! this file only turns flags into a plan.
+//! `automigrate demo`: the trainer as a Pod on the local cluster of real components
+//! (`automigrate-apiserver`, `automigrate-kubelet`, `automigrate-agent`, `automigrate-controller`;
+//! crate automigrate-embedded, module `demo_runs`), with real failures, migrations and resumes,
+//! and its report. This file only turns flags into a plan.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use automigrate_embedded::cluster::AgentMode;
-use automigrate_embedded::demo::{self, DemoPlan, Scenario};
+use automigrate_embedded::demo::{self, Plan, Scenario};
 
 /// `automigrate demo …`
 #[derive(Debug, clap::Args)]
@@ -25,36 +25,28 @@ pub struct Args {
     /// Epochs of every training run.
     #[arg(long, default_value_t = 30)]
     epochs: u32,
-    /// Policy time runs this many times faster than real time.
-    #[arg(long, default_value_t = 30)]
-    time_scale: u32,
-    /// Policy ConfigMaps (the failure runs use `default`, the mobility run `edge-mobility`).
-    #[arg(long, default_value = "policies")]
+    /// The demo's policy ConfigMaps (the failure runs use `demo`, the mobility run
+    /// `demo-mobility`), applied after deploy/policies/default.yaml.
+    #[arg(long, default_value = "examples/demo-policies.yaml")]
     policies: PathBuf,
     /// Where the report goes.
     #[arg(long, default_value = "docs/demo")]
     out: PathBuf,
-    /// Storage of the local nodes (one directory per run, removed after it unless --keep).
-    #[arg(long, default_value = "/var/tmp/automigrate-demo")]
+    /// State of the local clusters, one directory per run (removed after it unless --keep);
+    /// keep it on tmpfs: the kubelets report DiskPressure on a nearly full disk.
+    #[arg(long, default_value = "/dev/shm/automigrate-demo")]
     root: PathBuf,
-    /// Keep every run's node storage, checkpoints and controller state.
+    /// Where the cluster's programs are (automigrate-apiserver, -kubelet, -agent,
+    /// automigrate-controller, automigrate); default: next to this program, or
+    /// $AUTOMIGRATE_BIN_DIR.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Keep every run's cluster state: component logs, node storage, checkpoints.
     #[arg(long)]
     keep: bool,
     /// Only check that this machine can run the demo.
     #[arg(long)]
     check: bool,
-    /// Node agents: the `automigrate-agent` daemon per node (found next to this program, or
-    /// $AUTOMIGRATE_AGENT_BIN), or its library pieces in this process; `auto` prefers the
-    /// daemon.
-    #[arg(long, value_enum, default_value = "auto")]
-    agent: AgentChoice,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum AgentChoice {
-    Auto,
-    Daemon,
-    InProcess,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -67,26 +59,25 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::from(3));
     }
     if args.check {
-        println!("ok: root, network namespaces, TUN, runc, CRIU >= 4, iptables, python3-numpy");
+        println!(
+            "ok: root, network namespaces, TUN, runc, CRIU >= 4, iptables, python3-numpy, kubectl"
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut plan = DemoPlan::standard(args.root, args.policies);
+    let bin_dir = match args.bin_dir {
+        Some(dir) => dir,
+        None => automigrate_embedded::kube::find_bin_dir().context(
+            "the local cluster's programs were not found next to this program: build them with \
+             `cargo build --release --locked -p automigrate -p automigrate-apiserver -p \
+             automigrate-kubelet -p automigrate-agent -p automigrate-operator`, or name their \
+             directory with --bin-dir",
+        )?,
+    };
+    let mut plan = Plan::standard(args.root, bin_dir, args.policies);
     plan.scenarios = args.scenarios;
     plan.failure_points = args.failure_points;
     plan.settings.trainer.epochs = args.epochs;
-    plan.settings.time_scale = args.time_scale;
     plan.settings.keep = args.keep;
-    plan.settings.agent = match (
-        args.agent,
-        automigrate_embedded::daemon::find_agent_binary(),
-    ) {
-        (AgentChoice::InProcess, _) | (AgentChoice::Auto, None) => AgentMode::InProcess,
-        (AgentChoice::Daemon | AgentChoice::Auto, Some(binary)) => AgentMode::Daemon { binary },
-        (AgentChoice::Daemon, None) => anyhow::bail!(
-            "--agent daemon: no automigrate-agent binary next to this program, on PATH or in \
-             $AUTOMIGRATE_AGENT_BIN (build it: cargo build --release -p automigrate-agent)"
-        ),
-    };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

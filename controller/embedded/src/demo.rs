@@ -1,28 +1,29 @@
-//! `automigrate demo`: checks what the machine needs, runs the selected scenarios in order and
-//! writes the report.
+//! `automigrate demo`: checks what the machine needs, runs the selected scenarios in order on
+//! the local cluster of real components ([`crate::demo_runs`]) and writes the report.
 //!
 //! Order: the uninterrupted reference run first (its loss is what every other run must
 //! reproduce bit for bit, and its duration paces the mobility trace), then for each failure
 //! point a migration run and a fresh-restart run, then degradation, then mobility.
+//!
+//! [`DemoPlan`] is the embedded controller's plan, kept only for the fault suite until it moves
+//! to the local cluster too; the demo itself runs [`Plan`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cluster::AgentMode;
-use crate::controller::Recovery;
-use crate::policies::{self, PolicyLoadError};
+use crate::demo_runs::{self, DemoSettings, Recovery, RunError, RunKind, RunResult};
 use crate::report::{self, DemoReport, Machine, ReportError};
-use crate::scenario::{self, DemoSettings, RunKind, RunResult, ScenarioError};
 use crate::workload::{DatasetSpec, PYTHON, TrainerSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("this machine cannot run the demo; missing: {}", .0.join("; "))]
     Missing(Vec<String>),
+    #[error("{0}")]
+    Setup(String),
     #[error(transparent)]
-    Policies(#[from] PolicyLoadError),
-    #[error(transparent)]
-    Scenario(#[from] Box<ScenarioError>),
+    Run(#[from] Box<RunError>),
     #[error(transparent)]
     Report(#[from] ReportError),
 }
@@ -49,9 +50,10 @@ impl std::str::FromStr for Scenario {
     }
 }
 
+/// The embedded controller's demo plan (used by the fault suite only; see the module header).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DemoPlan {
-    pub settings: DemoSettings,
+    pub settings: crate::scenario::DemoSettings,
     pub scenarios: Vec<Scenario>,
     /// Hard-failure points, percent of the epochs.
     pub failure_points: Vec<u32>,
@@ -63,7 +65,7 @@ impl DemoPlan {
     /// The demo as `automigrate demo` runs it by default (a few minutes on 2 cores).
     pub fn standard(root: PathBuf, policies_dir: PathBuf) -> Self {
         Self {
-            settings: DemoSettings {
+            settings: crate::scenario::DemoSettings {
                 root,
                 policies_dir,
                 time_scale: 30,
@@ -94,6 +96,57 @@ impl DemoPlan {
                     Some(binary) => AgentMode::Daemon { binary },
                     None => AgentMode::InProcess,
                 },
+            },
+            scenarios: vec![
+                Scenario::HardFailure,
+                Scenario::Degradation,
+                Scenario::Mobility,
+            ],
+            failure_points: vec![25, 50, 75],
+            degradation_point: 50,
+        }
+    }
+}
+
+/// The demo on the local cluster: which runs, on what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub settings: DemoSettings,
+    pub scenarios: Vec<Scenario>,
+    /// Hard-failure points, percent of the epochs.
+    pub failure_points: Vec<u32>,
+    /// When the degradation is injected, percent of the epochs.
+    pub degradation_point: u32,
+}
+
+impl Plan {
+    /// The demo as `automigrate demo` runs it by default (about 10 minutes on 2 cores).
+    pub fn standard(root: PathBuf, bin_dir: PathBuf, policies_file: PathBuf) -> Self {
+        Self {
+            settings: DemoSettings {
+                root,
+                bin_dir,
+                policies_file,
+                nodes: 4,
+                rtt_step_ms: 10,
+                dataset: DatasetSpec {
+                    name: "clusters".into(),
+                    files: 16,
+                    rows_per_file: 8192,
+                    features: 32,
+                    classes: 4,
+                    seed: 20211220,
+                },
+                trainer: TrainerSpec {
+                    epochs: 30,
+                    hidden: 128,
+                    seed: 7,
+                    learning_rate: 0.05,
+                },
+                checkpoint_interval: "5s".into(),
+                failure_policy: "demo".into(),
+                mobility_policy: "demo-mobility".into(),
+                keep: false,
             },
             scenarios: vec![
                 Scenario::HardFailure,
@@ -145,6 +198,12 @@ pub fn missing_prerequisites() -> Vec<String> {
             "iptables (CRIU locks the container's network; {install})"
         ));
     }
+    if !command_works("kubectl", &["version", "--client"]) {
+        missing.push(
+            "kubectl on PATH (the local cluster is driven and read through it; Debian: kubernetes-client)"
+                .into(),
+        );
+    }
     if !command_works(PYTHON, &["-c", "import numpy"]) {
         missing.push(format!("{PYTHON} with numpy (python3-numpy; {install})"));
     }
@@ -152,39 +211,37 @@ pub fn missing_prerequisites() -> Vec<String> {
 }
 
 /// Runs the plan and builds the report (not yet written).
-pub async fn run_demo(plan: &DemoPlan, command: &str) -> Result<DemoReport, DemoError> {
+pub async fn run_demo(plan: &Plan, command: &str) -> Result<DemoReport, DemoError> {
     let missing = missing_prerequisites();
     if !missing.is_empty() {
         return Err(DemoError::Missing(missing));
     }
     let settings = &plan.settings;
-    let policies = policies::load_policies(&settings.policies_dir)?;
-    policies::require(
-        &policies,
-        &settings.policies_dir,
-        &[&settings.failure_policy, &settings.mobility_policy],
-    )?;
+    if !settings.policies_file.is_file() {
+        return Err(DemoError::Setup(format!(
+            "the demo policies {} are missing",
+            settings.policies_file.display()
+        )));
+    }
     let machine = Machine::probe();
-    say(&match &settings.agent {
-        AgentMode::Daemon { binary } => format!(
-            "node agents: the automigrate-agent daemon ({}), one per node in its namespace",
-            binary.display()
-        ),
-        AgentMode::InProcess => {
-            "node agents: in-process (the agent's library pieces; no automigrate-agent binary found)"
-                .to_string()
-        }
-    });
+    say(&format!(
+        "local cluster: {} nodes, automigrate-apiserver, -kubelet, -agent and 2 automigrate-controller replicas from {}; policies {}",
+        settings.nodes,
+        settings.bin_dir.display(),
+        settings.policies_file.display()
+    ));
     let mut runs: Vec<RunResult> = Vec::new();
-    say("reference: the trainer alone, uninterrupted");
-    let reference = scenario::reference_run(settings).await.map_err(Box::new)?;
+    say("reference: the trainer pod alone, unprotected, uninterrupted");
+    let reference = demo_runs::run(settings, RunKind::Reference, 0.0)
+        .await
+        .map_err(Box::new)?;
     say(&format!(
         "  trained {} epochs in {:.2} s, final loss {}",
         reference.final_epoch.unwrap_or_default(),
         reference.training_s.unwrap_or_default(),
         reference.final_loss_hex.as_deref().unwrap_or("?")
     ));
-    let reference_s = reference.training_s.unwrap_or(10.0);
+    let reference_s = reference.training_s.unwrap_or(20.0);
     runs.push(reference);
     let mut kinds = Vec::new();
     for scenario in &plan.scenarios {
@@ -204,7 +261,7 @@ pub async fn run_demo(plan: &DemoPlan, command: &str) -> Result<DemoReport, Demo
     }
     for kind in kinds {
         say(&kind.name());
-        let run = scenario::controlled_run(settings, &policies, kind, reference_s)
+        let run = demo_runs::run(settings, kind, reference_s)
             .await
             .map_err(Box::new)?;
         say(&describe_run(&run));
@@ -224,9 +281,19 @@ fn describe_run(run: &RunResult) -> String {
         run.training_s.unwrap_or_default()
     )];
     for migration in &run.migrations {
+        let phases: Vec<String> = migration
+            .history
+            .iter()
+            .map(|span| format!("{} {:.1}s", span.phase, span.seconds))
+            .collect();
         parts.push(format!(
-            "{} -> {} ({}, {})",
-            migration.from, migration.to, migration.trigger, migration.phase
+            "Migration {} {} -> {} ({}, {}: {})",
+            migration.name,
+            migration.from,
+            migration.to,
+            migration.trigger,
+            migration.phase,
+            phases.join(", ")
         ));
     }
     if let Some(downtime) = run.downtime_s {

@@ -28,6 +28,9 @@
 //! - [`scenario`]: the demo's runs (uninterrupted, hard failure at a fraction of training,
 //!   degradation, user mobility) and the figures measured from them.
 //! - [`demo`]: `automigrate demo`: prerequisites, the standard plan, running it, publishing.
+//! - [`demo_runs`]: the demo's runs on the local cluster of real components ([`kube`]): the
+//!   trainer applied as a Pod, failures and events caused by the harness, every migration made
+//!   by `automigrate-controller` and read back from the API server.
 //! - [`faults`]: the fault-injection suite (`automigrate faults`): randomized runs with one
 //!   fault each (agent kills, partitions, dying targets, full disks, damaged checkpoints, policy
 //!   edits), their verdicts and report.
@@ -40,6 +43,7 @@ pub mod cluster;
 pub mod controller;
 pub mod daemon;
 pub mod demo;
+pub mod demo_runs;
 pub mod faults;
 pub mod kube;
 pub mod monitor;

@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::controller::Recovery;
-use crate::scenario::{DemoSettings, RunKind, RunResult};
+use crate::demo_runs::{DemoSettings, Recovery, RunKind, RunResult};
 use crate::svg::{BarChart, Series};
 
 const PAPER_FIGURES: &str = include_str!("../../../simulations/scenarios/seed-paper-figures.yaml");
@@ -257,17 +256,42 @@ pub fn build_report(
         );
         for migration in &run.migrations {
             let verified = run.dataset_verified_on.contains(&migration.to);
+            let moved_by = if run.dataset_provisioned_on.contains(&migration.to) {
+                "put there by the harness before the run"
+            } else {
+                "moved there by the controller"
+            };
+            let phases: Vec<String> = migration
+                .history
+                .iter()
+                .map(|span| format!("{} {:.2} s", span.phase, span.seconds))
+                .collect();
             check(
                 &mut checks,
                 format!(
-                    "{}: migration {} -> {} succeeded with the dataset verified on the target",
-                    run.name, migration.from, migration.to
+                    "{}: Migration {} ({} -> {}, {}) succeeded with the dataset verified on the target",
+                    run.name, migration.name, migration.from, migration.to, migration.trigger
                 ),
                 migration.phase == automigrate_core::migration::Phase::Succeeded && verified,
                 format!(
-                    "phase {}, dataset verified on {:?}",
-                    migration.phase, run.dataset_verified_on
+                    "phase {} (as the API server has it; history: {}){}; dataset verified on {:?} ({moved_by})",
+                    migration.phase,
+                    phases.join(", "),
+                    migration
+                        .message
+                        .as_deref()
+                        .map(|message| format!("; message: {message}"))
+                        .unwrap_or_default(),
+                    run.dataset_verified_on
                 ),
+            );
+        }
+        if !matches!(run.kind, RunKind::Reference) && run.migrations.is_empty() {
+            check(
+                &mut checks,
+                format!("{}: the controller made a Migration", run.name),
+                false,
+                "no Migration object in the pod's namespace".into(),
             );
         }
     }
@@ -446,28 +470,49 @@ pub fn build_report(
     }
 
     let notes = vec![
+        "Every migration here was decided and driven by automigrate-controller (2 replicas, leader \
+         election) against the local cluster's API server, with automigrate-agent pods and \
+         automigrate-kubelets on the nodes; the harness only powered node-a off, set a node \
+         condition or wrote the user's latency on the pod. Each Migration is named as the API \
+         server has it, with the phases and timings the controller wrote in status.history."
+            .into(),
         format!(
-            "Policy time runs {}× faster than real time, so the shipped policies apply unchanged: \
-             e.g. the default policy's 30 s lease timeout is {:.2} s here. Every time in this \
-             report is real (wall-clock) time.",
-            settings.time_scale,
-            30.0 / f64::from(settings.time_scale)
-        ),
-        format!(
-            "The pod overrides the checkpoint interval with automigrate.dev/checkpoint-interval: \
-             {} (policy time) so that a training run of a few seconds has periodic checkpoints.",
+            "The controller runs in real time. The pods name the demo policies `{}` and `{}` \
+             from {} (shorter checkpoint floor, lease timeout and dwell than the shipped ones, \
+             see that file's header) and ask for a checkpoint every {}.",
+            settings.failure_policy,
+            settings.mobility_policy,
+            settings.policies_file.display(),
             settings.checkpoint_interval
         ),
-        "MTT/NTT: deployment to the last epoch's line. MDT/NDT: the failure (or, for a live \
-         source, the start of the final dump) until the workload runs training code again (the \
-         restore returned; a fresh process wrote its start line)."
+        "MTT/NTT: the pod applied to the last epoch's line. MDT/NDT: the failure (or, for a live \
+         source, the start of the final dump: the Checkpointing phase) until the end of the \
+         Restoring phase the controller recorded. Detection: the failure or event until the \
+         Migration's startedAt."
             .into(),
         "A hard failure strikes once node-a has reported the failure point's epoch and a \
-         checkpoint taken during training (after epoch 1) has reached a standby; the epoch it \
-         struck at is in report.json (epochAtEvent)."
+         checkpoint taken after epoch 1 is on a standby node (on node-a for the restart run); the \
+         epoch it struck at is in report.json (epochAtEvent). The restart run's pod sets \
+         automigrate.dev/replicate-to: \"0\", so no checkpoint survives node-a and the controller \
+         starts the replacement from the beginning (NTT)."
             .into(),
-        "NTT comes from a second run identical up to the failure (same policy, detection, \
-         target, standby copies) whose replacement starts from epoch 1 instead of the checkpoint."
+        "The controller moves a dataset only from a live source; for a dead node it leaves the \
+         dataset to the workload. So the hard-failure runs start with the dataset on every node \
+         (as a replicated or shared read-only dataset would be), and their dataset check verifies \
+         the target's copy against its manifest; in the degradation and mobility runs the dataset \
+         starts on node-a only and the controller moves it."
+            .into(),
+        "The kubelet checkpoint API leaves the container running after the final dump (as CRI-O \
+         does), so a live source trains on until it is fenced and the replacement, restored \
+         from the dump, computes those epochs again: they are the redone epochs of the \
+         degradation and mobility rows."
+            .into(),
+        "The restored checkpoint's epochs: the last epoch node-a had reported before the dump \
+         began (its recorded time minus its freeze time, minus 0.5 s of slack) and 0.5 s after \
+         it was recorded."
+            .into(),
+        "Never two copies: every node's runc state (`runc list`) sampled every 20 ms, not the \
+         controller's view."
             .into(),
         "Wall-clock times on this machine move with its other work (the load average at the start \
          and end of every run is in report.json, loadAverage): the restart +% at the reference \
@@ -626,7 +671,7 @@ fn markdown(report: &DemoReport) -> String {
         settings.rtt_step_ms,
         settings.failure_policy,
         settings.mobility_policy,
-        settings.policies_dir.display()
+        settings.policies_file.display()
     );
     out.push_str(&render_table(report));
     let _ = writeln!(out, "\n## Runs\n");
@@ -687,8 +732,8 @@ fn markdown(report: &DemoReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\nRaw figures of every run (progress of every container, the controller's timeline) \
-         are in `report.json`."
+        "\nRaw figures of every run (every node's progress, the checkpoints the controller \
+         recorded, every Migration with its phases) are in `report.json`."
     );
     out
 }

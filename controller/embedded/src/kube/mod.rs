@@ -98,6 +98,10 @@ pub const AGENT_PORT: u16 = 9460;
 pub const AGENT_TRANSFER_PORT: u16 = 9461;
 /// The first controller replica's metrics/health port in `control` (replica `i`: `+ i`).
 pub const CONTROLLER_PORT: u16 = 8080;
+/// The path every node has of its own (a kubelet `--host-path-map` to [`KubeCluster::node_dir`]):
+/// `data/` is the agent's data root there, as `AUTOMIGRATE_AGENT_DATA_ROOT`'s default
+/// `/var/lib/automigrate/data` tells the controller.
+pub const NODE_HOST_DIR: &str = "/var/lib/automigrate";
 /// The namespace of the controller, its Lease, the agents and the policies.
 pub const SYSTEM_NAMESPACE: &str = "automigrate-system";
 /// The controller's leader election Lease (in [`SYSTEM_NAMESPACE`]).
@@ -986,6 +990,11 @@ impl KubeCluster {
             .arg(&self.cluster_kubeconfig)
             .arg("--root-dir")
             .arg(&kubelet_dir)
+            // Every node has its own /var/lib/automigrate (deploy/agent.yaml's store hostPath,
+            // the agents' data root and store): a pod's hostPath under it is this node's
+            // directory, so a moved pod finds the target's dataset, not the source's.
+            .arg("--host-path-map")
+            .arg(format!("{NODE_HOST_DIR}={}", self.node_dir(&node).display()))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         self.spawn_in(index, &kubelet_name(&node), command)
