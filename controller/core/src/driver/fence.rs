@@ -33,8 +33,8 @@ pub enum FenceStep {
     StopSource,
     /// The source cannot run: fenced.
     Fenced,
-    /// Mark the dead node out of service.
-    MarkOutOfService,
+    /// Mark the dead node out of service; the reason says why it counts as dead.
+    MarkOutOfService(String),
     /// Not provable yet; the phase deadline bounds the wait.
     Wait(String),
 }
@@ -94,9 +94,12 @@ pub fn fence_step(
         return FenceStep::Fenced;
     }
     match mode {
-        DeadNodeFencing::Taint => FenceStep::MarkOutOfService,
+        DeadNodeFencing::Taint => FenceStep::MarkOutOfService(format!(
+            "Lease not renewed for over {}",
+            units::format_duration(lease_timeout)
+        )),
         DeadNodeFencing::Administrator => FenceStep::Wait(format!(
-            "node {source}'s Lease expired; waiting for an administrator to mark it out of service"
+            "node {source}'s Lease expired; waiting for an administrator to confirm shutdown with the node.kubernetes.io/out-of-service taint"
         )),
     }
 }

@@ -233,7 +233,9 @@ impl Driver {
                 ) {
                     FenceStep::StopSource => port.act(run, &Action::StopSource).await,
                     FenceStep::Fenced => Outcome::done(),
-                    FenceStep::MarkOutOfService => port.act(run, &Action::MarkOutOfService).await,
+                    FenceStep::MarkOutOfService(reason) => {
+                        port.act(run, &Action::MarkOutOfService { reason }).await
+                    }
                     FenceStep::Wait(why) => Outcome::Waiting { why },
                 }
             }

@@ -60,8 +60,9 @@ pub enum Action {
     FinalCheckpoint,
     /// Stop the source workload; `Done` once it is gone.
     StopSource,
-    /// Mark the dead source node out of service, so its pods cannot run again.
-    MarkOutOfService,
+    /// Mark the dead source node out of service, so its pods cannot run again; `reason` says
+    /// why it counts as dead.
+    MarkOutOfService { reason: String },
     /// Start the workload on `node`, from checkpoint `from` (a verified one), or fresh.
     StartReplacement {
         node: NodeName,

@@ -404,7 +404,7 @@ impl Port for World {
                         }
                     }
                 }
-                Action::MarkOutOfService => {
+                Action::MarkOutOfService { .. } => {
                     self.out_of_service = true;
                     self.source_pod_present = false;
                     Outcome::done()
