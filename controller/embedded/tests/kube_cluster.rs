@@ -20,17 +20,22 @@
 #[allow(dead_code)]
 mod common;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use automigrate_embedded::kube::{
-    FAST_DEFAULT_POLICY, KubeCluster, KubeClusterConfig, find_bin_dir, tmpfs_root,
+    AGENT_PORT, API_PORT, FAST_DEFAULT_POLICY, KubeCluster, KubeClusterConfig, find_bin_dir,
+    tmpfs_root,
 };
 use serde_json::{Value, json};
 
 const POD: &str = "counter";
+
+/// One cluster at a time: the tests of this file share two cores with everything else.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn progress(work: &Path) -> Option<u64> {
     std::fs::read_to_string(work.join("progress"))
@@ -169,6 +174,7 @@ async fn a_powered_off_node_s_protected_pod_is_restored_on_the_other_node_by_the
         return;
     }
     common::init_logs();
+    let _one = ONE_CLUSTER.lock().await;
     let bin_dir = find_bin_dir().expect("the workspace's binaries (cargo build first)");
     let policy_dir = tempfile::tempdir().unwrap();
     let policy = policy_dir.path().join("default-fast.yaml");
@@ -375,23 +381,241 @@ async fn a_powered_off_node_s_protected_pod_is_restored_on_the_other_node_by_the
 
     drop(dump);
     let cluster = Arc::try_unwrap(cluster).expect("the sampler let go of the cluster");
+    let namespaces = namespaces_of(&cluster);
     cluster.teardown().await.unwrap();
-    assert!(
-        !std::path::Path::new(&root)
-            .join("node-b/kubelet/runc")
-            .exists()
-            || automigrate_embedded_runc_empty(&root.join("node-b/kubelet/runc")),
-        "containers left on node-b"
-    );
+    assert_torn_down(&root, &namespaces).await;
 }
 
-/// Whether a runc root has no containers left.
-fn automigrate_embedded_runc_empty(root: &Path) -> bool {
-    let output = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["list", "-q"])
+/// Every network namespace of the cluster.
+fn namespaces_of(cluster: &KubeCluster) -> Vec<String> {
+    let mut namespaces: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|node| cluster.node_namespace(node).unwrap())
+        .collect();
+    namespaces.push(cluster.control_namespace().unwrap());
+    namespaces
+}
+
+/// Processes whose command line names `dir` (components, containers, the kubelets' runc
+/// wrappers).
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(&needle) {
+            found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// After a teardown: no process of the cluster, no container in any runc root, no namespace;
+/// then the state directory is removed.
+async fn assert_torn_down(root: &Path, namespaces: &[String]) {
+    let mut left = processes_under(root);
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = processes_under(root);
+    }
+    assert!(left.is_empty(), "processes left: {left:?}");
+    for node in ["node-a", "node-b"] {
+        let runc_root = root.join(node).join("kubelet/runc");
+        if runc_root.exists() {
+            let output = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&runc_root)
+                .args(["list", "-q"])
+                .output()
+                .unwrap();
+            let ids = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            assert!(ids.is_empty(), "containers left on {node}: {ids}");
+        }
+    }
+    let listed = std::process::Command::new("ip")
+        .args(["netns", "list"])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&output.stdout).trim().is_empty()
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    for namespace in namespaces {
+        assert!(
+            !listed
+                .lines()
+                .any(|line| line.split_whitespace().next() == Some(namespace.as_str())),
+            "namespace {namespace} left"
+        );
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// Whether a TCP connection to `target` can be made from inside the node `from` (index).
+fn reaches(cluster: &KubeCluster, from: usize, target: SocketAddr) -> bool {
+    cluster
+        .network()
+        .unwrap()
+        .run_in(from, || {
+            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok()
+        })
+        .unwrap()
+}
+
+fn lease_renew_time(cluster: &KubeCluster, node: &str) -> Option<String> {
+    let lease = cluster.get(&["lease", node, "-n", "kube-node-lease"])?;
+    lease["spec"]["renewTime"].as_str().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_cuts_links_sets_conditions_and_kills_the_leader_controller() {
+    if !common::privileged("kube_cluster controls") {
+        return;
+    }
+    common::init_logs();
+    let _one = ONE_CLUSTER.lock().await;
+    let bin_dir = find_bin_dir().expect("the workspace's binaries (cargo build first)");
+    let mut config = KubeClusterConfig::line(
+        2,
+        Duration::from_millis(10),
+        tmpfs_root("kube-test"),
+        bin_dir,
+    );
+    config.name_prefix = "kubec".into();
+    config.node_labels.insert(
+        "node-b".into(),
+        [("topology.kubernetes.io/zone".to_string(), "b".to_string())].into(),
+    );
+    let root = config.root.clone();
+    let cluster = KubeCluster::create(config).await.unwrap();
+    let dump = DumpOnFailure(&cluster);
+    let (a, b) = (0, 1);
+    let control_api = SocketAddr::from((cluster.control_address().unwrap(), API_PORT));
+    let agent_of = |node: &str| SocketAddr::from((cluster.node_address(node).unwrap(), AGENT_PORT));
+
+    // The labels asked for, the agents as their pods' containers.
+    let node_b = cluster.get(&["node", "node-b"]).unwrap();
+    assert_eq!(
+        node_b["metadata"]["labels"]["topology.kubernetes.io/zone"], "b",
+        "node-b's labels: {}",
+        node_b["metadata"]["labels"]
+    );
+    for node in ["node-a", "node-b"] {
+        let pid = cluster.agent_pid(node).expect("the agent runs");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains("automigrate-agent"),
+            "pid {pid} on {node} is not the agent"
+        );
+    }
+
+    // A node condition as node-problem-detector sets it; the kubelet keeps it.
+    cluster
+        .set_node_condition("node-a", "KernelDeadlock", "True", "HarnessTest")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let node_a = cluster.get(&["node", "node-a"]).unwrap();
+    let conditions = node_a["status"]["conditions"].as_array().unwrap();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "KernelDeadlock" && c["status"] == "True"),
+        "the condition did not stay: {conditions:?}"
+    );
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True"),
+        "the kubelet's own conditions went: {conditions:?}"
+    );
+
+    // Cut off from the API server: the node still reaches its peer, not the control plane,
+    // and its Lease stops being renewed; restored, it is renewed again.
+    assert!(reaches(&cluster, b, control_api) && reaches(&cluster, b, agent_of("node-a")));
+    cluster.cut_from_api("node-b").unwrap();
+    assert!(
+        !reaches(&cluster, b, control_api),
+        "node-b still reaches the API server"
+    );
+    assert!(
+        reaches(&cluster, b, agent_of("node-a")),
+        "node-b lost its peer too"
+    );
+    let frozen = lease_renew_time(&cluster, "node-b");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        lease_renew_time(&cluster, "node-b"),
+        frozen,
+        "node-b's Lease was renewed while it was cut off"
+    );
+    cluster.restore_api("node-b").unwrap();
+    assert!(
+        reaches(&cluster, b, control_api),
+        "node-b's API link did not come back"
+    );
+    eventually(
+        "node-b's Lease renewed again",
+        Duration::from_secs(30),
+        || (lease_renew_time(&cluster, "node-b") != frozen).then_some(()),
+    )
+    .await;
+
+    // Cut off from its peers: the control plane still reaches it.
+    cluster.cut_from_peers("node-a").unwrap();
+    assert!(
+        !reaches(&cluster, a, agent_of("node-b")),
+        "node-a still reaches node-b"
+    );
+    assert!(
+        reaches(&cluster, a, control_api),
+        "node-a lost the API server too"
+    );
+    cluster.restore_peers("node-a").unwrap();
+    assert!(
+        reaches(&cluster, a, agent_of("node-b")),
+        "node-a's peer link did not come back"
+    );
+
+    // Link latency between nodes.
+    cluster
+        .set_rtt("node-a", "node-b", Duration::from_millis(80))
+        .unwrap();
+    let network = cluster.network().unwrap();
+    for (from, to) in [(a, b), (b, a)] {
+        assert_eq!(
+            network.link(from, to).unwrap().delay,
+            Duration::from_millis(40)
+        );
+    }
+
+    // The leader controller killed: the other replica takes the Lease over; the killed one
+    // comes back as a standby.
+    let leader = cluster.controller_leader().expect("a leader");
+    cluster.kill_controller(leader).unwrap();
+    let new_leader = eventually("another leader", Duration::from_secs(60), || {
+        cluster.controller_leader().filter(|new| *new != leader)
+    })
+    .await;
+    cluster.start_controller(leader).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(cluster.controller_leader(), Some(new_leader));
+    let log = std::fs::read_to_string(
+        cluster
+            .logs_dir()
+            .join(format!("controller-{new_leader}.log")),
+    )
+    .unwrap();
+    assert!(
+        log.contains("lead"),
+        "controller-{new_leader}'s log says nothing of leading"
+    );
+
+    drop(dump);
+    let namespaces = namespaces_of(&cluster);
+    cluster.teardown().await.unwrap();
+    assert_torn_down(&root, &namespaces).await;
 }

@@ -994,7 +994,10 @@ impl KubeCluster {
             // the agents' data root and store): a pod's hostPath under it is this node's
             // directory, so a moved pod finds the target's dataset, not the source's.
             .arg("--host-path-map")
-            .arg(format!("{NODE_HOST_DIR}={}", self.node_dir(&node).display()))
+            .arg(format!(
+                "{NODE_HOST_DIR}={}",
+                self.node_dir(&node).display()
+            ))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         self.spawn_in(index, &kubelet_name(&node), command)
