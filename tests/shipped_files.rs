@@ -178,6 +178,98 @@ fn example_snapshot_gives_the_outcomes_it_describes() {
     );
 }
 
+/// Every Pod manifest under examples/ (recursively).
+fn example_pods() -> Vec<(PathBuf, k8s_openapi::api::core::v1::Pod)> {
+    fn walk(dir: &std::path::Path, found: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.extension().is_some_and(|ext| ext == "yaml") {
+                found.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&repo_root().join("examples"), &mut files);
+    files.sort();
+    let mut pods = Vec::new();
+    for file in files {
+        let text = fs::read_to_string(&file).unwrap();
+        for document in serde_saphyr::from_multiple::<serde_json::Value>(&text)
+            .unwrap_or_else(|error| panic!("{}: {error}", file.display()))
+        {
+            if document["kind"] == "Pod" {
+                let pod = serde_json::from_value(document)
+                    .unwrap_or_else(|error| panic!("{}: {error}", file.display()));
+                pods.push((file.clone(), pod));
+            }
+        }
+    }
+    pods
+}
+
+#[test]
+fn example_pods_are_protected_and_run_on_the_local_cluster() {
+    let pods = example_pods();
+    let names: Vec<String> = pods
+        .iter()
+        .map(|(file, _)| {
+            file.strip_prefix(repo_root())
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        names.iter().any(|name| name == "examples/pytorch/pod.yaml"),
+        "{names:?}"
+    );
+    for (file, pod) in &pods {
+        let file = file.display();
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let (settings, errors) =
+            automigrate_core::annotations::parse("default", name, &annotations);
+        assert!(errors.is_empty(), "{file}: {errors:?}");
+        assert!(settings.protect, "{file}: not protected");
+        let spec = pod.spec.as_ref().unwrap();
+        // What the local kubelet needs: a node (no scheduler), a command (no image
+        // entrypoint), and only hostPath and emptyDir volumes.
+        assert!(spec.node_name.is_some(), "{file}: no nodeName");
+        for container in &spec.containers {
+            assert!(
+                container.command.is_some(),
+                "{file}: {} has no command",
+                container.name
+            );
+        }
+        for volume in spec.volumes.iter().flatten() {
+            assert!(
+                volume.host_path.is_some() || volume.empty_dir.is_some(),
+                "{file}: volume {} is neither hostPath nor emptyDir",
+                volume.name
+            );
+        }
+    }
+    // The PyTorch pod runs the script shipped next to it, from its read-only /app mount.
+    let (_, pytorch) = &pods[names
+        .iter()
+        .position(|n| n == "examples/pytorch/pod.yaml")
+        .unwrap()];
+    let container = &pytorch.spec.as_ref().unwrap().containers[0];
+    assert!(
+        container
+            .command
+            .iter()
+            .flatten()
+            .any(|arg| arg == "/app/train.py"),
+        "{:?}",
+        container.command
+    );
+    assert!(repo_root().join("examples/pytorch/train.py").is_file());
+}
+
 #[test]
 fn readme_documents_every_annotation() {
     let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
