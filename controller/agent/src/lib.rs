@@ -12,6 +12,7 @@
 //! - [`incoming`]: the transfer receiver and the hand-over of received checkpoints into the
 //!   store (verified) and datasets into the data root.
 //! - [`image`]: checkpoint OCI image layouts built from stored checkpoints.
+//! - [`fence`]: self-fencing (the node stops its protected pods when it loses its standing).
 //! - [`prober`]: the latency prober (TCP connect RTT and loss to each peer).
 //! - [`metrics`]: metric names and the Prometheus recorder.
 //! - [`config`]: the command line (flags with environment fallbacks).
@@ -25,6 +26,8 @@ pub mod agent;
 pub mod checkpointer;
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod fence;
 #[cfg(feature = "server")]
 pub mod image;
 #[cfg(feature = "server")]

@@ -37,6 +37,8 @@ pub mod names {
     pub const PEER_RTT: &str = "automigrate_agent_peer_rtt_seconds";
     pub const PEER_LOSS: &str = "automigrate_agent_peer_loss_ratio";
     pub const PROBES: &str = "automigrate_agent_probes_total";
+    /// Self-fencing events by `event` (fencing, fenced, stop_failed, stop_overdue, restored, would_fence).
+    pub const SELF_FENCE_EVENTS: &str = "automigrate_agent_self_fence_events_total";
 }
 
 /// Buckets for freeze and checkpoint duration: 1 ms to 5 min.
