@@ -8,9 +8,10 @@
 //! bytes each way. The copy threads end when either side closes, or when [`Forward::stop`]
 //! shuts every open socket down.
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,9 +26,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Forward {
     local: SocketAddr,
     stop: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
+    open: Arc<Open>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// The forwarded connections still open (both sockets of each, by connection number), so
+/// that [`Forward::stop`] can shut them down; each removes itself when its copying ends.
+type Open = Mutex<BTreeMap<u64, [TcpStream; 2]>>;
 
 /// Connects to `target` from inside the control namespace.
 pub(crate) type Connector = Arc<dyn Fn() -> std::io::Result<TcpStream> + Send + Sync>;
@@ -39,7 +44,7 @@ impl Forward {
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let open = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(Mutex::new(BTreeMap::new()));
         let thread = {
             let (stop, open) = (stop.clone(), open.clone());
             std::thread::Builder::new()
@@ -66,7 +71,7 @@ impl Forward {
             let _ = thread.join();
         }
         if let Ok(mut open) = self.open.lock() {
-            for stream in open.drain(..) {
+            for stream in std::mem::take(&mut *open).into_values().flatten() {
                 let _ = stream.shutdown(Shutdown::Both);
             }
         }
@@ -89,22 +94,19 @@ pub(crate) fn connect_in_namespace(namespace: String, target: SocketAddr) -> Con
     })
 }
 
-fn accept_loop(
-    listener: &TcpListener,
-    connect: &Connector,
-    stop: &AtomicBool,
-    open: &Arc<Mutex<Vec<TcpStream>>>,
-) {
+fn accept_loop(listener: &TcpListener, connect: &Connector, stop: &AtomicBool, open: &Arc<Open>) {
+    let next = AtomicU64::new(0);
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((client, _)) => {
                 let connect = connect.clone();
                 let open = open.clone();
+                let number = next.fetch_add(1, Ordering::Relaxed);
                 // Connecting may take a while when the control namespace is slow; never block
                 // the accept loop on it.
                 let spawned = std::thread::Builder::new()
                     .name("kube-forward-conn".into())
-                    .spawn(move || forward_one(client, &connect, &open));
+                    .spawn(move || forward_one(number, client, &connect, &open));
                 if let Err(error) = spawned {
                     tracing::warn!(%error, "port forward: cannot start a connection thread");
                 }
@@ -118,7 +120,7 @@ fn accept_loop(
     }
 }
 
-fn forward_one(client: TcpStream, connect: &Connector, open: &Mutex<Vec<TcpStream>>) {
+fn forward_one(number: u64, client: TcpStream, connect: &Connector, open: &Open) {
     let _ = client.set_nonblocking(false);
     let upstream = match connect() {
         Ok(upstream) => upstream,
@@ -138,10 +140,7 @@ fn forward_one(client: TcpStream, connect: &Connector, open: &Mutex<Vec<TcpStrea
         return;
     };
     if let Ok(mut open) = open.lock() {
-        // Forget connections that are done (both ends were shut down by their copy threads).
-        open.retain(|stream| stream.peer_addr().is_ok());
-        open.push(client_keep);
-        open.push(upstream_keep);
+        open.insert(number, [client_keep, upstream_keep]);
     }
     let up = std::thread::Builder::new()
         .name("kube-forward-up".into())
@@ -149,6 +148,9 @@ fn forward_one(client: TcpStream, connect: &Connector, open: &Mutex<Vec<TcpStrea
     copy(upstream, client);
     if let Ok(up) = up {
         let _ = up.join();
+    }
+    if let Ok(mut open) = open.lock() {
+        open.remove(&number);
     }
 }
 
@@ -170,4 +172,68 @@ fn copy(mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// An echo server on the host loopback, and a forward to it.
+    fn echo_forward() -> Forward {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in server.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut reader = stream.try_clone().unwrap();
+                    let mut writer = stream;
+                    let _ = std::io::copy(&mut reader, &mut writer);
+                });
+            }
+        });
+        Forward::start(Arc::new(move || TcpStream::connect(target))).unwrap()
+    }
+
+    fn open_count(forward: &Forward) -> usize {
+        forward.open.lock().unwrap().len()
+    }
+
+    #[test]
+    fn bytes_cross_both_ways_and_finished_connections_are_forgotten() {
+        let forward = echo_forward();
+        for round in 0..20_u8 {
+            let mut client = TcpStream::connect(forward.local_addr()).unwrap();
+            client.write_all(&[round; 1000]).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut echoed = Vec::new();
+            client.read_to_end(&mut echoed).unwrap();
+            assert_eq!(echoed, vec![round; 1000]);
+        }
+        // Every connection closed: none may stay in the table (each held two descriptors,
+        // and a long demo makes thousands of kubectl calls).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while open_count(&forward) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(open_count(&forward), 0);
+    }
+
+    #[test]
+    fn stop_closes_open_connections() {
+        let mut forward = echo_forward();
+        let mut client = TcpStream::connect(forward.local_addr()).unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut answer = [0_u8; 4];
+        client.read_exact(&mut answer).unwrap();
+        forward.stop();
+        let mut rest = Vec::new();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // The forward shut the connection down: EOF (or a reset), not a hang.
+        let read = client.read_to_end(&mut rest);
+        assert!(read.is_ok_and(|n| n == 0) || rest.is_empty());
+    }
 }
