@@ -68,7 +68,10 @@ enum Command {
         max_yaml_nodes: usize,
     },
     /// Validate policy ConfigMap files; exits non-zero if any is invalid, or if a file holds
-    /// no policy (it says why: no label, a mistyped label, not a ConfigMap, empty).
+    /// no policy (it says why: no label, a mistyped label, not a ConfigMap, empty). A
+    /// kustomization (a directory with `kustomization.yaml`, or the file) is followed as
+    /// kustomize reads it: the policies among its resources are checked, its other manifests
+    /// skipped, and it fails only if they hold no policy.
     Check {
         /// Files or directories.
         #[arg(required = true)]
@@ -79,7 +82,8 @@ enum Command {
     /// Run real failures, migrations and resumes on this machine (root, runc, CRIU 4) and
     /// write the report.
     Demo(Box<demo::Args>),
-    /// Run the fault-injection suite over the embedded mode (root, runc, CRIU 4, agent daemons)
+    /// Run the fault-injection suite on the local cluster of real components (root, runc, CRIU 4,
+    /// kubectl; the API server, kubelet, agent and controller binaries)
     /// and write its report.
     Faults(Box<faults::Args>),
 }

@@ -228,6 +228,80 @@ fn check_fails_and_says_why_on_files_without_a_policy() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn check_follows_a_kustomization_instead_of_failing_on_it() {
+    // `check deploy/` used to fail: kustomization.yaml was read as a policy ConfigMap
+    // ("missing field `metadata`"), and every other manifest there as a file without a policy.
+    let (code, stdout, _) = automigrate(&["check", repo("deploy").to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("ok      default"), "{stdout}");
+    assert!(
+        stdout.contains("kustomization.yaml: a kustomize Kustomization, not a policy"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("invalid "), "{stdout}");
+
+    let dir = scratch("kustomize");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write(
+        "kustomization.yaml",
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - policy.yaml\n  - secret.yaml\n  - more\n",
+    );
+    write("policy.yaml", VALID_POLICY);
+    write(
+        "secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\n",
+    );
+    write("more/kustomization.yml", "resources: [bad.yaml]\n");
+    write(
+        "more/bad.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bad\n  labels: {automigrate.dev/policy: \"true\"}\ndata:\n  policy.yaml: \"checkpoint: {intervall: 5m}\"\n",
+    );
+    // Not listed: kustomize does not install it, so it is not checked (and says so).
+    write("stray.yaml", "not: [a policy\n");
+    let (code, stdout, _) = automigrate(&["check", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("ok      ok-policy"), "{stdout}");
+    assert!(stdout.contains("more/bad.yaml"), "{stdout}");
+    assert!(stdout.contains("intervall"), "{stdout}");
+    assert!(
+        stdout.contains("Secret creds is not a ConfigMap"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stray.yaml: not among the kustomization's resources"),
+        "{stdout}"
+    );
+
+    // The good part alone passes; the file itself may be named too.
+    write(
+        "kustomization.yaml",
+        "kind: Kustomization\nresources: [policy.yaml, secret.yaml]\n",
+    );
+    let kustomization = dir.join("kustomization.yaml");
+    let (code, stdout, _) = automigrate(&["check", kustomization.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("ok      ok-policy"), "{stdout}");
+
+    // A kustomization that installs no policy, or names a file that is not there, fails.
+    write("kustomization.yaml", "resources: [secret.yaml]\n");
+    let (code, stdout, _) = automigrate(&["check", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("no policy found"), "{stdout}");
+    write(
+        "kustomization.yaml",
+        "resources: [policy.yaml, gone.yaml]\n",
+    );
+    let (code, stdout, _) = automigrate(&["check", dir.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("gone.yaml"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A snapshot of `count` healthy nodes (about 30 YAML nodes each).
 fn big_snapshot(count: usize) -> String {
     let mut text = String::from("takenAt: 2026-11-22T12:00:00Z\nnodes:\n");
