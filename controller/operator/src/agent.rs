@@ -171,6 +171,8 @@ struct Script {
     calls: Vec<AgentCall>,
     unreachable: BTreeSet<String>,
     failing_checkpoints: BTreeSet<String>,
+    /// Transfers to these nodes fail as soon as they start.
+    failing_transfers_to: BTreeSet<String>,
     /// Polls a transfer stays `Running` before it succeeds.
     transfer_polls: u32,
     transfers: BTreeMap<String, (u32, u64)>,
@@ -217,6 +219,11 @@ impl RecordingAgent {
     /// Checkpoints on `node` are refused.
     pub fn fail_checkpoints_on(&self, node: &str) {
         self.with(|script| script.failing_checkpoints.insert(node.to_string()));
+    }
+
+    /// Transfers to `node` fail (the sender cannot reach it).
+    pub fn fail_transfers_to(&self, node: &str) {
+        self.with(|script| script.failing_transfers_to.insert(node.to_string()));
     }
 
     /// Transfers stay running for `polls` status polls.
@@ -326,6 +333,15 @@ impl NodeAgent for RecordingAgent {
         let result = self.answer(call, from, |script| {
             script.transfers_started += 1;
             let id = format!("tx-{}", script.transfers_started);
+            if script.failing_transfers_to.contains(to) {
+                return Ok(TransferProgress {
+                    id,
+                    state: TransferState::Failed,
+                    bytes_total: 0,
+                    bytes_done: 0,
+                    error: Some(format!("connecting to {to}: connection refused (scripted)")),
+                });
+            }
             let bytes = if payload.checkpoint.is_some() {
                 FAKE_CHECKPOINT_BYTES
             } else {

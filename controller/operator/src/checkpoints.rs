@@ -185,7 +185,17 @@ impl CheckpointOrchestrator {
             held_on: vec![decision.node.clone()],
             epoch: None,
         };
-        self.record(&pod_ref, &info).await?;
+        // The pod names one checkpoint, the one a failure of its node restores from. A new
+        // one held only on that node must not replace one a standby holds: if the node died
+        // before (or without) a replica landing, nothing would survive it on record and the
+        // pod would restart from the beginning. So with standbys asked for, the new
+        // checkpoint is recorded once the first one holds it, unless the recorded one has no
+        // copy off the node either.
+        let recorded_survives = crate::snapshot::latest_checkpoint(&pod)
+            .is_some_and(|last| last.held_on.iter().any(|node| *node != decision.node));
+        if decision.replicate_to.is_empty() || !recorded_survives {
+            self.record(&pod_ref, &info).await?;
+        }
         tracing::info!(checkpoint = %info.id, bytes = taken.bytes, "checkpoint taken");
 
         let mut replica_failures = Vec::new();
