@@ -234,6 +234,8 @@ async fn a_powered_off_node_s_protected_pod_is_restored_on_the_other_node_by_the
         },
     )
     .await;
+    // Both agents and the counter.
+    assert_running_as_runc_lists(&cluster, 3).await;
     let mut sampler = Sampler::start(cluster.clone(), work.clone());
     // A checkpoint taken after the counter reached 10, replicated to node-b, and the
     // controller knows it (the pod's checkpoint annotation lists node-b): the newest checkpoint
@@ -279,6 +281,8 @@ async fn a_powered_off_node_s_protected_pod_is_restored_on_the_other_node_by_the
             .any(|(node, _)| node == "node-a"),
         "containers still run on node-a"
     );
+    // node-b's agent only.
+    assert_running_as_runc_lists(&cluster, 1).await;
 
     let migration = eventually("the Migration to end", Duration::from_secs(240), || {
         let migration = cluster
@@ -356,6 +360,8 @@ async fn a_powered_off_node_s_protected_pod_is_restored_on_the_other_node_by_the
         .collect();
     assert_eq!(running.len(), 1, "containers running: {running:?}");
     assert_eq!(running[0].0, "node-b");
+    // node-b's agent and the restored counter.
+    assert_running_as_runc_lists(&cluster, 2).await;
 
     // The host kubeconfig reaches the API server through the port forward.
     let table = cluster.kubectl(&["get", "migrations", "-A"]).unwrap();
@@ -384,6 +390,25 @@ async fn a_powered_off_node_s_protected_pod_is_restored_on_the_other_node_by_the
     let namespaces = namespaces_of(&cluster);
     cluster.teardown().await.unwrap();
     assert_torn_down(&root, &namespaces).await;
+}
+
+/// The fast reading of runc's state agrees with `runc list` (retried: a container may change
+/// state between the two readings), and holds `expected` containers.
+async fn assert_running_as_runc_lists(cluster: &KubeCluster, expected: usize) {
+    let mut last = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let fast = cluster.running_containers();
+        let listed = cluster.running_containers_by_runc_list();
+        if fast == listed && fast.len() == expected {
+            return;
+        }
+        last = (fast, listed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "running containers: {:?} from the state files, {:?} from runc list; {expected} expected",
+        last.0, last.1
+    );
 }
 
 /// Every network namespace of the cluster.

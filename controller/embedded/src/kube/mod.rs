@@ -691,16 +691,40 @@ impl KubeCluster {
 
     // ----- what runs where -----
 
-    /// Every running container on every node, from `runc list` on its runc root (not from
-    /// the API): `(node, container id)`. Container ids are `<namespace>_<pod>_<container>_<uid8>`.
+    /// Every running container on every node, from runc's state (not from the API):
+    /// `(node, container id)`. Container ids are `<namespace>_<pod>_<container>_<uid8>`.
+    /// Read as `runc list` decides a container's status (see [`runc_status`]) without starting
+    /// a process per node, so a monitor may call it every few tens of milliseconds.
     pub fn running_containers(&self) -> Vec<(String, String)> {
         let mut running = Vec::new();
         for node in &self.config.nodes {
-            for (id, status) in runc_list(&self.runc_root(node)) {
-                if status == "running" {
-                    running.push((node.clone(), id));
-                }
-            }
+            let root = self.runc_root(node);
+            let Ok(entries) = std::fs::read_dir(&root) else {
+                continue;
+            };
+            let mut ids: Vec<String> = entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|id| runc_status(&root, id) == Some(RuncStatus::Running))
+                .collect();
+            ids.sort();
+            running.extend(ids.into_iter().map(|id| (node.clone(), id)));
+        }
+        running
+    }
+
+    /// [`Self::running_containers`] as `runc list` reports it (one `runc` process per node):
+    /// the reference the fast reading is checked against.
+    pub fn running_containers_by_runc_list(&self) -> Vec<(String, String)> {
+        let mut running = Vec::new();
+        for node in &self.config.nodes {
+            let mut ids: Vec<String> = runc_list(&self.runc_root(node))
+                .into_iter()
+                .filter(|(_, status)| status == "running")
+                .map(|(id, _)| id)
+                .collect();
+            ids.sort();
+            running.extend(ids.into_iter().map(|id| (node.clone(), id)));
         }
         running
     }
@@ -1426,6 +1450,64 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// A container's status as runc decides it (`libcontainer`'s `currentStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuncStatus {
+    /// `runc create` done, the user process not started (`exec.fifo` still there).
+    Created,
+    Running,
+    /// Frozen (a checkpoint in progress, or `runc pause`).
+    Paused,
+    Stopped,
+}
+
+/// The status of container `id` in runc root `root`, read from its `state.json`, `/proc` and
+/// the freezer cgroup as runc does: the init process gone (or a different process with its
+/// pid) is Stopped; `exec.fifo` present is Created; a frozen cgroup is Paused; else Running.
+/// `None` where there is no such container.
+pub fn runc_status(root: &Path, id: &str) -> Option<RuncStatus> {
+    let dir = root.join(id);
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).ok()?).ok()?;
+    let pid = state["init_process_pid"].as_i64().unwrap_or(0);
+    let start = state["init_process_start"].as_u64();
+    if pid <= 0 || start.is_none() || !process_matches(pid, start.unwrap_or(0)) {
+        return Some(RuncStatus::Stopped);
+    }
+    if dir.join("exec.fifo").exists() {
+        return Some(RuncStatus::Created);
+    }
+    let paths = &state["cgroup_paths"];
+    let frozen_v1 = paths["freezer"].as_str().is_some_and(|path| {
+        std::fs::read_to_string(Path::new(path).join("freezer.state"))
+            .is_ok_and(|text| text.trim() == "FROZEN")
+    });
+    let frozen_v2 = paths[""].as_str().is_some_and(|path| {
+        std::fs::read_to_string(Path::new(path).join("cgroup.freeze"))
+            .is_ok_and(|text| text.trim() == "1")
+    });
+    if frozen_v1 || frozen_v2 {
+        return Some(RuncStatus::Paused);
+    }
+    Some(RuncStatus::Running)
+}
+
+/// Whether process `pid` is alive (not a zombie) and started at `start` (clock ticks after
+/// boot, `/proc/<pid>/stat` field 22): not another process that got the pid later.
+fn process_matches(pid: i64, start: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The command name is in parentheses and may hold spaces: parse after the last `)`.
+    let Some(rest) = stat.rfind(')').and_then(|end| stat.get(end + 2..)) else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("Z");
+    let started = fields.get(19).and_then(|value| value.parse::<u64>().ok());
+    state != "Z" && state != "X" && started == Some(start)
+}
+
 /// `runc list` of a root as JSON entries (none where the root does not exist: `runc list`
 /// would create it, and a removed root must stay removed).
 fn runc_list_full(root: &Path) -> Vec<Value> {
@@ -1518,5 +1600,101 @@ fn keep_powered_off_dead(stop: &AtomicBool, roots: &Mutex<BTreeMap<String, PathB
             }
         }
         std::thread::sleep(KEEPER_POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// This process's start time as `/proc/<pid>/stat` gives it.
+    fn own_start() -> u64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+    }
+
+    fn container(root: &Path, id: &str, state: &Value) -> PathBuf {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn runc_status_reads_state_proc_and_freezer_as_runc_does() {
+        let root = tempfile::tempdir().unwrap();
+        let cgroup = root.path().join("freezer-cgroup");
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("freezer.state"), "THAWED\n").unwrap();
+        let pid = i64::from(std::process::id());
+        let alive = json!({
+            "init_process_pid": pid,
+            "init_process_start": own_start(),
+            "cgroup_paths": {"freezer": cgroup.display().to_string()},
+        });
+        container(root.path(), "running", &alive);
+        assert_eq!(
+            runc_status(root.path(), "running"),
+            Some(RuncStatus::Running)
+        );
+
+        std::fs::write(cgroup.join("freezer.state"), "FROZEN\n").unwrap();
+        assert_eq!(runc_status(root.path(), "running"), Some(RuncStatus::Paused));
+        std::fs::write(cgroup.join("freezer.state"), "THAWED\n").unwrap();
+
+        let created = container(root.path(), "created", &alive);
+        std::fs::write(created.join("exec.fifo"), "").unwrap();
+        assert_eq!(
+            runc_status(root.path(), "created"),
+            Some(RuncStatus::Created)
+        );
+
+        // Our pid with another start time: the pid was reused, the container's init is gone.
+        let reused = json!({"init_process_pid": pid, "init_process_start": own_start() + 1});
+        container(root.path(), "reused", &reused);
+        assert_eq!(runc_status(root.path(), "reused"), Some(RuncStatus::Stopped));
+
+        let none = json!({"init_process_pid": 0, "init_process_start": 0});
+        container(root.path(), "stopped", &none);
+        assert_eq!(
+            runc_status(root.path(), "stopped"),
+            Some(RuncStatus::Stopped)
+        );
+        assert_eq!(runc_status(root.path(), "missing"), None);
+    }
+
+    #[test]
+    fn configs_are_checked_before_anything_starts() {
+        let root = PathBuf::from("/nonexistent");
+        let good = KubeClusterConfig::line(2, Duration::from_millis(10), root.clone(), root);
+        assert!(check_config(&good).is_ok());
+        let mut bad = good.clone();
+        bad.nodes = vec!["node-a".into(), "node-a".into()];
+        assert!(check_config(&bad).is_err());
+        let mut bad = good.clone();
+        bad.nodes.push("Node_C".into());
+        assert!(check_config(&bad).is_err());
+        let mut bad = good.clone();
+        bad.rtt.pop();
+        assert!(check_config(&bad).is_err());
+        let mut bad = good.clone();
+        bad.name_prefix = "much-too-long-prefix".into();
+        assert!(check_config(&bad).is_err());
+        let mut bad = good;
+        bad.node_labels.insert("node-z".into(), BTreeMap::new());
+        assert!(matches!(
+            check_config(&bad),
+            Err(KubeClusterError::NoSuchNode(_))
+        ));
+    }
+
+    #[test]
+    fn the_fast_policy_keeps_to_the_policy_floors() {
+        let data: Value = serde_saphyr::from_str(FAST_DEFAULT_POLICY).unwrap();
+        let policy = data["data"]["policy.yaml"].as_str().unwrap();
+        automigrate_core::policy::Policy::from_yaml("default", policy).unwrap();
     }
 }
