@@ -1,6 +1,7 @@
-//! `automigrate faults`: the fault-injection suite over the embedded mode (crate
-//! automigrate-embedded, module `faults`) and its report. Everything it does lives in that
-//! crate; this file turns flags into settings and writes the report as the runs finish.
+//! `automigrate faults`: the fault-injection suite over the local cluster of real components
+//! (crate automigrate-embedded, modules `kube` and `faults`) and its report. Everything it does
+//! lives in that crate; this file turns flags into settings and writes the report as the runs
+//! finish.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,25 +19,28 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Fault kinds (comma-separated), run in rounds: controller-kill, source-agent-kill,
-    /// target-agent-kill, source-partition, target-death, target-disk-full, corrupt-at-rest,
-    /// corrupt-in-flight, policy-edit-valid, policy-edit-invalid, agent-outage, resume-damage.
-    /// Default: all.
+    /// target-agent-kill, target-death, target-disk-full, corrupt-at-rest, corrupt-in-flight,
+    /// policy-edit-valid, policy-edit-invalid, agent-outage, resume-damage, api-cut-taint,
+    /// api-cut-administrator (the last two: a node cut off from the API server but alive, the
+    /// known split brain, reported on their own lines). Default: all.
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<String>,
-    /// Policy ConfigMaps (the runs use `default`).
-    #[arg(long, default_value = "policies")]
-    policies: PathBuf,
     /// Where the report goes (report.md, report.json, runs.csv), rewritten after every run.
-    #[arg(long, default_value = "docs/faults")]
+    #[arg(long, default_value = "docs/faults/local-cluster")]
     out: PathBuf,
-    /// Storage of the local nodes (one directory per run, removed after it unless --keep).
-    #[arg(long, default_value = "/var/tmp/automigrate-faults")]
+    /// State of every run's cluster (one directory per run, removed after it unless --keep).
+    /// Keep it on tmpfs: a kubelet reports DiskPressure below 10 % free.
+    #[arg(long, default_value = "/dev/shm/automigrate-faults")]
     root: PathBuf,
-    /// Keep every run's node storage, checkpoints, logs and controller state.
+    /// Where automigrate-apiserver, -kubelet, -agent and -controller are (default: next to
+    /// this program, else $AUTOMIGRATE_BIN_DIR).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Keep every run's state: component logs, stores, manifests.
     #[arg(long)]
     keep: bool,
     /// A run that has not finished training by then is stopped and counted stuck.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 300)]
     run_deadline_s: u64,
     /// Only check that this machine can run the suite.
     #[arg(long)]
@@ -70,30 +74,40 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         return Ok(ExitCode::from(3));
     }
-    let Some(agent) = automigrate_embedded::daemon::find_agent_binary() else {
-        anyhow::bail!(
-            "no automigrate-agent binary next to this program, on PATH or in $AUTOMIGRATE_AGENT_BIN \
-             (build it: cargo build --release -p automigrate-agent): the suite kills and restarts \
-             real agent daemons"
-        );
+    let Some(bin_dir) = args.bin_dir.clone().or_else(bin_dir_default) else {
+        anyhow::bail!("cannot tell where the cluster's binaries are: pass --bin-dir");
     };
-    let needs_controller_program = args.kinds.is_empty()
-        || args
-            .kinds
-            .iter()
-            .any(|kind| kind == FaultKind::ControllerKill.name());
-    if needs_controller_program && automigrate_embedded::process::find_controller_binary().is_none()
-    {
+    let missing_binaries: Vec<String> = [
+        "automigrate-apiserver",
+        "automigrate-kubelet",
+        "automigrate-agent",
+        "automigrate-controller",
+        "automigrate",
+    ]
+    .iter()
+    .filter(|name| !bin_dir.join(name).is_file())
+    .map(|name| name.to_string())
+    .collect();
+    if !missing_binaries.is_empty() {
         anyhow::bail!(
-            "no automigrate-embedded-controller program next to this one, on PATH or in \
-             $AUTOMIGRATE_CONTROLLER_BIN (build it: cargo build --release -p automigrate-embedded): \
-             controller-kill runs kill and restart the controller as its own process"
+            "missing in {}: {} (build them: cargo build --release --locked -p automigrate \
+             -p automigrate-apiserver -p automigrate-kubelet -p automigrate-agent \
+             -p automigrate-operator)",
+            bin_dir.display(),
+            missing_binaries.join(", ")
         );
+    }
+    let kubectl = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !kubectl {
+        anyhow::bail!("kubectl is not on PATH (the harness applies manifests with it)");
     }
     if args.check {
         println!(
-            "ok: root, network namespaces, TUN, runc, CRIU >= 4, iptables, python3-numpy, {}",
-            agent.display()
+            "ok: root, network namespaces, TUN, runc, CRIU >= 4, iptables, python3-numpy, kubectl, binaries in {}",
+            bin_dir.display()
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -105,11 +119,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .map(|kind| kind.parse::<FaultKind>())
             .collect::<Result<Vec<_>, _>>()?
     };
-    let mut settings =
-        faults::standard_settings(args.root, args.policies, agent, args.seed, args.runs, kinds);
-    settings.demo.keep = args.keep;
+    let mut settings = faults::standard_settings(args.root, bin_dir, args.seed, args.runs, kinds);
+    settings.keep = args.keep;
     settings.run_deadline_s = args.run_deadline_s;
-    let policies = automigrate_embedded::policies::load_policies(&settings.demo.policies_dir)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let commit = report::git_commit();
     let machine = automigrate_embedded::report::Machine::probe();
@@ -150,13 +162,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
             eprintln!("warning: writing the partial report: {error}");
         }
     };
-    let outcome = runtime.block_on(faults::run_suite(&settings, &policies, write_partial));
+    let outcome = runtime.block_on(faults::run_suite(&settings, write_partial));
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     let (reference, records) = outcome?;
     let report = report::build(
         &settings, reference, records, &command, &commit, machine, left_out,
     );
     finish(&report, &args.out)
+}
+
+/// The directory of this program (target/release or target/debug), else $AUTOMIGRATE_BIN_DIR.
+fn bin_dir_default() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(std::path::Path::to_path_buf))
+        .filter(|dir| dir.join("automigrate-controller").is_file())
+        .or_else(automigrate_embedded::kube::find_bin_dir)
 }
 
 /// Writes the report, prints the table, and says whether any run has a finding.

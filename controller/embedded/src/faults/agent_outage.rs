@@ -1,13 +1,11 @@
 //! An outage of the source's agent, the target's agent, or both, for 5–30 s, starting in a
-//! drawn migration phase: the daemons are frozen with SIGSTOP and thawed with SIGCONT, so their
-//! sockets stay open but nothing answers, as with a network blip, a node under memory pressure
-//! or an agent upgrade at the wrong moment.
+//! drawn migration phase: the agents are frozen with SIGSTOP and thawed with SIGCONT when the
+//! drawn outage ends, so their sockets stay open but nothing answers, as with a network blip, a
+//! node under memory pressure or an agent upgrade at the wrong moment.
 //!
-//! The migration is provoked by a degradation of the home node (a live source: the final dump
-//! stops the workload before the checkpoint moves, so an outage after that point is the case
-//! where giving up ends training). What must hold: the run ends with training finished
-//! somewhere, resumed from a checkpoint or restarted per the policy, never stopped for good and
-//! never two copies.
+//! The migration is provoked by a degradation of the home node. What must hold: the run ends
+//! with training finished somewhere, resumed from a checkpoint or restarted per the policy,
+//! never stopped for good and never two copies.
 
 use std::time::Duration;
 
@@ -59,7 +57,7 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
     };
     context.trigger(plan).await?;
     let view = context
-        .wait_for_phase(phase, Duration::from_secs(60))
+        .wait_for_phase(phase, Duration::from_secs(90))
         .await?;
     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
     let nodes: Vec<String> = match sides {
@@ -67,30 +65,31 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
         OutageSides::Target => vec![view.target.clone()],
         OutageSides::Both => vec![view.source.clone(), view.target.clone()],
     };
-    let before = context.latest_migration().map(|view| view.phase);
+    let before = context.latest_migration().and_then(|view| view.phase);
     let mut frozen = Vec::new();
     for node in &nodes {
         match context.freeze_agent(node) {
-            Ok(()) => frozen.push(node.clone()),
+            Ok(pid) => frozen.push((node.clone(), pid)),
             Err(error) => context.note(format!("could not freeze {node}'s agent: {error}")),
         }
     }
-    let Some(first) = frozen.first() else {
-        return Err("no agent daemon could be frozen".into());
+    let Some((first, _)) = frozen.first() else {
+        return Err("no agent could be frozen".into());
     };
+    let names: Vec<String> = frozen.iter().map(|(node, _)| node.clone()).collect();
     context.strike(first, before);
     context.note(format!(
-        "SIGSTOP of the agent daemon of {} for {outage_ms} ms (waited for {phase}, saw {before:?})",
-        frozen.join(" and ")
+        "SIGSTOP of the agent of {} for {outage_ms} ms (waited for {phase}, saw {before:?})",
+        names.join(" and ")
     ));
     tokio::time::sleep(Duration::from_millis(outage_ms)).await;
-    for node in &frozen {
-        context.thaw_agent(node)?;
+    for (_, pid) in &frozen {
+        context.thaw(*pid)?;
     }
-    let after = context.latest_migration().map(|view| view.phase);
+    let after = context.latest_migration().and_then(|view| view.phase);
     context.note(format!(
-        "SIGCONT of the agent daemon of {}; the migration was in {after:?}",
-        frozen.join(" and ")
+        "SIGCONT of the agent of {}; the migration was in {after:?}",
+        names.join(" and ")
     ));
     Ok(())
 }

@@ -1,90 +1,80 @@
-//! `kill -9` of the controller in a migration phase, and a new controller process started on
-//! the same state directory (it must resume the migration, or end it safely).
+//! `kill -9` of the leading `automigrate-controller` replica in a migration phase (read from
+//! the API server right before the kill), and the killed replica started again after a while,
+//! as its Deployment would. The other replica takes the leader Lease once it expires and must
+//! resume the migration from what the API server holds, or end it safely.
 //!
-//! The controller runs as its own OS process ([`crate::process::ControllerProcess`]); the run
-//! holds it still for a moment before the chosen phase's step (`step_delay`), so a kill can
-//! land in phases that otherwise pass in milliseconds, and kills it during the pause or once
-//! the step is under way. What must hold: the restarted controller never starts a second copy,
-//! every migration still ends in a terminal phase with a reason, and training ends with the
-//! reference loss.
+//! The phase is not drawn at random: the suite's controller-kill runs go through the phases in
+//! turn ([`PHASES`]), so a suite of at least that many runs of this kind aims at every phase.
+//! The real controller cannot be paused before a step, so a short phase (Restoring lasts tens
+//! of milliseconds) may have passed when the kill lands; the run records the phase the API
+//! server showed right before the kill. What must hold: never a second copy, every migration
+//! ends in a terminal phase with a reason, and training ends with the reference loss.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use automigrate_core::migration::Phase;
 
 use super::world::FaultContext;
 use super::{Draw, FaultParams, FaultPlan, Trigger};
-use crate::process::ControllerProcess;
 
-pub fn draw(draw: &mut Draw) -> (Trigger, FaultParams) {
-    let trigger = draw
-        .pick(&[Trigger::Degradation, Trigger::NodeFailure])
-        .unwrap_or(Trigger::Degradation);
-    // A dead source goes from Syncing straight to Fencing.
-    let phases: &[Phase] = match trigger {
-        Trigger::NodeFailure => &[
-            Phase::Pending,
-            Phase::Syncing,
-            Phase::Fencing,
-            Phase::Restoring,
-            Phase::Verifying,
-        ],
-        _ => &[
-            Phase::Pending,
-            Phase::Syncing,
-            Phase::Checkpointing,
-            Phase::Transferring,
-            Phase::Fencing,
-            Phase::Restoring,
-            Phase::Verifying,
-        ],
-    };
-    let phase = draw.pick(phases).unwrap_or(Phase::Syncing);
-    let pause_ms = draw.range(200, 800);
+/// The phases aimed at, in turn, with the trigger each needs (a dead source goes from Syncing
+/// straight to Fencing: Checkpointing and Transferring need a live one).
+pub const PHASES: [(Phase, Trigger); 7] = [
+    (Phase::Pending, Trigger::NodeFailure),
+    (Phase::Syncing, Trigger::Degradation),
+    (Phase::Checkpointing, Trigger::Degradation),
+    (Phase::Transferring, Trigger::Degradation),
+    (Phase::Fencing, Trigger::NodeFailure),
+    (Phase::Restoring, Trigger::Degradation),
+    (Phase::Verifying, Trigger::NodeFailure),
+];
+
+/// `occurrence`: how many controller-kill runs the suite planned before this one.
+pub fn draw(draw: &mut Draw, occurrence: usize) -> (Trigger, FaultParams) {
+    let (phase, trigger) = PHASES[occurrence % PHASES.len()];
     (
         trigger,
         FaultParams::ControllerKill {
             phase,
-            pause_ms,
-            delay_ms: draw.range(0, pause_ms + 300),
-            restart_after_ms: draw.range(100, 2000),
+            delay_ms: draw.range(0, 50),
+            restart_after_ms: draw.range(500, 5000),
         },
     )
 }
 
-pub async fn inject(
-    context: &FaultContext,
-    plan: &FaultPlan,
-    controller: Arc<tokio::sync::Mutex<ControllerProcess>>,
-) -> Result<(), String> {
+pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), String> {
     let FaultParams::ControllerKill {
         phase,
         delay_ms,
         restart_after_ms,
-        ..
     } = plan.params
     else {
         return Err("not a controller-kill plan".into());
     };
     context.trigger(plan).await?;
+    let leader = context
+        .controller_leader()
+        .ok_or("no controller replica holds the leader Lease")?;
     context
-        .wait_for_phase(phase, Duration::from_secs(60))
+        .wait_for_phase(phase, Duration::from_secs(120))
         .await?;
     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-    // Held until the new process runs: the run must not take the gap for the end.
-    let mut process = controller.lock().await;
-    let before = context.latest_migration().map(|view| view.phase);
-    let pid = process.pid();
-    process.kill9().map_err(|error| error.to_string())?;
+    let before = context.latest_migration().and_then(|view| view.phase);
+    context
+        .cluster()
+        .kill_controller(leader)
+        .map_err(|error| error.to_string())?;
     context.strike("controller", before);
     context.note(format!(
-        "kill -9 of the controller process {pid:?} (waited for {phase}, saw {before:?})"
+        "kill -9 of the leader, automigrate-controller-{leader} (aimed at {phase}; the API server showed {before:?})"
     ));
     tokio::time::sleep(Duration::from_millis(restart_after_ms)).await;
-    let pid = process.restart().map_err(|error| error.to_string())?;
+    context
+        .cluster()
+        .start_controller(leader)
+        .map_err(|error| error.to_string())?;
     context.note(format!(
-        "a new controller process {pid} started on the same state directory after {restart_after_ms} ms"
+        "automigrate-controller-{leader} started again after {restart_after_ms} ms (as its Deployment would)"
     ));
     Ok(())
 }

@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use automigrate_core::migration::Phase;
 
-use super::world::{self, FaultContext};
-use super::{Damage, Draw, FaultParams, FaultPlan, RestPlace, Trigger, store_pod};
-use crate::scenario::HOME_NODE;
+use super::world::{self, FaultContext, HOME_NODE};
+use super::{Damage, Draw, FaultParams, FaultPlan, RestPlace, Trigger};
 
 fn draw_damage(draw: &mut Draw) -> Damage {
     if draw.chance(50) {
@@ -70,11 +69,17 @@ fn damage_stored(
     file_pick: u32,
 ) -> Result<String, String> {
     let stored = context
-        .node(node)?
-        .store()
-        .get(&store_pod(), id)
-        .map_err(|error| error.to_string())?;
-    let files = world::checkpoint_files(&stored.dir);
+        .stored(node)
+        .into_iter()
+        .find(|stored| stored.id == id)
+        .ok_or_else(|| format!("checkpoint {id} is not in {node}'s store"))?;
+    let files: Vec<_> = world::checkpoint_files(&stored.dir)
+        .into_iter()
+        .filter(|(path, _)| {
+            path.file_name()
+                .is_none_or(|name| name != automigrate_checkpoint::manifest::MANIFEST_FILE)
+        })
+        .collect();
     if files.is_empty() {
         return Err(format!("checkpoint {id} on {node} has no files"));
     }
@@ -102,13 +107,16 @@ pub async fn inject_at_rest(context: &FaultContext, plan: &FaultPlan) -> Result<
             // The newest checkpoint any other node holds: the one a restore will pick.
             let mut newest: Option<(String, String, jiff::Timestamp)> = None;
             for node in context.cluster().nodes() {
-                if node.name() == HOME_NODE {
+                if node == HOME_NODE {
                     continue;
                 }
-                if let Ok(Some(stored)) = node.store().latest(&store_pod()) {
-                    let created = stored.manifest.created_at;
-                    if newest.as_ref().is_none_or(|(_, _, at)| created > *at) {
-                        newest = Some((node.name().to_string(), stored.manifest.id, created));
+                for stored in context.stored(node) {
+                    if stored.restorable
+                        && newest
+                            .as_ref()
+                            .is_none_or(|(_, _, at)| stored.created > *at)
+                    {
+                        newest = Some((node.clone(), stored.id, stored.created));
                     }
                 }
             }
@@ -118,17 +126,18 @@ pub async fn inject_at_rest(context: &FaultContext, plan: &FaultPlan) -> Result<
             context.note(format!(
                 "standby copy {id} on {node} damaged at epoch {epoch}: {done}"
             ));
-            context.fail_node(HOME_NODE).await?;
-            context.note(format!("{HOME_NODE} failed hard right after"));
+            context.power_off(HOME_NODE).await?;
+            context.note(format!("{HOME_NODE} powered off right after"));
         }
         RestPlace::Target => {
             context.trigger(plan).await?;
             let view = context
-                .wait_for(Duration::from_secs(60), |view| {
-                    view.checkpoint_id.is_some() && view.phase >= Phase::Transferring
+                .wait_for(Duration::from_secs(90), |view| {
+                    view.checkpoint_id.is_some()
+                        && view.phase.is_some_and(|phase| phase >= Phase::Transferring)
                 })
                 .await
-                .ok_or("no final checkpoint within 60 s")?;
+                .ok_or("no final checkpoint within 90 s")?;
             let id = view.checkpoint_id.clone().unwrap_or_default();
             let target = TargetStore {
                 context,
@@ -137,7 +146,7 @@ pub async fn inject_at_rest(context: &FaultContext, plan: &FaultPlan) -> Result<
             // Wait for it to arrive in the target's store; strike before the restore begins.
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let phase = context.latest_migration().map(|view| view.phase);
+                let phase = context.latest_migration().and_then(|view| view.phase);
                 if phase.is_some_and(|phase| phase >= Phase::Restoring) {
                     context.note(format!(
                         "the final checkpoint {id} was not seen in {}'s store before the restore ({phase:?}): not damaged",
@@ -153,7 +162,7 @@ pub async fn inject_at_rest(context: &FaultContext, plan: &FaultPlan) -> Result<
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            let before = context.latest_migration().map(|view| view.phase);
+            let before = context.latest_migration().and_then(|view| view.phase);
             let done = damage_stored(context, &target.node, &id, damage, file_pick)?;
             context.strike(&target.node, before);
             context.note(format!(
@@ -173,30 +182,15 @@ struct TargetStore<'a> {
 impl TargetStore<'_> {
     fn holds(&self, id: &str) -> bool {
         self.context
-            .node(&self.node)
-            .is_ok_and(|node| node.store().get(&store_pod(), id).is_ok())
+            .stored(&self.node)
+            .iter()
+            .any(|stored| stored.id == id)
     }
 }
 
-/// Staging files of transfers arriving on a node (`<data root>/.automigrate-staging/<id>/f<n>`).
+/// Staging files of transfers arriving on a node.
 pub(super) fn staging_files(context: &FaultContext, node: &str) -> Vec<(PathBuf, u64)> {
-    let Ok(local) = context.node(node) else {
-        return Vec::new();
-    };
-    let staging = local
-        .layout()
-        .data_root()
-        .join(automigrate_transfer::paths::STAGING_DIR);
-    world::checkpoint_files(&staging)
-        .into_iter()
-        .filter(|(path, size)| {
-            *size > 0
-                && path
-                    .file_name()
-                    .and_then(|name| name.to_str())
-                    .is_some_and(|name| name.starts_with('f'))
-        })
-        .collect()
+    context.staging_files(node)
 }
 
 pub async fn inject_in_flight(context: &FaultContext, plan: &FaultPlan) -> Result<(), String> {
@@ -209,11 +203,11 @@ pub async fn inject_in_flight(context: &FaultContext, plan: &FaultPlan) -> Resul
     };
     context.trigger(plan).await?;
     let view = context
-        .wait_for_phase(Phase::Checkpointing, Duration::from_secs(60))
+        .wait_for_phase(Phase::Checkpointing, Duration::from_secs(90))
         .await?;
     let landed = while_checkpoint_lands(context, &view.target, |files| {
         let (path, size) = files.into_iter().next()?;
-        let before = context.latest_migration().map(|view| view.phase);
+        let before = context.latest_migration().and_then(|view| view.phase);
         match world::damage_file(
             &path,
             size,
@@ -260,7 +254,7 @@ pub(super) async fn while_checkpoint_lands<T>(
         if let Some(taken) = take(staging_files(context, node)) {
             return Ok(taken);
         }
-        let phase = context.latest_migration().map(|view| view.phase);
+        let phase = context.latest_migration().and_then(|view| view.phase);
         if phase.is_some_and(|phase| phase >= Phase::Fencing) || Instant::now() > deadline {
             return Err(phase);
         }

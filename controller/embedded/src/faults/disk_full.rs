@@ -1,16 +1,16 @@
 //! The target's disk fills up as the migration starts.
 //!
-//! Every node but the home node keeps its storage on a small tmpfs; once the migration's
-//! target is known, a ballast file fills it, leaving a few KiB to MiB. Sometimes the node's
-//! kubelet notices and reports `DiskPressure` (as its eviction manager would). What must hold:
-//! the migration ends failed, rolled back or restarted with a reason, or another target is
-//! chosen; nothing half-restored runs, and no checkpoint that does not verify is ever listed.
+//! Every node but the home node keeps its state (kubelet root, agent data root, checkpoint
+//! store) on a small tmpfs; once the migration's target is known, a ballast file fills it,
+//! leaving a few KiB to MiB. The target's kubelet then reports `DiskPressure` itself (less than
+//! 10 % free, the real kubelet's nodefs threshold). What must hold: the migration ends failed,
+//! rolled back or restarted with a reason, or another target is chosen; nothing half-restored
+//! runs, and no checkpoint that does not verify is ever listed.
 
 use std::time::Duration;
 
 use super::world::FaultContext;
 use super::{Draw, FaultParams, FaultPlan, Trigger};
-use crate::scenario::DEGRADATION_CONDITION;
 
 pub fn draw(draw: &mut Draw) -> (Trigger, FaultParams) {
     let trigger = draw
@@ -21,30 +21,19 @@ pub fn draw(draw: &mut Draw) -> (Trigger, FaultParams) {
         ])
         .unwrap_or(Trigger::Degradation);
     let free_kib = draw.pick(&[0, 16, 256, 4096, 16384]).unwrap_or(0);
-    let kubelet_reports = draw.chance(50);
-    (
-        trigger,
-        FaultParams::DiskFull {
-            free_kib,
-            kubelet_reports,
-        },
-    )
+    (trigger, FaultParams::DiskFull { free_kib })
 }
 
 pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), String> {
-    let FaultParams::DiskFull {
-        free_kib,
-        kubelet_reports,
-    } = plan.params
-    else {
+    let FaultParams::DiskFull { free_kib } = plan.params else {
         return Err("not a disk-full plan".into());
     };
     context.trigger(plan).await?;
     let view = context
-        .wait_for(Duration::from_secs(60), |_| true)
+        .wait_for(Duration::from_secs(90), |_| true)
         .await
-        .ok_or("no migration within 60 s")?;
-    let before = Some(view.phase);
+        .ok_or("no migration within 90 s")?;
+    let before = view.phase;
     let ballast = context.fill_disk(&view.target, free_kib)?;
     context.strike(&view.target, before);
     context.note(format!(
@@ -52,14 +41,5 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
         view.target,
         ballast >> 20
     ));
-    if kubelet_reports {
-        context
-            .node(&view.target)?
-            .inject_condition(DEGRADATION_CONDITION);
-        context.note(format!(
-            "{}'s kubelet reports {DEGRADATION_CONDITION}",
-            view.target
-        ));
-    }
     Ok(())
 }

@@ -1,77 +1,91 @@
-//! The fault-injection suite: randomized runs of the embedded mode (real runc, CRIU, agent
-//! daemons across emulated links) with one fault each, and the verdict of every run.
+//! The fault-injection suite: randomized runs of the local cluster of real components (the
+//! `automigrate-controller` replicas, an `automigrate-kubelet` and an `automigrate-agent` pod
+//! per node, the local API server: [`crate::kube::KubeCluster`]) with one fault each, and the
+//! verdict of every run.
 //!
 //! A run is one [`FaultKind`] with parameters drawn from the run's seed ([`FaultPlan`]): when the
 //! fault fires (percent of training, migration phase, delay), on which node, how (which file is
-//! damaged and where, how much disk is left, whether a killed daemon comes back). Every run builds
-//! its own [`LocalCluster`] of agent daemons, trains the deterministic trainer under a
-//! [`LocalController`], and a fault task ([`world::FaultContext`]) acts on the world from the
-//! outside, triggered only by what it can observe: the migration state JSON the controller
-//! persists in `<state dir>/migrations/` (its phase, source, target, checkpoint) and the
-//! workload's progress file. Nothing inside the controller is hooked.
+//! damaged and where, how much disk is left). Every run builds its own cluster, applies the
+//! protected training pod (the deterministic numpy trainer) to node-a, and a fault task
+//! ([`world::FaultContext`]) acts on the world from the outside, triggered only by what it can
+//! observe: the Migration objects the controller writes to the API server (phase, source,
+//! target, checkpoint) and the workload's progress log. Nothing inside a component is hooked,
+//! and the harness takes no action the product should take: it kills, freezes, cuts, fills,
+//! powers off, damages files, sets a node condition (as node-problem-detector) and edits the
+//! policy ConfigMap (as a person), never deletes a pod, patches a Migration or kills a
+//! container to prevent a second copy.
 //!
 //! Each fault kind lives in its own module (`controller_kill`, `agent_kill`, `agent_outage`,
-//! `partition`, `target_death`, `disk_full`, `corruption`, `resume_damage`, `policy_edit`); [`world`] holds what they share
-//! (the migration watcher, the daemon supervisor, disk and link tools); [`report`] writes the
-//! report. Controller-kill runs drive the controller as its own OS process
-//! ([`crate::process::ControllerProcess`]); every other run drives it in this process (its
-//! policy inbox is how policy edits arrive).
+//! `api_cut`, `target_death`, `disk_full`, `corruption`, `resume_damage`, `policy_edit`);
+//! [`world`] holds what they share; [`api`] reads the API server; [`sampler`] counts running
+//! copies from runc; [`training`] runs the reference and reads the progress log; [`report`]
+//! writes the report.
 //!
 //! After a run [`verdict`] decides, from the measured material only ([`RunRecord`]):
-//! - double running: the [`crate::monitor::CopyMonitor`] saw two running copies, or two
-//!   containers' progress spans overlap;
+//! - double running: the runc sampler saw two running copies, or the progress log shows two
+//!   copies appending at once;
 //! - corrupted restore: a replacement was restored from a checkpoint the fault damaged;
 //! - stuck: a migration that is not in a terminal phase when the run ends, or the run hit its
 //!   deadline;
 //! - a terminal migration without a reason; files that do not verify (the dataset on every
 //!   holder, every checkpoint in every store except the one damaged on purpose); a final loss
 //!   that is not bit-identical to the uninterrupted reference; training that did not finish; a
-//!   replacement that restarted from zero, or redid more epochs than one checkpoint interval.
+//!   replacement that restarted from zero although intact checkpoints existed, or redid more
+//!   epochs than one checkpoint interval and two controller passes.
 //!
-//! Any of these is a finding; runs are never dropped from the report.
+//! Any of these is a finding; runs are never dropped from the report. The kinds where a node is
+//! cut off from the API server but alive ([`FaultKind::known_split_brain`]) are judged by the
+//! same rules and reported on their own lines, outside the goals: the controller's fencing
+//! modes cannot handle them safely and automatically (issue 16).
 
 pub mod agent_kill;
 pub mod agent_outage;
+pub mod api;
+pub mod api_cut;
 pub mod controller_kill;
 pub mod corruption;
 pub mod disk_full;
-pub mod partition;
 pub mod policy_edit;
 pub mod report;
 pub mod resume_damage;
+pub mod sampler;
 pub mod target_death;
+pub mod training;
 pub mod world;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use automigrate_core::PolicySet;
 use automigrate_core::migration::Phase;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
-use crate::cluster::LocalCluster;
-use crate::controller::{ControllerOptions, LocalController, Recovery, TimelineEvent, unix_now};
-use crate::monitor::{CopyMonitor, CopyReport};
-use crate::scenario::{
-    self, ContainerRun, DemoSettings, HOME_NODE, POD_NAME, POD_NAMESPACE, RunResult, ScenarioError,
-};
-use crate::workload::{self, SplitMix};
+pub use api::MigrationOutcome;
+pub use sampler::{CopyReport, unix_now};
+pub use training::Reference;
+
+use crate::kube::{KubeCluster, KubeClusterConfig, KubeClusterError, NODE_HOST_DIR};
+use crate::workload::{self, DatasetSpec, SplitMix, TrainerSpec};
+use world::{CONTAINER_NAME, HOME_NODE, POD_NAME, POD_NAMESPACE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
     #[error(transparent)]
-    Scenario(#[from] Box<ScenarioError>),
+    Cluster(#[from] Box<KubeClusterError>),
+    #[error(transparent)]
+    Training(#[from] training::TrainingError),
+    #[error(transparent)]
+    Workload(#[from] workload::WorkloadError),
     #[error("{0}")]
     Setup(String),
     #[error("unknown fault kind `{0}`: expected one of {1}")]
     UnknownKind(String, String),
 }
 
-impl From<ScenarioError> for FaultError {
-    fn from(error: ScenarioError) -> Self {
-        Self::Scenario(Box::new(error))
+impl From<KubeClusterError> for FaultError {
+    fn from(error: KubeClusterError) -> Self {
+        Self::Cluster(Box::new(error))
     }
 }
 
@@ -79,15 +93,13 @@ impl From<ScenarioError> for FaultError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
-    /// `kill -9` of the controller process in a migration phase, then a new one started.
+    /// `kill -9` of the leading controller replica in a migration phase; started again later.
     ControllerKill,
-    /// `kill -9` of the source node's agent daemon while the final checkpoint moves.
+    /// `kill -9` of the source node's agent while the final checkpoint moves.
     SourceAgentKill,
-    /// `kill -9` of the target node's agent daemon while the final checkpoint moves.
+    /// `kill -9` of the target node's agent while the final checkpoint moves.
     TargetAgentKill,
-    /// The source node is cut off (links and control plane) but alive: its workload runs on.
-    SourcePartition,
-    /// The target node dies while the replacement is being restored.
+    /// The target node is powered off while the replacement is being restored.
     TargetDeath,
     /// The target's disk fills up when the migration starts.
     TargetDiskFull,
@@ -103,14 +115,17 @@ pub enum FaultKind {
     AgentOutage,
     /// Pieces the receiver journaled are damaged, then the transfer resumes.
     ResumeDamage,
+    /// The home node is cut off from the API server but alive; the controller fences by taint.
+    ApiCutTaint,
+    /// The same, with the controller waiting for an administrator to fence.
+    ApiCutAdministrator,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 12] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::ControllerKill,
         FaultKind::SourceAgentKill,
         FaultKind::TargetAgentKill,
-        FaultKind::SourcePartition,
         FaultKind::TargetDeath,
         FaultKind::TargetDiskFull,
         FaultKind::CorruptAtRest,
@@ -119,6 +134,8 @@ impl FaultKind {
         FaultKind::PolicyEditInvalid,
         FaultKind::AgentOutage,
         FaultKind::ResumeDamage,
+        FaultKind::ApiCutTaint,
+        FaultKind::ApiCutAdministrator,
     ];
 
     pub fn name(self) -> &'static str {
@@ -126,7 +143,6 @@ impl FaultKind {
             FaultKind::ControllerKill => "controller-kill",
             FaultKind::SourceAgentKill => "source-agent-kill",
             FaultKind::TargetAgentKill => "target-agent-kill",
-            FaultKind::SourcePartition => "source-partition",
             FaultKind::TargetDeath => "target-death",
             FaultKind::TargetDiskFull => "target-disk-full",
             FaultKind::CorruptAtRest => "corrupt-at-rest",
@@ -135,6 +151,8 @@ impl FaultKind {
             FaultKind::PolicyEditInvalid => "policy-edit-invalid",
             FaultKind::AgentOutage => "agent-outage",
             FaultKind::ResumeDamage => "resume-damage",
+            FaultKind::ApiCutTaint => "api-cut-taint",
+            FaultKind::ApiCutAdministrator => "api-cut-administrator",
         }
     }
 
@@ -144,7 +162,6 @@ impl FaultKind {
             FaultKind::ControllerKill => "ck",
             FaultKind::SourceAgentKill => "sak",
             FaultKind::TargetAgentKill => "tak",
-            FaultKind::SourcePartition => "sp",
             FaultKind::TargetDeath => "td",
             FaultKind::TargetDiskFull => "tdf",
             FaultKind::CorruptAtRest => "car",
@@ -153,6 +170,26 @@ impl FaultKind {
             FaultKind::PolicyEditInvalid => "pei",
             FaultKind::AgentOutage => "ao",
             FaultKind::ResumeDamage => "rd",
+            FaultKind::ApiCutTaint => "act",
+            FaultKind::ApiCutAdministrator => "aca",
+        }
+    }
+
+    /// A node cut off from the API server but alive: the split brain issue 16 closes. Run and
+    /// reported on its own line, never counted as passing.
+    pub fn known_split_brain(self) -> bool {
+        matches!(
+            self,
+            FaultKind::ApiCutTaint | FaultKind::ApiCutAdministrator
+        )
+    }
+
+    /// The controller's `--dead-node-fencing` in runs of this kind (deploy's default, `taint`,
+    /// except where the kind is about the other mode).
+    pub fn fencing(self) -> Fencing {
+        match self {
+            FaultKind::ApiCutAdministrator => Fencing::Administrator,
+            _ => Fencing::Taint,
         }
     }
 }
@@ -178,19 +215,40 @@ impl std::str::FromStr for FaultKind {
     }
 }
 
+/// The controller's dead-node fencing mode (`--dead-node-fencing`,
+/// `AUTOMIGRATE_DEAD_NODE_FENCING`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Fencing {
+    /// The controller sets the out-of-service taint on a node whose Lease expired.
+    Taint,
+    /// The controller waits for an administrator to set that taint.
+    Administrator,
+}
+
+impl Fencing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fencing::Taint => "taint",
+            Fencing::Administrator => "administrator",
+        }
+    }
+}
+
 /// How the run provokes the migration the fault strikes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Trigger {
-    /// The home node reports `DiskPressure`: a live source, moved with a fresh final dump.
+    /// The home node reports a node-problem-detector condition the policy reacts to
+    /// ([`world::DEGRADATION_CONDITION`]): a live source, moved with a fresh final dump.
     Degradation,
-    /// The home node fails hard: the newest stored checkpoint is restored elsewhere.
+    /// The home node is powered off: the newest stored checkpoint is restored elsewhere.
     NodeFailure,
-    /// The fault itself (a partition) is what the engine answers.
+    /// The fault itself (a cut) is what the controller answers.
     TheFault,
 }
 
-/// Which node's agent daemon a kill strikes.
+/// Which node's agent a kill strikes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Side {
@@ -198,7 +256,7 @@ pub enum Side {
     Target,
 }
 
-/// Whose agent daemons an outage freezes.
+/// Whose agents an outage freezes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum OutageSides {
@@ -223,7 +281,8 @@ pub enum Damage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum RestPlace {
-    /// The newest standby copy, just before the home node fails (it is what will be restored).
+    /// The newest standby copy, just before the home node is powered off (it is what will be
+    /// restored).
     Standby,
     /// The final checkpoint once it is in the target's store, before the restore.
     Target,
@@ -239,42 +298,33 @@ pub enum FaultParams {
         /// The migration phase the kill waits for.
         phase: Phase,
         delay_ms: u64,
-        /// The daemon's supervisor starts it again after this long; `None`: it stays dead.
-        restart_after_ms: Option<u64>,
     },
     #[serde(rename_all = "camelCase")]
     ControllerKill {
         /// The migration phase the kill aims at.
         phase: Phase,
-        /// The controller pauses this long before that phase's step.
-        pause_ms: u64,
         /// The kill comes this long after the phase is seen.
         delay_ms: u64,
-        /// A new controller process starts this long after the kill.
+        /// The killed replica starts again this long after the kill.
         restart_after_ms: u64,
     },
     #[serde(rename_all = "camelCase")]
-    Partition {
-        /// The partition heals after this long; `None`: not before training ends.
-        heal_after_ms: Option<u64>,
-    },
+    ApiCut { fencing: Fencing },
     #[serde(rename_all = "camelCase")]
     AgentOutage {
         sides: OutageSides,
         /// The migration phase the outage waits for.
         phase: Phase,
         delay_ms: u64,
-        /// How long the daemons stay frozen.
+        /// How long the agents stay frozen.
         outage_ms: u64,
     },
     #[serde(rename_all = "camelCase")]
     ResumeDamage {
-        /// The receiver's agent is killed and started again too, after the damage.
-        restart_receiver: bool,
+        /// The receiver's agent is killed too, after the damage.
+        kill_receiver: bool,
         /// The sender is killed once this many bytes have landed in the receiver's staging.
         min_bytes: u64,
-        /// The agent's supervisor starts it again after this long.
-        restart_after_ms: u64,
     },
     #[serde(rename_all = "camelCase")]
     TargetDeath { delay_ms: u64 },
@@ -282,8 +332,6 @@ pub enum FaultParams {
     DiskFull {
         /// Space left on the target once it is filled.
         free_kib: u64,
-        /// The target's kubelet then reports `DiskPressure`.
-        kubelet_reports: bool,
     },
     #[serde(rename_all = "camelCase")]
     CorruptAtRest {
@@ -366,10 +414,11 @@ impl Draw {
 }
 
 /// The plans of a suite: kinds in rounds (every kind once per round, in an order the seed
-/// shuffles), each run's parameters from its own seed.
+/// shuffles), each run's parameters from its own seed (controller-kill runs also from how many
+/// came before: they aim at the phases in turn).
 pub fn plan_runs(seed: u64, runs: usize, kinds: &[FaultKind]) -> Vec<FaultPlan> {
     let mut suite = Draw::new(seed);
-    let mut plans = Vec::with_capacity(runs);
+    let mut plans: Vec<FaultPlan> = Vec::with_capacity(runs);
     let mut round: Vec<FaultKind> = Vec::new();
     for index in 0..runs {
         if round.is_empty() {
@@ -382,19 +431,19 @@ pub fn plan_runs(seed: u64, runs: usize, kinds: &[FaultKind]) -> Vec<FaultPlan> 
         }
         let Some(kind) = round.pop() else { break };
         let run_seed = suite.next_u64();
-        plans.push(draw_plan(index, kind, run_seed));
+        let occurrence = plans.iter().filter(|plan| plan.kind == kind).count();
+        plans.push(draw_plan(index, kind, run_seed, occurrence));
     }
     plans
 }
 
-fn draw_plan(index: usize, kind: FaultKind, seed: u64) -> FaultPlan {
+fn draw_plan(index: usize, kind: FaultKind, seed: u64, occurrence: usize) -> FaultPlan {
     let mut draw = Draw::new(seed);
     let (trigger, params) = match kind {
-        FaultKind::ControllerKill => controller_kill::draw(&mut draw),
+        FaultKind::ControllerKill => controller_kill::draw(&mut draw, occurrence),
         FaultKind::SourceAgentKill | FaultKind::TargetAgentKill => {
             agent_kill::draw(&mut draw, kind == FaultKind::SourceAgentKill)
         }
-        FaultKind::SourcePartition => partition::draw(&mut draw),
         FaultKind::TargetDeath => target_death::draw(&mut draw),
         FaultKind::TargetDiskFull => disk_full::draw(&mut draw),
         FaultKind::CorruptAtRest => corruption::draw_at_rest(&mut draw),
@@ -402,6 +451,9 @@ fn draw_plan(index: usize, kind: FaultKind, seed: u64) -> FaultPlan {
         FaultKind::PolicyEditValid | FaultKind::PolicyEditInvalid => policy_edit::draw(&mut draw),
         FaultKind::AgentOutage => agent_outage::draw(&mut draw),
         FaultKind::ResumeDamage => resume_damage::draw(&mut draw),
+        FaultKind::ApiCutTaint | FaultKind::ApiCutAdministrator => {
+            api_cut::draw(&mut draw, kind.fencing())
+        }
     };
     FaultPlan {
         index,
@@ -413,77 +465,104 @@ fn draw_plan(index: usize, kind: FaultKind, seed: u64) -> FaultPlan {
     }
 }
 
+/// The suite's policy: deploy's `default` with the shortest failure triggers the policy floors
+/// allow (a kubelet here renews its Lease every second) and a pod checkpoint interval down to
+/// 1 s, so a run of a few tens of seconds has several checkpoints. Everything else (retention,
+/// incremental dumps, one standby copy, the 10 min cooldown, the 5 min restore timeout, the
+/// rollback fallback) is deploy's.
+pub const SUITE_POLICY: &str = "\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: default
+  namespace: automigrate-system
+  labels:
+    automigrate.dev/policy: \"true\"
+data:
+  policy.yaml: |
+    checkpoint:
+      interval: 10m
+      minInterval: 1s
+      retention: {count: 3}
+      incremental: true
+      replicateTo: 1
+    triggers:
+      notReadyGrace: 10s
+      leaseTimeout: 15s
+      cooldown: 10m
+    restore:
+      timeout: 5m
+      fallback: rollback
+";
+
 /// What the suite runs on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SuiteSettings {
-    /// Cluster, workload, policy and clock settings, shared with the demo.
-    pub demo: DemoSettings,
+    /// Every run's cluster state: `<root>/<run>/` (keep it on tmpfs, see the kube module).
+    pub root: PathBuf,
+    /// Where the binaries are (automigrate-apiserver, -kubelet, -agent, -controller, automigrate).
+    pub bin_dir: PathBuf,
+    pub nodes: usize,
+    /// RTT between neighbouring nodes on the line.
+    pub rtt_step_ms: u64,
+    pub dataset: DatasetSpec,
+    pub trainer: TrainerSpec,
+    /// The pod's `automigrate.dev/checkpoint-interval`.
+    pub checkpoint_interval: String,
+    /// The policy ConfigMap applied (named `default`).
+    pub policy: String,
     pub seed: u64,
     pub runs: usize,
     pub kinds: Vec<FaultKind>,
     /// A run that has not finished training by then is stopped and counted stuck.
     pub run_deadline_s: u64,
-    /// Size of the tmpfs each non-home node's storage lives on in disk-full runs.
+    /// After training finished: how long the run waits for every migration to end.
+    pub settle_s: u64,
+    /// Size of the tmpfs each non-home node's state lives on in disk-full runs.
     pub disk_mib: u64,
+    /// Keep every run's state directory (logs, stores, manifests).
+    pub keep: bool,
 }
 
-/// The suite's standard settings: short runs (a few seconds of training, a checkpoint every
-/// second of real time) on 3 nodes with agent daemons.
+/// The suite's standard settings: 3 nodes, 160 epochs of the trainer (about 20 s uninterrupted
+/// on 2 cores), a checkpoint every 5 s.
 pub fn standard_settings(
     root: PathBuf,
-    policies_dir: PathBuf,
-    agent_binary: PathBuf,
+    bin_dir: PathBuf,
     seed: u64,
     runs: usize,
     kinds: Vec<FaultKind>,
 ) -> SuiteSettings {
-    let mut demo = crate::demo::DemoPlan::standard(root, policies_dir).settings;
-    demo.nodes = 3;
-    demo.dataset = workload::DatasetSpec {
-        name: "faults".into(),
-        files: 4,
-        rows_per_file: 4096,
-        features: 32,
-        classes: 4,
-        seed: 5,
-    };
-    demo.trainer = workload::TrainerSpec {
-        epochs: 64,
-        hidden: 128,
-        seed: 3,
-        learning_rate: 0.05,
-    };
-    // 1 s of real time at scale 30.
-    demo.checkpoint_interval = "30s".into();
-    demo.agent = crate::cluster::AgentMode::Daemon {
-        binary: agent_binary,
-    };
-    demo.keep = false;
     SuiteSettings {
-        demo,
+        root,
+        bin_dir,
+        nodes: 3,
+        rtt_step_ms: 10,
+        dataset: DatasetSpec {
+            name: "faults".into(),
+            files: 4,
+            rows_per_file: 4096,
+            features: 32,
+            classes: 4,
+            seed: 5,
+        },
+        trainer: TrainerSpec {
+            epochs: 160,
+            hidden: 128,
+            seed: 3,
+            learning_rate: 0.05,
+        },
+        checkpoint_interval: "5s".into(),
+        policy: SUITE_POLICY.into(),
         seed,
         runs,
         kinds,
-        run_deadline_s: 150,
+        run_deadline_s: 300,
+        settle_s: 30,
         disk_mib: 512,
+        keep: false,
     }
-}
-
-/// One migration as the run ended with it (from its persisted state file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigrationOutcome {
-    pub file: String,
-    pub trigger: String,
-    pub source: String,
-    pub target: String,
-    pub phase: Phase,
-    pub message: Option<String>,
-    pub checkpoint: Option<String>,
-    pub fresh_start: Option<bool>,
-    pub old_container: String,
-    pub new_container: String,
 }
 
 /// What was done to the system, as the fault task recorded it.
@@ -494,7 +573,7 @@ pub struct Injection {
     pub at: Option<f64>,
     /// The last epoch the workload had reported then.
     pub epoch: Option<u32>,
-    /// The migration phase observed right before and right after the fault.
+    /// The migration phase the API server showed right before and right after the fault.
     pub phase_before: Option<Phase>,
     pub phase_after: Option<Phase>,
     pub node: Option<String>,
@@ -502,9 +581,9 @@ pub struct Injection {
     pub damaged_checkpoint: Option<(String, String)>,
     /// What happened, step by step.
     pub notes: Vec<String>,
-    /// Policy edits: the policy that must be in force at the end (its JSON form).
+    /// Policy edits: what the controller must do with the edit (`applied` or `refused`).
     pub expected_policy: Option<String>,
-    /// Checkpoints listed on live nodes other than the home node when the fault struck
+    /// Restorable checkpoints on live nodes other than the home node when the fault struck
     /// (`<id> on <node>`): what a replacement could resume from.
     pub checkpoints_at_strike: Vec<String>,
 }
@@ -517,42 +596,45 @@ pub struct RunRecord {
     pub name: String,
     pub started_at: f64,
     pub wall_s: f64,
+    /// From the start of the run until the cluster was up (every node Ready, a leader).
+    pub cluster_up_s: f64,
     pub load_average: (String, String),
     pub injection: Injection,
     /// Did the fault strike at all (its trigger was seen before training ended)?
     pub fault_fired: bool,
+    /// Every Migration object as the API server had it at the end of the run.
     pub migrations: Vec<MigrationOutcome>,
     /// The migrations' end phases, joined (`none` without migrations).
     pub outcome: String,
-    pub controller_error: Option<String>,
     pub deadline_hit: bool,
     pub training_finished: bool,
     pub final_epoch: Option<u32>,
     pub final_loss_hex: Option<String>,
     pub loss_identical: bool,
-    /// Per replacement: the last epoch it did not compute again (0: from the beginning).
+    /// Per break in the progress log: the last epoch not computed again (0: from the start).
     pub resumed_from: Vec<u32>,
-    /// Replacements started from the beginning (not restored).
+    /// Copies started from the beginning after the first.
     pub fresh_starts: usize,
-    /// Per replacement: epochs of work the fault cost (the epoch reported when it struck, or
-    /// the replaced container's last one, minus where the replacement resumed).
+    /// Per break: epochs computed again.
     pub redone_epochs: Vec<u32>,
-    /// One checkpoint interval, one controller pass and the longest replication lag seen, in
-    /// epochs, plus one.
+    /// One checkpoint interval and two controller passes, in epochs, plus one.
     pub redone_allowed: u32,
-    /// Longest time from a periodic checkpoint's start to its standby copy being complete.
-    pub replication_lag_s: Option<f64>,
+    /// Stretches of the progress log written without a break.
+    pub segments: usize,
     pub copies: CopyReport,
-    pub progress_overlap: bool,
+    /// The progress log shows two copies appending at the same time.
+    pub progress_interleaved: bool,
     pub verification_problems: Vec<String>,
     pub checkpoints_verified: usize,
-    /// Checkpoints other live nodes held when the fault struck, the damaged one excepted
-    /// (what a replacement could resume from).
+    /// Checkpoints other live nodes held when the fault struck, the damaged one excepted.
     pub resumable_before_fault: Vec<String>,
     pub datasets_verified: usize,
     /// Lines in the agents' logs saying a received piece, file or archive did not verify.
     pub receiver_refusals: usize,
-    pub policy_in_force: Option<String>,
+    /// The controller's Events on the policy ConfigMap (`reason: note`).
+    pub policy_events: Vec<String>,
+    /// What the controller did with a policy edit: `applied` or `refused` (from the Events).
+    pub policy_outcome: Option<String>,
     pub findings: Vec<String>,
 }
 
@@ -563,36 +645,37 @@ impl RunRecord {
             name: plan.name(),
             started_at: unix_now() - took.as_secs_f64(),
             wall_s: took.as_secs_f64(),
-            load_average: (scenario::load_average(), scenario::load_average()),
+            cluster_up_s: 0.0,
+            load_average: (load_average(), load_average()),
             injection: Injection::default(),
             fault_fired: false,
             migrations: Vec::new(),
             outcome: "not run".into(),
-            controller_error: None,
             deadline_hit: false,
             training_finished: false,
             final_epoch: None,
             final_loss_hex: None,
             loss_identical: false,
             resumed_from: Vec::new(),
-            redone_epochs: Vec::new(),
             fresh_starts: 0,
+            redone_epochs: Vec::new(),
             redone_allowed: 0,
-            replication_lag_s: None,
+            segments: 0,
             copies: CopyReport::default(),
-            progress_overlap: false,
+            progress_interleaved: false,
             verification_problems: Vec::new(),
             checkpoints_verified: 0,
             resumable_before_fault: Vec::new(),
             datasets_verified: 0,
             receiver_refusals: 0,
-            policy_in_force: None,
+            policy_events: Vec::new(),
+            policy_outcome: None,
             findings: vec![format!("the run could not be carried out: {error}")],
         }
     }
 
     pub fn double_running(&self) -> bool {
-        self.copies.max_running > 1 || !self.copies.overlaps.is_empty() || self.progress_overlap
+        self.copies.max_running > 1 || !self.copies.overlaps.is_empty() || self.progress_interleaved
     }
 
     pub fn corrupted_restore(&self) -> bool {
@@ -610,30 +693,15 @@ impl RunRecord {
 
 const CORRUPTED_RESTORE: &str = "corrupted restore";
 const STUCK: &str = "stuck";
+/// Two controller passes (decision and executor, 1 s each in the local cluster) of slack in
+/// the redo allowance: a checkpoint falls due between passes, and its standby copy takes a
+/// pass to be asked for.
+const CONTROLLER_PASSES_S: f64 = 2.0;
 
-/// The suite's reference: the uninterrupted run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Reference {
-    pub loss_hex: String,
-    pub training_s: f64,
-    pub epoch_s: f64,
-}
-
-impl Reference {
-    pub fn from_run(run: &RunResult) -> Result<Self, FaultError> {
-        let (Some(loss_hex), Some(training_s)) = (run.final_loss_hex.clone(), run.training_s)
-        else {
-            return Err(FaultError::Setup(
-                "the reference run did not finish its training".into(),
-            ));
-        };
-        Ok(Self {
-            loss_hex,
-            training_s,
-            epoch_s: training_s / f64::from(run.epochs.max(1)),
-        })
-    }
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Runs the uninterrupted reference, then every plan; after each run `progress` gets the
@@ -641,18 +709,28 @@ impl Reference {
 /// could not be carried out (its cluster did not come up) is kept as a record with that finding.
 pub async fn run_suite(
     settings: &SuiteSettings,
-    policies: &PolicySet,
     mut progress: impl FnMut(&Reference, &[RunRecord]),
 ) -> Result<(Reference, Vec<RunRecord>), FaultError> {
-    let reference_run = scenario::reference_run(&settings.demo).await?;
-    let reference = Reference::from_run(&reference_run)?;
+    let reference = {
+        let dir = settings.root.join("reference");
+        let dataset = settings.dataset.clone();
+        let trainer = settings.trainer.clone();
+        tokio::task::spawn_blocking(move || {
+            training::reference_run(&dir, &dataset, &trainer, Duration::from_secs(600))
+        })
+        .await
+        .map_err(|error| FaultError::Setup(format!("reference run: {error}")))??
+    };
     let plans = plan_runs(settings.seed, settings.runs, &settings.kinds);
     let mut records = Vec::with_capacity(plans.len());
     for plan in plans {
         let started = Instant::now();
-        let record = match run_one(settings, policies, &reference, &plan).await {
+        let record = match run_one(settings, &reference, &plan).await {
             Ok(record) => record,
-            Err(error) => RunRecord::not_carried_out(&plan, &error, started.elapsed()),
+            Err(error) => {
+                tracing::warn!(run = %plan.name(), %error, "run not carried out");
+                RunRecord::not_carried_out(&plan, &error, started.elapsed())
+            }
         };
         records.push(record);
         progress(&reference, &records);
@@ -660,43 +738,80 @@ pub async fn run_suite(
     Ok((reference, records))
 }
 
-/// One run: cluster, training under the controller, the fault, the verdict.
+/// Removes what an earlier run of the same name left: its containers, mounts and state.
+fn clear_run_dir(dir: &Path) {
+    world::unmount_leftovers(dir);
+    if !dir.exists() {
+        return;
+    }
+    for node in world::visible_dirs(dir) {
+        let runc_root = node.join("kubelet").join("runc");
+        for container in world::visible_dirs(&runc_root) {
+            let _ = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&runc_root)
+                .args(["delete", "--force"])
+                .arg(container.file_name().unwrap_or_default())
+                .output();
+        }
+    }
+    if let Err(error) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), %error, "leftovers of an earlier run");
+    }
+}
+
+/// One run: cluster, the protected pod, the fault, the verdict.
 #[tracing::instrument(name = "fault_run", skip_all, fields(run = %plan.name()))]
 pub async fn run_one(
     settings: &SuiteSettings,
-    policies: &PolicySet,
     reference: &Reference,
     plan: &FaultPlan,
 ) -> Result<RunRecord, FaultError> {
-    let demo = &settings.demo;
     let name = plan.name();
+    let run_dir = settings.root.join(&name);
     let started = Instant::now();
     let started_at = unix_now();
-    let load_at_start = scenario::load_average();
-    world::unmount_leftovers(&demo.root.join(&name));
-    scenario::prepare_run_dir(demo, &name)?;
-    let config = demo.cluster_config(&name);
+    let load_at_start = load_average();
+    clear_run_dir(&run_dir);
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|error| FaultError::Setup(format!("{}: {error}", run_dir.display())))?;
+    let mut config = KubeClusterConfig::line(
+        settings.nodes,
+        Duration::from_millis(settings.rtt_step_ms),
+        run_dir.clone(),
+        settings.bin_dir.clone(),
+    );
+    config.name_prefix = name.clone();
+    let policy_file = run_dir.join("suite-policy.yaml");
+    std::fs::write(&policy_file, &settings.policy)
+        .map_err(|error| FaultError::Setup(format!("{}: {error}", policy_file.display())))?;
+    config.policies = vec![policy_file.clone()];
+    config.controller_env = vec![(
+        "AUTOMIGRATE_DEAD_NODE_FENCING".into(),
+        plan.kind.fencing().name().into(),
+    )];
+    let nodes = config.nodes.clone();
     let mounts = if plan.kind == FaultKind::TargetDiskFull {
-        world::mount_small_disks(&config, HOME_NODE, settings.disk_mib)
+        world::mount_small_disks(&run_dir, &nodes, HOME_NODE, settings.disk_mib)
             .map_err(FaultError::Setup)?
     } else {
         Vec::new()
     };
-    let cluster = match LocalCluster::create(config).await {
+    let cluster = match KubeCluster::create(config).await {
         Ok(cluster) => Arc::new(cluster),
         Err(error) => {
             world::unmount(&mounts);
-            return Err(ScenarioError::from(error).into());
+            return Err(error.into());
         }
     };
-    let outcome = drive(settings, policies, plan, &cluster).await;
-    let (mut record, damaged) = match outcome {
-        Ok(parts) => parts,
-        Err(error) => {
-            world::unmount(&mounts);
-            return Err(error);
-        }
-    };
+    let cluster_up_s = started.elapsed().as_secs_f64();
+    let outcome = drive(settings, plan, &cluster, &run_dir, &policy_file).await;
+    // A blocking call the fault made (a power-off, a node condition) may still hold the
+    // cluster for a moment after the fault task was stopped.
+    let waited = Instant::now();
+    while Arc::strong_count(&cluster) > 1 && waited.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let cluster = Arc::try_unwrap(cluster).map_err(|_| {
         FaultError::Setup(format!(
             "run {name}: the cluster is still shared at the end of the run"
@@ -705,254 +820,254 @@ pub async fn run_one(
     if let Err(error) = cluster.teardown().await {
         tracing::warn!(%error, "teardown");
     }
-    if demo.keep {
-        // What lived on the small disks goes with them: keep their logs.
-        world::keep_logs(&mounts);
-    }
+    let (mut record, damaged) = match outcome {
+        Ok(parts) => parts,
+        Err(error) => {
+            world::unmount(&mounts);
+            return Err(error);
+        }
+    };
+    // Every agent is stopped now: the stores hold still while they are verified.
+    let dataset = settings.dataset.name.clone();
+    let verification = {
+        let run_dir = run_dir.clone();
+        let nodes = nodes.clone();
+        let damaged = damaged.clone();
+        tokio::task::spawn_blocking(move || {
+            world::verify_files(&run_dir, &nodes, &dataset, damaged.as_ref())
+        })
+        .await
+        .map_err(|error| FaultError::Setup(format!("verification task: {error}")))?
+    };
+    record.verification_problems = verification.problems;
+    record.checkpoints_verified = verification.checkpoints;
+    record.datasets_verified = verification.datasets;
+    record.receiver_refusals = world::receiver_refusals(&run_dir, &nodes);
     world::unmount(&mounts);
-    // A restore killed half-way (a node dying under it) can leave CRIU's mounts behind.
-    world::unmount_leftovers(&demo.root.join(&name));
-    if !demo.keep
-        && let Err(error) = std::fs::remove_dir_all(demo.root.join(&name))
+    world::unmount_leftovers(&run_dir);
+    if !settings.keep
+        && let Err(error) = std::fs::remove_dir_all(&run_dir)
     {
         tracing::warn!(%error, "run storage left behind");
     }
     record.name = name;
     record.started_at = started_at;
     record.wall_s = started.elapsed().as_secs_f64();
-    record.load_average = (load_at_start, scenario::load_average());
-    verdict(&mut record, reference, demo, damaged.as_ref());
+    record.cluster_up_s = cluster_up_s;
+    record.load_average = (load_at_start, load_average());
+    verdict(&mut record, reference, settings, damaged.as_ref());
     Ok(record)
 }
 
-/// What a run's controller left behind, however it ran.
-struct Ran {
-    copies: CopyReport,
-    controller_error: Option<String>,
-    deadline_hit: bool,
-    timeline: Vec<TimelineEvent>,
-    holders: std::collections::BTreeSet<String>,
-    policy_in_force: Option<String>,
-    /// Checkpoint restored and fresh start, by state file name (in-process controllers).
-    restored: BTreeMap<String, (Option<String>, bool)>,
+/// Where the pod finds its dataset, work directory and program on every node, under
+/// [`NODE_HOST_DIR`] (each local node has its own, the kubelets' `--host-path-map`).
+pub const DATA_DIR: &str = "data";
+pub const WORK_DIR: &str = "work/trainer";
+pub const APP_DIR: &str = "app";
+/// The image the pod names: any reference that is not a checkpoint image in a node's store
+/// resolves to the host's root file system in the local cluster (python3 and numpy are there);
+/// a `localhost/` reference would be taken for a missing checkpoint image (ErrImagePull).
+pub const TRAINER_IMAGE: &str = "docker.io/library/python:3.13-slim";
+
+/// The protected training pod as a user would write it: the trainer (image references resolve
+/// to the host's root file system in the local cluster), its dataset, program and work
+/// directories as `hostPath` volumes under `/var/lib/automigrate` (every node has its own), the
+/// `automigrate.dev/` annotations. The same conventions as the demo's pod.
+pub fn trainer_pod(settings: &SuiteSettings) -> Value {
+    let node_path = |dir: &str| format!("{NODE_HOST_DIR}/{dir}");
+    let mut command = vec![
+        workload::PYTHON.to_string(),
+        format!("/app/{}", workload::TRAINER_FILE),
+        "/data".to_string(),
+        "/work".to_string(),
+    ];
+    command.extend(training::trainer_args(&settings.trainer));
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": POD_NAME,
+            "namespace": POD_NAMESPACE,
+            "labels": {"app": "trainer"},
+            "annotations": {
+                automigrate_core::annotations::PROTECT: "true",
+                automigrate_core::annotations::MODE: "transparent",
+                automigrate_core::annotations::CHECKPOINT_INTERVAL: settings.checkpoint_interval,
+                automigrate_core::annotations::DATASET:
+                    node_path(&format!("{DATA_DIR}/{}", settings.dataset.name)),
+            },
+        },
+        "spec": {
+            "nodeName": HOME_NODE,
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "volumes": [
+                {"name": "data", "hostPath": {"path": node_path(&format!("{DATA_DIR}/{}", settings.dataset.name))}},
+                {"name": "app", "hostPath": {"path": node_path(APP_DIR)}},
+                {"name": "work", "hostPath": {"path": node_path(WORK_DIR)}},
+            ],
+            "containers": [{
+                "name": CONTAINER_NAME,
+                "image": TRAINER_IMAGE,
+                "command": command,
+                "workingDir": "/work",
+                "env": [
+                    {"name": "OPENBLAS_NUM_THREADS", "value": "1"},
+                    {"name": "OMP_NUM_THREADS", "value": "1"},
+                ],
+                "volumeMounts": [
+                    {"name": "data", "mountPath": "/data"},
+                    {"name": "app", "mountPath": "/app", "readOnly": true},
+                    {"name": "work", "mountPath": "/work"},
+                ],
+            }],
+        },
+    })
+}
+
+/// The progress log of every node (each node's copies append to its own), merged.
+pub fn progress_logs(run_dir: &Path, nodes: &[String]) -> Vec<(String, workload::Progress)> {
+    nodes
+        .iter()
+        .map(|node| {
+            let path = run_dir
+                .join(node)
+                .join(WORK_DIR)
+                .join(workload::PROGRESS_FILE);
+            (
+                node.clone(),
+                workload::read_progress(&path).unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// Everything between the cluster's creation and its teardown.
 async fn drive(
     settings: &SuiteSettings,
-    policies: &PolicySet,
     plan: &FaultPlan,
-    cluster: &Arc<LocalCluster>,
+    cluster: &Arc<KubeCluster>,
+    run_dir: &Path,
+    policy_file: &Path,
 ) -> Result<(RunRecord, Option<(String, String)>), FaultError> {
-    let demo = &settings.demo;
-    let home = Arc::clone(cluster.node(HOME_NODE).map_err(ScenarioError::from)?);
-    let meta =
-        workload::generate_dataset(&home.layout().dataset(&demo.dataset.name), &demo.dataset)
-            .map_err(ScenarioError::from)?;
-    let clock = crate::clock::PolicyClock::start(demo.time_scale).map_err(ScenarioError::from)?;
-    let state_dir = demo.root.join(plan.name()).join("controller");
-    let home_progress = home.layout().progress(&format!("{POD_NAME}-{HOME_NODE}-1"));
-    let limit = Duration::from_secs(settings.run_deadline_s);
-    let (context, ran) = if plan.kind == FaultKind::ControllerKill {
-        drive_process(
-            settings,
-            plan,
-            cluster,
-            meta,
-            clock,
-            &state_dir,
-            home_progress,
-            limit,
-        )
-        .await?
-    } else {
-        let mut controller = LocalController::new(
-            Arc::clone(cluster),
-            policies.clone(),
-            clock,
-            demo.pod(&demo.failure_policy, &[]),
-            meta,
-            HOME_NODE,
-            ControllerOptions {
-                tick: Duration::from_millis(demo.tick_ms),
-                recovery: Recovery::Resume,
-                state_dir: state_dir.clone(),
-            },
-        )
-        .with_dataset_origin(demo.dataset.clone());
-        let monitor = CopyMonitor::start(cluster.nodes().to_vec(), Duration::from_millis(20));
-        controller.deploy().await.map_err(ScenarioError::from)?;
-        let context = world::FaultContext::new(
-            Arc::clone(cluster),
-            Some(controller.shared()),
-            controller.policy_edits_handle(),
-            state_dir.clone(),
-            home_progress,
-            demo.trainer.epochs,
-            demo.policies_dir.clone(),
-            demo.failure_policy.clone(),
-        );
-        let task = tokio::spawn(inject(context.clone(), plan.clone(), None));
-        let outcome = tokio::time::timeout(limit, controller.run_until(|_| false)).await;
-        task.abort();
-        // Undo what outlives the fault (a partition, a full disk, restarted daemons) first.
-        context.heal().await;
-        let (controller_error, deadline_hit) = match outcome {
-            Ok(Ok(())) => (None, false),
-            Ok(Err(error)) => (Some(error.to_string()), false),
-            Err(_) => (None, true),
-        };
-        let ran = Ran {
-            copies: monitor.stop(),
-            controller_error,
-            deadline_hit,
-            timeline: controller.timeline(),
-            holders: controller.dataset_holders(),
-            policy_in_force: controller
-                .policies()
-                .get(&demo.failure_policy)
-                .and_then(|policy| serde_json::to_string(policy).ok()),
-            restored: controller
-                .migrations()
-                .iter()
-                .filter_map(|summary| {
-                    let file = summary
-                        .state_file
-                        .file_name()?
-                        .to_string_lossy()
-                        .into_owned();
-                    Some((file, (summary.checkpoint.clone(), summary.fresh_start)))
-                })
-                .collect(),
-        };
-        (context, ran)
-    };
-    collect(plan, cluster, &demo.dataset.name, &state_dir, &context, ran).await
-}
-
-/// The controller as its own process (controller-kill runs), killed and restarted by the
-/// fault task.
-#[allow(clippy::too_many_arguments)]
-async fn drive_process(
-    settings: &SuiteSettings,
-    plan: &FaultPlan,
-    cluster: &Arc<LocalCluster>,
-    meta: workload::DatasetMeta,
-    clock: crate::clock::PolicyClock,
-    state_dir: &Path,
-    home_progress: PathBuf,
-    limit: Duration,
-) -> Result<(world::FaultContext, Ran), FaultError> {
-    use crate::process::{ControllerLaunch, ControllerProcess, StepDelay};
-    let demo = &settings.demo;
-    let mut launch = ControllerLaunch::new(
-        cluster,
-        state_dir.to_path_buf(),
-        demo.policies_dir.clone(),
-        clock.anchor(),
-        demo.pod(&demo.failure_policy, &[]),
-        meta,
-        HOME_NODE,
-    );
-    launch.dataset_origin = Some(demo.dataset.clone());
-    launch.tick_ms = demo.tick_ms;
-    if let FaultParams::ControllerKill {
-        phase, pause_ms, ..
-    } = plan.params
-    {
-        launch.step_delay = Some(StepDelay {
-            phase,
-            millis: pause_ms,
-        });
+    let api = api::ApiReader::from_kubeconfig(cluster.kubeconfig()).map_err(FaultError::Setup)?;
+    // The workload: the program on every node (its "image"), the dataset on the home node (in
+    // its agent's data root, where the controller has it sent from).
+    let nodes = cluster.nodes().to_vec();
+    for node in &nodes {
+        let dir = cluster.node_dir(node);
+        workload::install_program(&dir.join(APP_DIR))?;
+        let work = dir.join(WORK_DIR);
+        std::fs::create_dir_all(&work)
+            .map_err(|error| FaultError::Setup(format!("{}: {error}", work.display())))?;
     }
-    let monitor = CopyMonitor::start(cluster.nodes().to_vec(), Duration::from_millis(20));
-    let process = ControllerProcess::spawn(cluster, launch)
-        .map_err(|error| FaultError::Setup(error.to_string()))?;
-    let process = Arc::new(tokio::sync::Mutex::new(process));
+    workload::generate_dataset(
+        &cluster
+            .node_dir(HOME_NODE)
+            .join(DATA_DIR)
+            .join(&settings.dataset.name),
+        &settings.dataset,
+    )?;
+    cluster.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": POD_NAMESPACE},
+    }))?;
+    cluster.apply(&trainer_pod(settings))?;
+    let home_progress = cluster
+        .node_dir(HOME_NODE)
+        .join(WORK_DIR)
+        .join(workload::PROGRESS_FILE);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = api
+            .get(&format!(
+                "/api/v1/namespaces/{POD_NAMESPACE}/pods/{POD_NAME}"
+            ))
+            .is_ok_and(|pod| pod["status"]["phase"] == "Running");
+        let progress = workload::read_progress(&home_progress).unwrap_or_default();
+        if running && progress.last_epoch().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(FaultError::Setup(
+                "the trainer pod did not run and report an epoch within 120 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sampler = sampler::CopySampler::start(
+        Arc::clone(cluster),
+        format!("{POD_NAMESPACE}_"),
+        CONTAINER_NAME.to_string(),
+        Duration::from_millis(50),
+    );
     let context = world::FaultContext::new(
         Arc::clone(cluster),
-        None,
-        Arc::default(),
-        state_dir.to_path_buf(),
-        home_progress,
-        demo.trainer.epochs,
-        demo.policies_dir.clone(),
-        demo.failure_policy.clone(),
+        api.clone(),
+        run_dir.to_path_buf(),
+        settings.trainer.epochs,
+        policy_file.to_path_buf(),
+        "default".into(),
     );
-    let task = tokio::spawn(inject(
-        context.clone(),
-        plan.clone(),
-        Some(Arc::clone(&process)),
-    ));
-    let deadline = Instant::now() + limit;
+    let task = tokio::spawn(inject(context.clone(), plan.clone()));
+    let started = Instant::now();
+    let limit = Duration::from_secs(settings.run_deadline_s);
+    let settle = Duration::from_secs(settings.settle_s);
+    let mut done_at: Option<Instant> = None;
     let mut deadline_hit = false;
     loop {
-        {
-            let mut process = process.lock().await;
-            if !process.is_running() {
-                break;
-            }
-            if Instant::now() > deadline {
-                deadline_hit = true;
-                let _ = process.kill9();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let finished = progress_logs(run_dir, &nodes)
+            .iter()
+            .any(|(_, progress)| progress.done().is_some());
+        if finished {
+            let since = *done_at.get_or_insert_with(Instant::now);
+            let all_terminal = api
+                .views()
+                .iter()
+                .all(|view| view.phase.is_some_and(Phase::is_terminal));
+            // A little past the end, so a second copy still running shows.
+            if (all_terminal && since.elapsed() > Duration::from_secs(2))
+                || since.elapsed() > settle
+            {
                 break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if started.elapsed() > limit {
+            deadline_hit = true;
+            break;
+        }
     }
     task.abort();
-    context.heal().await;
-    let exit = process.lock().await.exit_record();
-    let controller_error = match &exit {
-        Some(record) if record.training_done => None,
-        Some(record) => Some(record.error.clone().unwrap_or_else(|| "stopped".into())),
-        None if deadline_hit => None,
-        None => Some("the controller process ended without an exit record".into()),
-    };
-    let ran = Ran {
-        copies: monitor.stop(),
-        controller_error,
-        deadline_hit,
-        timeline: crate::worker::read_timeline(state_dir),
-        holders: world::read_holders(state_dir),
-        policy_in_force: None,
-        restored: BTreeMap::new(),
-    };
-    Ok((context, ran))
-}
-
-/// Reads the run's outcome from the world and the controller's record.
-async fn collect(
-    plan: &FaultPlan,
-    cluster: &Arc<LocalCluster>,
-    dataset: &str,
-    state_dir: &Path,
-    context: &world::FaultContext,
-    ran: Ran,
-) -> Result<(RunRecord, Option<(String, String)>), FaultError> {
-    let containers = scenario::progress_of_all(cluster);
+    // The aborted task drops its hold on the cluster once it is polled again.
+    let _ = task.await;
+    let copies = sampler.stop();
+    // Only now (the copies were counted) undo what outlives the fault.
+    context.heal();
+    let objects = api.migrations();
+    let migrations = api::outcomes(&objects);
+    let analysis = training::analyse_nodes(&progress_logs(run_dir, &nodes));
     let injection = context.injection();
-    let mut migrations = world::read_migrations(state_dir);
-    for migration in &mut migrations {
-        if let Some((checkpoint, fresh)) = ran.restored.get(&migration.file) {
-            migration.checkpoint = checkpoint.clone().or(migration.checkpoint.take());
-            migration.fresh_start = Some(*fresh);
+    let policy_events = policy_events(&api, context.policy_name());
+    let policy_outcome = injection.expected_policy.as_ref().map(|_| {
+        if policy_events
+            .iter()
+            .any(|event| event.starts_with("InvalidPolicy"))
+        {
+            "refused".to_string()
+        } else if policy_events
+            .iter()
+            .filter(|event| event.starts_with("PolicyLoaded"))
+            .count()
+            > 0
+        {
+            "applied".to_string()
+        } else {
+            "no event".to_string()
         }
-    }
+    });
     let damaged = injection.damaged_checkpoint.clone();
-    let verification = tokio::task::spawn_blocking({
-        let cluster = Arc::clone(cluster);
-        let dataset = dataset.to_string();
-        let holders = ran.holders.clone();
-        let damaged = damaged.clone();
-        move || world::verify_files(&cluster, &dataset, &holders, damaged.as_ref())
-    })
-    .await
-    .map_err(|error| FaultError::Setup(format!("verification task: {error}")))?;
-    let finisher = containers.iter().find(|run| run.done);
-    let last = finisher.and_then(|run| run.progress.last_epoch().cloned());
-    let (resumed_from, redone_epochs, fresh_starts) =
-        replacements(&containers, &migrations, injection.epoch);
     let damaged_name = damaged.as_ref().map(|(node, id)| format!("{id} on {node}"));
     let resumable_before_fault: Vec<String> = injection
         .checkpoints_at_strike
@@ -960,57 +1075,71 @@ async fn collect(
         .filter(|listed| Some(*listed) != damaged_name.as_ref())
         .cloned()
         .collect();
-    let replication_lag_s = replication_lag(&ran.timeline);
-    let mut record = RunRecord {
+    let record = RunRecord {
         plan: plan.clone(),
         name: String::new(),
         started_at: 0.0,
         wall_s: 0.0,
+        cluster_up_s: 0.0,
         load_average: (String::new(), String::new()),
         fault_fired: injection.at.is_some(),
         injection,
         outcome: outcome_of(&migrations),
         migrations,
-        controller_error: ran.controller_error,
-        deadline_hit: ran.deadline_hit,
-        training_finished: finisher.is_some(),
-        final_epoch: last.as_ref().map(|record| record.epoch),
-        final_loss_hex: last.map(|record| record.loss_hex),
+        deadline_hit,
+        training_finished: analysis.finished,
+        final_epoch: analysis.final_epoch,
+        final_loss_hex: analysis.final_loss_hex.clone(),
         loss_identical: false,
-        resumed_from,
-        redone_epochs,
-        fresh_starts,
+        resumed_from: analysis.resumed_from.clone(),
+        fresh_starts: analysis.fresh_starts,
+        redone_epochs: analysis.redone_epochs.clone(),
         redone_allowed: 0,
-        replication_lag_s,
-        copies: ran.copies,
-        progress_overlap: scenario::spans_overlap(&containers),
-        verification_problems: verification.problems,
-        checkpoints_verified: verification.checkpoints,
+        segments: analysis.segments.len(),
+        copies,
+        progress_interleaved: analysis.interleaved,
+        verification_problems: Vec::new(),
+        checkpoints_verified: 0,
         resumable_before_fault,
-        datasets_verified: verification.datasets,
-        receiver_refusals: world::receiver_refusals(cluster),
-        policy_in_force: ran.policy_in_force,
+        datasets_verified: 0,
+        receiver_refusals: 0,
+        policy_events,
+        policy_outcome,
         findings: Vec::new(),
     };
-    record.injection.notes.extend(policy_notes(&ran.timeline));
     Ok((record, damaged))
 }
 
+/// The controller's Events about the policy ConfigMap `name`: `reason: note (×count)`.
+fn policy_events(api: &api::ApiReader, name: &str) -> Vec<String> {
+    api.events(crate::kube::SYSTEM_NAMESPACE)
+        .iter()
+        .filter(|event| {
+            event["involvedObject"]["kind"] == "ConfigMap"
+                && event["involvedObject"]["name"] == name
+        })
+        .map(|event| {
+            format!(
+                "{}: {} (×{})",
+                event["reason"].as_str().unwrap_or("?"),
+                event["message"]
+                    .as_str()
+                    .or(event["note"].as_str())
+                    .unwrap_or(""),
+                event["count"].as_u64().unwrap_or(1)
+            )
+        })
+        .collect()
+}
+
 /// Runs the plan's fault.
-async fn inject(
-    context: world::FaultContext,
-    plan: FaultPlan,
-    controller: Option<Arc<tokio::sync::Mutex<crate::process::ControllerProcess>>>,
-) {
+async fn inject(context: world::FaultContext, plan: FaultPlan) {
     let outcome = match &plan.params {
-        FaultParams::ControllerKill { .. } => match controller {
-            Some(controller) => controller_kill::inject(&context, &plan, controller).await,
-            None => Err("the controller does not run as its own process".into()),
-        },
+        FaultParams::ControllerKill { .. } => controller_kill::inject(&context, &plan).await,
         FaultParams::AgentKill { .. } => agent_kill::inject(&context, &plan).await,
         FaultParams::AgentOutage { .. } => agent_outage::inject(&context, &plan).await,
         FaultParams::ResumeDamage { .. } => resume_damage::inject(&context, &plan).await,
-        FaultParams::Partition { .. } => partition::inject(&context, &plan).await,
+        FaultParams::ApiCut { .. } => api_cut::inject(&context, &plan).await,
         FaultParams::TargetDeath { .. } => target_death::inject(&context, &plan).await,
         FaultParams::DiskFull { .. } => disk_full::inject(&context, &plan).await,
         FaultParams::CorruptAtRest { .. } => corruption::inject_at_rest(&context, &plan).await,
@@ -1022,39 +1151,17 @@ async fn inject(
     }
 }
 
-/// Policy edits the controller applied or refused, for the record.
-fn policy_notes(timeline: &[TimelineEvent]) -> Vec<String> {
-    timeline
-        .iter()
-        .filter_map(|event| match event {
-            TimelineEvent::PolicyEdited {
-                name,
-                accepted,
-                message,
-                ..
-            } => Some(format!(
-                "controller {} the edit of policy `{name}`{}",
-                if *accepted { "applied" } else { "refused" },
-                message
-                    .as_ref()
-                    .map(|message| format!(": {message}"))
-                    .unwrap_or_default()
-            )),
-            _ => None,
-        })
-        .collect()
-}
-
 /// The migrations' end phases in order, repeats counted: `Failed×3+Succeeded`.
 fn outcome_of(migrations: &[MigrationOutcome]) -> String {
     if migrations.is_empty() {
         return "none".into();
     }
-    let mut parts: Vec<(Phase, usize)> = Vec::new();
+    let mut parts: Vec<(String, usize)> = Vec::new();
     for migration in migrations {
+        let phase = migration.phase_name();
         match parts.last_mut() {
-            Some((phase, count)) if *phase == migration.phase => *count += 1,
-            _ => parts.push((migration.phase, 1)),
+            Some((last, count)) if *last == phase => *count += 1,
+            _ => parts.push((phase, 1)),
         }
     }
     parts
@@ -1063,26 +1170,11 @@ fn outcome_of(migrations: &[MigrationOutcome]) -> String {
             if *count > 1 {
                 format!("{phase}×{count}")
             } else {
-                phase.to_string()
+                phase.clone()
             }
         })
         .collect::<Vec<_>>()
         .join("+")
-}
-
-/// Replacements started from the beginning: the controller's own record of each migration
-/// that ended with its replacement running (a restore from a checkpoint taken before the first
-/// epoch also starts at epoch 1, but is not a fresh start).
-fn fresh_starts_of(migrations: &[MigrationOutcome]) -> usize {
-    let mut fresh = std::collections::BTreeSet::new();
-    for migration in migrations {
-        if migration.fresh_start == Some(true)
-            && matches!(migration.phase, Phase::Succeeded | Phase::Restarted)
-        {
-            fresh.insert(migration.new_container.as_str());
-        }
-    }
-    fresh.len()
 }
 
 /// Judges the runs of a written report again with this build's rules (the measured fields
@@ -1092,127 +1184,40 @@ pub fn rejudge(report: &mut report::SuiteReport) {
         if run.outcome == "not run" {
             continue;
         }
-        run.fresh_starts = fresh_starts_of(&run.migrations);
         run.outcome = outcome_of(&run.migrations);
         let damaged = run.injection.damaged_checkpoint.clone();
-        verdict(
-            run,
-            &report.reference,
-            &report.settings.demo,
-            damaged.as_ref(),
-        );
+        verdict(run, &report.reference, &report.settings, damaged.as_ref());
     }
     report::recount(report);
-}
-
-/// The longest time from a periodic checkpoint's start until its standby copy was complete.
-fn replication_lag(timeline: &[TimelineEvent]) -> Option<f64> {
-    let mut lag: Option<f64> = None;
-    for event in timeline {
-        let TimelineEvent::Checkpoint { at, id, kind, .. } = event else {
-            continue;
-        };
-        if kind != "periodic" {
-            continue;
-        }
-        let what = format!("checkpoint {id}");
-        let copied = timeline.iter().find_map(|event| match event {
-            TimelineEvent::Transfer {
-                at: sent_at,
-                what: sent,
-                purpose: crate::controller::Purpose::Replication,
-                error: None,
-                took_ms,
-                ..
-            } if *sent == what => Some(sent_at + took_ms / 1000.0 - at),
-            _ => None,
-        });
-        if let Some(copied) = copied {
-            lag = Some(lag.map_or(copied, |lag| lag.max(copied)));
-        }
-    }
-    lag
-}
-
-/// For every migration whose replacement reported progress: the epoch it resumed after, and
-/// the epochs of work lost: those reported when the fault struck (`fault_epoch`; else the
-/// replaced container's last) minus where the replacement resumed.
-fn replacements(
-    containers: &[ContainerRun],
-    migrations: &[MigrationOutcome],
-    fault_epoch: Option<u32>,
-) -> (Vec<u32>, Vec<u32>, usize) {
-    let by_name: BTreeMap<&str, &ContainerRun> = containers
-        .iter()
-        .map(|run| (run.container.as_str(), run))
-        .collect();
-    let mut resumed = Vec::new();
-    let mut redone = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for migration in migrations {
-        // Failed attempts name the replacement they would have started; count it once.
-        if !seen.insert(migration.new_container.as_str()) {
-            continue;
-        }
-        let Some(new) = by_name.get(migration.new_container.as_str()) else {
-            continue;
-        };
-        if new.container == migration.old_container {
-            continue;
-        }
-        let from = if new.started_fresh {
-            0
-        } else {
-            new.first_epoch.map_or(0, |epoch| epoch.saturating_sub(1))
-        };
-        if new.first_epoch.is_none() && !new.done {
-            continue;
-        }
-        resumed.push(from);
-        let old_last = by_name
-            .get(migration.old_container.as_str())
-            .and_then(|old| old.last_epoch);
-        if let Some(lost_from) = fault_epoch.or(old_last) {
-            redone.push(
-                lost_from
-                    .min(old_last.unwrap_or(lost_from))
-                    .saturating_sub(from),
-            );
-        }
-    }
-    (resumed, redone, fresh_starts_of(migrations))
 }
 
 /// Decides the findings of a finished run.
 fn verdict(
     record: &mut RunRecord,
     reference: &Reference,
-    demo: &DemoSettings,
+    settings: &SuiteSettings,
     damaged: Option<&(String, String)>,
 ) {
     let mut findings = Vec::new();
-    // One checkpoint interval of real time, one controller pass (a checkpoint that falls due
-    // between passes starts at the next one) and the longest replication lag of the run, in
-    // epochs, plus the epoch in flight.
-    let interval_s = automigrate_core::units::parse_duration(&demo.checkpoint_interval)
-        .map(|interval| interval.as_secs_f64() / f64::from(demo.time_scale.max(1)))
+    let interval_s = automigrate_core::units::parse_duration(&settings.checkpoint_interval)
+        .map(|interval| interval.as_secs_f64())
         .unwrap_or(1.0);
-    let pass_s = Duration::from_millis(demo.tick_ms).as_secs_f64();
-    let window_s = interval_s + pass_s + record.replication_lag_s.unwrap_or(0.0);
+    let window_s = interval_s + CONTROLLER_PASSES_S;
     record.redone_allowed = (window_s / reference.epoch_s.max(1e-3)).ceil() as u32 + 1;
     if record.double_running() {
         findings.push(format!(
-            "double running: at most {} copies ran at once; {} overlapping samples; progress spans overlap: {}",
+            "double running: at most {} copies ran at once in runc ({} of {} samples with two or more); two copies appended to the progress log at once: {}",
             record.copies.max_running,
-            record.copies.overlaps.len(),
-            record.progress_overlap
+            record.copies.overlapping_samples,
+            record.copies.samples,
+            record.progress_interleaved
         ));
     }
     if let Some((node, id)) = damaged {
         let restored_damaged = record.migrations.iter().any(|migration| {
             migration.checkpoint.as_deref() == Some(id.as_str())
                 && &migration.target == node
-                && matches!(migration.phase, Phase::Succeeded)
+                && migration.phase == Some(Phase::Succeeded)
         });
         if restored_damaged {
             findings.push(format!(
@@ -1223,7 +1228,7 @@ fn verdict(
     let unfinished: Vec<&MigrationOutcome> = record
         .migrations
         .iter()
-        .filter(|migration| !migration.phase.is_terminal())
+        .filter(|migration| !migration.is_terminal())
         .collect();
     if record.deadline_hit || !unfinished.is_empty() {
         findings.push(format!(
@@ -1231,13 +1236,18 @@ fn verdict(
             record.deadline_hit,
             unfinished
                 .iter()
-                .map(|migration| format!("{} in {}", migration.file, migration.phase))
+                .map(|migration| format!(
+                    "{} in {} ({})",
+                    migration.name,
+                    migration.phase_name(),
+                    migration.message.as_deref().unwrap_or("no message")
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
     }
     for migration in &record.migrations {
-        if migration.phase.is_terminal()
+        if migration.is_terminal()
             && migration
                 .message
                 .as_ref()
@@ -1245,7 +1255,8 @@ fn verdict(
         {
             findings.push(format!(
                 "migration {} ended {} without a reason",
-                migration.file, migration.phase
+                migration.name,
+                migration.phase_name()
             ));
         }
     }
@@ -1258,9 +1269,8 @@ fn verdict(
     record.loss_identical = record.final_loss_hex.as_deref() == Some(reference.loss_hex.as_str());
     if !record.training_finished {
         findings.push(format!(
-            "training did not finish (last epoch {:?}; controller error: {})",
-            record.final_epoch,
-            record.controller_error.as_deref().unwrap_or("none")
+            "training did not finish (last epoch {:?})",
+            record.final_epoch
         ));
     } else if !record.loss_identical {
         findings.push(format!(
@@ -1270,16 +1280,17 @@ fn verdict(
         ));
     }
     if let Some(expected) = &record.injection.expected_policy
-        && record.policy_in_force.as_ref() != Some(expected)
+        && record.policy_outcome.as_ref() != Some(expected)
     {
         findings.push(format!(
-            "the policy in force is not the expected one after the edit: {}",
-            record.policy_in_force.as_deref().unwrap_or("none")
+            "the controller did not do what it must with the policy edit: expected {expected}, saw {} ({})",
+            record.policy_outcome.as_deref().unwrap_or("nothing"),
+            record.policy_events.join("; ")
         ));
     }
     if record.fresh_starts > 0 && !record.resumable_before_fault.is_empty() {
         findings.push(format!(
-            "a replacement started training from the beginning although intact checkpoints existed: {}",
+            "a copy started training from the beginning although intact checkpoints existed: {}",
             record.resumable_before_fault.join(", ")
         ));
     }
@@ -1299,17 +1310,7 @@ fn verdict(
     record.findings = findings;
 }
 
-/// Paths of the run's files, for tests that inspect a kept run.
-pub fn run_dir(settings: &SuiteSettings, plan: &FaultPlan) -> PathBuf {
-    settings.demo.root.join(plan.name())
-}
-
-/// The pod all runs protect, as the checkpoint store names it.
-pub fn store_pod() -> automigrate_checkpoint::PodKey {
-    automigrate_checkpoint::PodKey::new(POD_NAMESPACE, POD_NAME)
-}
-
-/// Reads the suite's default list of kinds (all of them).
+/// Every kind.
 pub fn all_kinds() -> Vec<FaultKind> {
     FaultKind::ALL.to_vec()
 }
@@ -1321,6 +1322,10 @@ pub fn left_out(kinds: &[FaultKind]) -> Vec<String> {
         "corrupted bytes on the wire: the emulated links have no corruption knob (loss, delay \
          and rate only), so the in-flight fault damages a file in the receiver's staging area as \
          it lands instead; TLS would refuse altered records before the transfer engine saw them"
+            .to_string(),
+        "source-partition of the embedded suite (the home node partitioned, fenced out of band by \
+         the embedded controller's SIGKILL): the real controller has no such power; the same \
+         situation is api-cut-taint and api-cut-administrator, reported on their own lines"
             .to_string(),
     ];
     for kind in FaultKind::ALL {
@@ -1359,20 +1364,35 @@ mod tests {
         }
     }
 
-    fn settings() -> DemoSettings {
+    #[test]
+    fn controller_kills_aim_at_every_phase_in_turn() {
+        let plans = plan_runs(3, 7, &[FaultKind::ControllerKill]);
+        let phases: Vec<Phase> = plans
+            .iter()
+            .filter_map(|plan| match plan.params {
+                FaultParams::ControllerKill { phase, .. } => Some(phase),
+                _ => None,
+            })
+            .collect();
+        let expected: Vec<Phase> = controller_kill::PHASES
+            .iter()
+            .map(|(phase, _)| *phase)
+            .collect();
+        assert_eq!(phases, expected);
+    }
+
+    fn settings() -> SuiteSettings {
         standard_settings(
             PathBuf::from("/nonexistent"),
-            PathBuf::from("policies"),
-            PathBuf::from("automigrate-agent"),
+            PathBuf::from("/nonexistent"),
             1,
             1,
             all_kinds(),
         )
-        .demo
     }
 
     fn judged(change: impl FnOnce(&mut RunRecord)) -> RunRecord {
-        let plan = plan_runs(1, 1, &[FaultKind::SourcePartition]).remove(0);
+        let plan = plan_runs(1, 1, &[FaultKind::TargetDeath]).remove(0);
         let mut record = RunRecord::not_carried_out(
             &plan,
             &FaultError::Setup("test".into()),
@@ -1380,16 +1400,33 @@ mod tests {
         );
         record.findings.clear();
         record.training_finished = true;
-        record.final_epoch = Some(64);
+        record.final_epoch = Some(160);
         record.final_loss_hex = Some("0x1p-5".into());
         change(&mut record);
         let reference = Reference {
             loss_hex: "0x1p-5".into(),
-            training_s: 6.4,
+            training_s: 16.0,
             epoch_s: 0.1,
         };
         verdict(&mut record, &reference, &settings(), None);
         record
+    }
+
+    fn migration(phase: Option<Phase>, message: Option<&str>) -> MigrationOutcome {
+        MigrationOutcome {
+            name: "trainer-x".into(),
+            trigger: "NodeFailed".into(),
+            source: "node-a".into(),
+            target: "node-b".into(),
+            phase,
+            message: message.map(str::to_string),
+            checkpoint: Some("c-2".into()),
+            fresh_start: false,
+            old_pod: "trainer".into(),
+            replacement_pod: Some("trainer-m".into()),
+            history: Vec::new(),
+            downtime_s: None,
+        }
     }
 
     #[test]
@@ -1397,63 +1434,70 @@ mod tests {
         assert!(judged(|_| {}).findings.is_empty());
         let double = judged(|record| record.copies.max_running = 2);
         assert!(double.double_running() && double.findings.len() == 1);
+        let interleaved = judged(|record| record.progress_interleaved = true);
+        assert!(interleaved.double_running());
         let stuck = judged(|record| record.deadline_hit = true);
         assert!(stuck.stuck());
         let loss = judged(|record| record.final_loss_hex = Some("0x1p-4".into()));
         assert!(!loss.loss_identical && loss.findings.len() == 1);
         let restart = judged(|record| {
             record.fresh_starts = 1;
-            record.resumable_before_fault = vec!["trainer-000002 on node-b".into()];
+            record.resumable_before_fault = vec!["c-2 on node-b".into()];
         });
         assert_eq!(restart.findings.len(), 1);
-        // 1 s interval (30 s at ×30) + a 0.1 s pass + 0.5 s lag at 0.1 s per epoch: 16 + 1.
+        // 5 s interval + 2 s of controller passes at 0.1 s per epoch: 70 + 1.
         let lost = judged(|record| {
-            record.replication_lag_s = Some(0.5);
             record.resumed_from = vec![10];
-            record.redone_epochs = vec![18];
+            record.redone_epochs = vec![72];
         });
-        assert_eq!(lost.redone_allowed, 17);
+        assert_eq!(lost.redone_allowed, 71);
         assert_eq!(lost.findings.len(), 1, "{:?}", lost.findings);
+        let policy = judged(|record| {
+            record.injection.expected_policy = Some("refused".into());
+            record.policy_outcome = Some("applied".into());
+        });
+        assert_eq!(policy.findings.len(), 1);
     }
 
     #[test]
     fn a_migration_ending_without_a_reason_or_mid_way_is_a_finding() {
-        let migration = |phase: Phase, message: Option<&str>| MigrationOutcome {
-            file: "ml-trainer-1.json".into(),
-            trigger: "NodeFailed".into(),
-            source: "node-a".into(),
-            target: "node-b".into(),
-            phase,
-            message: message.map(str::to_string),
-            checkpoint: Some("trainer-000002".into()),
-            fresh_start: Some(false),
-            old_container: "trainer-node-a-1".into(),
-            new_container: "trainer-node-b-2".into(),
-        };
-        let silent = judged(|record| record.migrations = vec![migration(Phase::Failed, None)]);
+        let silent = judged(|record| {
+            record.migrations = vec![migration(Some(Phase::Failed), None)];
+        });
         assert_eq!(silent.findings.len(), 1);
-        let midway =
-            judged(|record| record.migrations = vec![migration(Phase::Restoring, Some("x"))]);
+        let midway = judged(|record| {
+            record.migrations = vec![migration(Some(Phase::Fencing), Some("waiting"))];
+        });
         assert!(midway.stuck());
+        let unstarted = judged(|record| record.migrations = vec![migration(None, None)]);
+        assert!(unstarted.stuck());
+        let damaged = plan_runs(1, 1, &[FaultKind::CorruptAtRest]).remove(0);
+        let mut record = judged(|record| {
+            record.migrations = vec![migration(Some(Phase::Succeeded), Some("moved"))];
+        });
+        record.plan = damaged;
+        let reference = Reference {
+            loss_hex: "0x1p-5".into(),
+            training_s: 16.0,
+            epoch_s: 0.1,
+        };
+        verdict(
+            &mut record,
+            &reference,
+            &settings(),
+            Some(&("node-b".into(), "c-2".into())),
+        );
+        assert!(record.corrupted_restore());
     }
 
     #[test]
     fn outcomes_count_repeated_phases() {
-        let migration = |phase| MigrationOutcome {
-            file: String::new(),
-            trigger: String::new(),
-            source: String::new(),
-            target: String::new(),
-            phase,
-            message: None,
-            checkpoint: None,
-            fresh_start: None,
-            old_container: String::new(),
-            new_container: String::new(),
-        };
         assert_eq!(outcome_of(&[]), "none");
-        let phases = [Phase::Failed, Phase::Failed, Phase::Succeeded];
-        let migrations: Vec<MigrationOutcome> = phases.into_iter().map(migration).collect();
+        let migrations = [
+            migration(Some(Phase::Failed), Some("x")),
+            migration(Some(Phase::Failed), Some("x")),
+            migration(Some(Phase::Succeeded), Some("x")),
+        ];
         assert_eq!(outcome_of(&migrations), "Failed×2+Succeeded");
     }
 
@@ -1463,9 +1507,47 @@ mod tests {
             assert_eq!(kind.name().parse::<FaultKind>().unwrap(), kind);
         }
         assert!("nonsense".parse::<FaultKind>().is_err());
-        for plan in plan_runs(3, 20, &all_kinds()) {
-            assert!(plan.name().len() <= 10, "{}", plan.name());
+        for plan in plan_runs(3, 30, &all_kinds()) {
+            assert!(plan.name().len() <= 12, "{}", plan.name());
             assert!((20..=55).contains(&plan.percent));
+        }
+    }
+
+    #[test]
+    fn the_trainer_pod_is_protected_and_runs_on_the_home_node() {
+        let pod = trainer_pod(&settings());
+        assert_eq!(pod["spec"]["nodeName"], HOME_NODE);
+        assert_eq!(
+            pod["metadata"]["annotations"]["automigrate.dev/protect"],
+            "true"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["automigrate.dev/checkpoint-interval"],
+            "5s"
+        );
+        assert_eq!(pod["spec"]["containers"][0]["command"][4], "160");
+    }
+
+    #[test]
+    fn the_suite_policy_loads_and_the_prepared_edits_apply_to_it() {
+        use automigrate_core::Policy;
+        use automigrate_core::policy::configmaps_from_yaml;
+        let documents = configmaps_from_yaml(SUITE_POLICY).unwrap();
+        let text = documents[0].policy_text().unwrap().to_string();
+        assert!(Policy::from_yaml("default", &text).is_ok());
+        for (from, to) in policy_edit::VALID_EDITS {
+            assert!(text.contains(from), "{from}");
+            assert!(
+                Policy::from_yaml("default", &text.replacen(from, to, 1)).is_ok(),
+                "{to}"
+            );
+        }
+        for (from, to) in policy_edit::INVALID_EDITS {
+            assert!(text.contains(from), "{from}");
+            assert!(
+                Policy::from_yaml("default", &text.replacen(from, to, 1)).is_err(),
+                "{to}"
+            );
         }
     }
 }

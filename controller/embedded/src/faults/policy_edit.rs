@@ -2,9 +2,10 @@
 //! migration in flight keeps the limits it was decided with) or an invalid one (refused; the
 //! last valid version stays in force).
 //!
-//! The edits are made to the policy ConfigMap exactly as shipped in `policies/` and reach the
-//! controller through its policy inbox, as the Kubernetes controller's policy watch delivers
-//! them. The run records the policy in force at its end and the expected one.
+//! The edits are made to the suite's policy ConfigMap with `kubectl apply`, as a person would;
+//! the controller's policy watch delivers them. The run reads what the controller did with the
+//! edit from its Events on the ConfigMap (`PolicyLoaded`, or `InvalidPolicy` saying the last
+//! valid version stays in force).
 
 use std::time::Duration;
 
@@ -53,29 +54,6 @@ pub fn draw(draw: &mut Draw) -> (Trigger, FaultParams) {
     )
 }
 
-/// The shipped text of `name`'s `policy.yaml`.
-fn shipped_text(context: &FaultContext, name: &str) -> Result<String, String> {
-    let dir = context.policies_dir();
-    let entries = std::fs::read_dir(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
-    for entry in entries.filter_map(Result::ok) {
-        let Ok(text) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        let Ok(documents) = configmaps_from_yaml(&text) else {
-            continue;
-        };
-        for document in documents {
-            if document.metadata.name == name {
-                return document
-                    .policy_text()
-                    .map(str::to_string)
-                    .map_err(|error| error.to_string());
-            }
-        }
-    }
-    Err(format!("policy `{name}` not found in {}", dir.display()))
-}
-
 pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), String> {
     let FaultParams::PolicyEdit { phase, edit } = plan.params else {
         return Err("not a policy-edit plan".into());
@@ -84,31 +62,44 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
     let edits = if valid { &VALID_EDITS } else { &INVALID_EDITS };
     let (from, to) = edits[edit as usize % edits.len()];
     let name = context.policy_name().to_string();
-    let original = shipped_text(context, &name)?;
-    if !original.contains(from) {
+    let path = context.policy_file().to_path_buf();
+    let original =
+        std::fs::read_to_string(&path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let documents = configmaps_from_yaml(&original).map_err(|error| error.to_string())?;
+    let text = documents
+        .iter()
+        .find(|document| document.metadata.name == name)
+        .ok_or_else(|| format!("policy `{name}` not in {}", path.display()))?
+        .policy_text()
+        .map_err(|error| error.to_string())?
+        .to_string();
+    if !text.contains(from) {
         return Err(format!("policy `{name}` has no `{from}` to edit"));
     }
-    let edited = original.replacen(from, to, 1);
-    let expected = if valid {
-        Policy::from_yaml(&name, &edited)
-            .map_err(|error| format!("the valid edit is refused: {error}"))?
-    } else {
-        if Policy::from_yaml(&name, &edited).is_ok() {
-            return Err(format!("the invalid edit `{to}` parses"));
-        }
-        Policy::from_yaml(&name, &original).map_err(|error| error.to_string())?
-    };
-    context.expect_policy(serde_json::to_string(&expected).map_err(|error| error.to_string())?);
+    let edited_policy = text.replacen(from, to, 1);
+    match (valid, Policy::from_yaml(&name, &edited_policy)) {
+        (true, Err(error)) => return Err(format!("the valid edit is refused: {error}")),
+        (false, Ok(_)) => return Err(format!("the invalid edit `{to}` parses")),
+        _ => {}
+    }
     context.trigger(plan).await?;
     let view = context
-        .wait_for_phase(phase, Duration::from_secs(60))
+        .wait_for_phase(phase, Duration::from_secs(90))
         .await?;
-    if let Ok(mut inbox) = context.policy_edits().lock() {
-        inbox.push((name.clone(), edited));
-    }
-    context.strike("controller", Some(view.phase));
+    let edited = original.replacen(from, to, 1);
+    let edited_path = path.with_extension("edited.yaml");
+    std::fs::write(&edited_path, edited)
+        .map_err(|error| format!("{}: {error}", edited_path.display()))?;
+    let cluster = std::sync::Arc::clone(context.cluster());
+    let apply = edited_path.clone();
+    tokio::task::spawn_blocking(move || cluster.apply_file(&apply))
+        .await
+        .map_err(|error| error.to_string())?
+        .map_err(|error| error.to_string())?;
+    context.expect_policy(if valid { "applied" } else { "refused" });
+    context.strike("controller", view.phase);
     context.note(format!(
-        "policy `{name}` edited ({}: `{from}` -> `{to}`) during {}",
+        "policy ConfigMap `{name}` edited with kubectl apply ({}: `{from}` -> `{to}`) during {:?}",
         if valid { "valid" } else { "invalid" },
         view.phase
     ));

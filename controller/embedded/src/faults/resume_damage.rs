@@ -1,8 +1,10 @@
 //! A committed piece damaged, then the transfer resumed: while the final checkpoint lands on
 //! the target, the sending agent is killed (`kill -9`); the receiver journals what it holds;
 //! one bit is flipped in every 64 KiB stretch of each partly received staging file (so every
-//! stored piece, whatever the chunk size, is damaged); the receiver may be restarted too; and
-//! the sender's supervisor starts it again, so the transfer resumes from the journal.
+//! stored piece, whatever the chunk size, is damaged); the receiver may be killed too; each
+//! killed agent's kubelet starts it again (its pod's `restartPolicy: Always`), and the
+//! controller asks the restarted sender for the transfer again, which resumes from the
+//! receiver's journal.
 //!
 //! What must hold: no damaged byte is ever placed. The receiver checks what it resumes from
 //! before a file becomes visible, so the damaged pieces are fetched again (or the transfer fails
@@ -32,9 +34,8 @@ pub fn draw(draw: &mut Draw) -> (Trigger, FaultParams) {
     (
         Trigger::Degradation,
         FaultParams::ResumeDamage {
-            restart_receiver: draw.chance(50),
+            kill_receiver: draw.chance(50),
             min_bytes: draw.range(64, 2048) * 1024,
-            restart_after_ms: draw.range(200, 2000),
         },
     )
 }
@@ -99,16 +100,15 @@ fn flip_every_stretch(path: &Path, size: u64) -> Result<u64, String> {
 
 pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), String> {
     let FaultParams::ResumeDamage {
-        restart_receiver,
+        kill_receiver,
         min_bytes,
-        restart_after_ms,
     } = plan.params
     else {
         return Err("not a resume-damage plan".into());
     };
     context.trigger(plan).await?;
     let view = context
-        .wait_for_phase(Phase::Checkpointing, Duration::from_secs(60))
+        .wait_for_phase(Phase::Checkpointing, Duration::from_secs(90))
         .await?;
     // 1. Wait until a file of the final checkpoint is partly on the target.
     let landed = while_checkpoint_lands(context, &view.target, |files| {
@@ -124,9 +124,9 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
     }
     // 2. Kill the sender. The receiver's session ends, and its committer journals what is
     //    durable: those are the committed pieces a resume would trust.
-    let before = context.latest_migration().map(|view| view.phase);
+    let before = context.latest_migration().and_then(|view| view.phase);
     let sender = view.source.clone();
-    let sender_argv = context.kill_agent(&sender)?;
+    context.kill_agent(&sender)?;
     context.strike(&view.target, before);
     let settle = Instant::now() + Duration::from_secs(2);
     while committed_staging(context, &view.target, 1).is_empty() && Instant::now() < settle {
@@ -149,7 +149,7 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
         }
     }
     context.note(format!(
-        "kill -9 of the sender, {sender}'s agent (phase seen: {before:?}); damaged on {}: {}",
+        "kill -9 of the sender, {sender}'s agent (phase seen: {before:?}; its kubelet restarts it); damaged on {}: {}",
         view.target,
         if damaged.is_empty() {
             "nothing (every staging file was already placed)".to_string()
@@ -157,19 +157,14 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
             damaged.join(", ")
         }
     ));
-    // 4. Optionally the receiver restarts too (it then resumes from its journal on disk).
-    if restart_receiver {
-        let argv = context.kill_agent(&view.target)?;
-        context.restart_agent(&view.target, &argv)?;
+    // 4. Half the time the receiver is killed too (its kubelet restarts it; it then resumes
+    //    from its journal on disk).
+    if kill_receiver {
+        context.kill_agent(&view.target)?;
         context.note(format!(
-            "the receiver, {}'s agent, was killed and started again",
+            "the receiver, {}'s agent, was killed too (its kubelet restarts it)",
             view.target
         ));
     }
-    tokio::time::sleep(Duration::from_millis(restart_after_ms)).await;
-    context.restart_agent(&sender, &sender_argv)?;
-    context.note(format!(
-        "{sender}'s agent daemon started again after {restart_after_ms} ms: the transfer may resume"
-    ));
     Ok(())
 }

@@ -1,9 +1,10 @@
-//! The target node dies while the replacement is being restored on it.
+//! The target node is powered off while the replacement is being restored on it: its kubelet,
+//! its agent and every container on it die together and its links are cut
+//! ([`crate::kube::KubeCluster::power_off`]).
 //!
 //! The migration is provoked by a degradation (the source lives: the fallback restores it
-//! there) or a hard failure of the home node (nothing to go back to: the engine must find
-//! another node once the target's death is seen). Powering the target off kills its agent, its
-//! links, its heartbeat and every process working on it (the restore itself included).
+//! there) or by powering the home node off (nothing to go back to: the controller must find
+//! another node once the target's death is seen).
 
 use std::time::Duration;
 
@@ -30,11 +31,11 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
     };
     context.trigger(plan).await?;
     let view = context
-        .wait_for_phase(Phase::Restoring, Duration::from_secs(60))
+        .wait_for_phase(Phase::Restoring, Duration::from_secs(120))
         .await?;
     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-    let before = context.latest_migration().map(|view| view.phase);
-    context.fail_node(&view.target).await?;
+    let before = context.latest_migration().and_then(|view| view.phase);
+    context.power_off(&view.target).await?;
     context.strike(&view.target, before);
     context.note(format!(
         "{} powered off during the restore (phase seen: {before:?})",

@@ -1,71 +1,65 @@
-//! What the fault kinds share: the view of the world a fault task has (the controller's
-//! persisted migration states, the workload's progress) and the tools it acts with (killing and
-//! restarting agent daemons, partitions, full disks, damaged files), and the undoing of whatever
-//! must not outlive a run.
+//! What the fault kinds share: the view of the world a fault task has (the Migrations the
+//! controller writes to the API server, the workload's progress log, the agents' checkpoint
+//! stores on disk) and the tools it acts with: `kill -9` and SIGSTOP of processes, power-offs,
+//! link cuts, full disks, damaged files, edits of the policy ConfigMap. Nothing here rescues the
+//! system under test: an agent killed is started again by its kubelet (its pod's
+//! `restartPolicy: Always`), a dead controller replica is replaced by the other one, and what
+//! the harness undoes at the end of a run (a frozen agent thawed, ballast removed, a cut link
+//! restored) is undone after the run's copies were counted.
 //!
 //! Data model: a [`FaultContext`] is cheap to clone and shared between the run and its fault
-//! task. It holds the cluster, the controller's [`Shared`] record (read only: which standby
-//! copies exist), the controller's policy inbox, the state directory, what the fault did so far
-//! ([`Injection`]) and the list of things to undo ([`Undo`]): daemons the supervisor started
-//! again, partitions and ballast files.
+//! task. It holds the cluster, the API reader, the progress log's path, what the fault did so
+//! far ([`Injection`]) and the list of things to undo ([`Undo`]).
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use automigrate_checkpoint::archive;
 use automigrate_core::migration::Phase;
 
-use super::{Damage, FaultPlan, Injection, MigrationOutcome, Trigger, store_pod};
-use crate::cluster::{ClusterConfig, LocalCluster};
-use crate::controller::{PolicyEdits, unix_now};
-use crate::daemon::API_PORT;
-use crate::scenario::{DEGRADATION_CONDITION, HOME_NODE, epoch_at_percent};
-use crate::worker::Shared;
+use super::api::{ApiReader, MigrationView};
+use super::sampler::unix_now;
+use super::{Damage, FaultPlan, Injection, Trigger};
+use crate::kube::KubeCluster;
 use crate::workload;
 
-/// How often the fault task looks at the persisted migration state: phases such as Fencing
-/// last a few milliseconds.
-const POLL: Duration = Duration::from_millis(5);
+/// How often the fault task looks at the Migrations: a phase such as Restoring lasts tens of
+/// milliseconds.
+const POLL: Duration = Duration::from_millis(10);
+/// The node the protected pod starts on.
+pub const HOME_NODE: &str = "node-a";
+/// The namespace and name of the protected pod, and its container.
+pub const POD_NAMESPACE: &str = "ml";
+pub const POD_NAME: &str = "trainer";
+pub const CONTAINER_NAME: &str = "trainer";
+/// The condition a degradation sets on the home node, as node-problem-detector reports a hung
+/// kernel task (one of the default triggers' conditions; the kubelet keeps conditions it does
+/// not own, such as this one, but overwrites DiskPressure with its own view).
+pub const DEGRADATION_CONDITION: &str = "KernelDeadlock";
 
-/// Something a fault left that must be undone before the run is judged and torn down.
+/// Something a fault left that is undone once the run's copies were counted.
 #[derive(Debug)]
 enum Undo {
-    /// A daemon the supervisor started again (the cluster only knows the original).
-    Daemon(Child),
-    Partition(String),
     Ballast(PathBuf),
-    /// A thread that keeps a dead node's processes dead.
-    Reaper(Arc<std::sync::atomic::AtomicBool>),
-    /// An agent daemon frozen with SIGSTOP.
+    /// An agent frozen with SIGSTOP (its pid).
     Frozen(i32),
-}
-
-/// The migration a fault task sees in the controller's state directory.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MigrationView {
-    pub file: PathBuf,
-    pub sequence: u32,
-    pub phase: Phase,
-    pub source: String,
-    pub target: String,
-    pub checkpoint_id: Option<String>,
+    /// A node cut off from the API server.
+    ApiCut(String),
 }
 
 #[derive(Debug)]
 struct Inner {
-    cluster: Arc<LocalCluster>,
-    /// The in-process controller's record; `None` when the controller is its own process
-    /// (then its journal in the state directory is read).
-    shared: Option<Arc<Shared>>,
-    policy_edits: PolicyEdits,
-    state_dir: PathBuf,
-    home_progress: PathBuf,
+    cluster: Arc<KubeCluster>,
+    api: ApiReader,
+    /// The run's directory: every node's progress log is under it.
+    run_dir: PathBuf,
     epochs: u32,
-    policies_dir: PathBuf,
+    /// The suite's policy ConfigMap as applied (what an edit starts from).
+    policy_file: PathBuf,
     policy: String,
     injection: Mutex<Injection>,
     undo: Mutex<Vec<Undo>>,
@@ -77,27 +71,33 @@ pub struct FaultContext {
     inner: Arc<Inner>,
 }
 
+/// A stored checkpoint as read from an agent's store on disk (read only: opening the store
+/// would clean up what the agent is writing right now).
+#[derive(Debug, Clone)]
+pub struct StoredOnDisk {
+    pub node: String,
+    pub id: String,
+    pub dir: PathBuf,
+    pub created: jiff::Timestamp,
+    pub restorable: bool,
+}
+
 impl FaultContext {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        cluster: Arc<LocalCluster>,
-        shared: Option<Arc<Shared>>,
-        policy_edits: PolicyEdits,
-        state_dir: PathBuf,
-        home_progress: PathBuf,
+        cluster: Arc<KubeCluster>,
+        api: ApiReader,
+        run_dir: PathBuf,
         epochs: u32,
-        policies_dir: PathBuf,
+        policy_file: PathBuf,
         policy: String,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cluster,
-                shared,
-                policy_edits,
-                state_dir,
-                home_progress,
+                api,
+                run_dir,
                 epochs,
-                policies_dir,
+                policy_file,
                 policy,
                 injection: Mutex::new(Injection::default()),
                 undo: Mutex::new(Vec::new()),
@@ -105,20 +105,20 @@ impl FaultContext {
         }
     }
 
-    pub fn cluster(&self) -> &Arc<LocalCluster> {
+    pub fn cluster(&self) -> &Arc<KubeCluster> {
         &self.inner.cluster
     }
 
-    pub fn policies_dir(&self) -> &Path {
-        &self.inner.policies_dir
+    pub fn api(&self) -> &ApiReader {
+        &self.inner.api
+    }
+
+    pub fn policy_file(&self) -> &Path {
+        &self.inner.policy_file
     }
 
     pub fn policy_name(&self) -> &str {
         &self.inner.policy
-    }
-
-    pub fn policy_edits(&self) -> &PolicyEdits {
-        &self.inner.policy_edits
     }
 
     pub fn injection(&self) -> Injection {
@@ -142,33 +142,34 @@ impl FaultContext {
         self.with_injection(|injection| injection.notes.push(line));
     }
 
-    /// The last epoch the home node's container reported.
-    pub fn home_epoch(&self) -> Option<u32> {
-        workload::read_progress(&self.inner.home_progress)
-            .ok()
-            .and_then(|progress| progress.last_epoch().map(|record| record.epoch))
+    /// Every node's progress log, merged in time order.
+    fn progress(&self) -> workload::Progress {
+        super::training::merge(&super::progress_logs(
+            &self.inner.run_dir,
+            self.inner.cluster.nodes(),
+        ))
+    }
+
+    /// The last epoch any copy of the workload reported.
+    pub fn last_epoch(&self) -> Option<u32> {
+        self.progress().last_epoch().map(|record| record.epoch)
     }
 
     /// Records the moment the fault struck, with the phases seen around it.
     pub fn strike(&self, node: &str, phase_before: Option<Phase>) {
-        let epoch = self.home_epoch();
-        let after = self.latest_migration().map(|view| view.phase);
+        let epoch = self.last_epoch();
+        let after = self.latest_migration().and_then(|view| view.phase);
         let listed: Vec<String> = self
             .inner
             .cluster
             .nodes()
             .iter()
-            .filter(|other| other.is_alive() && other.name() != HOME_NODE)
-            .flat_map(|other| {
-                other
-                    .store()
-                    .list(&store_pod())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|stored| stored.manifest.kind.restorable())
-                    .map(|stored| format!("{} on {}", stored.manifest.id, other.name()))
-                    .collect::<Vec<_>>()
+            .filter(|other| {
+                other.as_str() != HOME_NODE && !self.inner.cluster.is_powered_off(other)
             })
+            .flat_map(|other| self.stored(other))
+            .filter(|stored| stored.restorable)
+            .map(|stored| format!("{} on {}", stored.id, stored.node))
             .collect();
         self.with_injection(|injection| {
             injection.at = Some(unix_now());
@@ -186,56 +187,99 @@ impl FaultContext {
         });
     }
 
-    pub fn expect_policy(&self, debug: String) {
-        self.with_injection(|injection| injection.expected_policy = Some(debug));
+    /// Policy edits: what the controller must do with the edit (`applied` or `refused`).
+    pub fn expect_policy(&self, expected: &str) {
+        self.with_injection(|injection| injection.expected_policy = Some(expected.to_string()));
     }
 
-    /// Waits until the home container has done `percent` % of its epochs; then, with
-    /// `wait_for_standby`, until a checkpoint taken after epoch 1 has a standby copy (so a
-    /// restore can resume rather than restart). `Err` when training ended first.
+    /// The checkpoints of the protected pod in a node's store, oldest first.
+    pub fn stored(&self, node: &str) -> Vec<StoredOnDisk> {
+        let dir = self
+            .inner
+            .cluster
+            .node_dir(node)
+            .join("checkpoints")
+            .join(POD_NAMESPACE)
+            .join(POD_NAME);
+        let mut found: Vec<StoredOnDisk> = visible_dirs(&dir)
+            .into_iter()
+            .filter_map(|dir| {
+                let manifest = archive::read_manifest(&dir).ok()?;
+                Some(StoredOnDisk {
+                    node: node.to_string(),
+                    id: manifest.id.clone(),
+                    created: manifest.created_at,
+                    restorable: manifest.kind.restorable(),
+                    dir,
+                })
+            })
+            .collect();
+        found.sort_by_key(|stored| stored.created);
+        found
+    }
+
+    /// Waits until the workload has done `percent` % of its epochs; then, with
+    /// `wait_for_standby`, until a node other than the home node holds a restorable checkpoint
+    /// taken after the first epoch (so a restore can resume rather than restart). `Err` when
+    /// training ended first.
     pub async fn wait_for_percent(
         &self,
         percent: u32,
         wait_for_standby: bool,
     ) -> Result<u32, String> {
         let epoch = epoch_at_percent(self.inner.epochs, percent);
-        let reached = crate::scenario::wait_for_epoch(&self.inner.home_progress, epoch)
-            .await
-            .ok_or("training ended before the fault's point")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let progress = self.progress();
+            if progress.done().is_some() {
+                return Err("training ended before the fault's point".into());
+            }
+            if progress
+                .last_epoch()
+                .is_some_and(|last| last.epoch >= epoch)
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("epoch {epoch} not reached within 120 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if wait_for_standby {
             let deadline = Instant::now() + Duration::from_secs(60);
-            while !self.standby_holds_epoch(1) {
+            while !self.standby_after_first_epoch() {
+                if self.progress().done().is_some() {
+                    return Err("training ended before a standby copy existed".into());
+                }
                 if Instant::now() > deadline {
                     return Err("no standby copy of a checkpoint after epoch 1 within 60 s".into());
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        Ok(self.home_epoch().unwrap_or(reached))
+        Ok(self.last_epoch().unwrap_or(epoch))
     }
 
-    /// Whether a checkpoint taken after `epoch` has a complete standby copy.
-    fn standby_holds_epoch(&self, epoch: u32) -> bool {
-        match &self.inner.shared {
-            Some(shared) => shared.standby_holds_epoch(epoch),
-            None => {
-                let timeline = crate::worker::read_timeline(&self.inner.state_dir);
-                timeline.iter().any(|event| match event {
-                    crate::controller::TimelineEvent::Transfer {
-                        what,
-                        purpose: crate::controller::Purpose::Replication,
-                        error: None,
-                        ..
-                    } => what.strip_prefix("checkpoint ").is_some_and(|copied| {
-                        timeline.iter().any(|event| {
-                            matches!(event, crate::controller::TimelineEvent::Checkpoint { id, epoch_before: Some(before), .. }
-                                if id == copied && *before >= epoch)
-                        })
-                    }),
-                    _ => false,
-                })
-            }
-        }
+    /// Whether a node other than the home node holds a restorable checkpoint taken after the
+    /// first epoch was reported.
+    fn standby_after_first_epoch(&self) -> bool {
+        let Some(first) = self
+            .progress()
+            .epochs()
+            .find(|record| record.epoch == 1)
+            .map(|record| record.at)
+        else {
+            return false;
+        };
+        self.inner
+            .cluster
+            .nodes()
+            .iter()
+            .filter(|node| node.as_str() != HOME_NODE)
+            .flat_map(|node| self.stored(node))
+            .any(|stored| {
+                stored.restorable && stored.created.as_millisecond() as f64 / 1000.0 > first
+            })
     }
 
     /// Provokes the migration the plan's fault strikes (at its percent of training).
@@ -243,68 +287,51 @@ impl FaultContext {
         match plan.trigger {
             Trigger::Degradation => {
                 let epoch = self.wait_for_percent(plan.percent, false).await?;
-                self.node(HOME_NODE)?
-                    .inject_condition(DEGRADATION_CONDITION);
+                let cluster = Arc::clone(&self.inner.cluster);
+                tokio::task::spawn_blocking(move || {
+                    cluster.set_node_condition(
+                        HOME_NODE,
+                        DEGRADATION_CONDITION,
+                        "True",
+                        "FaultSuite",
+                    )
+                })
+                .await
+                .map_err(|error| error.to_string())?
+                .map_err(|error| error.to_string())?;
                 self.note(format!(
-                    "{HOME_NODE} reports {DEGRADATION_CONDITION} at epoch {epoch}"
+                    "{HOME_NODE} reports {DEGRADATION_CONDITION} (set as node-problem-detector would) at epoch {epoch}"
                 ));
             }
             Trigger::NodeFailure => {
                 let epoch = self.wait_for_percent(plan.percent, true).await?;
-                self.fail_node(HOME_NODE).await?;
-                self.note(format!("{HOME_NODE} failed hard at epoch {epoch}"));
+                self.power_off(HOME_NODE).await?;
+                self.note(format!("{HOME_NODE} powered off at epoch {epoch}"));
             }
             Trigger::TheFault => {}
         }
         Ok(())
     }
 
-    pub fn node(&self, name: &str) -> Result<&Arc<crate::node::LocalNode>, String> {
-        self.inner
-            .cluster
-            .node(name)
+    /// Powers a node off: its kubelet, agent and every container die together and its links
+    /// are cut ([`KubeCluster::power_off`]).
+    pub async fn power_off(&self, node: &str) -> Result<(), String> {
+        let cluster = Arc::clone(&self.inner.cluster);
+        let node = node.to_string();
+        tokio::task::spawn_blocking(move || cluster.power_off(&node))
+            .await
+            .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())
     }
 
-    /// Powers a node off: heartbeat, agent, links, and every process of its containers, also
-    /// those a restore in flight creates after the power went (a reaper keeps them dead).
-    pub async fn fail_node(&self, name: &str) -> Result<(), String> {
+    /// Cuts a node off from the API server (and the control plane); it lives on, and so does
+    /// its workload.
+    pub fn cut_from_api(&self, node: &str) -> Result<(), String> {
         self.inner
             .cluster
-            .fail_node(name)
-            .await
+            .cut_from_api(node)
             .map_err(|error| error.to_string())?;
-        let node = Arc::clone(self.node(name)?);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let spawned = std::thread::Builder::new()
-            .name(format!("reaper-{name}"))
-            .spawn(move || {
-                while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                    for id in node.runc_container_ids() {
-                        if node.container_running(&id) {
-                            let _ = Command::new("runc")
-                                .arg("--root")
-                                .arg(node.layout().runc_root())
-                                .args(["kill", &id, "KILL"])
-                                .stdout(Stdio::null())
-                                .stderr(Stdio::null())
-                                .status();
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            });
-        if spawned.is_ok() {
-            self.push_undo(Undo::Reaper(stop));
-        }
-        // Whatever its agent had started (a dump, a restore) dies with the node.
-        for pid in processes_mentioning(&node_root_text(self.node(name)?)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        self.push_undo(Undo::ApiCut(node.to_string()));
         Ok(())
     }
 
@@ -314,9 +341,9 @@ impl FaultContext {
         }
     }
 
-    /// The newest migration's persisted state.
+    /// The newest Migration, as the API server has it.
     pub fn latest_migration(&self) -> Option<MigrationView> {
-        migration_views(&self.inner.state_dir).into_iter().last()
+        self.inner.api.views().into_iter().last()
     }
 
     /// Waits (at most `limit`) for a migration whose phase is `phase` or later. A phase that
@@ -326,7 +353,7 @@ impl FaultContext {
         phase: Phase,
         limit: Duration,
     ) -> Result<MigrationView, String> {
-        self.wait_for(limit, |view| view.phase >= phase)
+        self.wait_for(limit, |view| view.phase.is_some_and(|seen| seen >= phase))
             .await
             .ok_or_else(|| format!("no migration reached {phase} within {limit:?}"))
     }
@@ -350,32 +377,43 @@ impl FaultContext {
         }
     }
 
-    /// `kill -9` of a node's agent daemon; returns its command line (to start it again).
-    pub fn kill_agent(&self, node: &str) -> Result<Vec<String>, String> {
-        let store = self.node(node)?.layout().store();
-        let store = store.to_string_lossy().into_owned();
-        let (pid, argv) = agent_process(&store)
-            .ok_or_else(|| format!("no agent daemon process of {node} found"))?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .map_err(|error| format!("kill -9 {pid}: {error}"))?;
-        Ok(argv)
+    /// The replica holding the controller's leader Lease, read from the API server.
+    pub fn controller_leader(&self) -> Option<usize> {
+        let lease = self
+            .inner
+            .api
+            .get(&format!(
+                "/apis/coordination.k8s.io/v1/namespaces/{}/leases/{}",
+                crate::kube::SYSTEM_NAMESPACE,
+                crate::kube::LEADER_LEASE
+            ))
+            .ok()?;
+        lease["spec"]["holderIdentity"]
+            .as_str()?
+            .strip_prefix("automigrate-controller-")?
+            .parse()
+            .ok()
     }
 
-    /// Freezes a node's agent daemon (SIGSTOP): its sockets stay open, nothing answers. The
-    /// undo list thaws it, so no run ends with a frozen daemon.
-    pub fn freeze_agent(&self, node: &str) -> Result<(), String> {
+    /// `kill -9` of a node's agent (its pod's container); its kubelet starts it again, as
+    /// for any container of a `restartPolicy: Always` pod.
+    pub fn kill_agent(&self, node: &str) -> Result<i32, String> {
+        let pid = self.agent_pid(node)?;
+        signal(pid, nix::sys::signal::Signal::SIGKILL)?;
+        Ok(pid)
+    }
+
+    /// Freezes a node's agent (SIGSTOP): its sockets stay open, nothing answers. The undo
+    /// list thaws it, so no run ends with a frozen agent.
+    pub fn freeze_agent(&self, node: &str) -> Result<i32, String> {
         let pid = self.agent_pid(node)?;
         signal(pid, nix::sys::signal::Signal::SIGSTOP)?;
         self.push_undo(Undo::Frozen(pid));
-        Ok(())
+        Ok(pid)
     }
 
-    /// Thaws a daemon [`Self::freeze_agent`] froze (SIGCONT).
-    pub fn thaw_agent(&self, node: &str) -> Result<(), String> {
-        let pid = self.agent_pid(node)?;
+    /// Thaws an agent [`Self::freeze_agent`] froze (SIGCONT): the outage ends.
+    pub fn thaw(&self, pid: i32) -> Result<(), String> {
         signal(pid, nix::sys::signal::Signal::SIGCONT)?;
         if let Ok(mut list) = self.inner.undo.lock() {
             list.retain(|undo| !matches!(undo, Undo::Frozen(frozen) if *frozen == pid));
@@ -384,82 +422,43 @@ impl FaultContext {
     }
 
     fn agent_pid(&self, node: &str) -> Result<i32, String> {
-        let store = self.node(node)?.layout().store();
-        agent_process(&store.to_string_lossy())
-            .map(|(pid, _)| pid)
-            .ok_or_else(|| format!("no agent daemon process of {node} found"))
-    }
-
-    /// Starts a killed daemon again with the same command line, in its node's namespace, as
-    /// its supervisor (systemd, a DaemonSet) would.
-    pub fn restart_agent(&self, node: &str, argv: &[String]) -> Result<(), String> {
-        let local = self.node(node)?;
-        let log_path = local.layout().logs().join("agent-restarted.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|error| format!("{}: {error}", log_path.display()))?;
-        let log_err = log.try_clone().map_err(|error| error.to_string())?;
-        let (program, args) = argv.split_first().ok_or("empty command line")?;
-        let child = Command::new("nsenter")
-            .arg(format!(
-                "--net={}/{}",
-                automigrate_netem::NETNS_RUN_DIR,
-                local.namespace()
-            ))
-            .arg("--")
-            .arg(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|error| format!("starting the agent again: {error}"))?;
-        self.push_undo(Undo::Daemon(child));
-        Ok(())
-    }
-
-    /// Cuts a node off: every link (peers' probes and transfers), the controller's access to
-    /// its agent, and its heartbeat; the node and its containers run on.
-    pub fn partition(&self, node: &str) -> Result<(), String> {
-        self.set_partitioned(node, true)?;
-        self.push_undo(Undo::Partition(node.to_string()));
-        Ok(())
-    }
-
-    /// Inserts (or deletes) the partition's firewall rules in the node's namespace and marks
-    /// the node accordingly.
-    fn set_partitioned(&self, node: &str, partitioned: bool) -> Result<(), String> {
-        let local = self.node(node)?;
-        let action = if partitioned { "-I" } else { "-D" };
-        for rule in partition_rules() {
-            iptables(local.namespace(), action, &rule)?;
-        }
-        local.set_partitioned(partitioned);
-        Ok(())
-    }
-
-    /// Ends a partition.
-    pub fn heal_partition(&self, node: &str) -> Result<(), String> {
-        self.set_partitioned(node, false)?;
-        if let Ok(mut list) = self.inner.undo.lock() {
-            list.retain(|undo| !matches!(undo, Undo::Partition(name) if name == node));
-        }
-        Ok(())
+        self.inner
+            .cluster
+            .agent_pid(node)
+            .ok_or_else(|| format!("no running agent on {node}"))
     }
 
     /// Fills a node's disk, leaving `free_kib` KiB; returns the ballast's size.
     pub fn fill_disk(&self, node: &str, free_kib: u64) -> Result<u64, String> {
-        let path = self.node(node)?.layout().root().join("ballast");
+        let path = self.inner.cluster.node_dir(node).join("ballast");
         self.push_undo(Undo::Ballast(path.clone()));
         fill(&path, free_kib)
     }
 
-    /// Undoes what outlives a fault: restarted daemons are stopped, partitions healed, ballast
-    /// removed, reapers stopped.
-    pub async fn heal(&self) {
+    /// Staging files of transfers arriving on a node
+    /// (`<data root>/.automigrate-staging/<id>/f<n>`).
+    pub fn staging_files(&self, node: &str) -> Vec<(PathBuf, u64)> {
+        let staging = self
+            .inner
+            .cluster
+            .node_dir(node)
+            .join("data")
+            .join(automigrate_transfer::paths::STAGING_DIR);
+        checkpoint_files(&staging)
+            .into_iter()
+            .filter(|(path, size)| {
+                *size > 0
+                    && path
+                        .file_name()
+                        .and_then(|name| name.to_str())
+                        .is_some_and(|name| name.starts_with('f'))
+            })
+            .collect()
+    }
+
+    /// Undoes what outlives a fault, once the run's copies were counted: frozen agents thawed,
+    /// cut links restored, ballast removed.
+    pub fn heal(&self) {
         let undo: Vec<Undo> = self
             .inner
             .undo
@@ -468,112 +467,43 @@ impl FaultContext {
             .unwrap_or_default();
         for item in undo {
             match item {
-                Undo::Daemon(mut child) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                Undo::Partition(node) => {
-                    if let Err(error) = self.heal_partition(&node) {
-                        tracing::warn!(%node, %error, "healing a partition");
-                    }
-                }
                 Undo::Ballast(path) => {
                     let _ = std::fs::remove_file(&path);
                 }
-                Undo::Reaper(stop) => stop.store(true, std::sync::atomic::Ordering::SeqCst),
                 Undo::Frozen(pid) => {
                     let _ = signal(pid, nix::sys::signal::Signal::SIGCONT);
+                }
+                Undo::ApiCut(node) => {
+                    if let Err(error) = self.inner.cluster.restore_api(&node) {
+                        tracing::debug!(%node, %error, "restoring the API link");
+                    }
                 }
             }
         }
     }
 }
 
-fn node_root_text(node: &crate::node::LocalNode) -> String {
-    node.layout().root().to_string_lossy().into_owned()
+/// The epoch at which `percent` % of the training is done (at least 1).
+pub fn epoch_at_percent(epochs: u32, percent: u32) -> u32 {
+    (u64::from(epochs) * u64::from(percent))
+        .div_ceil(100)
+        .clamp(1, u64::from(epochs.max(1))) as u32
 }
 
-/// The rules that cut a node off, for `iptables -I` and `-D` in its namespace: everything but
-/// loopback is dropped (its links), and the agent's API refuses the controller's connections
-/// (which reach it over loopback from inside the namespace).
-fn partition_rules() -> Vec<Vec<String>> {
-    let api = API_PORT.to_string();
-    [
-        vec!["INPUT", "!", "-i", "lo", "-j", "DROP"],
-        vec!["OUTPUT", "!", "-o", "lo", "-j", "DROP"],
-        vec![
-            "INPUT",
-            "-i",
-            "lo",
-            "-p",
-            "tcp",
-            "--dport",
-            api.as_str(),
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "tcp-reset",
-        ],
-    ]
-    .into_iter()
-    .map(|rule| rule.into_iter().map(str::to_string).collect())
-    .collect()
-}
-
-fn iptables(namespace: &str, action: &str, rule: &[String]) -> Result<(), String> {
-    let output = Command::new("nsenter")
-        .arg(format!(
-            "--net={}/{namespace}",
-            automigrate_netem::NETNS_RUN_DIR
-        ))
-        .args(["--", "iptables", "-w", action])
-        .args(rule)
-        .output()
-        .map_err(|error| format!("iptables: {error}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "iptables {action} {}: {}",
-            rule.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
-fn cmdline(pid: i32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|byte| *byte == 0)
-            .filter(|part| !part.is_empty())
-            .map(|part| String::from_utf8_lossy(part).into_owned())
-            .collect(),
-    )
-}
-
-fn pids() -> Vec<i32> {
-    std::fs::read_dir("/proc")
+/// Directories under `dir` whose names do not start with a dot, sorted.
+pub fn visible_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
-                .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+                .map(|entry| entry.path())
                 .collect()
         })
-        .unwrap_or_default()
-}
-
-/// The agent daemon whose store is `store`: (pid, command line).
-fn agent_process(store: &str) -> Option<(i32, Vec<String>)> {
-    pids().into_iter().find_map(|pid| {
-        let argv = cmdline(pid)?;
-        let is_agent = argv
-            .first()
-            .is_some_and(|program| program.ends_with(crate::daemon::AGENT_PROGRAM));
-        let its_store = argv
-            .windows(2)
-            .any(|pair| pair[0] == "--store-root" && pair[1] == store);
-        (is_agent && its_store && !is_zombie(pid)).then_some((pid, argv))
-    })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
 }
 
 fn signal(pid: i32, signal: nix::sys::signal::Signal) -> Result<(), String> {
@@ -581,33 +511,24 @@ fn signal(pid: i32, signal: nix::sys::signal::Signal) -> Result<(), String> {
         .map_err(|error| format!("{signal} to {pid}: {error}"))
 }
 
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rfind(')')
-                .and_then(|end| stat.get(end + 2..end + 3))
-                .map(|state| state == "Z")
-        })
-        .unwrap_or(true)
-}
-
-/// Processes other than agents whose command line names something under `root` (a runc
-/// restore or CRIU working for a node).
-fn processes_mentioning(root: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    pids()
-        .into_iter()
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            cmdline(*pid).is_some_and(|argv| {
-                let agent = argv
-                    .first()
-                    .is_some_and(|program| program.ends_with(crate::daemon::AGENT_PROGRAM));
-                !agent && argv.iter().any(|arg| arg.starts_with(root))
-            })
-        })
-        .collect()
+/// Mounts a `mib` MiB tmpfs as the state directory of every node but `home`, before the
+/// cluster creates its layout there; returns the mount points.
+pub fn mount_small_disks(
+    run_dir: &Path,
+    nodes: &[String],
+    home: &str,
+    mib: u64,
+) -> Result<Vec<PathBuf>, String> {
+    let mut mounted = Vec::new();
+    for node in nodes.iter().filter(|node| node.as_str() != home) {
+        let point = run_dir.join(node);
+        if let Err(error) = mount_tmpfs(&point, mib) {
+            unmount(&mounted);
+            return Err(error);
+        }
+        mounted.push(point);
+    }
+    Ok(mounted)
 }
 
 /// Writes zeros until the filesystem is full, then gives back `free_kib`.
@@ -639,34 +560,6 @@ fn fill(path: &Path, free_kib: u64) -> Result<u64, String> {
     Ok(keep)
 }
 
-/// Size of the tmpfs a node's logs get in disk-full runs.
-const LOG_DISK_MIB: u64 = 64;
-
-/// Mounts a `mib` MiB tmpfs as the storage root of every node but `home`, before the cluster
-/// creates its layout there; returns the mount points, each node's log mount before its root.
-///
-/// A node's logs get a tmpfs of their own, as `/var/log` often has on a real node: the agent's
-/// account of what the full disk did to it is the point of the run.
-pub fn mount_small_disks(
-    config: &ClusterConfig,
-    home: &str,
-    mib: u64,
-) -> Result<Vec<PathBuf>, String> {
-    let mut mounted = Vec::new();
-    for node in config.nodes.iter().filter(|node| node.as_str() != home) {
-        let dir = config.root.join(node);
-        let logs = dir.join("logs");
-        for (point, size) in [(&dir, mib), (&logs, LOG_DISK_MIB)] {
-            if let Err(error) = mount_tmpfs(point, size) {
-                unmount(&mounted);
-                return Err(error);
-            }
-            mounted.insert(0, point.clone());
-        }
-    }
-    Ok(mounted)
-}
-
 fn mount_tmpfs(point: &Path, mib: u64) -> Result<(), String> {
     std::fs::create_dir_all(point).map_err(|error| format!("{}: {error}", point.display()))?;
     let status = Command::new("mount")
@@ -687,19 +580,6 @@ fn mount_tmpfs(point: &Path, mib: u64) -> Result<(), String> {
             "mount -t tmpfs on {} failed ({status})",
             point.display()
         ))
-    }
-}
-
-/// Copies `<point>/logs` to `<point>-logs` for each mount point (before it is unmounted).
-pub fn keep_logs(points: &[PathBuf]) {
-    for point in points.iter().filter(|point| point.join("logs").is_dir()) {
-        let mut kept = point.clone().into_os_string();
-        kept.push("-logs");
-        let _ = Command::new("cp")
-            .arg("-a")
-            .arg(point.join("logs"))
-            .arg(&kept)
-            .status();
     }
 }
 
@@ -785,169 +665,56 @@ pub fn damage_file(path: &Path, size: u64, damage: Damage) -> Result<String, Str
     }
 }
 
-fn sequence_of(path: &Path) -> Option<u32> {
-    path.file_stem()?.to_str()?.rsplit('-').next()?.parse().ok()
-}
-
-fn migration_views(state_dir: &Path) -> Vec<MigrationView> {
-    let dir = state_dir.join("migrations");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut views: Vec<MigrationView> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
-        .filter_map(|path| {
-            let value: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
-            let state = value.get("state")?;
-            Some(MigrationView {
-                sequence: sequence_of(&path)?,
-                phase: serde_json::from_value(state.get("phase")?.clone()).ok()?,
-                source: state.get("source")?.as_str()?.to_string(),
-                target: state.get("target")?.as_str()?.to_string(),
-                checkpoint_id: state
-                    .get("checkpointId")
-                    .and_then(|id| id.as_str())
-                    .map(str::to_string),
-                file: path,
-            })
-        })
-        .collect();
-    views.sort_by_key(|view| view.sequence);
-    views
-}
-
-/// Every migration's persisted end state.
-pub fn read_migrations(state_dir: &Path) -> Vec<MigrationOutcome> {
-    migration_views(state_dir)
-        .into_iter()
-        .filter_map(|view| {
-            let value: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&view.file).ok()?).ok()?;
-            let text = |key: &str| {
-                value
-                    .get(key)
-                    .and_then(|field| field.as_str())
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            Some(MigrationOutcome {
-                file: view
-                    .file
-                    .file_name()
-                    .map(|name| name.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                trigger: text("trigger"),
-                source: view.source,
-                target: view.target,
-                phase: view.phase,
-                message: value
-                    .get("state")
-                    .and_then(|state| state.get("message"))
-                    .and_then(|message| message.as_str())
-                    .map(str::to_string),
-                checkpoint: value
-                    .pointer("/driver/checkpointUsed")
-                    .and_then(|id| id.as_str())
-                    .map(str::to_string)
-                    .or(view.checkpoint_id),
-                fresh_start: value
-                    .pointer("/driver/freshStart")
-                    .and_then(serde_json::Value::as_bool),
-                old_container: text("oldContainer"),
-                new_container: text("newContainer"),
-            })
-        })
-        .collect()
-}
-
-/// The dataset holders a controller process recorded (`<state dir>/shared.json`).
-pub fn read_holders(state_dir: &Path) -> BTreeSet<String> {
-    std::fs::read(state_dir.join("shared.json"))
-        .ok()
-        .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
-        .and_then(|value| {
-            value.get("holders").and_then(|holders| {
-                holders.as_array().map(|holders| {
-                    holders
-                        .iter()
-                        .filter_map(|holder| holder.as_str().map(str::to_string))
-                        .collect()
-                })
-            })
-        })
-        .unwrap_or_default()
-}
-
 /// What the end-of-run verification found.
 #[derive(Debug, Clone, Default)]
 pub struct Verification {
     pub problems: Vec<String>,
     pub checkpoints: usize,
     pub datasets: usize,
-    /// Checkpoints that verify, on nodes alive at the end: (node, id, created, Unix seconds).
-    pub intact_on_live_nodes: Vec<(String, String, f64)>,
 }
 
-/// Verifies the dataset on every node holding it and every checkpoint in every node's store
-/// (all of them must verify, except the one the fault damaged on purpose, which must not).
+/// Verifies the dataset on every node holding a copy and every checkpoint in every node's
+/// store (`<run dir>/<node>/checkpoints`), of every pod (a replacement's checkpoints are kept
+/// under its own name): all must verify, except the one the fault damaged on purpose. Read
+/// only; run it once the agents are stopped.
 pub fn verify_files(
-    cluster: &LocalCluster,
+    run_dir: &Path,
+    nodes: &[String],
     dataset: &str,
-    holders: &BTreeSet<String>,
     damaged: Option<&(String, String)>,
 ) -> Verification {
     let mut verification = Verification::default();
-    let pod = store_pod();
-    for node in cluster.nodes() {
-        if holders.contains(node.name()) {
-            match workload::verify_dataset(&node.layout().dataset(dataset)) {
+    for node in nodes {
+        let data = run_dir.join(node).join("data").join(dataset);
+        if data.join(workload::DATASET_META).exists() {
+            match workload::verify_dataset(&data) {
                 Ok(_) => verification.datasets += 1,
                 Err(error) => verification
                     .problems
-                    .push(format!("dataset on {}: {error}", node.name())),
+                    .push(format!("dataset on {node}: {error}")),
             }
         }
-        // Every archive directory, also those whose manifest cannot be read (which a listing
-        // leaves out).
-        let ids: Vec<String> = node
-            .store()
-            .pod_dir(&pod)
-            .ok()
-            .and_then(|dir| std::fs::read_dir(dir).ok())
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                    .filter(|name| !name.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for id in ids {
-            let on_purpose = damaged
-                .is_some_and(|(where_, which)| where_.as_str() == node.name() && which == &id);
-            match (node.store().verified(&pod, &id), on_purpose) {
-                (Ok(verified), false) => {
-                    verification.checkpoints += 1;
-                    if node.is_alive() {
-                        let created =
-                            verified.manifest().created_at.as_millisecond() as f64 / 1000.0;
-                        verification.intact_on_live_nodes.push((
-                            node.name().to_string(),
-                            id.clone(),
-                            created,
-                        ));
+        let store = run_dir.join(node).join("checkpoints");
+        for namespace in visible_dirs(&store) {
+            for pod in visible_dirs(&namespace) {
+                for dir in visible_dirs(&pod) {
+                    let id = dir
+                        .file_name()
+                        .map(|name| name.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let on_purpose = damaged.is_some_and(|(where_, which)| {
+                        where_ == node && (which == &id || dir.ends_with(which))
+                    });
+                    match (archive::verify_chain(&dir), on_purpose) {
+                        (Ok(_), false) => verification.checkpoints += 1,
+                        (Err(error), false) => verification
+                            .problems
+                            .push(format!("checkpoint {} on {node}: {error}", dir.display())),
+                        (Err(_), true) => {}
+                        (Ok(_), true) => {
+                            tracing::info!(%id, "the damaged checkpoint verifies: the damage did not stick")
+                        }
                     }
-                }
-                (Err(error), false) => verification
-                    .problems
-                    .push(format!("checkpoint {id} on {}: {error}", node.name())),
-                (Err(_), true) => {}
-                (Ok(_), true) => {
-                    tracing::info!(%id, "the damaged checkpoint verifies: the damage did not stick")
                 }
             }
         }
@@ -955,8 +722,8 @@ pub fn verify_files(
     verification
 }
 
-/// Lines in the nodes' agent logs where received data failed its hash or an archive was refused.
-pub fn receiver_refusals(cluster: &LocalCluster) -> usize {
+/// Lines in the agents' logs where received data failed its hash or an archive was refused.
+pub fn receiver_refusals(run_dir: &Path, nodes: &[String]) -> usize {
     const SIGNS: [&str; 5] = [
         "does not match its hash",
         "refused a piece",
@@ -965,15 +732,9 @@ pub fn receiver_refusals(cluster: &LocalCluster) -> usize {
         // A piece damaged in staging after it was written (checked before placement).
         "no longer match their hashes",
     ];
-    cluster
-        .nodes()
+    nodes
         .iter()
-        .flat_map(|node| {
-            ["agent.log", "agent-restarted.log"]
-                .into_iter()
-                .map(|name| node.layout().logs().join(name))
-                .collect::<Vec<_>>()
-        })
+        .map(|node| run_dir.join("logs").join(format!("agent-{node}.log")))
         .filter_map(|path| std::fs::read_to_string(path).ok())
         .map(|text| {
             text.lines()
