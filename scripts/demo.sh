@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # The README's main command: real failures, migrations and resumes on this machine.
 #
-# `automigrate demo` builds a local cluster of 4 nodes (network namespaces joined by emulated
-# links of 10/20/30 ms, each node with its own storage and its own automigrate-agent daemon),
-# trains a small numpy model in a runc container on node-a, and lets the local controller (the
-# same engine and migration state machine as the Kubernetes controller, with the policies in
-# policies/) checkpoint it with CRIU, replicate the checkpoints, and move it when node-a fails
-# (at 25/50/75 % of training), degrades, or its user moves away. It writes
-# docs/demo/report.{md,json,csv} and two SVG plots, and exits non-zero if any check failed
-# (identical final loss, resumed at the checkpoint, never two copies, dataset verified on the
-# target). A run takes about 4-7 minutes on 2 cores, plus the first build.
+# `automigrate demo` builds, for every run, a local Kubernetes cluster of real components: 4
+# nodes (network namespaces joined by emulated links of 10/20/30 ms), each with its own
+# automigrate-kubelet (runc, the kubelet checkpoint API) and automigrate-agent pod, and a control
+# plane namespace with automigrate-apiserver and two automigrate-controller replicas (leader
+# election), configured as deploy/ configures them (controller/embedded/src/kube). It applies the
+# numpy trainer as a Pod with automigrate.dev/ annotations (examples/demo-trainer-pod.yaml) and
+# the demo policies (examples/demo-policies.yaml), then only acts on the world: powers node-a off
+# at 25/50/75 % of training, sets a node-problem-detector condition on it, or writes the user's
+# latency on the pod. Every checkpoint, replica and migration is the controller's; the report
+# reads each Migration back from the API server. It writes docs/demo/report.{md,json,csv} and
+# two SVG plots, and exits non-zero if any check failed (identical final loss, resumed at the
+# checkpoint, never two copies in any node's runc state, dataset verified on the target).
+# A run takes about 10 minutes on 2 otherwise idle cores, plus the first build.
 #
-# Needs root (namespaces, TUN devices, runc, CRIU). Installs what it needs on Debian with
-# scripts/install-node-deps.sh (runc, iptables, python3-numpy, CRIU 4). Safe to run twice: each
-# run replaces its own storage under /var/tmp/automigrate-demo and the report in docs/demo/.
+# Needs root (namespaces, TUN devices, runc, CRIU) and kubectl. Installs what it needs on Debian
+# with scripts/install-node-deps.sh (runc, iptables, python3-numpy, CRIU 4). Safe to run twice:
+# each run replaces its own cluster state under /dev/shm/automigrate-demo (kept with --keep:
+# component logs in <run>/logs/, `kubectl --kubeconfig <run>/kubeconfig get migrations -A`) and
+# the report in docs/demo/.
 # Arguments go to `automigrate demo` (see `automigrate demo --help`), e.g.
 #   sudo scripts/demo.sh --scenarios hard-failure --failure-points 50
 set -euo pipefail
@@ -37,8 +43,19 @@ if ! scripts/install-node-deps.sh; then
     exit 1
 fi
 
-step "building automigrate and the automigrate-agent daemon (release)"
-cargo build --release --locked -p automigrate -p automigrate-agent
+step "kubectl (the demo drives and reads the local cluster with it)"
+if ! command -v kubectl >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    # Debian's kubernetes-client speaks the legacy discovery the local API server serves.
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "error: kubectl is not on PATH (https://kubernetes.io/docs/tasks/tools/); the demo cannot run." >&2
+    exit 1
+fi
+
+step "building automigrate and the local cluster's programs (release): apiserver, kubelet, agent, controller"
+cargo build --release --locked -p automigrate -p automigrate-apiserver -p automigrate-kubelet \
+    -p automigrate-agent -p automigrate-operator
 
 step "checking this machine"
 if ! target/release/automigrate demo --check; then

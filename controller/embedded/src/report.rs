@@ -659,7 +659,7 @@ fn markdown(report: &DemoReport) -> String {
     let _ = writeln!(
         out,
         "Workload: {} epochs of a {}-unit tanh network on {} ({} files × {} rows × {} features), \
-         in a runc container; {} nodes on a line, {} ms RTT per hop; policies `{}` (failure, \
+         run as a Pod on a local cluster of real components; {} nodes on a line, {} ms RTT per hop; policies `{}` (failure, \
          degradation) and `{}` (mobility) from `{}`.\n",
         settings.trainer.epochs,
         settings.trainer.hidden,
@@ -701,6 +701,43 @@ fn markdown(report: &DemoReport) -> String {
             run.load_average.0,
             run.load_average.1
         );
+    }
+    let _ = writeln!(out, "\n## Migrations, as the API server has them\n");
+    let _ = writeln!(
+        out,
+        "Every Migration object of every run, read back with `kubectl get migrations -o json` \
+         when the run ended: the phase and the history the controller wrote in its status.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| run | Migration | trigger | from → to | phase | phases (s) | moved MiB | restored from | reason |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for run in &report.runs {
+        for migration in &run.migrations {
+            let phases: Vec<String> = migration
+                .history
+                .iter()
+                .map(|span| format!("{} {:.2}", span.phase, span.seconds))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | {} | {} → {} | {} | {} | {} | {} | {} |",
+                run.name,
+                migration.name,
+                migration.trigger,
+                migration.from,
+                migration.to,
+                migration.phase,
+                phases.join(", "),
+                mib(migration.bytes_moved),
+                migration
+                    .checkpoint
+                    .as_deref()
+                    .unwrap_or("nothing (started fresh)"),
+                migration.reason.replace('|', "/")
+            );
+        }
     }
     let _ = writeln!(out, "\n## Checks\n");
     for check in &report.checks {
