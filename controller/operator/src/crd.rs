@@ -104,63 +104,9 @@ pub struct MigrationSpec {
     pub reason: String,
 }
 
-/// One transfer the migration needs, and how far it got (kept so a restart polls the same
-/// transfer instead of starting another).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TransferRecord {
-    pub payload: TransferPayload,
-    /// Node whose agent sends.
-    pub from: String,
-    /// Node whose agent receives.
-    pub to: String,
-    /// The sending agent's transfer id, once started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub bytes_total: u64,
-    #[serde(default)]
-    pub bytes_done: u64,
-    #[serde(default)]
-    pub done: bool,
-}
-
-/// What a transfer moves.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TransferPayload {
-    /// A checkpoint id (exactly one of `checkpoint` and `dataset` is set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<String>,
-    /// An absolute dataset path on the sending node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dataset: Option<String>,
-}
-
-impl TransferPayload {
-    pub fn checkpoint(id: impl Into<String>) -> Self {
-        Self {
-            checkpoint: Some(id.into()),
-            dataset: None,
-        }
-    }
-
-    pub fn dataset(path: impl Into<String>) -> Self {
-        Self {
-            checkpoint: None,
-            dataset: Some(path.into()),
-        }
-    }
-}
-
-/// The checkpoint a migration restores from when the source cannot take a fresh one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct StoredCheckpoint {
-    pub id: String,
-    /// A node that holds a verified copy.
-    pub from: String,
-}
+// The transfer records and the stored checkpoint are the migration driver's own persisted
+// types (automigrate_core::driver), kept in the status field for field.
+pub use automigrate_core::driver::{StoredCheckpoint, TransferPayload, TransferRecord};
 
 /// The persisted migration: the core state machine plus what the driver needs to resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -199,6 +145,9 @@ pub struct MigrationStatus {
     /// UID of the pod being replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_pod_uid: Option<String>,
+    /// Checkpoints that failed to restore on the target (the driver retries an older one once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_restores: Vec<String>,
     /// Name of the replacement pod once created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replacement_pod: Option<String>,
@@ -337,6 +286,7 @@ mod tests {
             bytes_moved: 0,
             source_pod: Some(serde_json::json!({"spec": {"containers": []}})),
             source_pod_uid: None,
+            failed_restores: vec![],
             replacement_pod: None,
             conditions: vec![],
             observed_generation: Some(1),

@@ -34,9 +34,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use automigrate_core::annotations::{self, DatasetRef};
-use automigrate_core::decide::{
-    CheckpointDecision, CheckpointSource, Decisions, EngineMemory, MigrationDecision, Payload,
-};
+use automigrate_core::decide::{CheckpointDecision, Decisions, EngineMemory, MigrationDecision};
+use automigrate_core::driver;
 use automigrate_core::migration::{self, Event, Limits, MigrationState, Phase};
 use automigrate_core::model::{MigrationRecord, PodRef};
 use automigrate_core::policy::PolicySet;
@@ -49,10 +48,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::alertmanager::AlertBook;
 use crate::checkpoints::CheckpointOrchestrator;
-use crate::crd::{
-    self, Migration, MigrationSpec, MigrationStatus, Origin, StoredCheckpoint, TransferPayload,
-    TransferRecord,
-};
+use crate::crd::{self, Migration, MigrationSpec, MigrationStatus, Origin};
 use crate::policies::SharedPolicies;
 use crate::probes::{LinkBook, UserBook};
 use crate::replacement::{self, OwnerHandling};
@@ -630,6 +626,7 @@ impl Decider {
                 bytes_moved: 0,
                 source_pod: None,
                 source_pod_uid: None,
+                failed_restores: Vec::new(),
                 replacement_pod: None,
                 conditions: Vec::new(),
                 observed_generation: migration.metadata.generation,
@@ -776,7 +773,10 @@ fn is_protected(pod: &Pod) -> bool {
         .is_some_and(|value| value == "true")
 }
 
-/// The first status of a migration the engine decided.
+/// The first status of a migration the engine decided: the migration driver's first run
+/// ([`automigrate_core::driver::begin`]: the state machine's start, the policy's limits, the
+/// transfers) and the source pod itself (the replacement is built from it once the source is
+/// gone).
 pub fn initial_status(
     decision: &MigrationDecision,
     pod: &Pod,
@@ -787,97 +787,27 @@ pub fn initial_status(
     let policy = policies
         .get(&decision.policy)
         .unwrap_or_else(|| policies.fallback().1);
-    let source_alive = matches!(decision.checkpoint, CheckpointSource::Fresh { .. });
-    let failed_at = (!source_alive).then_some(decision.failed_at).flatten();
-    let state = MigrationState::new(
-        decision.from.clone(),
-        decision.to.clone(),
-        source_alive,
-        now,
-        failed_at,
-    );
     let namespace = pod.namespace().unwrap_or_default();
     let raw = pod.metadata.annotations.clone().unwrap_or_default();
     let (settings, _) = annotations::parse(&namespace, &pod.name_any(), &raw);
     let dataset_path = match &settings.dataset {
-        Some(DatasetRef::Path(path)) => Some(path.clone()),
+        Some(DatasetRef::Path(path)) => Some(path.as_str()),
         _ => None,
     };
-    let mut transfers = Vec::new();
-    let record = |payload: TransferPayload, from: &str, to: &str| TransferRecord {
-        payload,
-        from: from.to_string(),
-        to: to.to_string(),
-        id: None,
-        bytes_total: 0,
-        bytes_done: 0,
-        done: false,
-    };
-    for planned in &decision.transfers {
-        match (planned.payload, &decision.checkpoint) {
-            (Payload::Dataset, _) => {
-                if let Some(path) = &dataset_path {
-                    transfers.push(record(
-                        TransferPayload::dataset(path),
-                        &planned.from,
-                        &planned.to,
-                    ));
-                }
-            }
-            (Payload::Checkpoint, CheckpointSource::Stored { id, .. }) => {
-                transfers.push(record(
-                    TransferPayload::checkpoint(id),
-                    &planned.from,
-                    &planned.to,
-                ));
-            }
-            // A fresh checkpoint is sent after the final dump; nothing to send without one.
-            (Payload::Checkpoint, CheckpointSource::Fresh { .. } | CheckpointSource::None) => {}
-        }
-    }
-    if source_alive && decision.from != decision.to {
-        if let Some(path) = &dataset_path
-            && !transfers.iter().any(|t| t.payload.dataset.is_some())
-        {
-            // The agents do not report datasets to the engine yet, so it cannot plan this one;
-            // the source holds it.
-            transfers.push(record(
-                TransferPayload::dataset(path),
-                &decision.from,
-                &decision.to,
-            ));
-        }
-        if let CheckpointSource::Fresh { base: Some(base) } = &decision.checkpoint {
-            transfers.push(record(
-                TransferPayload::checkpoint(base),
-                &decision.from,
-                &decision.to,
-            ));
-        }
-    }
-    let stored_checkpoint = match &decision.checkpoint {
-        CheckpointSource::Stored { id, from, .. } => Some(StoredCheckpoint {
-            id: id.clone(),
-            from: from.clone(),
-        }),
-        _ => None,
-    };
-    let base_checkpoint = match &decision.checkpoint {
-        CheckpointSource::Fresh { base } => base.clone(),
-        _ => None,
-    };
+    let run = driver::begin(decision, dataset_path, policy, now);
     MigrationStatus {
-        state,
-        limits: Limits::from_policy(policy),
+        state: run.state,
+        limits: run.limits,
         policy: decision.policy.clone(),
         mode: settings.mode.unwrap_or(policy.checkpoint.mode),
-        lease_timeout: policy.triggers.lease_timeout,
-        stored_checkpoint,
-        base_checkpoint,
-        transfers,
-        bytes_moved: 0,
+        lease_timeout: run.lease_timeout,
+        stored_checkpoint: run.stored_checkpoint,
+        base_checkpoint: run.base_checkpoint,
+        transfers: run.transfers,
+        bytes_moved: run.bytes_moved,
         source_pod: Some(replacement::record_source(pod)),
         source_pod_uid: pod.metadata.uid.clone(),
+        failed_restores: run.failed_restores,
         replacement_pod: None,
         conditions: Vec::new(),
         observed_generation: generation,

@@ -4,27 +4,24 @@
 //! step waits until it is gone. A node counts as dead only once its Lease has gone unrenewed
 //! for the policy's lease timeout; a fresh or missing Lease means the node may only be
 //! partitioned and still running the pod, so the step waits, and the phase deadline ends the
-//! migration in `Failed` without ever starting a second copy. A dead node is then marked out
-//! of service (Kubernetes' non-graceful shutdown taint: its pods are force-deleted and a
-//! kubelet that comes back evicts them instead of resuming), by the driver or, in
-//! [`DeadNodeFencing::Administrator`] mode, by a person the driver waits for.
+//! migration in `Failed` without ever starting a second copy. When a silent node counts as
+//! fenced is the fencing mode's rule, [`crate::fencing::dead_node`] (in the default self-fence
+//! mode: once the self-fence safe time after its last heartbeat has passed, as well as the
+//! lease timeout). It is then marked out of service (Kubernetes' non-graceful shutdown taint:
+//! its pods are force-deleted and a kubelet that comes back evicts them instead of
+//! resuming), by the driver or, in the administrator mode, by a person the driver waits for.
 
 use std::time::Duration;
 
 use jiff::Timestamp;
 
 use super::port::Observation;
+use crate::fencing::{self, DeadNode};
 use crate::units;
 
-/// Who confirms that a dead node's pods cannot run any more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeadNodeFencing {
-    /// The driver marks the node out of service once its Lease has expired.
-    #[default]
-    Taint,
-    /// The driver waits for an administrator to mark the node out of service.
-    Administrator,
-}
+/// Who confirms that a dead node's pods cannot run any more, and when: the modes and the
+/// self-fence safe-time rule of [`crate::fencing`].
+pub use crate::fencing::FencingMode as DeadNodeFencing;
 
 /// What fencing needs now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +55,7 @@ pub fn fence_step(
     source_alive: bool,
     observation: &Observation,
     lease_timeout: Duration,
-    mode: DeadNodeFencing,
+    mode: &DeadNodeFencing,
     now: Timestamp,
 ) -> FenceStep {
     let expired = lease_expired(observation, lease_timeout, now);
@@ -75,31 +72,16 @@ pub fn fence_step(
             ))
         };
     }
-    match lease_age(observation, now) {
-        None => {
-            return FenceStep::Wait(format!(
-                "node {source} has no Lease renewal on record: it may be partitioned, not dead; not fencing"
-            ));
-        }
-        Some(age) if age < lease_timeout => {
-            return FenceStep::Wait(format!(
-                "node {source} renewed its Lease {} ago (timeout {}): it may be partitioned, not dead; not fencing",
-                units::format_duration(age),
-                units::format_duration(lease_timeout)
-            ));
-        }
-        Some(_) => {}
-    }
-    if observation.source_out_of_service {
-        return FenceStep::Fenced;
-    }
-    match mode {
-        DeadNodeFencing::Taint => FenceStep::MarkOutOfService(format!(
-            "Lease not renewed for over {}",
-            units::format_duration(lease_timeout)
-        )),
-        DeadNodeFencing::Administrator => FenceStep::Wait(format!(
-            "node {source}'s Lease expired; waiting for an administrator to confirm shutdown with the node.kubernetes.io/out-of-service taint"
-        )),
+    match fencing::dead_node(
+        mode,
+        source,
+        lease_timeout,
+        observation.source_renewed_at,
+        now,
+    ) {
+        DeadNode::Wait(why) => FenceStep::Wait(why),
+        _ if observation.source_out_of_service => FenceStep::Fenced,
+        DeadNode::AskAdministrator(why) => FenceStep::Wait(why),
+        DeadNode::Fenced(reason) => FenceStep::MarkOutOfService(reason),
     }
 }

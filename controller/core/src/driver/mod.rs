@@ -37,9 +37,11 @@
 //! - **Restore failure** ([`restore`]): with a dead source, retry once from the next older
 //!   verified checkpoint, then roll back. With a live source, roll back at once: the rollback
 //!   restores the migration's own final dump on the source, losing nothing.
-//! - **Fencing** ([`fence`]): a live source is stopped and awaited; a node counts as dead only
-//!   once its Lease has expired (a fresh or missing Lease may be a partition), and is then
-//!   marked out of service. Nothing starts the workload again before the source is fenced.
+//! - **Fencing** ([`fence`]): a live source is stopped and awaited; a silent node counts as
+//!   fenced only by the fencing mode's rule ([`crate::fencing::dead_node`]: never while its
+//!   Lease is fresh or missing, which may be a partition; in the self-fence mode not before the
+//!   safe time after its last heartbeat), and is then marked out of service. Nothing starts
+//!   the workload again before the source is fenced.
 //! - **Transfers** ([`transfers`]): every transfer is recorded before it starts and polled by
 //!   id; a sender that forgot it is asked again; a failed transfer is a retryable failure.
 //! - **Roll back** ([`rollback`]): stop the replacement first, then keep the source, restore
@@ -84,7 +86,7 @@ pub struct DriverConfig {
 impl Default for DriverConfig {
     fn default() -> Self {
         Self {
-            dead_node_fencing: DeadNodeFencing::Taint,
+            dead_node_fencing: DeadNodeFencing::default(),
             max_transitions: 16,
         }
     }
@@ -228,7 +230,7 @@ impl Driver {
                     source_alive,
                     observation,
                     run.lease_timeout,
-                    self.config.dead_node_fencing,
+                    &self.config.dead_node_fencing,
                     now,
                 ) {
                     FenceStep::StopSource => port.act(run, &Action::StopSource).await,

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::migration::{Limits, MigrationState};
 use crate::units;
 
-/// One transfer the migration needs, and how far it got (kept so a restarted driver polls the
-/// same transfer instead of starting another).
+/// One transfer the migration needs, and how far it got (kept so a restart polls the same
+/// transfer instead of starting another).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]

@@ -1,0 +1,230 @@
+//! The pod side of a migration: the final dump of the source (by its agent), stopping the
+//! source, creating the replacement (or the rollback's pod) from the recorded source, waiting
+//! for it to be Ready, and stopping it again.
+
+use automigrate_core::annotations::CheckpointMode;
+use automigrate_core::driver::{Outcome, Run};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use super::port::OperatorPort;
+use crate::agent::{AgentError, CheckpointKind};
+use crate::replacement::{self, Restore};
+use crate::snapshot::{is_ready, is_terminated};
+use crate::writer::WriteError;
+
+pub(super) fn agent_failure(error: &AgentError) -> Outcome {
+    Outcome::Failed {
+        reason: error.to_string(),
+        retryable: error.retryable(),
+    }
+}
+
+pub(super) fn write_failure(error: &WriteError) -> Outcome {
+    Outcome::Failed {
+        reason: error.to_string(),
+        retryable: !matches!(error, WriteError::NotLeader),
+    }
+}
+
+fn unrecorded() -> Outcome {
+    Outcome::Failed {
+        reason: "the source pod was not recorded when the migration began".into(),
+        retryable: false,
+    }
+}
+
+impl OperatorPort<'_> {
+    fn namespace(&self) -> String {
+        self.current.namespace().unwrap_or_default()
+    }
+
+    /// The final stop-and-dump of the pod's first container, by the source's agent.
+    pub(super) async fn final_checkpoint(&self, run: &Run) -> Outcome {
+        let Some(container) = self
+            .status
+            .source_pod
+            .as_ref()
+            .and_then(|pod| pod.pointer("/spec/containers/0/name"))
+            .and_then(|name| name.as_str())
+        else {
+            return Outcome::Failed {
+                reason: "the recorded source pod has no container".into(),
+                retryable: false,
+            };
+        };
+        let pod = self.pod_ref();
+        match self
+            .executor
+            .agent
+            .checkpoint(&run.state.source, &pod, container, CheckpointKind::Final)
+            .await
+        {
+            Ok(taken) => Outcome::Done {
+                checkpoint_id: Some(taken.id),
+            },
+            Err(error) => agent_failure(&error),
+        }
+    }
+
+    /// Stops a live source: delete its pod and wait until it is gone.
+    pub(super) async fn stop_source(&self) -> Outcome {
+        let Some(pod) = self.source_pod() else {
+            return Outcome::done();
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Outcome::waiting("the source pod is terminating");
+        }
+        match self
+            .executor
+            .writer
+            .delete_pod(
+                &self.namespace(),
+                &pod.name_any(),
+                pod.metadata.uid.clone(),
+                None,
+            )
+            .await
+        {
+            Ok(()) => Outcome::waiting("the source pod was asked to stop"),
+            Err(error) => write_failure(&error),
+        }
+    }
+
+    /// The deterministic name of the migration's replacement.
+    fn replacement_name(&self) -> Option<String> {
+        let record: Pod = serde_json::from_value(self.status.source_pod.clone()?).ok()?;
+        let uid = self
+            .current
+            .metadata
+            .uid
+            .clone()
+            .unwrap_or_else(|| self.current.name_any());
+        Some(replacement::replacement_name(&record, &uid))
+    }
+
+    /// Creates the migration's replacement, or the rollback's pod (named apart, `-r`), on
+    /// `node` from checkpoint `from` (fresh without one).
+    pub(super) async fn start_replacement(
+        &mut self,
+        node: &str,
+        from: Option<&str>,
+        rollback: bool,
+    ) -> Outcome {
+        let Some(base) = self.replacement_name() else {
+            return unrecorded();
+        };
+        let name = if rollback {
+            format!("{}-r", base.chars().take(61).collect::<String>())
+        } else {
+            base
+        };
+        self.status.replacement_pod = Some(name.clone());
+        self.create_pod(&name, node, from).await
+    }
+
+    /// Creates a pod from the recorded source on `node`, unless one named `name` exists.
+    async fn create_pod(&self, name: &str, node: &str, from: Option<&str>) -> Outcome {
+        let namespace = self.namespace();
+        if self.executor.stores.pod(&namespace, name).is_some() {
+            return Outcome::done();
+        }
+        let Some(record) = self.status.source_pod.as_ref() else {
+            return unrecorded();
+        };
+        let restore = match (from, self.status.mode) {
+            (None, _) => Restore::Fresh,
+            (Some(id), CheckpointMode::Transparent) => {
+                match self.executor.agent.build_image(node, id).await {
+                    Ok(image) => Restore::Transparent {
+                        image,
+                        checkpoint_id: id.to_string(),
+                    },
+                    Err(error) => return agent_failure(&error),
+                }
+            }
+            // The agents' store layout: `<root>/<namespace>/<pod>/<id>/`, keyed by the pod the
+            // checkpoint was taken of.
+            (Some(id), CheckpointMode::Application) => Restore::Application {
+                host_path: format!(
+                    "{}/{namespace}/{}/{id}",
+                    self.executor.config.checkpoint_root.trim_end_matches('/'),
+                    self.current.spec.pod
+                ),
+                checkpoint_id: id.to_string(),
+            },
+        };
+        let pod = match replacement::build(record, name, node, &self.current.name_any(), &restore) {
+            Ok(pod) => pod,
+            Err(error) => {
+                return Outcome::Failed {
+                    reason: error.to_string(),
+                    retryable: false,
+                };
+            }
+        };
+        match self.executor.writer.create_pod(pod).await {
+            Ok(_) => Outcome::done(),
+            Err(error) if error.is_conflict() => Outcome::done(),
+            Err(error) => write_failure(&error),
+        }
+    }
+
+    /// Done once the replacement is Ready; then removes what is left of the source (on a dead
+    /// node the object lingers until deleted: the kubelet that would confirm a graceful delete
+    /// is gone, so it is deleted forcibly).
+    pub(super) async fn check_replacement(&self, source_dead: bool) -> Outcome {
+        let namespace = self.namespace();
+        let Some(name) = self.status.replacement_pod.as_deref() else {
+            return Outcome::Failed {
+                reason: "no replacement pod recorded".into(),
+                retryable: false,
+            };
+        };
+        let Some(pod) = self.executor.stores.pod(&namespace, name) else {
+            return Outcome::waiting(format!("replacement pod {name} not seen yet"));
+        };
+        if is_terminated(&pod) {
+            return Outcome::Failed {
+                reason: format!("replacement pod {name} terminated before becoming Ready"),
+                retryable: false,
+            };
+        }
+        if !is_ready(&pod) {
+            return Outcome::waiting(format!("replacement pod {name} is not Ready yet"));
+        }
+        if let Some(old) = self.source_pod() {
+            let grace = source_dead.then_some(0);
+            if let Err(error) = self
+                .executor
+                .writer
+                .delete_pod(&namespace, &old.name_any(), old.metadata.uid.clone(), grace)
+                .await
+            {
+                return write_failure(&error);
+            }
+        }
+        Outcome::done()
+    }
+
+    /// Stops the replacement; done once it is gone.
+    pub(super) async fn stop_replacement(&self) -> Outcome {
+        let namespace = self.namespace();
+        let Some(name) = self.status.replacement_pod.clone() else {
+            return Outcome::done();
+        };
+        let Some(pod) = self.executor.stores.pod(&namespace, &name) else {
+            return Outcome::done();
+        };
+        if pod.metadata.deletion_timestamp.is_none()
+            && let Err(error) = self
+                .executor
+                .writer
+                .delete_pod(&namespace, &name, pod.metadata.uid.clone(), None)
+                .await
+        {
+            return write_failure(&error);
+        }
+        Outcome::waiting(format!("stopping the replacement pod {name}"))
+    }
+}
