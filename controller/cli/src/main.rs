@@ -7,6 +7,7 @@
 //! with real failures and writes its report; `faults` runs the fault-injection suite over it. `plan` and `check` read files, call the pure
 //! engine, and print; the engine itself never touches a file or a clock.
 
+mod cluster;
 mod demo;
 mod faults;
 mod load;
@@ -86,6 +87,9 @@ enum Command {
     /// kubectl; the API server, kubelet, agent and controller binaries)
     /// and write its report.
     Faults(Box<faults::Args>),
+    /// Run the local cluster of real components (API server, kubelets, agents, controller) for
+    /// your own pods: `automigrate cluster up`, then `kubectl --kubeconfig <root>/kubeconfig`.
+    Cluster(Box<cluster::Args>),
 }
 
 fn main() -> ExitCode {
@@ -171,6 +175,7 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Demo(args) => demo::run(*args),
         Command::Faults(args) => faults::run(*args),
+        Command::Cluster(args) => cluster::run(*args),
         Command::Check { paths } => {
             let mut failed = 0usize;
             for path in &paths {

@@ -322,6 +322,12 @@ impl KubeCluster {
     /// tears down what was started.
     pub async fn create(config: KubeClusterConfig) -> Result<Self, KubeClusterError> {
         check_config(&config)?;
+        if let Some(pid) = running_cluster_pid(&config.root) {
+            return Err(KubeClusterError::Config(format!(
+                "a cluster already runs in {} (process {pid})",
+                config.root.display()
+            )));
+        }
         for binary in BINARIES {
             let path = config.bin_dir.join(binary);
             if !path.is_file() {
@@ -522,6 +528,10 @@ impl KubeCluster {
             })
             .await?;
         }
+        write_file(
+            &pid_file(&self.config.root),
+            format!("{}\n", std::process::id()).as_bytes(),
+        )?;
         tracing::info!(
             root = %self.config.root.display(),
             nodes = count,
@@ -1268,6 +1278,7 @@ impl KubeCluster {
             return Ok(());
         }
         self.torn_down = true;
+        let _ = std::fs::remove_file(pid_file(&self.config.root));
         // Controllers first (they start nothing new), then the kubelets (they leave their
         // containers running, as CRI-O does), then every container, then the API server.
         let names: Vec<String> = self
@@ -1378,6 +1389,40 @@ fn check_config(config: &KubeClusterConfig) -> Result<(), KubeClusterError> {
         ));
     }
     Ok(())
+}
+
+/// `<root>/cluster.pid`: the process that owns the cluster running on `root` (written once it
+/// is up, removed by the teardown).
+fn pid_file(root: &Path) -> PathBuf {
+    root.join("cluster.pid")
+}
+
+/// The process owning a cluster on `root`, if one is alive.
+fn running_cluster_pid(root: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file(root))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid > 0 && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+}
+
+/// Asks the process owning the cluster on `root` (`automigrate cluster up`) to stop, with
+/// SIGTERM; false if none runs there.
+pub fn stop_running_cluster(root: &Path) -> Result<bool, KubeClusterError> {
+    let Some(pid) = running_cluster_pid(root) else {
+        return Ok(false);
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|errno| KubeClusterError::Io {
+        what: "signalling the cluster's process named in",
+        path: pid_file(root),
+        source: std::io::Error::from(errno),
+    })?;
+    Ok(true)
 }
 
 fn kubelet_name(node: &str) -> String {
@@ -1554,11 +1599,20 @@ fn runc(root: &Path, args: &[&str]) {
         .status();
 }
 
-/// SIGKILLs every container of a runc root that is not stopped; the ids it killed.
+/// SIGKILLs every container of a runc root that is not stopped; the ids it killed. Reads the
+/// state files first ([`runc_status`]), so a root with nothing alive costs no `runc` process
+/// (the power-off keeper looks every 100 ms).
 fn kill_all_containers(root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
     let mut killed = Vec::new();
-    for (id, status) in runc_list(root) {
-        if status != "stopped" {
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().into_owned();
+        if matches!(
+            runc_status(root, &id),
+            Some(RuncStatus::Created | RuncStatus::Running | RuncStatus::Paused)
+        ) {
             runc(root, &["kill", "--all", &id, "KILL"]);
             killed.push(id);
         }
@@ -1642,7 +1696,10 @@ mod tests {
         );
 
         std::fs::write(cgroup.join("freezer.state"), "FROZEN\n").unwrap();
-        assert_eq!(runc_status(root.path(), "running"), Some(RuncStatus::Paused));
+        assert_eq!(
+            runc_status(root.path(), "running"),
+            Some(RuncStatus::Paused)
+        );
         std::fs::write(cgroup.join("freezer.state"), "THAWED\n").unwrap();
 
         let created = container(root.path(), "created", &alive);
@@ -1655,7 +1712,10 @@ mod tests {
         // Our pid with another start time: the pid was reused, the container's init is gone.
         let reused = json!({"init_process_pid": pid, "init_process_start": own_start() + 1});
         container(root.path(), "reused", &reused);
-        assert_eq!(runc_status(root.path(), "reused"), Some(RuncStatus::Stopped));
+        assert_eq!(
+            runc_status(root.path(), "reused"),
+            Some(RuncStatus::Stopped)
+        );
 
         let none = json!({"init_process_pid": 0, "init_process_start": 0});
         container(root.path(), "stopped", &none);
