@@ -84,7 +84,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = runtime.block_on(demo::run_demo(&plan, &command));
+    // Ctrl-C drops the run in progress, and with it its cluster, which tears itself down
+    // (components, containers, network namespaces) instead of leaking them.
+    let report = runtime.block_on(async {
+        tokio::select! {
+            report = demo::run_demo(&plan, &command) => Some(report),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    let Some(report) = report else {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        eprintln!("interrupted: the run in progress was torn down; no report written");
+        return Ok(ExitCode::from(130));
+    };
     // Sends abandoned on failed nodes may still be winding down; they have nothing to finish.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     let report = report?;

@@ -82,7 +82,7 @@ pub const WORK_DIR: &str = "work/trainer";
 pub const APP_DIR: &str = "app";
 /// The image the pod names: the local kubelet resolves every non-checkpoint image to the
 /// host's root filesystem (read-only /usr, /etc), where python3 and numpy are.
-pub const TRAINER_IMAGE: &str = "localhost/automigrate/demo-trainer:0.1.0";
+pub const TRAINER_IMAGE: &str = "ghcr.io/automigrate/demo-trainer:0.1.0";
 /// The pod annotation where the controller records the newest checkpoint
 /// (`automigrate_operator::snapshot::LATEST_CHECKPOINT`).
 pub const LATEST_CHECKPOINT: &str = "checkpoint.automigrate.dev/latest";
@@ -253,6 +253,10 @@ pub struct RunResult {
     pub checkpoint_epochs: Option<(Option<u32>, Option<u32>)>,
     /// Epochs computed twice: reported by the source, and again by the replacement.
     pub lost_epochs: Option<u32>,
+    /// Live sources: the last epoch the source had reported when the final dump began (the
+    /// Migration's Checkpointing phase). The kubelet checkpoint API leaves the container
+    /// running, so the source may report more epochs until it is fenced.
+    pub epoch_at_final_dump: Option<u32>,
     /// The replacement is the same process (run tag kept), i.e. resumed, not restarted.
     pub same_process: Option<bool>,
     pub checkpoints: usize,
@@ -647,7 +651,13 @@ fn summarise_migration(object: &Value) -> Option<MigrationSummary> {
             .unwrap_or_default()
             .to_string(),
         replacement_pod: status["replacementPod"].as_str().map(str::to_string),
-        checkpoint: state.checkpoint_id.clone(),
+        // A fresh final dump is the state machine's checkpoint; a restore after a failure names
+        // the stored one it used.
+        checkpoint: state.checkpoint_id.clone().or_else(|| {
+            status["storedCheckpoint"]["id"]
+                .as_str()
+                .map(str::to_string)
+        }),
         bytes_moved: status["bytesMoved"].as_u64().unwrap_or(0),
         downtime_s: state.downtime.map(|downtime| downtime.as_secs_f64()),
         message: state.message.clone(),
@@ -1054,6 +1064,17 @@ fn summarise(
         (Some(reported), Some(resumed)) => Some(reported.saturating_sub(resumed)),
         _ => None,
     };
+    let epoch_at_final_dump = answer.and_then(|migration| {
+        let dump = migration.freeze_started_at?;
+        containers
+            .iter()
+            .find(|run| run.node == migration.from)?
+            .progress
+            .epochs()
+            .filter(|record| record.at <= dump)
+            .map(|record| record.epoch)
+            .last()
+    });
     let same_process = match (original, replacement) {
         (Some(original), Some(replacement)) => Some(
             !replacement.runs.is_empty()
@@ -1137,6 +1158,7 @@ fn summarise(
         resumed_from_epoch,
         checkpoint_epochs,
         lost_epochs,
+        epoch_at_final_dump,
         same_process,
         checkpoints: unique.len(),
         mean_freeze_ms: (!freezes.is_empty())
@@ -1333,10 +1355,11 @@ mod tests {
             "status": {
                 "phase": "Succeeded", "source": "node-a", "target": "node-b",
                 "sourceAlive": false, "sourceFenced": true, "targetStarted": true,
-                "checkpointId": "ck-1", "startedAt": "2026-12-06T15:00:00Z",
+                "checkpointId": null, "startedAt": "2026-12-06T15:00:00Z",
                 "phaseStartedAt": "2026-12-06T15:00:09Z", "attempts": 0,
                 "downtimeStartedAt": null, "downtime": "8s", "rollback": null,
                 "message": null, "replacementPod": "trainer-abc123", "bytesMoved": 1000,
+                "storedCheckpoint": {"id": "ck-0", "from": "node-c"},
                 "history": [
                     {"phase": "Transferring", "startedAt": "2026-12-06T15:00:00Z", "duration": "2s"},
                     {"phase": "Restoring", "startedAt": "2026-12-06T15:00:04Z", "duration": "3s"},
@@ -1356,6 +1379,7 @@ mod tests {
         assert_eq!(summary.resumed_at, Some(start + 7.0));
         assert_eq!(summary.freeze_started_at, None);
         assert_eq!(summary.replacement_pod.as_deref(), Some("trainer-abc123"));
-        assert_eq!(summary.checkpoint.as_deref(), Some("ck-1"));
+        // Restored from a stored checkpoint: the state machine has no checkpoint id of its own.
+        assert_eq!(summary.checkpoint.as_deref(), Some("ck-0"));
     }
 }

@@ -415,16 +415,32 @@ pub fn build_report(
         .filter(|run| matches!(run.kind, RunKind::Degradation { .. }))
     {
         let migration = run.migrations.first();
+        // The replacement resumes from the final dump: nothing the source had computed when
+        // the dump began is lost. Epochs the source computes after it (the kubelet checkpoint
+        // API leaves the container running until it is fenced, as CRI-O does) are computed
+        // again by the replacement: reported, they are not progress the dump held.
+        let resumed_at_dump = match (run.resumed_from_epoch, run.epoch_at_final_dump) {
+            (Some(resumed), Some(at_dump)) => resumed >= at_dump,
+            _ => false,
+        };
         check(
             &mut checks,
-            format!("{}: proactive migration lost no epoch", run.name),
-            migration.is_some() && run.lost_epochs == Some(0) && run.same_process == Some(true),
             format!(
-                "source reported epoch {:?}; the replacement resumed after epoch {:?}",
+                "{}: proactive migration lost no epoch (resumed from the final dump)",
+                run.name
+            ),
+            migration.is_some() && resumed_at_dump && run.same_process == Some(true),
+            format!(
+                "the source had reported epoch {:?} when the final dump began and epoch {:?} \
+                 when it was fenced; the replacement resumed after epoch {:?}, so {} epoch(s) \
+                 the source computed after the dump were computed again; same process: {:?}",
+                run.epoch_at_final_dump,
                 run.lost_epochs
                     .zip(run.resumed_from_epoch)
                     .map(|(lost, resumed)| lost + resumed),
-                run.resumed_from_epoch
+                run.resumed_from_epoch,
+                run.lost_epochs.unwrap_or(0),
+                run.same_process
             ),
         );
         let point = match run.kind {
