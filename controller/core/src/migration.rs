@@ -51,10 +51,13 @@ use crate::model::NodeName;
 use crate::policy::{Fallback, Policy};
 use crate::units;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum Phase {
     /// Decided; nothing done yet.
+    #[default]
     Pending,
     /// Copying the dataset and the newest checkpoint to the target while the source still runs.
     Syncing,
@@ -370,6 +373,17 @@ impl MigrationState {
             .next()
             .unwrap_or(message)
             .to_string()
+    }
+
+    /// Ended `Failed` after it began to act: what a person must look at (an alert stays up
+    /// until the Migration is deleted). A request refused before it started is answered to the
+    /// person who asked and does not count.
+    pub fn needs_attention(&self) -> bool {
+        self.phase == Phase::Failed
+            && self
+                .history
+                .iter()
+                .any(|timing| timing.phase != Phase::Pending)
     }
 
     /// Whether the current phase has run past its deadline at `now`.

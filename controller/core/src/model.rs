@@ -324,6 +324,20 @@ pub struct MigrationRecord {
     pub finished_at: Option<Timestamp>,
 }
 
+impl MigrationRecord {
+    /// A migration started at `at` that its driver has not reported on yet.
+    pub fn just_started(pod: PodRef, at: Timestamp) -> Self {
+        Self {
+            pod,
+            phase: Phase::Pending,
+            source: String::new(),
+            target: None,
+            started_at: at,
+            finished_at: None,
+        }
+    }
+}
+
 /// A user asked for a pod to move (`kubectl migrate`), optionally to a named node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -180,7 +180,7 @@ impl Migration {
     }
 
     pub fn is_terminal(&self) -> bool {
-        self.phase().is_some_and(Phase::is_terminal)
+        self.phase().is_some_and(|phase| phase.is_terminal())
     }
 
     /// A request: no status yet.

@@ -36,7 +36,7 @@ use std::sync::Mutex;
 use automigrate_core::annotations::{self, DatasetRef};
 use automigrate_core::decide::{CheckpointDecision, Decisions, EngineMemory, MigrationDecision};
 use automigrate_core::driver;
-use automigrate_core::migration::{self, Event, Limits, MigrationState, Phase};
+use automigrate_core::migration::{self, Event, Limits, MigrationState};
 use automigrate_core::model::{MigrationRecord, PodRef};
 use automigrate_core::policy::PolicySet;
 use automigrate_core::units;
@@ -364,14 +364,9 @@ impl Decider {
         }
         for (pod, (_, at)) in started.iter() {
             snapshot.requests.retain(|request| request.pod != *pod);
-            snapshot.migrations.push(MigrationRecord {
-                pod: pod.clone(),
-                phase: Phase::Pending,
-                source: String::new(),
-                target: None,
-                started_at: *at,
-                finished_at: None,
-            });
+            snapshot
+                .migrations
+                .push(MigrationRecord::just_started(pod.clone(), *at));
         }
     }
 
@@ -822,14 +817,7 @@ pub fn needing_attention(migrations: &[std::sync::Arc<Migration>]) -> usize {
     migrations
         .iter()
         .filter_map(|migration| migration.status.as_ref())
-        .filter(|status| {
-            status.state.phase == Phase::Failed
-                && status
-                    .state
-                    .history
-                    .iter()
-                    .any(|timing| timing.phase != Phase::Pending)
-        })
+        .filter(|status| status.state.needs_attention())
         .count()
 }
 

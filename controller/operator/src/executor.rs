@@ -209,7 +209,8 @@ impl Executor {
         let current = self.newest(migration);
         let Some(status) = current.status.clone() else {
             return Ok(Advanced {
-                phase: Phase::Pending,
+                // The phase a migration starts in.
+                phase: Default::default(),
                 waiting: Some("not started by the decision pass yet".into()),
             });
         };
