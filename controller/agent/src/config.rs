@@ -235,6 +235,39 @@ pub struct Args {
     )]
     pub image_reference: String,
 
+    /// Self-fencing: stop this node's protected pods (`automigrate.dev/protect: "true"`) when
+    /// no heartbeat younger than --self-fence-after comes from the API server or a peer (needs
+    /// the API server: --kube-api or in a pod). `false`: only log when it would.
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub self_fence: bool,
+
+    /// Heartbeat age at which this node fences itself (at most the controller's).
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_AFTER", value_parser = duration, default_value = "15s")]
+    pub self_fence_after: Duration,
+
+    /// Longest the kill of the protected containers may take (at most the controller's);
+    /// past it the watchdog, if any, is no longer fed.
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_STOP_TIME", value_parser = duration, default_value = "5s")]
+    pub self_fence_stop_time: Duration,
+
+    /// How often the node's kubelet renews its Lease.
+    #[arg(long, env = "AUTOMIGRATE_HEARTBEAT_INTERVAL", value_parser = duration, default_value = "10s")]
+    pub heartbeat_interval: Duration,
+
+    /// How often the agent checks its heartbeat.
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_CHECK_INTERVAL", value_parser = duration, default_value = "1s")]
+    pub self_fence_check_interval: Duration,
+
+    /// runc id of a protected pod's container for the kill: {namespace}, {pod}, {container},
+    /// {uid8} (default: --runc-container-id).
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_CONTAINER_ID")]
+    pub self_fence_container_id: Option<String>,
+
+    /// The hardware watchdog device to feed (e.g. /dev/watchdog): the last resort when the
+    /// kill does not finish. Off unless given.
+    #[arg(long, env = "AUTOMIGRATE_WATCHDOG")]
+    pub watchdog: Option<PathBuf>,
+
     /// Log format.
     #[arg(
         long,
@@ -406,11 +439,59 @@ impl Args {
             max_connections: usize::try_from(self.api_max_connections).unwrap_or(usize::MAX),
             shutdown_timeout: self.shutdown_timeout,
         };
+        serve.self_fence = self.self_fence_options(serve.token.as_deref())?;
         Ok(Parts {
             options,
             serve,
             checkpointer,
         })
+    }
+
+    /// Self-fencing needs the API server; without one it is off (and said so).
+    fn self_fence_options(
+        &self,
+        token: Option<&str>,
+    ) -> Result<Option<crate::standing::SelfFenceOptions>, ConfigError> {
+        use automigrate_core::fencing::SelfFenceTiming;
+        let timing = SelfFenceTiming {
+            self_fence_after: self.self_fence_after,
+            stop_time: self.self_fence_stop_time,
+            heartbeat_interval: self.heartbeat_interval,
+            check_interval: self.self_fence_check_interval,
+            ..SelfFenceTiming::default()
+        };
+        timing
+            .validate()
+            .map_err(|error| ConfigError::Invalid(format!("self-fencing: {error}")))?;
+        let read_timeout = timing.check_interval / 2;
+        let api = match &self.kube_api {
+            Some(url) => ApiServerTransport::new(url, None, None, read_timeout)?,
+            None => match ApiServerTransport::in_cluster(read_timeout) {
+                Ok(api) => api,
+                Err(error) => {
+                    tracing::warn!(%error, "no API server: self-fencing is off");
+                    return Ok(None);
+                }
+            },
+        };
+        if token.is_none() {
+            tracing::warn!(
+                "no --token-file: self-fencing neither asks nor answers peers (their answers could not be authenticated)"
+            );
+        }
+        Ok(Some(crate::standing::SelfFenceOptions {
+            timing,
+            enabled: self.self_fence,
+            view: crate::standing::ApiView { api },
+            key: token.map(crate::standing::PeerKey::from_token),
+            runc: self.runc.clone(),
+            runc_root: self.runc_root.clone(),
+            container_id: self
+                .self_fence_container_id
+                .clone()
+                .unwrap_or_else(|| self.runc_container_id.clone()),
+            watchdog: self.watchdog.clone(),
+        }))
     }
 
     fn checkpointer(&self) -> Result<Arc<dyn Checkpointer>, ConfigError> {
@@ -603,5 +684,61 @@ mod tests {
             .into_parts()
             .unwrap_err();
         assert!(error.to_string().contains("--full-every"), "{error}");
+    }
+    #[test]
+    fn self_fencing_is_on_with_an_api_server_and_refuses_unsafe_timing() {
+        let fixture = Fixture::new();
+        // No API server (not in a pod, no --kube-api): off.
+        let parts = fixture
+            .args(&["--allow-unauthenticated"])
+            .unwrap()
+            .into_parts()
+            .unwrap();
+        assert!(parts.serve.self_fence.is_none());
+        let parts = fixture
+            .args(&[
+                "--allow-unauthenticated",
+                "--kube-api=http://127.0.0.1:1",
+                "--runc-root=/run/node-a",
+            ])
+            .unwrap()
+            .into_parts()
+            .unwrap();
+        let fence = parts.serve.self_fence.unwrap();
+        assert!(fence.enabled);
+        assert_eq!(fence.timing.self_fence_after, Duration::from_secs(15));
+        assert_eq!(fence.container_id, "{namespace}-{pod}-{container}");
+        assert!(fence.key.is_none(), "no token, no peer question");
+        assert!(fence.watchdog.is_none(), "the watchdog is off unless given");
+        let parts = fixture
+            .args(&[
+                &fixture.token_file("0123456789abcdef-token"),
+                "--api-listen=127.0.0.1:9460",
+                "--kube-api=http://127.0.0.1:1",
+                "--self-fence=false",
+                "--heartbeat-interval=1s",
+                "--self-fence-after=3s",
+                "--self-fence-stop-time=2s",
+                "--self-fence-container-id={namespace}_{pod}_{container}_{uid8}",
+                "--watchdog=/dev/watchdog",
+            ])
+            .unwrap()
+            .into_parts()
+            .unwrap();
+        let fence = parts.serve.self_fence.unwrap();
+        assert!(!fence.enabled && fence.key.is_some());
+        assert_eq!(fence.timing.self_fence_after, Duration::from_secs(3));
+        assert_eq!(fence.container_id, "{namespace}_{pod}_{container}_{uid8}");
+        // 10 s renewals and a 10 s deadline: healthy nodes would fence themselves.
+        let error = fixture
+            .args(&[
+                "--allow-unauthenticated",
+                "--kube-api=http://127.0.0.1:1",
+                "--self-fence-after=10s",
+            ])
+            .unwrap()
+            .into_parts()
+            .unwrap_err();
+        assert!(error.to_string().contains("self-fence-after"), "{error}");
     }
 }

@@ -343,6 +343,15 @@ pub trait Watchdog: Send {
     fn disarm(&mut self) -> Result<(), String>;
 }
 
+impl Watchdog for Box<dyn Watchdog> {
+    fn pet(&mut self) -> Result<(), String> {
+        (**self).pet()
+    }
+    fn disarm(&mut self) -> Result<(), String> {
+        (**self).disarm()
+    }
+}
+
 /// No watchdog (the default; tests, nodes without one).
 #[derive(Debug, Default)]
 pub struct NoWatchdog;

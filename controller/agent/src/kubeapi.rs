@@ -102,13 +102,24 @@ impl ApiServerTransport {
     }
 }
 
-impl ApiTransport for ApiServerTransport {
-    async fn post(&self, path: &str) -> Result<ApiResponse, KubeletError> {
+impl ApiServerTransport {
+    /// GETs `path` (self-fencing reads its node's Lease and the pods on it).
+    pub async fn get(&self, path: &str) -> Result<ApiResponse, KubeletError> {
+        self.send(reqwest::Method::GET, path).await
+    }
+
+    /// The same transport with another per-request timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str) -> Result<ApiResponse, KubeletError> {
         let url = self
             .base
             .join(path)
             .map_err(|error| KubeletError::Transport(format!("path `{path}`: {error}")))?;
-        let mut request = self.http.post(url).timeout(self.timeout);
+        let mut request = self.http.request(method, url).timeout(self.timeout);
         if let Some(file) = &self.token_file {
             let token = tokio::fs::read_to_string(file).await.map_err(|error| {
                 KubeletError::Transport(format!("reading token {}: {error}", file.display()))
@@ -130,6 +141,12 @@ impl ApiTransport for ApiServerTransport {
             .await
             .map_err(|error| KubeletError::Transport(error.to_string()))?;
         Ok(ApiResponse { status, body })
+    }
+}
+
+impl ApiTransport for ApiServerTransport {
+    async fn post(&self, path: &str) -> Result<ApiResponse, KubeletError> {
+        self.send(reqwest::Method::POST, path).await
     }
 }
 

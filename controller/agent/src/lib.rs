@@ -13,6 +13,8 @@
 //!   store (verified) and datasets into the data root.
 //! - [`image`]: checkpoint OCI image layouts built from stored checkpoints.
 //! - [`fence`]: self-fencing (the node stops its protected pods when it loses its standing).
+//! - [`standing`]: what self-fencing acts through: Lease and pod reads, the authenticated peer
+//!   question, runc kills.
 //! - [`prober`]: the latency prober (TCP connect RTT and loss to each peer).
 //! - [`metrics`]: metric names and the Prometheus recorder.
 //! - [`config`]: the command line (flags with environment fallbacks).
@@ -40,6 +42,8 @@ pub mod metrics;
 pub mod prober;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod standing;
 
 pub use api::PodKey;
 pub use client::{AgentClient, ClientError};

@@ -126,15 +126,26 @@ impl PeerSource {
     }
 }
 
-/// Answers probes on a UDP socket until dropped.
+/// Answers probes on a UDP socket until dropped, and, with [`Responder::with_standing`],
+/// peers' self-fencing questions ([`crate::standing`]) within the same rate limit.
 #[derive(Debug)]
 pub struct Responder {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
+    standing: Option<crate::standing::StandingService>,
 }
 
 impl Responder {
     pub fn new(socket: UdpSocket) -> Self {
-        Self { socket }
+        Self {
+            socket: Arc::new(socket),
+            standing: None,
+        }
+    }
+
+    /// Also answers peers' questions about their standing.
+    pub fn with_standing(mut self, service: crate::standing::StandingService) -> Self {
+        self.standing = Some(service);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -142,7 +153,7 @@ impl Responder {
     }
 
     pub async fn serve(self) {
-        let mut buffer = [0u8; 64];
+        let mut buffer = [0u8; 512];
         let mut window_start = Instant::now();
         let mut answered = 0u32;
         loop {
@@ -154,7 +165,8 @@ impl Responder {
                     continue;
                 }
             };
-            if len != PROBE_LEN || &buffer[..8] != PROBE_MAGIC {
+            let question = len > 8 && &buffer[..8] == crate::standing::REQUEST_MAGIC;
+            if !question && (len != PROBE_LEN || &buffer[..8] != PROBE_MAGIC) {
                 continue;
             }
             if window_start.elapsed() >= Duration::from_secs(1) {
@@ -165,6 +177,12 @@ impl Responder {
                 continue;
             }
             answered += 1;
+            if question {
+                if let Some(standing) = &self.standing {
+                    standing.answer(self.socket.clone(), buffer[..len].to_vec(), from);
+                }
+                continue;
+            }
             if let Err(error) = self.socket.send_to(&buffer[..len], from).await {
                 tracing::debug!(%error, %from, "probe answer failed");
             }

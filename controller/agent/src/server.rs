@@ -601,6 +601,8 @@ pub struct ServeOptions {
     pub receiver: automigrate_transfer::ReceiverConfig,
     /// Bounds on the API's connections.
     pub http: HttpLimits,
+    /// Self-fencing ([`crate::fence`]); `None`: off.
+    pub self_fence: Option<crate::standing::SelfFenceOptions>,
 }
 
 impl ServeOptions {
@@ -613,6 +615,7 @@ impl ServeOptions {
             ingest_interval: Duration::from_millis(500),
             receiver: automigrate_transfer::ReceiverConfig::new(data_root),
             http: HttpLimits::default(),
+            self_fence: None,
         }
     }
 }
@@ -662,7 +665,15 @@ impl RunningAgent {
             },
             tracing::info_span!("receiver", addr = %transfer_addr),
         )));
-        tasks.push(tokio::spawn(Responder::new(listeners.probe).serve()));
+        let mut responder = Responder::new(listeners.probe);
+        if let Some(service) = options
+            .self_fence
+            .as_ref()
+            .and_then(|fence| fence.service(&agent.options().node_name))
+        {
+            responder = responder.with_standing(service);
+        }
+        tasks.push(tokio::spawn(responder.serve()));
         tasks.push(tokio::spawn(tracing::Instrument::instrument(
             Prober {
                 source: options.peers.clone(),
@@ -698,6 +709,17 @@ impl RunningAgent {
         }));
 
         let (shutdown, stop) = watch::channel(false);
+        if let Some(fence) = options.self_fence.clone() {
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(
+                fence.run(
+                    agent.options().node_name.clone(),
+                    options.peers.clone(),
+                    agent.metrics().clone(),
+                    shutdown.subscribe(),
+                ),
+                tracing::info_span!("self_fence"),
+            )));
+        }
         let app = router(agent.clone(), options.token.clone());
         let http = tokio::spawn(serve_api(listeners.api, app, options.http, stop));
         tracing::info!(api = %api_addr, transfer = %transfer_addr, node = %agent.options().node_name, "agent serving");

@@ -1,0 +1,848 @@
+//! What self-fencing ([`crate::fence`]) acts through on a real node: reading this node's
+//! heartbeat (its Lease) and protected pods from the API server, asking the peers, and killing
+//! containers with runc.
+//!
+//! **The peer question.** An agent that cannot read its own Lease asks every peer, over UDP on
+//! the probe port, "do you reach the API server, and what is my heartbeat?". The peer reads the
+//! asker's Lease (`get` on `leases` in `kube-node-lease`) and answers with the `renewTime` it
+//! saw, or that it does not reach the API server. Both messages carry a BLAKE3 MAC keyed from
+//! the agents' shared API token, and the answer echoes the question's random nonce: a forged
+//! answer could hold a fence back, so unauthenticated answers are dropped (and without a token
+//! peers are not asked). A replayed or slow answer can only carry an older heartbeat, which
+//! the state machine never lets age a fresher one. The asker computes the heartbeat's age with
+//! its own clock, the clock of the kubelet that wrote it.
+//!
+//! Request: `AMSTAND1` | nonce (8) | name length (1) | asker node | MAC (32).
+//! Answer: `AMSTANR1` | nonce (8) | reaches (1) | renewTime µs since the epoch (8, i64) |
+//! name length (1) | answering node | MAC (32).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::net::UdpSocket;
+
+use crate::fence::{Observation, Standing, Stopper};
+use crate::kubeapi::ApiServerTransport;
+use crate::prober::PeerSource;
+
+pub const REQUEST_MAGIC: &[u8; 8] = b"AMSTAND1";
+pub const ANSWER_MAGIC: &[u8; 8] = b"AMSTANR1";
+const MAC_LEN: usize = 32;
+/// The namespace of node Leases.
+pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+/// The annotation that protects a pod (`automigrate.dev/protect: "true"`).
+pub const PROTECT_ANNOTATION: &str = automigrate_core::annotations::PROTECT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandingError {
+    #[error("malformed message")]
+    Malformed,
+    #[error("bad MAC")]
+    BadMac,
+}
+
+/// The key both sides of the peer question use, derived from the agents' shared token.
+#[derive(Clone)]
+pub struct PeerKey([u8; 32]);
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerKey(..)")
+    }
+}
+
+impl PeerKey {
+    pub fn from_token(token: &str) -> Self {
+        Self(blake3::derive_key(
+            "automigrate 2026 self-fence peer standing v1",
+            token.as_bytes(),
+        ))
+    }
+
+    fn mac(&self, message: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&self.0, message)
+    }
+
+    fn seal(&self, mut message: Vec<u8>) -> Vec<u8> {
+        let mac = self.mac(&message);
+        message.extend_from_slice(mac.as_bytes());
+        message
+    }
+
+    /// The message without its MAC, if the MAC is right (compared in constant time).
+    fn open<'a>(&self, sealed: &'a [u8]) -> Result<&'a [u8], StandingError> {
+        if sealed.len() < MAC_LEN {
+            return Err(StandingError::Malformed);
+        }
+        let (message, mac) = sealed.split_at(sealed.len() - MAC_LEN);
+        let mac: [u8; MAC_LEN] = mac.try_into().map_err(|_| StandingError::Malformed)?;
+        if self.mac(message) == blake3::Hash::from_bytes(mac) {
+            Ok(message)
+        } else {
+            Err(StandingError::BadMac)
+        }
+    }
+}
+
+fn push_name(buffer: &mut Vec<u8>, name: &str) -> Result<(), StandingError> {
+    let length = u8::try_from(name.len()).map_err(|_| StandingError::Malformed)?;
+    buffer.push(length);
+    buffer.extend_from_slice(name.as_bytes());
+    Ok(())
+}
+
+fn take_name(rest: &[u8]) -> Result<(String, &[u8]), StandingError> {
+    let (&length, rest) = rest.split_first().ok_or(StandingError::Malformed)?;
+    let length = usize::from(length);
+    if rest.len() < length {
+        return Err(StandingError::Malformed);
+    }
+    let (name, rest) = rest.split_at(length);
+    let name = std::str::from_utf8(name).map_err(|_| StandingError::Malformed)?;
+    Ok((name.to_string(), rest))
+}
+
+fn take8(rest: &[u8]) -> Result<([u8; 8], &[u8]), StandingError> {
+    if rest.len() < 8 {
+        return Err(StandingError::Malformed);
+    }
+    let (head, rest) = rest.split_at(8);
+    Ok((head.try_into().map_err(|_| StandingError::Malformed)?, rest))
+}
+
+pub fn encode_request(key: &PeerKey, nonce: u64, asker: &str) -> Result<Vec<u8>, StandingError> {
+    let mut message = REQUEST_MAGIC.to_vec();
+    message.extend_from_slice(&nonce.to_be_bytes());
+    push_name(&mut message, asker)?;
+    Ok(key.seal(message))
+}
+
+/// The nonce and the asking node.
+pub fn decode_request(key: &PeerKey, sealed: &[u8]) -> Result<(u64, String), StandingError> {
+    let message = key.open(sealed)?;
+    let rest = message
+        .strip_prefix(REQUEST_MAGIC.as_slice())
+        .ok_or(StandingError::Malformed)?;
+    let (nonce, rest) = take8(rest)?;
+    let (asker, rest) = take_name(rest)?;
+    if !rest.is_empty() {
+        return Err(StandingError::Malformed);
+    }
+    Ok((u64::from_be_bytes(nonce), asker))
+}
+
+/// A peer's answer: the asker's heartbeat as the peer read it, or `None`: no API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub nonce: u64,
+    pub peer: String,
+    pub renewed: Option<Timestamp>,
+}
+
+pub fn encode_answer(key: &PeerKey, answer: &Answer) -> Result<Vec<u8>, StandingError> {
+    let mut message = ANSWER_MAGIC.to_vec();
+    message.extend_from_slice(&answer.nonce.to_be_bytes());
+    message.push(u8::from(answer.renewed.is_some()));
+    let micros = answer.renewed.map_or(0, |time| time.as_microsecond());
+    message.extend_from_slice(&micros.to_be_bytes());
+    push_name(&mut message, &answer.peer)?;
+    Ok(key.seal(message))
+}
+
+pub fn decode_answer(key: &PeerKey, sealed: &[u8]) -> Result<Answer, StandingError> {
+    let message = key.open(sealed)?;
+    let rest = message
+        .strip_prefix(ANSWER_MAGIC.as_slice())
+        .ok_or(StandingError::Malformed)?;
+    let (nonce, rest) = take8(rest)?;
+    let (&reaches, rest) = rest.split_first().ok_or(StandingError::Malformed)?;
+    let (micros, rest) = take8(rest)?;
+    let (peer, rest) = take_name(rest)?;
+    if !rest.is_empty() || reaches > 1 {
+        return Err(StandingError::Malformed);
+    }
+    let renewed = if reaches == 1 {
+        Some(
+            Timestamp::from_microsecond(i64::from_be_bytes(micros))
+                .map_err(|_| StandingError::Malformed)?,
+        )
+    } else {
+        None
+    };
+    Ok(Answer {
+        nonce: u64::from_be_bytes(nonce),
+        peer,
+        renewed,
+    })
+}
+
+/// A protected pod on this node, as last listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectedPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub containers: Vec<String>,
+}
+
+/// This node's view of the API server: its Lease and its protected pods.
+#[derive(Debug, Clone)]
+pub struct ApiView {
+    pub api: ApiServerTransport,
+}
+
+impl ApiView {
+    /// The `renewTime` of `node`'s Lease.
+    pub async fn renewed(&self, node: &str) -> Result<Timestamp, String> {
+        let path =
+            format!("/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}/leases/{node}");
+        let response = self
+            .api
+            .get(&path)
+            .await
+            .map_err(|error| error.to_string())?;
+        if response.status != 200 {
+            return Err(format!("GET {path}: HTTP {}", response.status));
+        }
+        let lease: serde_json::Value =
+            serde_json::from_str(&response.body).map_err(|error| format!("Lease: {error}"))?;
+        lease["spec"]["renewTime"]
+            .as_str()
+            .ok_or_else(|| "the Lease has no renewTime".to_string())?
+            .parse::<Timestamp>()
+            .map_err(|error| format!("renewTime: {error}"))
+    }
+
+    /// The pods on `node` annotated `automigrate.dev/protect: "true"`.
+    pub async fn protected_pods(&self, node: &str) -> Result<Vec<ProtectedPod>, String> {
+        let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{node}");
+        let response = self
+            .api
+            .get(&path)
+            .await
+            .map_err(|error| error.to_string())?;
+        if response.status != 200 {
+            return Err(format!("GET {path}: HTTP {}", response.status));
+        }
+        let list: serde_json::Value =
+            serde_json::from_str(&response.body).map_err(|error| format!("pods: {error}"))?;
+        Ok(parse_protected(&list, node))
+    }
+}
+
+/// The protected pods of a pod list that run on `node`.
+pub fn parse_protected(list: &serde_json::Value, node: &str) -> Vec<ProtectedPod> {
+    let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_string();
+    list["items"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|pod| pod["spec"]["nodeName"].as_str() == Some(node))
+        .filter(|pod| pod["metadata"]["annotations"][PROTECT_ANNOTATION].as_str() == Some("true"))
+        .map(|pod| ProtectedPod {
+            namespace: text(&pod["metadata"]["namespace"]),
+            name: text(&pod["metadata"]["name"]),
+            uid: text(&pod["metadata"]["uid"]),
+            containers: pod["spec"]["containers"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|container| text(&container["name"]))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Answers peers' questions about their standing (wired into the probe responder).
+#[derive(Debug, Clone)]
+pub struct StandingService {
+    pub node: String,
+    pub key: PeerKey,
+    pub view: ApiView,
+    /// At most this many questions are answered at once (each is an API read).
+    pub slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl StandingService {
+    /// Answers one question (if it is authentic) on `socket`, in the background.
+    pub fn answer(&self, socket: Arc<UdpSocket>, question: Vec<u8>, from: SocketAddr) {
+        let Ok((nonce, asker)) = decode_request(&self.key, &question) else {
+            return;
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return;
+        };
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let renewed = service.view.renewed(&asker).await.ok();
+            let answer = Answer {
+                nonce,
+                peer: service.node.clone(),
+                renewed,
+            };
+            if let Ok(sealed) = encode_answer(&service.key, &answer)
+                && let Err(error) = socket.send_to(&sealed, from).await
+            {
+                tracing::debug!(%error, %from, "standing answer failed");
+            }
+        });
+    }
+}
+
+/// The real [`Standing`]: this node's Lease from the API server, the peers over UDP. Each
+/// successful read also refreshes the list of protected pods the [`RuncStopper`] kills.
+#[derive(Debug)]
+pub struct NodeStanding {
+    pub node: String,
+    pub view: ApiView,
+    pub peers: PeerSource,
+    /// `None`: no token, so peers' answers could not be trusted and they are not asked.
+    pub key: Option<PeerKey>,
+    pub answer_timeout: Duration,
+    pub protected: Arc<Mutex<Vec<ProtectedPod>>>,
+    pub pods_every: u32,
+    pub reads: Mutex<u32>,
+}
+
+impl Standing for NodeStanding {
+    async fn own_heartbeat_age(&self) -> Result<Duration, String> {
+        let renewed = self.view.renewed(&self.node).await?;
+        let due = self
+            .reads
+            .lock()
+            .map(|mut reads| {
+                *reads = reads.wrapping_add(1);
+                *reads % self.pods_every.max(1) == 1 || self.pods_every <= 1
+            })
+            .unwrap_or(true);
+        if due {
+            match self.view.protected_pods(&self.node).await {
+                Ok(pods) => {
+                    if let Ok(mut protected) = self.protected.lock() {
+                        *protected = pods;
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "listing protected pods failed"),
+            }
+        }
+        Ok(age_of(renewed, Timestamp::now()))
+    }
+
+    async fn ask_peers(&self) -> Vec<Observation> {
+        let Some(key) = &self.key else {
+            return Vec::new();
+        };
+        let peers = match self.peers.load().await {
+            Ok(peers) => peers,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the peer list to ask about standing");
+                return Vec::new();
+            }
+        };
+        let mut asked = tokio::task::JoinSet::new();
+        for peer in peers {
+            let key = key.clone();
+            let node = self.node.clone();
+            let timeout = self.answer_timeout;
+            asked.spawn(async move { ask_one(&key, &node, &peer.address, timeout).await });
+        }
+        let mut observations = Vec::new();
+        while let Some(joined) = asked.join_next().await {
+            if let Ok(Some(answer)) = joined {
+                observations.push(match answer.renewed {
+                    Some(renewed) => Observation::PeerSawHeartbeat {
+                        peer: answer.peer,
+                        age: age_of(renewed, Timestamp::now()),
+                    },
+                    None => Observation::PeerNoApi { peer: answer.peer },
+                });
+            }
+        }
+        observations
+    }
+}
+
+/// `now - renewed`, zero for a heartbeat from the future.
+pub fn age_of(renewed: Timestamp, now: Timestamp) -> Duration {
+    automigrate_core::units::age(now, renewed)
+}
+
+fn fresh_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        // Without randomness a nonce from the clock still separates questions.
+        return u64::try_from(Timestamp::now().as_nanosecond()).unwrap_or_default();
+    }
+    u64::from_be_bytes(bytes)
+}
+
+/// Asks one peer; its authentic answer to this very question, if it comes in time.
+pub async fn ask_one(
+    key: &PeerKey,
+    node: &str,
+    address: &str,
+    timeout: Duration,
+) -> Option<Answer> {
+    let target = tokio::net::lookup_host(address).await.ok()?.next()?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(bind).await.ok()?;
+    socket.connect(target).await.ok()?;
+    let nonce = fresh_nonce();
+    socket
+        .send(&encode_request(key, nonce, node).ok()?)
+        .await
+        .ok()?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buffer = [0u8; 512];
+    loop {
+        let len = tokio::time::timeout_at(deadline, socket.recv(&mut buffer))
+            .await
+            .ok()?
+            .ok()?;
+        if let Ok(answer) = decode_answer(key, &buffer[..len])
+            && answer.nonce == nonce
+        {
+            return Some(answer);
+        }
+    }
+}
+
+/// Kills protected pods' containers with `runc kill` (SIGKILL) and waits until runc reports
+/// them stopped. Container ids come from a template: `{namespace}`, `{pod}`, `{container}`,
+/// `{uid8}` (the first 8 alphanumerics of the pod's uid).
+#[derive(Debug)]
+pub struct RuncStopper {
+    pub runc: String,
+    pub root: Option<std::path::PathBuf>,
+    pub template: String,
+    pub protected: Arc<Mutex<Vec<ProtectedPod>>>,
+    pub condemned: Mutex<BTreeSet<String>>,
+    pub stop_time: Duration,
+}
+
+/// The runc id of a pod's container under `template`.
+pub fn container_id(template: &str, pod: &ProtectedPod, container: &str) -> String {
+    let uid8: String = pod
+        .uid
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    template
+        .replace("{namespace}", &pod.namespace)
+        .replace("{pod}", &pod.name)
+        .replace("{container}", container)
+        .replace("{uid8}", &uid8)
+}
+
+impl RuncStopper {
+    async fn runc(&self, args: &[&str]) -> Result<std::process::Output, String> {
+        let mut command = tokio::process::Command::new(&self.runc);
+        if let Some(root) = &self.root {
+            command.arg("--root").arg(root);
+        }
+        command
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|error| format!("{}: {error}", self.runc))
+    }
+
+    /// Whether runc knows `id` as a live (running, paused or created) container.
+    async fn live(&self, id: &str) -> Result<bool, String> {
+        let output = self.runc(&["state", id]).await?;
+        if !output.status.success() {
+            // "container does not exist": gone.
+            return Ok(false);
+        }
+        let state: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .map_err(|error| format!("runc state {id}: {error}"))?;
+        Ok(state["status"].as_str() != Some("stopped"))
+    }
+
+    /// Kills every live container of `ids`; `Ok(killed)` once none is live, within the stop
+    /// time.
+    async fn kill_all(&self, ids: &BTreeSet<String>) -> Result<usize, String> {
+        let mut killed = 0;
+        let mut live = Vec::new();
+        for id in ids {
+            if self.live(id).await? {
+                let output = self.runc(&["kill", id, "KILL"]).await?;
+                if !output.status.success() && self.live(id).await? {
+                    return Err(format!(
+                        "runc kill {id}: {}",
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    ));
+                }
+                killed += 1;
+                live.push(id.clone());
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.stop_time;
+        for id in live {
+            while self.live(&id).await? {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!("{id} still runs after SIGKILL"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(killed)
+    }
+}
+
+impl Stopper for RuncStopper {
+    async fn stop_protected(&self) -> Result<usize, String> {
+        let ids: BTreeSet<String> = self
+            .protected
+            .lock()
+            .map_err(|_| "protected pod list poisoned".to_string())?
+            .iter()
+            .flat_map(|pod| {
+                pod.containers
+                    .iter()
+                    .map(|container| container_id(&self.template, pod, container))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let all = {
+            let mut condemned = self
+                .condemned
+                .lock()
+                .map_err(|_| "condemned list poisoned".to_string())?;
+            condemned.extend(ids);
+            condemned.clone()
+        };
+        self.kill_all(&all).await
+    }
+
+    async fn keep_down(&self) -> Result<usize, String> {
+        let all = self
+            .condemned
+            .lock()
+            .map_err(|_| "condemned list poisoned".to_string())?
+            .clone();
+        self.kill_all(&all).await
+    }
+}
+
+/// Self-fencing as the daemon runs it.
+#[derive(Debug, Clone)]
+pub struct SelfFenceOptions {
+    pub timing: automigrate_core::fencing::SelfFenceTiming,
+    /// Off: the agent only logs when it would fence.
+    pub enabled: bool,
+    /// The API server, with a per-request timeout of half a check interval.
+    pub view: ApiView,
+    /// From the agents' shared token; `None`: peers are neither asked nor answered.
+    pub key: Option<PeerKey>,
+    pub runc: String,
+    pub runc_root: Option<std::path::PathBuf>,
+    /// runc id template of a protected pod's container (see [`container_id`]).
+    pub container_id: String,
+    /// The hardware watchdog device, if it is to be used (the last resort).
+    pub watchdog: Option<std::path::PathBuf>,
+}
+
+impl SelfFenceOptions {
+    /// The answering side, wired into the probe responder.
+    pub fn service(&self, node: &str) -> Option<StandingService> {
+        Some(StandingService {
+            node: node.to_string(),
+            key: self.key.clone()?,
+            view: self.view.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(16)),
+        })
+    }
+
+    /// Runs the self-fencing loop until `shutdown`.
+    pub async fn run(
+        self,
+        node: String,
+        peers: PeerSource,
+        metrics: crate::metrics::AgentMetrics,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let protected = Arc::new(Mutex::new(Vec::new()));
+        let standing = NodeStanding {
+            node,
+            view: self.view,
+            peers,
+            key: self.key,
+            answer_timeout: self.timing.check_interval / 2,
+            protected: protected.clone(),
+            pods_every: 5,
+            reads: Mutex::new(0),
+        };
+        let stopper = RuncStopper {
+            runc: self.runc,
+            root: self.runc_root,
+            template: self.container_id,
+            protected,
+            condemned: Mutex::new(BTreeSet::new()),
+            stop_time: self.timing.stop_time,
+        };
+        let machine = crate::fence::SelfFence::new(self.timing, self.enabled, Duration::ZERO);
+        let interval = self.timing.check_interval;
+        let watchdog: Box<dyn crate::fence::Watchdog> = match &self.watchdog {
+            Some(path) => match crate::fence::DeviceWatchdog::open(path) {
+                Ok(device) => Box::new(device),
+                Err(error) => {
+                    tracing::error!(%error, "cannot open the watchdog; self-fencing without it");
+                    Box::new(crate::fence::NoWatchdog)
+                }
+            },
+            None => Box::new(crate::fence::NoWatchdog),
+        };
+        tracing::info!(
+            enabled = self.enabled,
+            self_fence_after = %automigrate_core::units::format_duration(self.timing.self_fence_after),
+            peers_asked = standing.key.is_some(),
+            "self-fencing watches this node's heartbeat"
+        );
+        crate::fence::FenceLoop {
+            machine,
+            standing,
+            stopper,
+            watchdog,
+            metrics: Some(metrics),
+        }
+        .run(interval, shutdown)
+        .await;
+    }
+}
+
+/// Peers by node, for tests and logs.
+pub fn by_node(answers: &[Answer]) -> BTreeMap<String, Option<Timestamp>> {
+    answers
+        .iter()
+        .map(|answer| (answer.peer.clone(), answer.renewed))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn questions_and_answers_round_trip_and_refuse_tampering() {
+        let key = PeerKey::from_token("0123456789abcdef-token");
+        let request = encode_request(&key, 42, "node-a").unwrap();
+        assert_eq!(
+            decode_request(&key, &request).unwrap(),
+            (42, "node-a".into())
+        );
+        let other = PeerKey::from_token("another-token-0123456789");
+        assert!(matches!(
+            decode_request(&other, &request),
+            Err(StandingError::BadMac)
+        ));
+        let mut tampered = request.clone();
+        tampered[9] ^= 1;
+        assert!(decode_request(&key, &tampered).is_err());
+
+        let renewed: Timestamp = "2026-12-06T15:00:00.123456Z".parse().unwrap();
+        for renewed in [Some(renewed), None] {
+            let answer = Answer {
+                nonce: 42,
+                peer: "node-b".into(),
+                renewed,
+            };
+            let sealed = encode_answer(&key, &answer).unwrap();
+            assert_eq!(decode_answer(&key, &sealed).unwrap(), answer);
+            // An answer is not a question and the other way round.
+            assert!(decode_request(&key, &sealed).is_err());
+            assert!(decode_answer(&other, &sealed).is_err());
+            let mut forged = sealed.clone();
+            forged[17] ^= 0x55;
+            assert!(decode_answer(&key, &forged).is_err(), "forged renewTime");
+        }
+        assert!(decode_answer(&key, &request).is_err());
+        assert!(decode_answer(&key, b"short").is_err());
+    }
+
+    #[test]
+    fn only_protected_pods_of_this_node_are_listed() {
+        let list = serde_json::json!({"items": [
+            {"metadata": {"namespace": "ml", "name": "trainer", "uid": "1a2b-3c4d-5e6f",
+                          "annotations": {"automigrate.dev/protect": "true"}},
+             "spec": {"nodeName": "node-a", "containers": [{"name": "main"}, {"name": "side"}]}},
+            {"metadata": {"namespace": "ml", "name": "web", "uid": "u2"},
+             "spec": {"nodeName": "node-a", "containers": [{"name": "main"}]}},
+            {"metadata": {"namespace": "ml", "name": "other", "uid": "u3",
+                          "annotations": {"automigrate.dev/protect": "true"}},
+             "spec": {"nodeName": "node-b", "containers": [{"name": "main"}]}}
+        ]});
+        let pods = parse_protected(&list, "node-a");
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].containers, ["main", "side"]);
+        assert_eq!(
+            container_id("{namespace}_{pod}_{container}_{uid8}", &pods[0], "main"),
+            "ml_trainer_main_1a2b3c4d"
+        );
+        assert_eq!(
+            container_id("{namespace}-{pod}-{container}", &pods[0], "side"),
+            "ml-trainer-side"
+        );
+    }
+
+    /// A peer answers with the asker's heartbeat from the API server; a peer that cannot read
+    /// it says so; a wrong key gets no answer at all.
+    #[tokio::test]
+    async fn a_peer_answers_with_the_heartbeat_it_reads() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        // A one-request API server with node-a's Lease.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                let read = stream.read(&mut buffer).await.unwrap();
+                request.extend_from_slice(&buffer[..read]);
+            }
+            let body = r#"{"spec":{"renewTime":"2026-12-06T15:00:00.500000Z"}}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let key = PeerKey::from_token("0123456789abcdef-token");
+        let view = |url: &str| ApiView {
+            api: ApiServerTransport::new(url, None, None, Duration::from_secs(5)).unwrap(),
+        };
+        let service = StandingService {
+            node: "node-b".into(),
+            key: key.clone(),
+            view: view(&api),
+            slots: Arc::new(tokio::sync::Semaphore::new(4)),
+        };
+        // The probe responder answers the question (and still echoes probes).
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let address = socket.local_addr().unwrap().to_string();
+        let serving = tokio::spawn(
+            crate::prober::Responder::new(socket)
+                .with_standing(service)
+                .serve(),
+        );
+        crate::prober::probe_once(&address, 1, 7, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let answer = ask_one(&key, "node-a", &address, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(answer.peer, "node-b");
+        assert_eq!(
+            answer.renewed,
+            Some("2026-12-06T15:00:00.5Z".parse().unwrap())
+        );
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with(
+                "GET /apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-a "
+            ),
+            "{request}"
+        );
+        // The API server is gone now: the peer says it does not reach it.
+        let answer = ask_one(&key, "node-a", &address, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(answer.renewed, None);
+        // A question under another key is not answered.
+        let other = PeerKey::from_token("another-token-0123456789");
+        assert!(
+            ask_one(&other, "node-a", &address, Duration::from_millis(300))
+                .await
+                .is_none()
+        );
+        serving.abort();
+    }
+    /// A stand-in runc: `state ID` says running until `kill ID KILL` was called (a file per
+    /// container under the root), "does not exist" for unknown ids; every call is logged.
+    fn fake_runc(dir: &std::path::Path) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let script = dir.join("runc");
+        std::fs::write(
+            &script,
+            r#"#!/bin/sh
+root="$2"; shift 2
+echo "$@" >> "$root/calls"
+case "$1" in
+  state)
+    [ -e "$root/$2.exists" ] || { echo "container does not exist" >&2; exit 1; }
+    if [ -e "$root/$2.killed" ]; then echo '{"status":"stopped"}'; else echo '{"status":"running"}'; fi ;;
+  kill) touch "$root/$2.killed" ;;
+esac
+"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script.display().to_string()
+    }
+
+    /// Fails if the stopper kills a pod that is not protected, misses a container, reports
+    /// done before runc says stopped, or forgets what it condemned.
+    #[tokio::test]
+    async fn the_stopper_kills_protected_containers_and_keeps_condemned_ones_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        for id in [
+            "ml_trainer_main_1a2b3c4d",
+            "ml_trainer_side_1a2b3c4d",
+            "ml_web_main_u2",
+        ] {
+            std::fs::write(root.join(format!("{id}.exists")), "").unwrap();
+        }
+        let trainer = ProtectedPod {
+            namespace: "ml".into(),
+            name: "trainer".into(),
+            uid: "1a2b-3c4d-5e6f".into(),
+            containers: vec!["main".into(), "side".into()],
+        };
+        let protected = Arc::new(Mutex::new(vec![trainer]));
+        let stopper = RuncStopper {
+            runc: fake_runc(dir.path()),
+            root: Some(root.clone()),
+            template: "{namespace}_{pod}_{container}_{uid8}".into(),
+            protected: protected.clone(),
+            condemned: Mutex::new(BTreeSet::new()),
+            stop_time: Duration::from_secs(10),
+        };
+        assert_eq!(stopper.stop_protected().await.unwrap(), 2);
+        for id in ["ml_trainer_main_1a2b3c4d", "ml_trainer_side_1a2b3c4d"] {
+            assert!(root.join(format!("{id}.killed")).exists(), "{id}");
+        }
+        assert!(
+            !root.join("ml_web_main_u2.killed").exists(),
+            "unprotected pod killed"
+        );
+        // Killed already: nothing more to kill.
+        assert_eq!(stopper.stop_protected().await.unwrap(), 0);
+        // The pod list changes (the trainer is gone from it), the kubelet restarts the
+        // container: keeping down still kills it.
+        protected.lock().unwrap().clear();
+        std::fs::remove_file(root.join("ml_trainer_main_1a2b3c4d.killed")).unwrap();
+        assert_eq!(stopper.keep_down().await.unwrap(), 1);
+        let calls = std::fs::read_to_string(root.join("calls")).unwrap();
+        assert!(
+            calls.contains("kill ml_trainer_main_1a2b3c4d KILL"),
+            "{calls}"
+        );
+        assert!(!calls.contains("kill ml_web"), "{calls}");
+    }
+}
