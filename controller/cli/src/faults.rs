@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long)]
     keep: bool,
     /// A run that has not finished training by then is stopped and counted stuck.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 420)]
     run_deadline_s: u64,
     /// Only check that this machine can run the suite.
     #[arg(long)]
@@ -162,8 +162,28 @@ pub fn run(args: Args) -> Result<ExitCode> {
             eprintln!("warning: writing the partial report: {error}");
         }
     };
-    let outcome = runtime.block_on(faults::run_suite(&settings, write_partial));
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    // On SIGINT or SIGTERM the suite is dropped: the run's cluster tears itself down (its
+    // components and containers stop, its namespaces go); the report written after the last
+    // finished run stays.
+    let outcome = runtime.block_on(async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("listening for SIGTERM")?;
+        tokio::select! {
+            outcome = faults::run_suite(&settings, write_partial) => Ok(Some(outcome)),
+            _ = tokio::signal::ctrl_c() => Ok::<_, anyhow::Error>(None),
+            _ = terminate.recv() => Ok(None),
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(30));
+    let Some(outcome) = outcome? else {
+        eprintln!(
+            "interrupted: the cluster of the run in progress was torn down; the report in {} \
+             covers the runs that finished",
+            args.out.display()
+        );
+        return Ok(ExitCode::from(130));
+    };
     let (reference, records) = outcome?;
     let report = report::build(
         &settings, reference, records, &command, &commit, machine, left_out,

@@ -467,9 +467,10 @@ fn draw_plan(index: usize, kind: FaultKind, seed: u64, occurrence: usize) -> Fau
 
 /// The suite's policy: deploy's `default` with the shortest failure triggers the policy floors
 /// allow (a kubelet here renews its Lease every second) and a pod checkpoint interval down to
-/// 1 s, so a run of a few tens of seconds has several checkpoints. Everything else (retention,
-/// incremental dumps, one standby copy, the 10 min cooldown, the 5 min restore timeout, the
-/// rollback fallback) is deploy's.
+/// 1 s, so a run of a few tens of seconds has several checkpoints, and a 2 min restore timeout
+/// (deploy: 5 min), so a run sees how a phase that keeps failing ends. Everything else
+/// (retention, incremental dumps, one standby copy, the 10 min cooldown, the rollback fallback)
+/// is deploy's.
 pub const SUITE_POLICY: &str = "\
 apiVersion: v1
 kind: ConfigMap
@@ -491,7 +492,7 @@ data:
       leaseTimeout: 15s
       cooldown: 10m
     restore:
-      timeout: 5m
+      timeout: 2m
       fallback: rollback
 ";
 
@@ -558,7 +559,7 @@ pub fn standard_settings(
         seed,
         runs,
         kinds,
-        run_deadline_s: 300,
+        run_deadline_s: 420,
         settle_s: 30,
         disk_mib: 512,
         keep: false,
@@ -629,6 +630,10 @@ pub struct RunRecord {
     /// Checkpoints other live nodes held when the fault struck, the damaged one excepted.
     pub resumable_before_fault: Vec<String>,
     pub datasets_verified: usize,
+    /// Nodes the harness put the dataset on before the run (the others got it from the
+    /// controller, or not at all).
+    #[serde(default)]
+    pub dataset_provisioned_on: Vec<String>,
     /// Lines in the agents' logs saying a received piece, file or archive did not verify.
     pub receiver_refusals: usize,
     /// The controller's Events on the policy ConfigMap (`reason: note`).
@@ -667,6 +672,7 @@ impl RunRecord {
             checkpoints_verified: 0,
             resumable_before_fault: Vec::new(),
             datasets_verified: 0,
+            dataset_provisioned_on: Vec::new(),
             receiver_refusals: 0,
             policy_events: Vec::new(),
             policy_outcome: None,
@@ -961,13 +967,23 @@ async fn drive(
         std::fs::create_dir_all(&work)
             .map_err(|error| FaultError::Setup(format!("{}: {error}", work.display())))?;
     }
-    workload::generate_dataset(
-        &cluster
-            .node_dir(HOME_NODE)
-            .join(DATA_DIR)
-            .join(&settings.dataset.name),
-        &settings.dataset,
-    )?;
+    // The controller copies a dataset only from a live source (Syncing); where the home node
+    // dies or is cut off, nothing could copy it, so it is put on every node beforehand (as the
+    // demo does for its hard failures, and as a shared dataset store would provide).
+    let provisioned: Vec<String> = if plan.trigger == Trigger::Degradation {
+        vec![HOME_NODE.to_string()]
+    } else {
+        nodes.clone()
+    };
+    for node in &provisioned {
+        workload::generate_dataset(
+            &cluster
+                .node_dir(node)
+                .join(DATA_DIR)
+                .join(&settings.dataset.name),
+            &settings.dataset,
+        )?;
+    }
     cluster.apply(&json!({
         "apiVersion": "v1",
         "kind": "Namespace",
@@ -1102,6 +1118,7 @@ async fn drive(
         checkpoints_verified: 0,
         resumable_before_fault,
         datasets_verified: 0,
+        dataset_provisioned_on: provisioned,
         receiver_refusals: 0,
         policy_events,
         policy_outcome,

@@ -20,7 +20,7 @@ use super::{Draw, FaultKind, FaultParams, FaultPlan, Trigger};
 pub const VALID_EDITS: [(&str, &str); 4] = [
     ("count: 3", "count: 2"),
     ("cooldown: 10m", "cooldown: 5m"),
-    ("timeout: 5m", "timeout: 4m"),
+    ("timeout: 2m", "timeout: 90s"),
     ("replicateTo: 1", "replicateTo: 2"),
 ];
 
@@ -28,7 +28,7 @@ pub const VALID_EDITS: [(&str, &str); 4] = [
 pub const INVALID_EDITS: [(&str, &str); 4] = [
     ("interval: 10m", "intervall: 10m"),
     ("fallback: rollback", "fallback: sometimes"),
-    ("timeout: 5m", "timeout: 0s"),
+    ("timeout: 2m", "timeout: 0s"),
     ("count: 3", "count: -1"),
 ];
 
