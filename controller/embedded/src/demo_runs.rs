@@ -748,10 +748,11 @@ pub async fn run(
         reason: "the cluster is still shared at the end of the run".into(),
     })?;
     let teardown = cluster.teardown().await;
-    if !settings.keep && outcome.is_ok() {
-        if let Err(error) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(dir = %dir.display(), %error, "run storage left behind");
-        }
+    if !settings.keep
+        && outcome.is_ok()
+        && let Err(error) = std::fs::remove_dir_all(&dir)
+    {
+        tracing::warn!(dir = %dir.display(), %error, "run storage left behind");
     }
     let result = outcome?;
     teardown?;
@@ -871,19 +872,21 @@ async fn drive(
                     tracing::info!(epoch = ?home_epoch, "node-a powered off");
                 }
             }
-            RunKind::Degradation { percent } if action.at.is_none() => {
-                if home_epoch.is_some_and(|epoch| epoch >= epoch_at_percent(epochs, percent)) {
-                    action = Action {
-                        at: Some(unix_now()),
-                        epoch: home_epoch,
-                    };
-                    cluster.set_node_condition(
-                        HOME_NODE,
-                        DEGRADATION_CONDITION,
-                        "True",
-                        "DemoKernelTaskHung",
-                    )?;
-                }
+            RunKind::Degradation { percent }
+                if action.at.is_none()
+                    && home_epoch
+                        .is_some_and(|epoch| epoch >= epoch_at_percent(epochs, percent)) =>
+            {
+                action = Action {
+                    at: Some(unix_now()),
+                    epoch: home_epoch,
+                };
+                cluster.set_node_condition(
+                    HOME_NODE,
+                    DEGRADATION_CONDITION,
+                    "True",
+                    "DemoKernelTaskHung",
+                )?;
             }
             RunKind::Mobility => {
                 let fraction = started.elapsed().as_secs_f64() / reference_s.max(1.0);
