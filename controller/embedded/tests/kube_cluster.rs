@@ -639,6 +639,54 @@ async fn the_harness_cuts_links_sets_conditions_and_kills_the_leader_controller(
         "controller-{new_leader}'s log says nothing of leading"
     );
 
+    // A kubelet crash: its containers run on; restarted, it renews the Lease again.
+    let agent_before = cluster.agent_pid("node-a").unwrap();
+    cluster.kill_kubelet("node-a").unwrap();
+    let stale = lease_renew_time(&cluster, "node-a");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        lease_renew_time(&cluster, "node-a"),
+        stale,
+        "a dead kubelet renewed"
+    );
+    assert_eq!(
+        cluster.agent_pid("node-a"),
+        Some(agent_before),
+        "the agent died with the kubelet"
+    );
+    cluster.restart_kubelet("node-a").unwrap();
+    eventually(
+        "node-a's Lease renewed again",
+        Duration::from_secs(30),
+        || (lease_renew_time(&cluster, "node-a") != stale).then_some(()),
+    )
+    .await;
+
+    // Power off and on again: nothing runs on the node, then its kubelet starts its agent pod
+    // again, reachable from its peer.
+    cluster.power_off("node-b").unwrap();
+    assert!(cluster.is_powered_off("node-b"));
+    assert!(
+        cluster.agent_pid("node-b").is_none(),
+        "node-b's agent survived"
+    );
+    assert!(!reaches(&cluster, a, agent_of("node-b")));
+    assert!(
+        cluster.restore_api("node-b").is_err(),
+        "a powered-off node's links came back"
+    );
+    cluster.power_on("node-b").unwrap();
+    assert!(!cluster.is_powered_off("node-b"));
+    eventually(
+        "node-b's agent serving again",
+        Duration::from_secs(60),
+        || {
+            (cluster.agent_pid("node-b").is_some() && reaches(&cluster, a, agent_of("node-b")))
+                .then_some(())
+        },
+    )
+    .await;
+
     drop(dump);
     let namespaces = namespaces_of(&cluster);
     cluster.teardown().await.unwrap();

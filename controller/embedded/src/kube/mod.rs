@@ -804,6 +804,63 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// Powers a powered-off node on again, as a reboot: the runtime state (runc's, under
+    /// `/run` on a real node) is gone, so every container record in its runc root is deleted;
+    /// its links come back (to the control plane and to every node that is not powered off)
+    /// and its kubelet starts again on the same state directory, which re-registers the node
+    /// and runs the pods bound to it (its agent pod among them). What happens to a pod the
+    /// controller moved away meanwhile is the product's business.
+    pub fn power_on(&self, node: &str) -> Result<(), KubeClusterError> {
+        let index = self.node_index(node)?;
+        let root = self.runc_root(node);
+        let was_off = self
+            .powered_off
+            .lock()
+            .map(|mut off| off.remove(node).is_some())
+            .unwrap_or(false);
+        if !was_off {
+            return Ok(());
+        }
+        remove_containers(&root);
+        let network = self.network()?;
+        network.restore(index, self.control)?;
+        for (other, name) in self.config.nodes.iter().enumerate() {
+            if other != index && !self.is_powered_off(name) {
+                network.restore(index, other)?;
+            }
+        }
+        self.start_kubelet(index)?;
+        tracing::info!(node, "node powered on");
+        Ok(())
+    }
+
+    /// SIGKILLs the node's kubelet only (a kubelet crash): its containers run on, as under
+    /// CRI-O or containerd, and its Node and Lease go stale.
+    pub fn kill_kubelet(&self, node: &str) -> Result<(), KubeClusterError> {
+        self.node_index(node)?;
+        // Only the kubelet: its containers must survive, so not its process group.
+        let component = self
+            .components
+            .lock()
+            .ok()
+            .and_then(|mut components| components.remove(&kubelet_name(node)));
+        if let Some(mut component) = component {
+            let _ = component.child.kill();
+            let _ = component.child.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts the node's kubelet again after [`Self::kill_kubelet`] (a running one is left
+    /// alone; a powered-off node stays off: use [`Self::power_on`]).
+    pub fn restart_kubelet(&self, node: &str) -> Result<(), KubeClusterError> {
+        let index = self.live_node(node)?;
+        if self.component_running(&kubelet_name(node)) {
+            return Ok(());
+        }
+        self.start_kubelet(index)
+    }
+
     /// Cuts the node's link to the control plane only: the node lives and reaches its peers,
     /// but its kubelet and agent no longer reach the API server (nor the controller it).
     pub fn cut_from_api(&self, node: &str) -> Result<(), KubeClusterError> {
