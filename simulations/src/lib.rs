@@ -7,6 +7,7 @@
 //! behaviour).
 //!
 //! Modules:
+//! - [`calibration`]: the cost model against the project's measurements, and what moved.
 //! - [`random`]: reproducible random variates (exponential, Weibull, log-normal) per stream.
 //! - [`scenario`]: scenario and policy files (YAML) and their validation.
 //! - [`network`]: the link model (Mathis per stream, shared capacity) and transfer simulation.
@@ -15,6 +16,7 @@
 //! - [`report`]: CSV, SVG and the markdown report.
 //! - [`svg`]: a small SVG bar-chart writer.
 
+pub mod calibration;
 pub mod network;
 pub mod paper;
 pub mod random;

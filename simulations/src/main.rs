@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use automigrate_sim::calibration::{self, Measured};
 use automigrate_sim::paper;
 use automigrate_sim::report::{self, PolicyRun, ReportInputs};
 use automigrate_sim::scenario::{ClusterScenario, PaperScenario, SimPolicy};
@@ -35,6 +36,12 @@ enum Command {
         scenario: String,
         #[arg(long, default_value_t = default_path("results"))]
         out: String,
+        /// The project's measurements the cost model is calibrated on.
+        #[arg(long, default_value_t = default_path("scenarios/measured.yaml"))]
+        measured: String,
+        /// Results of the model before calibration (policies.csv, table3.csv, fig5.csv), for "what moved".
+        #[arg(long, default_value_t = default_path("scenarios/uncalibrated"))]
+        before: String,
         /// Policy runs in parallel (each run is single-threaded and deterministic).
         #[arg(long, default_value_t = 2)]
         threads: usize,
@@ -65,11 +72,17 @@ fn main() -> Result<()> {
             paper,
             scenario,
             out,
+            measured,
+            before,
             threads,
         } => regenerate(
             Path::new(&paper),
             Path::new(&scenario),
             Path::new(&out),
+            &Calibration {
+                measured: Path::new(&measured),
+                before: Path::new(&before),
+            },
             threads,
         ),
         Command::Bench { scenario, policy } => bench(Path::new(&scenario), &policy),
@@ -124,8 +137,21 @@ fn run_policies(
         .collect()
 }
 
-fn regenerate(paper_path: &Path, scale_path: &Path, out: &Path, threads: usize) -> Result<()> {
+/// Where `all` finds the measurements and the uncalibrated results.
+struct Calibration<'a> {
+    measured: &'a Path,
+    before: &'a Path,
+}
+
+fn regenerate(
+    paper_path: &Path,
+    scale_path: &Path,
+    out: &Path,
+    calibration: &Calibration<'_>,
+    threads: usize,
+) -> Result<()> {
     let started = Instant::now();
+    let measured = Measured::load(calibration.measured)?;
     let paper = PaperScenario::load(paper_path)?;
     let published = paper.load_published()?;
     eprintln!("paper experiments ({})", paper_path.display());
@@ -174,7 +200,19 @@ fn regenerate(paper_path: &Path, scale_path: &Path, out: &Path, threads: usize) 
         threads,
         total_wall,
     };
-    write("report.md", &report::markdown(&inputs))?;
+    let mut markdown = report::markdown(&inputs);
+    markdown.push_str(&calibration::section(&measured, &scale));
+    let csv = |dir: &Path, name: &str| calibration::read_csv(&dir.join(name));
+    markdown.push_str(&calibration::moved(
+        &csv(calibration.before, "policies.csv")?,
+        &csv(out, "policies.csv")?,
+        &csv(calibration.before, "table3.csv")?,
+        &csv(out, "table3.csv")?,
+        &csv(calibration.before, "fig5.csv")?,
+        &csv(out, "fig5.csv")?,
+        &report::calibration_reasons(&inputs),
+    ));
+    write("report.md", &markdown)?;
     eprintln!(
         "wrote {} in {:.1} s",
         out.display(),

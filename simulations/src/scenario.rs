@@ -35,14 +35,17 @@ pub enum ScenarioError {
     Invalid { path: PathBuf, reason: String },
 }
 
-fn read(path: &Path) -> Result<String, ScenarioError> {
+pub(crate) fn read(path: &Path) -> Result<String, ScenarioError> {
     std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ScenarioError> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ScenarioError> {
     from_yaml_with_path(text).map_err(|(field, reason)| ScenarioError::Parse {
         path: path.to_path_buf(),
         field,
@@ -78,12 +81,33 @@ pub struct CriuSpec {
     pub container_start: Duration,
     /// Rate at which a fresh process loads its framework from the container image.
     pub image_load_rate: BitRate,
+    /// After a dump, the agent hashes (BLAKE3) and fsyncs the archive before it can be sent or
+    /// restored: a fixed cost per archive, plus its bytes at `sealRate`. The workload is not
+    /// frozen for it. Zero (the default) leaves sealing out of the model.
+    #[serde(default, with = "units::duration")]
+    pub seal_overhead: Duration,
+    #[serde(default)]
+    pub seal_rate: Option<BitRate>,
 }
 
 impl CriuSpec {
     /// Time the workload is frozen to dump `bytes`.
     pub fn dump_time(&self, bytes: u64) -> Duration {
         self.freeze_overhead + secs(bytes as f64 / bytes_per_second(self.dump_rate).max(1.0))
+    }
+
+    /// Time from the end of the freeze to a sealed archive of `bytes` that can be sent.
+    pub fn seal_time(&self, bytes: u64) -> Duration {
+        match self.seal_rate {
+            Some(rate) => self.seal_overhead + secs(bytes as f64 / bytes_per_second(rate).max(1.0)),
+            None => self.seal_overhead,
+        }
+    }
+
+    /// A migration's final stop-and-dump: the workload is stopped for the dump and stays
+    /// stopped while the archive is sealed.
+    pub fn final_dump_time(&self, bytes: u64) -> Duration {
+        self.dump_time(bytes) + self.seal_time(bytes)
     }
 
     /// Time from "start the replacement" to "it runs", restoring `bytes` of memory image.
@@ -231,6 +255,45 @@ pub struct UserSpec {
     pub latency_per_hop: Duration,
 }
 
+/// What the transfer engine costs beyond the link model's fluid streams (measured by the
+/// transfer benchmark; see `scale-1000.yaml`). The default adds nothing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TransferCost {
+    /// Share of the link rate that carries payload when the link is the bottleneck (TCP/IP
+    /// headers, the engine's framing).
+    pub payload_share: f64,
+    /// Fixed cost of one transfer: hashing before sending, the receiver's final commit.
+    #[serde(with = "units::duration")]
+    pub setup: Duration,
+    /// Round trips of one transfer beyond the two handshake round trips the link model
+    /// already charges per connection (TLS, the manifest, slow start).
+    pub setup_rtts: f64,
+    /// Per file: the receiver's check, fsync and rename.
+    #[serde(with = "units::duration")]
+    pub per_file: Duration,
+}
+
+impl Default for TransferCost {
+    fn default() -> Self {
+        Self {
+            payload_share: 1.0,
+            setup: Duration::ZERO,
+            setup_rtts: 0.0,
+            per_file: Duration::ZERO,
+        }
+    }
+}
+
+impl TransferCost {
+    /// What a transfer of `files` files over a path of `rtt` costs on top of its streams.
+    pub fn overhead(&self, rtt: Duration, files: usize) -> Duration {
+        self.setup
+            + secs(rtt.as_secs_f64() * self.setup_rtts.max(0.0))
+            + self.per_file * u32::try_from(files).unwrap_or(u32::MAX)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SimSettings {
@@ -267,6 +330,9 @@ pub struct ClusterScenario {
     #[serde(default)]
     pub users: Option<UserSpec>,
     pub criu: CriuSpec,
+    /// The transfer engine's costs beyond the link model (none when left out).
+    #[serde(default)]
+    pub transfer: TransferCost,
     pub settings: SimSettings,
     /// Policy files, relative to the scenario file.
     pub policies: Vec<String>,
@@ -812,9 +878,43 @@ mod tests {
             freeze_overhead: Duration::from_millis(100),
             container_start: Duration::from_secs(2),
             image_load_rate: BitRate(800_000_000),
+            seal_overhead: Duration::from_millis(50),
+            seal_rate: Some(BitRate(16_000_000_000)),
         };
         assert_eq!(criu.dump_time(1_000_000_000), Duration::from_millis(1100));
         assert_eq!(criu.restore_time(1_000_000_000), Duration::from_secs(4));
         assert_eq!(criu.fresh_start_time(100_000_000), Duration::from_secs(3));
+        assert_eq!(criu.seal_time(1_000_000_000), Duration::from_millis(550));
+        assert_eq!(
+            criu.final_dump_time(1_000_000_000),
+            Duration::from_millis(1650)
+        );
+        let unsealed = CriuSpec {
+            seal_overhead: Duration::ZERO,
+            seal_rate: None,
+            ..criu
+        };
+        assert_eq!(
+            unsealed.final_dump_time(1_000_000_000),
+            Duration::from_millis(1100)
+        );
+    }
+
+    #[test]
+    fn transfer_overhead_adds_setup_round_trips_and_files() {
+        let cost = TransferCost {
+            payload_share: 0.965,
+            setup: Duration::from_millis(180),
+            setup_rtts: 11.0,
+            per_file: Duration::from_millis(1),
+        };
+        assert_eq!(
+            cost.overhead(Duration::from_millis(10), 600),
+            Duration::from_millis(180 + 110 + 600)
+        );
+        assert_eq!(
+            TransferCost::default().overhead(Duration::from_millis(70), 1000),
+            Duration::ZERO
+        );
     }
 }

@@ -109,7 +109,9 @@ impl Simulation<'_> {
         let finish_at = now + freeze + state.work.saturating_sub(state.progress);
         self.metrics.checkpoints += 1;
         self.schedule(finish_at, Event::JobFinish(job));
-        self.schedule(now + freeze, Event::CheckpointDone { job, seq });
+        // The job runs again after the freeze; the archive can be copied once it is sealed.
+        let sealed = ms(self.scenario.criu.seal_time(delta));
+        self.schedule(now + freeze + sealed, Event::CheckpointDone { job, seq });
     }
 
     pub(super) fn checkpoint_done(&mut self, job: usize, seq: u64) {

@@ -127,7 +127,8 @@ impl Simulation<'_> {
                 } else {
                     class_memory
                 };
-                ms(self.scenario.criu.dump_time(bytes))
+                // The job stays stopped while the archive is sealed, until it can be sent.
+                ms(self.scenario.criu.final_dump_time(bytes))
             }
             Step::TransferCheckpoint => {
                 if self.migrations[id].fresh {

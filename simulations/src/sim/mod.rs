@@ -25,7 +25,8 @@
 //!
 //! Files. The leaf modules hold the shared types and import nothing from their siblings except
 //! the clock: [`clock`] (time), [`results`] (what a run returns), [`state`] (events, jobs, nodes,
-//! migrations in flight, names and links). [`simulation`] holds the [`Simulation`] itself and
+//! migrations in flight, names and links), [`costs`] (the cost model: how long a dump, a seal, a
+//! transfer, a restore take, as pure functions of the scenario's calibrated constants). [`simulation`] holds the [`Simulation`] itself and
 //! its event loop; every other file is one `impl Simulation` block named after the operation it
 //! carries out, and none imports another: [`setup`] (building a run), [`failures`] (failures,
 //! repairs, degradation, detection), [`jobs`] (placing, running, stopping, finishing),
@@ -36,6 +37,7 @@
 
 mod checkpoints;
 mod clock;
+pub mod costs;
 mod failures;
 mod jobs;
 mod migrations;

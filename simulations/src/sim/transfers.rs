@@ -1,13 +1,12 @@
 //! Transfer times on the true links, through the engine's transfer plans and stream controller.
 
-use std::time::Duration;
-
 use automigrate_core::decide::PlannedTransfer;
-use automigrate_core::transfer::{FileSpec, plan_transfer};
+use automigrate_core::transfer::FileSpec;
 
-use crate::network::{Link, RoundSettings, run_plan};
+use crate::network::{Link, RoundSettings};
 
-use super::clock::{Ms, ms};
+use super::clock::Ms;
+use super::costs::{engine_transfer, planned_transfer};
 use super::simulation::Simulation;
 use super::state::{node_index, true_link};
 
@@ -36,16 +35,18 @@ impl Simulation<'_> {
             path: "checkpoint".into(),
             size: bytes,
         }];
-        let time = match plan_transfer(&files, &link.estimate(), &self.transfer_settings) {
-            Ok(plan) => ms(run_plan(&plan, &link, self.rounds()).duration),
-            Err(_) => ms(Duration::from_secs_f64(
-                bytes as f64 * 8.0 / link.per_stream_bps(),
-            )),
-        };
+        let time = engine_transfer(
+            &files,
+            &link,
+            &self.transfer_settings,
+            self.rounds(),
+            &self.scenario.transfer,
+        );
         self.transfer_cache.insert(key, time);
         time
     }
 
+    /// Time to stage a dataset's files from `from` to `to` with the engine's plan.
     pub(super) fn transfer_time_files(&mut self, from: usize, to: usize, dataset: usize) -> Ms {
         if from == to {
             return 0;
@@ -57,12 +58,13 @@ impl Simulation<'_> {
         if let Some(&cached) = self.transfer_cache.get(&key) {
             return cached;
         }
-        let time = match plan_transfer(files, &link.estimate(), &self.transfer_settings) {
-            Ok(plan) => ms(run_plan(&plan, &link, self.rounds()).duration),
-            Err(_) => ms(Duration::from_secs_f64(
-                bytes as f64 * 8.0 / link.per_stream_bps(),
-            )),
-        };
+        let time = engine_transfer(
+            files,
+            &link,
+            &self.transfer_settings,
+            self.rounds(),
+            &self.scenario.transfer,
+        );
         self.transfer_cache.insert(key, time);
         time
     }
@@ -85,7 +87,7 @@ impl Simulation<'_> {
         if let Some(&cached) = self.transfer_cache.get(&key) {
             return cached;
         }
-        let time = ms(run_plan(plan, &link, self.rounds()).duration);
+        let time = planned_transfer(plan, &link, self.rounds(), &self.scenario.transfer);
         self.transfer_cache.insert(key, time);
         time
     }
