@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use automigrate_core::fencing::SelfFenceTiming;
 use automigrate_operator::agent_http::{AgentDirectoryConfig, HttpAgents, parse_selector};
 use automigrate_operator::clock::{Clock, SystemClock};
 use automigrate_operator::controller::Config;
@@ -24,7 +25,13 @@ enum LogFormat {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Fencing {
-    /// Set node.kubernetes.io/out-of-service on a node whose Lease expired.
+    /// Every node's agent stops its protected pods once it loses its standing with the API
+    /// server; a dead node counts as fenced (and gets node.kubernetes.io/out-of-service) a
+    /// safe time after its last heartbeat: max(leaseTimeout, self-fence-after +
+    /// self-fence-stop-time + clock-skew-allowance + fence-margin).
+    SelfFence,
+    /// Set node.kubernetes.io/out-of-service on a node whose Lease expired (assumes an expired
+    /// node is down: a node cut off from the API server but alive keeps its copy running).
     Taint,
     /// Wait for an administrator to set that taint.
     Administrator,
@@ -143,9 +150,31 @@ struct Args {
         long,
         env = "AUTOMIGRATE_DEAD_NODE_FENCING",
         value_enum,
-        default_value = "taint"
+        default_value = "self-fence"
     )]
     dead_node_fencing: Fencing,
+    /// Self-fence mode: the heartbeat age at which the agents stop their node's protected
+    /// pods. At least every agent's --self-fence-after.
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_AFTER", default_value = "15s", value_parser = duration)]
+    self_fence_after: Duration,
+    /// Self-fence mode: the longest an agent takes to have them stopped (its
+    /// --self-fence-stop-time).
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_STOP_TIME", default_value = "5s", value_parser = duration)]
+    self_fence_stop_time: Duration,
+    /// Self-fence mode: how far node clocks and this controller's clock may disagree.
+    #[arg(long, env = "AUTOMIGRATE_CLOCK_SKEW_ALLOWANCE", default_value = "2s", value_parser = duration)]
+    clock_skew_allowance: Duration,
+    /// Self-fence mode: margin added to the safe time.
+    #[arg(long, env = "AUTOMIGRATE_FENCE_MARGIN", default_value = "3s", value_parser = duration)]
+    fence_margin: Duration,
+    /// Self-fence mode: how often kubelets renew their node's Lease (the agents'
+    /// --heartbeat-interval).
+    #[arg(long, env = "AUTOMIGRATE_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = duration)]
+    heartbeat_interval: Duration,
+    /// Self-fence mode: how often the agents check their heartbeat (their
+    /// --self-fence-check-interval).
+    #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_CHECK_INTERVAL", default_value = "1s", value_parser = duration)]
+    self_fence_check_interval: Duration,
     #[arg(
         long,
         env = "AUTOMIGRATE_LOG_FORMAT",
@@ -153,6 +182,28 @@ struct Args {
         default_value = "json"
     )]
     log_format: LogFormat,
+}
+
+/// The `--dead-node-fencing` mode; self-fence timing that breaks the safe-time rule is refused.
+fn fencing_mode(args: &Args) -> anyhow::Result<DeadNodeFencing> {
+    Ok(match args.dead_node_fencing {
+        Fencing::SelfFence => {
+            let timing = SelfFenceTiming {
+                self_fence_after: args.self_fence_after,
+                stop_time: args.self_fence_stop_time,
+                clock_skew: args.clock_skew_allowance,
+                margin: args.fence_margin,
+                heartbeat_interval: args.heartbeat_interval,
+                check_interval: args.self_fence_check_interval,
+            };
+            timing
+                .validate()
+                .context("--dead-node-fencing self-fence")?;
+            DeadNodeFencing::SelfFence(timing)
+        }
+        Fencing::Taint => DeadNodeFencing::Taint,
+        Fencing::Administrator => DeadNodeFencing::Administrator,
+    })
 }
 
 fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
@@ -237,10 +288,7 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         alert_ttl: args.alert_ttl,
         executor: ExecutorConfig {
-            dead_node_fencing: match args.dead_node_fencing {
-                Fencing::Taint => DeadNodeFencing::Taint,
-                Fencing::Administrator => DeadNodeFencing::Administrator,
-            },
+            dead_node_fencing: fencing_mode(&args)?,
             checkpoint_root: args.checkpoint_root.clone(),
             ..ExecutorConfig::default()
         },
@@ -296,4 +344,48 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("stopped after losing leadership");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["automigrate-controller"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn self_fence_is_the_default_and_unsafe_timing_is_refused() {
+        assert_eq!(
+            fencing_mode(&parse(&[])).unwrap(),
+            DeadNodeFencing::SelfFence(SelfFenceTiming::default())
+        );
+        assert_eq!(
+            fencing_mode(&parse(&["--dead-node-fencing=taint"])).unwrap(),
+            DeadNodeFencing::Taint
+        );
+        assert_eq!(
+            fencing_mode(&parse(&["--dead-node-fencing=administrator"])).unwrap(),
+            DeadNodeFencing::Administrator
+        );
+        let error = fencing_mode(&parse(&["--self-fence-after=5s"])).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("self-fence-after"),
+            "{error:#}"
+        );
+        let DeadNodeFencing::SelfFence(timing) = fencing_mode(&parse(&[
+            "--heartbeat-interval=1s",
+            "--self-fence-after=3s",
+            "--self-fence-stop-time=2s",
+            "--clock-skew-allowance=1s",
+            "--fence-margin=1s",
+        ]))
+        .unwrap() else {
+            panic!("not self-fence")
+        };
+        assert_eq!(timing.safe_time(), Duration::from_secs(7));
+    }
 }
