@@ -582,7 +582,7 @@ impl SelfFenceOptions {
             key: self.key,
             answer_timeout: self.timing.check_interval / 2,
             protected: protected.clone(),
-            pods_every: 5,
+            pods_every: 1,
             reads: Mutex::new(0),
         };
         let stopper = RuncStopper {
