@@ -60,6 +60,9 @@ enum Happening {
     /// The container runtime restarts the source pod's stopped container (its restart
     /// policy), as it may until the pod is deleted.
     RuntimeRestart,
+    /// Transfers started from now on hang: they run for ever without progress (only a
+    /// deadline ends them).
+    Stall,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +88,7 @@ struct World {
     flaky: u8,
     crash_in: Option<u8>,
     replacement_crashes: bool,
+    stalled: bool,
     persisted: Run,
     effects: Vec<String>,
     violations: Vec<String>,
@@ -120,6 +124,7 @@ impl World {
             flaky: 0,
             crash_in: None,
             replacement_crashes: false,
+            stalled: false,
             lease_timeout: run.lease_timeout.as_secs() as i64,
             persisted: run,
             effects: Vec::new(),
@@ -175,6 +180,7 @@ impl World {
             }
             Happening::Crash(n) => self.crash_in = Some(*n),
             Happening::ReplacementCrashes => self.replacement_crashes = true,
+            Happening::Stall => self.stalled = true,
             Happening::RuntimeRestart => {
                 if self.source_pod_present && self.source_powered && !self.self_fenced() {
                     self.source_copy_running = true;
@@ -232,6 +238,14 @@ impl World {
                 reason: format!("node {node} unreachable"),
                 retryable: true,
             };
+        }
+        if role == Role::Migration
+            && from.is_none()
+            && let Some((dump, _)) = &self.final_dump
+        {
+            self.violations.push(format!(
+                "replacement started fresh on {node} although the final dump {dump} exists"
+            ));
         }
         if let Some(id) = from {
             if !self.verified.contains(id) {
@@ -333,6 +347,11 @@ impl Port for World {
             });
         }
         let id = match &record.id {
+            None if self.stalled => {
+                let id = self.fresh_id("stalled");
+                self.transfers.insert(id.clone(), (0, None));
+                id
+            }
             None => {
                 let id = self.fresh_id("x");
                 self.transfers
@@ -344,6 +363,13 @@ impl Port for World {
         let Some((polls, checkpoint)) = self.transfers.get_mut(&id) else {
             return Ok(TransferStatus::Unknown);
         };
+        if id.starts_with("stalled") {
+            return Ok(TransferStatus::Running {
+                id,
+                bytes_done: 0,
+                bytes_total: 100,
+            });
+        }
         *polls += 1;
         if *polls < 2 {
             return Ok(TransferStatus::Running {
@@ -502,6 +528,7 @@ fn happening() -> impl Strategy<Value = Happening> {
         2 => (0u8..4).prop_map(Happening::Crash),
         1 => Just(Happening::ReplacementCrashes),
         1 => Just(Happening::RuntimeRestart),
+        1 => Just(Happening::Stall),
     ]
 }
 
