@@ -239,8 +239,10 @@ impl World {
                 retryable: true,
             };
         }
+        // (A dump on a source that has died since is lost with it: starting fresh is right.)
         if role == Role::Migration
             && from.is_none()
+            && self.source_reachable()
             && let Some((dump, _)) = &self.final_dump
         {
             self.violations.push(format!(
