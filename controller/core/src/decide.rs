@@ -307,6 +307,8 @@ impl<'p> PolicyContext<'p> {
                 median_peer_rtt: index.median_peer_rtt.get(node).copied().flatten(),
                 alerts,
                 latency_was_degraded: was,
+                // Not measured yet: the agents report windowed loss, not "answers now".
+                peer_reach: None,
             };
             let (assessment, tripped) = health::assess(node_ref, signals, self.policy, now);
             *self.assessments.get_mut(node)? = Some(assessment);

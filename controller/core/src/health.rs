@@ -50,6 +50,32 @@ pub struct Signals<'a> {
     pub alerts: &'a [&'a Alert],
     /// Whether the latency trigger was tripped for this node in the previous pass.
     pub latency_was_degraded: bool,
+    /// What the other nodes' agents see of this node right now (`None`: not measured).
+    pub peer_reach: Option<PeerReach>,
+}
+
+/// How many peers probe a node and how many of them get answers now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerReach {
+    pub probing: usize,
+    pub reaching: usize,
+}
+
+/// Peer-confirmed failure needs at least this many peers probing the node, so that one flaky
+/// probe path cannot condemn it.
+pub const PEER_CONFIRMED_MIN_PEERS: usize = 2;
+
+/// Peer-confirmed failure needs the heartbeat silent for at least this long: a healthy node's
+/// Lease is up to one kubelet renewal ([`crate::policy::KUBELET_HEARTBEAT`]) old, plus slack.
+pub const PEER_CONFIRMED_MIN_SILENCE: Duration =
+    Duration::from_secs(crate::policy::KUBELET_HEARTBEAT.as_secs() + 2);
+
+/// The heartbeat silence after which a node no peer reaches counts as failed: half the Lease
+/// timeout, at least [`PEER_CONFIRMED_MIN_SILENCE`]. Never longer than the Lease timeout.
+pub fn peer_confirmed_silence(lease_timeout: Duration) -> Duration {
+    (lease_timeout / 2)
+        .max(PEER_CONFIRMED_MIN_SILENCE)
+        .min(lease_timeout)
 }
 
 /// Judges one node under one policy. Returns the verdict and whether the latency trigger is
@@ -88,8 +114,14 @@ pub fn assess(
         None => suspect.push("no Ready condition reported yet".to_string()),
     }
 
+    // Peer-confirmed failure: no peer reaches the node AND its heartbeat has stopped. Either
+    // alone is not enough (a flaky probe path; a slow Lease renewal).
+    let unreachable = signals
+        .peer_reach
+        .filter(|reach| reach.probing >= PEER_CONFIRMED_MIN_PEERS && reach.reaching == 0);
     if let Some(heartbeat) = node.last_heartbeat {
         let silent = units::age(now, heartbeat);
+        let confirmed_after = peer_confirmed_silence(triggers.lease_timeout);
         if silent >= triggers.lease_timeout {
             failed.push(format!(
                 "lease not renewed for {} (timeout {})",
@@ -97,7 +129,25 @@ pub fn assess(
                 format_duration(triggers.lease_timeout)
             ));
             failed_at = Some(failed_at.map_or(heartbeat, |at| at.min(heartbeat)));
+        } else if let Some(reach) = unreachable
+            && silent >= confirmed_after
+        {
+            failed.push(format!(
+                "none of the {} peers probing it reaches it and its lease is {} old (peer-confirmed after {})",
+                reach.probing,
+                format_duration(silent),
+                format_duration(confirmed_after)
+            ));
+            failed_at = Some(failed_at.map_or(heartbeat, |at| at.min(heartbeat)));
         }
+    }
+    if let Some(reach) = unreachable
+        && failed.is_empty()
+    {
+        suspect.push(format!(
+            "none of the {} peers probing it reaches it",
+            reach.probing
+        ));
     }
 
     for condition in &node.conditions {
@@ -253,5 +303,73 @@ mod tests {
             states.push(assessment.state == NodeState::Degraded);
         }
         assert_eq!(states, [false, true, true, true, false, false, true]);
+    }
+
+    /// Both signals must agree: unreachable by every peer but renewing, or silent but
+    /// reachable, is not failed; both together fail it at half the Lease timeout. Fails if
+    /// either signal alone condemns the node or if one probing peer is enough.
+    #[test]
+    fn peer_confirmed_failure_needs_both_signals() {
+        let policy = Policy::default(); // leaseTimeout 30 s: peer-confirmed after 15 s.
+        let unreachable = Signals {
+            peer_reach: Some(PeerReach {
+                probing: 3,
+                reaching: 0,
+            }),
+            ..Signals::default()
+        };
+        let reachable = Signals {
+            peer_reach: Some(PeerReach {
+                probing: 3,
+                reaching: 1,
+            }),
+            ..Signals::default()
+        };
+        let renewing = NodeBuilder::new("a").heartbeat(t(-3)).build();
+        let (assessment, _) = assess(&renewing, unreachable, &policy, t(0));
+        assert_eq!(assessment.state, NodeState::Suspect, "{assessment:?}");
+        assert!(!assessment.schedulable);
+        let silent = NodeBuilder::new("a").heartbeat(t(-15)).build();
+        let (assessment, _) = assess(&silent, reachable, &policy, t(0));
+        assert_eq!(assessment.state, NodeState::Healthy, "{assessment:?}");
+        let (assessment, _) = assess(&silent, Signals::default(), &policy, t(0));
+        assert_eq!(assessment.state, NodeState::Healthy, "{assessment:?}");
+        let (assessment, _) = assess(&silent, unreachable, &policy, t(0));
+        assert_eq!(assessment.state, NodeState::Failed, "{assessment:?}");
+        assert_eq!(assessment.failed_at, Some(t(-15)));
+        assert!(
+            assessment.reasons[0].contains("peer-confirmed"),
+            "{assessment:?}"
+        );
+        // A second earlier it is not.
+        let (assessment, _) = assess(&silent, unreachable, &policy, t(-1));
+        assert_eq!(assessment.state, NodeState::Suspect, "{assessment:?}");
+        // One probing peer is not enough.
+        let one = Signals {
+            peer_reach: Some(PeerReach {
+                probing: 1,
+                reaching: 0,
+            }),
+            ..Signals::default()
+        };
+        let (assessment, _) = assess(&silent, one, &policy, t(0));
+        assert_eq!(assessment.state, NodeState::Healthy, "{assessment:?}");
+    }
+
+    #[test]
+    fn peer_confirmed_silence_stays_between_a_renewal_and_the_lease_timeout() {
+        assert_eq!(
+            peer_confirmed_silence(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            peer_confirmed_silence(Duration::from_secs(16)),
+            PEER_CONFIRMED_MIN_SILENCE
+        );
+        // A Lease timeout below the floor is not lengthened.
+        assert_eq!(
+            peer_confirmed_silence(Duration::from_secs(10)),
+            Duration::from_secs(10)
+        );
     }
 }
