@@ -518,7 +518,9 @@ pub struct SuiteSettings {
     pub kinds: Vec<FaultKind>,
     /// A run that has not finished training by then is stopped and counted stuck.
     pub run_deadline_s: u64,
-    /// After training finished: how long the run waits for every migration to end.
+    /// After training finished: how long the run waits for every migration to end (longer than
+    /// the policy's restore timeout, so a migration retrying a failing step is seen to reach
+    /// its deadline rather than counted stuck).
     pub settle_s: u64,
     /// Size of the tmpfs each non-home node's state lives on in disk-full runs.
     pub disk_mib: u64,
@@ -560,7 +562,7 @@ pub fn standard_settings(
         runs,
         kinds,
         run_deadline_s: 420,
-        settle_s: 30,
+        settle_s: 150,
         disk_mib: 512,
         keep: false,
     }

@@ -137,6 +137,7 @@ pub struct TrainingRecord {
     pub segments: Vec<Segment>,
     /// A `done` line was written.
     pub finished: bool,
+    /// The furthest epoch any copy reached, and its loss.
     pub final_epoch: Option<u32>,
     pub final_loss_hex: Option<String>,
     /// From the first line to the `done` line.
@@ -238,8 +239,15 @@ pub fn analyse(progress: &Progress) -> TrainingRecord {
                     });
                 }
                 previous_epoch = Some(epoch.epoch);
-                record.final_epoch = Some(epoch.epoch);
-                record.final_loss_hex = Some(epoch.loss_hex.clone());
+                // The furthest epoch any copy reached, and its loss as first written (two
+                // copies that both get there must agree; the verdict compares it).
+                if record
+                    .final_epoch
+                    .is_none_or(|furthest| epoch.epoch > furthest)
+                {
+                    record.final_epoch = Some(epoch.epoch);
+                    record.final_loss_hex = Some(epoch.loss_hex.clone());
+                }
             }
             ProgressLine::Done { at, .. } => {
                 record.finished = true;
