@@ -157,6 +157,9 @@ pub struct Launch {
     /// Container paths bound read-only (`volumeMounts[].readOnly`).
     pub read_only: Vec<String>,
     pub host_network: bool,
+    /// `hostPID`: the container stays in the host's PID namespace (the agent, whose self-fence
+    /// `runc kill` signals containers by their host pid).
+    pub host_pid: bool,
 }
 
 /// Translates a pod's container into a [`Launch`]; the image only names the (host) root
@@ -231,6 +234,7 @@ pub fn launch_for(
         spec,
         read_only,
         host_network: spec_of_pod.host_network == Some(true),
+        host_pid: spec_of_pod.host_pid == Some(true),
     })
 }
 
@@ -296,7 +300,7 @@ impl Runtime {
             std::fs::remove_dir_all(&bundle_dir).map_err(io_error(&bundle_dir))?;
         }
         let bundle = Bundle::create(&bundle_dir, &launch.spec)?;
-        if !launch.host_network && launch.read_only.is_empty() {
+        if !launch.host_network && !launch.host_pid && launch.read_only.is_empty() {
             return Ok(bundle);
         }
         let path = bundle.config_path();
@@ -307,12 +311,14 @@ impl Runtime {
         };
         let mut config: serde_json::Value =
             serde_json::from_str(&text).map_err(|error| bad(error.to_string()))?;
-        if launch.host_network
-            && let Some(namespaces) = config
-                .pointer_mut("/linux/namespaces")
-                .and_then(serde_json::Value::as_array_mut)
+        if let Some(namespaces) = config
+            .pointer_mut("/linux/namespaces")
+            .and_then(serde_json::Value::as_array_mut)
         {
-            namespaces.retain(|namespace| namespace["type"] != "network");
+            namespaces.retain(|namespace| {
+                !(launch.host_network && namespace["type"] == "network"
+                    || launch.host_pid && namespace["type"] == "pid")
+            });
         }
         if let Some(mounts) = config
             .get_mut("mounts")
@@ -742,5 +748,45 @@ mod tests {
             ]
         );
         assert!(!prefix.exists(), "the mapped prefix itself was created");
+    }
+
+    /// The namespaces of the bundle the runtime writes for a pod with these host settings.
+    fn bundle_namespaces(host_network: bool, host_pid: bool) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("kubelet"));
+        let mut pod = pod_with_host_paths(&[]);
+        let spec = pod.spec.as_mut().unwrap();
+        spec.host_network = Some(host_network);
+        spec.host_pid = Some(host_pid);
+        let container = spec.containers[0].clone();
+        let launch = launch_for(&layout, &pod, &container).unwrap();
+        assert_eq!(
+            (launch.host_network, launch.host_pid),
+            (host_network, host_pid)
+        );
+        std::fs::create_dir_all(&launch.dir).unwrap();
+        let bundle = Runtime::new(layout, "runc").write_bundle(&launch).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(bundle.config_path()).unwrap()).unwrap();
+        config["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|namespace| namespace["type"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn host_pid_and_host_network_keep_the_container_in_the_hosts_namespaces() {
+        let own = bundle_namespaces(false, false);
+        assert!(own.contains(&"pid".to_string()), "{own:?}");
+        assert!(own.contains(&"network".to_string()), "{own:?}");
+        let host_pid = bundle_namespaces(false, true);
+        assert!(!host_pid.contains(&"pid".to_string()), "{host_pid:?}");
+        assert!(host_pid.contains(&"network".to_string()), "{host_pid:?}");
+        let both = bundle_namespaces(true, true);
+        assert!(!both.contains(&"pid".to_string()), "{both:?}");
+        assert!(!both.contains(&"network".to_string()), "{both:?}");
+        assert!(both.contains(&"mount".to_string()), "{both:?}");
     }
 }
