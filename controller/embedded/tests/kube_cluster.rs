@@ -692,3 +692,177 @@ async fn the_harness_cuts_links_sets_conditions_and_kills_the_leader_controller(
     cluster.teardown().await.unwrap();
     assert_torn_down(&root, &namespaces).await;
 }
+
+/// What `controller/embedded/tests/hard_failure.rs` proved of the embedded controller, on the
+/// real components: a job powered off at a point of its run (past half of it) resumes on the
+/// other node from the checkpoint the controller recorded, at the checkpointed point (not from
+/// the start, not past the power-off), as the same process with its memory intact, and ends
+/// once with the uninterrupted run's result. The job is a finite counter (its state only in the
+/// shell's memory) that appends every value to a log and ends at [`JOB_END`]; its log is the
+/// analogue of the trainer's per-epoch loss: an intact restore continues the sequence with no
+/// gap and no repeat beyond the checkpoint, and the job's last line is the same as an
+/// uninterrupted run's. (The numpy trainer with its bit-identical final loss at 25/50/75 % is
+/// `scripts/demo.sh`'s hard-failure scenarios, on the same cluster.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_powered_off_past_half_way_resumes_at_its_checkpoint_and_ends_once() {
+    if !common::privileged("kube_cluster hard failure mid-run") {
+        return;
+    }
+    common::init_logs();
+    let _one = ONE_CLUSTER.lock().await;
+    let bin_dir = find_bin_dir().expect("the workspace's binaries (cargo build first)");
+    let policy_dir = tempfile::tempdir().unwrap();
+    let policy = policy_dir.path().join("default-fast.yaml");
+    std::fs::write(&policy, FAST_DEFAULT_POLICY).unwrap();
+    let mut config = KubeClusterConfig::line(
+        2,
+        Duration::from_millis(10),
+        tmpfs_root("kube-test"),
+        bin_dir,
+    );
+    config.name_prefix = "kubeh".into();
+    config.policies = vec![policy];
+    let root = config.root.clone();
+    let cluster = Arc::new(KubeCluster::create(config).await.unwrap());
+    let dump = DumpOnFailure(&cluster);
+
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    cluster
+        .apply(&json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": POD,
+                "namespace": "default",
+                "annotations": {
+                    "automigrate.dev/protect": "true",
+                    "automigrate.dev/mode": "transparent",
+                    "automigrate.dev/checkpoint-interval": "5s",
+                },
+            },
+            "spec": {
+                "nodeName": "node-a",
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 2,
+                "volumes": [{"name": "work", "hostPath": {"path": work.to_str().unwrap()}}],
+                "containers": [{
+                    "name": "count",
+                    "image": "docker.io/library/busybox:1.36",
+                    "command": ["/bin/sh", "-c", format!(
+                        "echo started >> /work/starts; i=0; while [ $i -lt {JOB_END} ]; do \
+                         i=$((i+1)); echo $i >> /work/log; echo $i > /work/progress; \
+                         sleep 0.1; done; echo done $i >> /work/done")],
+                    "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+                }],
+            },
+        }))
+        .unwrap();
+    let half = JOB_END / 2;
+    eventually("the job half way", Duration::from_secs(120), || {
+        (progress(&work).unwrap_or(0) >= half).then_some(())
+    })
+    .await;
+    let mut sampler = Sampler::start(cluster.clone(), work.clone());
+    // A checkpoint taken past half way, held on node-b and recorded by the controller.
+    let latest = || -> Option<Value> {
+        let pod = cluster.get(&["pod", POD, "-n", "default"])?;
+        serde_json::from_str(
+            pod["metadata"]["annotations"]["checkpoint.automigrate.dev/latest"].as_str()?,
+        )
+        .ok()
+    };
+    let earlier = latest().map(|latest| latest["id"].clone());
+    eventually(
+        "a checkpoint taken past half way, on node-b, recorded",
+        Duration::from_secs(60),
+        || {
+            let latest = latest()?;
+            let on_b = latest["heldOn"]
+                .as_array()?
+                .iter()
+                .any(|node| node == "node-b");
+            (Some(&latest["id"]) != earlier.as_ref() && on_b).then_some(())
+        },
+    )
+    .await;
+    cluster.power_off("node-a").unwrap();
+    let at_power_off = progress(&work).unwrap();
+    assert!(
+        at_power_off < JOB_END && !work.join("done").exists(),
+        "the job ended before the power-off ({at_power_off}): make it longer"
+    );
+
+    let migration = eventually("the Migration to end", Duration::from_secs(240), || {
+        let migration = cluster.migrations().into_iter().next()?;
+        matches!(
+            phase(&migration).as_str(),
+            "Succeeded" | "RolledBack" | "Restarted" | "Failed"
+        )
+        .then_some(migration)
+    })
+    .await;
+    assert_eq!(
+        phase(&migration),
+        "Succeeded",
+        "the Migration ended otherwise: {:#}",
+        migration["status"]
+    );
+    eventually("the job to end", Duration::from_secs(120), || {
+        work.join("done").exists().then_some(())
+    })
+    .await;
+    sampler.stop();
+
+    // The log: 1..=k from node-a (k at or past the power-off count, a write may follow the
+    // sample), then the restored process from r+1 on, where r is the value the checkpoint
+    // held: past half way (taken after the job passed it), not past the power-off.
+    let log: Vec<u64> = std::fs::read_to_string(work.join("log"))
+        .unwrap()
+        .lines()
+        .map(|line| line.trim().parse().unwrap())
+        .collect();
+    let restart = log
+        .windows(2)
+        .position(|pair| pair[1] != pair[0] + 1)
+        .map(|at| at + 1)
+        .expect("the log never went back: no restore from a checkpoint");
+    let (before, after) = log.split_at(restart);
+    assert!(
+        before.iter().copied().eq(1..=before.len() as u64),
+        "node-a's run is not 1..: {before:?}"
+    );
+    let resumed_at = after[0];
+    assert!(
+        resumed_at >= half && resumed_at <= *before.last().unwrap(),
+        "resumed at {resumed_at}: the checkpoint was taken at {half} or later, node-a reached {}",
+        before.last().unwrap()
+    );
+    assert!(
+        after.iter().copied().eq(resumed_at..=JOB_END),
+        "the restored run is not {resumed_at}..={JOB_END}: its memory was not intact"
+    );
+    // Once: one start of the command, one end, the uninterrupted run's last line.
+    let starts = std::fs::read_to_string(work.join("starts")).unwrap();
+    assert_eq!(starts.lines().count(), 1, "the command ran again");
+    let done = std::fs::read_to_string(work.join("done")).unwrap();
+    assert_eq!(done, format!("done {JOB_END}\n"), "the job ended otherwise");
+    let doubles = sampler.doubles.lock().unwrap().clone();
+    let samples = *sampler.samples.lock().unwrap();
+    assert!(samples > 10, "runc was sampled only {samples} times");
+    assert!(doubles.is_empty(), "two copies ran at once: {doubles:?}");
+    eprintln!(
+        "hard failure past half way: node-a powered off at {at_power_off} of {JOB_END}, \
+         resumed on node-b at {resumed_at} from the recorded checkpoint, ended once at \
+         {JOB_END}; {samples} runc samples, never two copies"
+    );
+
+    drop(dump);
+    let cluster = Arc::try_unwrap(cluster).expect("the sampler let go of the cluster");
+    let namespaces = namespaces_of(&cluster);
+    cluster.teardown().await.unwrap();
+    assert_torn_down(&root, &namespaces).await;
+}
+
+/// The finite job's last value (0.1 s a value: about 40 s uninterrupted).
+const JOB_END: u64 = 400;
