@@ -13,7 +13,7 @@
 //!
 //! ```text
 //! Pending → Syncing → Checkpointing → Transferring → Fencing → Restoring → Verifying → Succeeded
-//!              └──── (source dead: use the latest checkpoint) ───┘
+//!              └──── (source dead: use the latest checkpoint) ───┘                  └─→ Restarted
 //! any failure → RollingBack → RolledBack | Restarted,   or → Failed
 //! ```
 //!
@@ -76,7 +76,8 @@ pub enum Phase {
     Succeeded,
     /// The workload runs where it was, from the checkpoint or never stopped.
     RolledBack,
-    /// The workload was started from the beginning (policy fallback `restart`).
+    /// The workload was started from the beginning: no checkpoint survived to restore from
+    /// ([`MigrationState::started_fresh`]), or a rollback fell back to a fresh start.
     Restarted,
     /// Stopped without moving or restarting the workload; the reason says why.
     Failed,
@@ -100,7 +101,7 @@ impl Phase {
             Transferring => matches!(next, Fencing | RollingBack | Failed),
             Fencing => matches!(next, Restoring | RollingBack | Failed),
             Restoring => matches!(next, Verifying | RollingBack | Failed),
-            Verifying => matches!(next, Succeeded | RollingBack | Failed),
+            Verifying => matches!(next, Succeeded | Restarted | RollingBack | Failed),
             RollingBack => matches!(next, RolledBack | Restarted | Failed),
             Succeeded | RolledBack | Restarted | Failed => false,
         }
@@ -278,6 +279,12 @@ pub struct MigrationState {
     pub history: Vec<PhaseTiming>,
     /// Why the migration is where it is: the last failure, or why it ended.
     pub message: Option<String>,
+    /// The replacement was started from the beginning, with no checkpoint to restore (set by
+    /// the driver as the restore succeeds; the stored checkpoint it would use is the driver's).
+    /// Verifying then ends [`Phase::Restarted`], not `Succeeded`: the training lost its
+    /// progress, and users, reports and alerts must not read that as a migration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started_fresh: bool,
 }
 
 /// An event that the current phase cannot take.
@@ -319,6 +326,7 @@ impl MigrationState {
             rollback: None,
             history: Vec::new(),
             message: None,
+            started_fresh: false,
         }
     }
 
@@ -491,6 +499,21 @@ impl MigrationState {
             }
             Verifying => {
                 self.downtime = self.downtime_started_at.map(|since| units::age(now, since));
+                if self.started_fresh {
+                    let why = if self.source_alive {
+                        "the migration had no checkpoint to restore from".to_string()
+                    } else {
+                        format!(
+                            "no verified checkpoint of the workload survived the loss of node {}",
+                            self.source
+                        )
+                    };
+                    self.message = Some(format!(
+                        "training restarted from scratch on {}: {why}; its progress is lost",
+                        self.target
+                    ));
+                    return self.enter(Restarted, now);
+                }
                 self.message = Some("the replacement runs and makes progress".into());
                 self.enter(Succeeded, now)
             }
@@ -734,6 +757,22 @@ mod tests {
         assert_eq!(state.phase, Phase::Succeeded);
         // From the last heartbeat (t=-30) to verification (t=30), not from the decision.
         assert_eq!(state.downtime, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_replacement_started_from_the_beginning_ends_restarted_not_succeeded() {
+        let start = MigrationState::new("a".into(), "b".into(), false, t(0), Some(t(-30)));
+        let mut state = run(&start, &[ok(), ok(), ok()]);
+        assert_eq!(state.phase, Phase::Restoring);
+        // The driver: no checkpoint survived, the replacement starts fresh.
+        state.started_fresh = true;
+        let state = run(&state, &[ok(), ok()]);
+        assert_eq!(state.phase, Phase::Restarted);
+        let message = state.message.unwrap();
+        assert!(
+            message.contains("restarted from scratch") && message.contains("loss of node a"),
+            "{message}"
+        );
     }
 
     #[test]

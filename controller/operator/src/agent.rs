@@ -240,6 +240,17 @@ impl RecordingAgent {
         self.with(|script| script.peers.insert(node.to_string(), peers));
     }
 
+    /// `node`'s agent holds `checkpoint` of `pod` (a replica that landed, seen or not).
+    pub fn holds(&self, node: &str, pod: &PodRef, checkpoint: CheckpointTaken) {
+        self.with(|script| {
+            script
+                .stored
+                .entry((node.to_string(), pod.clone()))
+                .or_default()
+                .insert(0, checkpoint)
+        });
+    }
+
     fn answer<T>(
         &self,
         call: AgentCall,

@@ -46,6 +46,9 @@
 //!   id; a sender that forgot it is asked again; a failed transfer is a retryable failure.
 //! - **Roll back** ([`rollback`]): stop the replacement first, then keep the source, restore
 //!   the final dump on it, or start fresh, as the state machine says.
+//! - **A fresh start is a restart**: a replacement started with no checkpoint (none
+//!   survived) ends the migration `Restarted`, never `Succeeded`
+//!   ([`crate::migration::MigrationState::started_fresh`]).
 
 pub mod choose;
 pub mod fence;
@@ -265,6 +268,13 @@ async fn transition<P: Port>(
     now: jiff::Timestamp,
 ) -> Result<Run, DriverError> {
     let previous = run.state.clone();
+    if run.state.phase == Phase::Restoring && matches!(event, Event::StepSucceeded { .. }) {
+        // The replacement runs from the checkpoint the run names (the stored one is the
+        // driver's, not the state machine's), or from the beginning: then the migration must
+        // end Restarted, not Succeeded. Set here, on the restore's success however it was
+        // seen (its step, or a replacement found running after a crash).
+        run.state.started_fresh = run.restore_from().is_none();
+    }
     run.state = migration::apply(&run.state, event, &run.limits, now)?;
     port.persist(&run, Some(&previous)).await?;
     Ok(run)

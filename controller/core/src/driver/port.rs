@@ -147,7 +147,9 @@ pub trait Port {
     fn final_dump_since(&mut self, since: Timestamp)
     -> impl Future<Output = Option<String>> + Send;
 
-    /// The stored checkpoints of the pod on nodes the port can reach (the driver chooses).
+    /// The stored checkpoints of the pod on nodes the port can reach (the driver chooses): what
+    /// the holders hold, not only what was recorded (a replica may land unseen when its
+    /// sender dies before the transfer's success is read).
     fn stored_checkpoints(&mut self, run: &Run)
     -> impl Future<Output = Vec<CheckpointCopy>> + Send;
 

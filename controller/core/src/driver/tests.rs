@@ -618,6 +618,10 @@ fn play(
             "ended {} with {copies} running copies",
             run.state.phase
         )),
+        // A replacement started from the beginning is a restart, never a success.
+        Phase::Succeeded if run.restore_from().is_none() => world
+            .violations
+            .push("ended Succeeded although the replacement started fresh".into()),
         // A rollback brings the workload back where it was, unless its node has died since.
         Phase::RolledBack if copies != 1 && world.source_powered && !world.source_cut => {
             world.violations.push(format!(
@@ -681,6 +685,21 @@ fn a_dead_source_restores_the_newest_verified_copy_from_the_nearest_holder() {
     assert_eq!(world.persisted.state.phase, Phase::Succeeded);
     let chosen = world.persisted.stored_checkpoint.clone().unwrap();
     assert_eq!((chosen.id.as_str(), chosen.from.as_str()), ("ck-new", "h1"));
+}
+
+#[test]
+fn a_dead_source_with_no_surviving_checkpoint_ends_restarted() {
+    let world = play(
+        false,
+        crate::policy::Fallback::Rollback,
+        Vec::new(),
+        &[Happening::Late],
+    );
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+    assert_eq!(world.persisted.state.phase, Phase::Restarted);
+    assert!(world.persisted.state.started_fresh);
+    let message = world.persisted.state.message.clone().unwrap_or_default();
+    assert!(message.contains("restarted from scratch"), "{message}");
 }
 
 #[test]

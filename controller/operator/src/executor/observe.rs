@@ -103,8 +103,8 @@ impl OperatorPort<'_> {
     }
 
     /// The copies of the pod's stored checkpoints on reachable nodes: the latest one, from the
-    /// pod's annotation (its holders verified it); after a failed restore also every
-    /// checkpoint those holders' and the target's agents list, with their verification.
+    /// pod's annotation (its holders verified it), and every checkpoint of the pod that the
+    /// agent of a reachable node other than the source lists, with its verification.
     pub(super) async fn checkpoint_copies(&self, run: &Run) -> Vec<CheckpointCopy> {
         let latest = self
             .source_pod()
@@ -115,7 +115,6 @@ impl OperatorPort<'_> {
                 snapshot::latest_checkpoint(&pod)
             });
         let mut copies = Vec::new();
-        let mut holders = vec![run.state.target.clone()];
         if let Some(info) = &latest {
             for node in &info.held_on {
                 if self.node_unreachable(node) {
@@ -128,16 +127,24 @@ impl OperatorPort<'_> {
                     verified: true,
                     rtt_to_target: None,
                 });
-                if !holders.contains(node) {
-                    holders.push(node.clone());
-                }
             }
         }
-        if run.failed_restores.is_empty() {
-            return copies;
-        }
+        // The annotation names a replica only once the controller saw its transfer succeed,
+        // by polling the sender: a copy that landed just before the source died is held but
+        // never recorded, and without it the workload would restart from the beginning. So
+        // every surviving agent is asked what it holds (each verifies what it stores); the
+        // driver chooses among all of it. Asked only when the driver chooses a checkpoint.
         let pod = self.pod_ref();
-        for node in holders {
+        let mut survivors: Vec<String> = self
+            .executor
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|node| node.metadata.name.clone())
+            .collect();
+        survivors.sort();
+        for node in survivors {
             if node == run.state.source || self.node_unreachable(&node) {
                 continue;
             }

@@ -1,0 +1,163 @@
+//! A dead node's pod and the checkpoint it comes back from (found by running the real
+//! controller on the local cluster):
+//!
+//! - a replica is recorded on the pod only once the controller sees its transfer succeed by
+//!   polling the *source* agent; a source that dies after the standby stored the checkpoint
+//!   but before that poll leaves the copy unrecorded. The surviving agents are asked what they
+//!   hold, and the verified copy is restored instead of restarting the training;
+//! - when no checkpoint survives anywhere, the pod restarts from the beginning, and the
+//!   Migration says so (`Restarted`, with why), never `Succeeded`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use automigrate_core::migration::Phase;
+use automigrate_core::model::PodRef;
+use automigrate_operator::agent::{CheckpointTaken, RecordingAgent};
+use automigrate_operator::crd::{Migration, MigrationStatus};
+use automigrate_operator::replacement;
+use automigrate_operator::snapshot::LATEST_CHECKPOINT;
+use k8s_openapi::api::core::v1::Pod;
+
+mod common;
+use common::*;
+
+/// edge-2 failed (silent since -5 s) with the trainer on it; its recorded checkpoint
+/// `trainer-ck-1` is held on edge-2 only. Returns the Migration the decision pass at 60 s
+/// started, driven to its end (the kubelet runs the replacement).
+async fn dead_node_migration(h: &Harness) -> (String, MigrationStatus) {
+    for (name, ready, since) in [
+        ("edge-1", "True", at(-3600)),
+        ("edge-2", "Unknown", at(-5)),
+        ("edge-3", "True", at(-3600)),
+    ] {
+        h.cluster.put(&node(name, ready, since));
+    }
+    let now = at(60);
+    h.cluster.put(&lease("edge-1", now));
+    h.cluster.put(&lease("edge-2", at(-5)));
+    h.cluster.put(&lease("edge-3", now));
+    h.cluster.put(&protected_pod(
+        "trainer",
+        "edge-2",
+        &[(
+            LATEST_CHECKPOINT,
+            &checkpoint_annotation("trainer-ck-1", &["edge-2"]),
+        )],
+    ));
+    h.settle(3, 1).await;
+    h.lease_seen("edge-3", now).await;
+    h.lease_seen("edge-1", now).await;
+
+    let report = h.controller.decider.pass(now).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    let name = h.only_migration().metadata.name.unwrap();
+    let stores = h.controller.stores.clone();
+    eventually("the store to show the Migration", || {
+        stores
+            .migration(NS, &name)
+            .is_some_and(|m| m.status.is_some())
+    })
+    .await;
+    h.drive(&name, now, |a| a.phase == Phase::Verifying).await;
+    let replacement = h
+        .cluster
+        .get::<Migration>(Some(NS), &name)
+        .unwrap()
+        .status
+        .unwrap()
+        .replacement_pod
+        .unwrap();
+    h.kubelet_runs(&replacement).await;
+    h.drive(&name, now, |a| a.phase.is_terminal()).await;
+    let status = h
+        .cluster
+        .get::<Migration>(Some(NS), &name)
+        .unwrap()
+        .status
+        .unwrap();
+    (name, status)
+}
+
+fn restored_from(h: &Harness, status: &MigrationStatus) -> Option<String> {
+    let replacement: Pod = h
+        .cluster
+        .get(Some(NS), status.replacement_pod.as_ref().unwrap())
+        .unwrap();
+    replacement
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get(replacement::RESTORED_FROM_ANNOTATION)
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_verified_replica_nobody_recorded_is_restored_instead_of_restarting() {
+    let agent = RecordingAgent::new();
+    // The replica of trainer-ck-1 landed on edge-3 and its agent verified it; the source died
+    // before the controller's poll saw the transfer succeed, so the pod does not name it.
+    agent.holds(
+        "edge-3",
+        &PodRef::new(NS, "trainer"),
+        CheckpointTaken {
+            id: "trainer-ck-1".into(),
+            created_at: at(-300),
+            bytes: 1 << 20,
+            freeze: Duration::from_millis(400),
+            verified: true,
+        },
+    );
+    let h = Harness::start(&automigrate_kube_fake::FakeCluster::new(), &agent).await;
+    let (name, status) = dead_node_migration(&h).await;
+    assert_eq!(
+        status.state.phase,
+        Phase::Succeeded,
+        "{name}: {:?}",
+        status.state.message
+    );
+    let stored = status.stored_checkpoint.as_ref().unwrap();
+    assert_eq!(
+        (stored.id.as_str(), stored.from.as_str()),
+        ("trainer-ck-1", "edge-3")
+    );
+    assert_eq!(restored_from(&h, &status).as_deref(), Some("trainer-ck-1"));
+}
+
+#[tokio::test]
+async fn a_dead_node_with_no_surviving_checkpoint_ends_restarted_and_says_why() {
+    let h = Harness::new().await;
+    let (name, status) = dead_node_migration(&h).await;
+    assert_eq!(
+        restored_from(&h, &status),
+        None,
+        "nothing survived to restore"
+    );
+    assert_eq!(
+        status.state.phase,
+        Phase::Restarted,
+        "{name}: {:?}",
+        status.state.message
+    );
+    let message = status.state.message.clone().unwrap();
+    assert!(
+        message.contains("restarted from scratch")
+            && message.contains("no verified checkpoint")
+            && message.contains("edge-2"),
+        "{message}"
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Restarted"),
+        "{:#?}",
+        status.conditions
+    );
+    eventually("the Restarted events", || {
+        h.has_event(&name, "Restarted") && h.has_event("trainer", "MigrationRestarted")
+    })
+    .await;
+    assert!(!h.has_event(&name, "Succeeded") && !h.has_event("trainer", "Migrated"));
+}
