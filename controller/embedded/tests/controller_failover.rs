@@ -148,11 +148,14 @@ impl Drop for DumpOnFailure<'_> {
     }
 }
 
+/// Running copies at one sample: `(node, container id)`.
+type Copies = Vec<(String, String)>;
+
 /// Samples the counter's running copies on every node (runc state) and its count.
 struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    doubles: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    doubles: Arc<Mutex<Vec<Copies>>>,
     samples: Arc<Mutex<u64>>,
     counts: Arc<Mutex<Vec<(Instant, u64)>>>,
 }
@@ -542,9 +545,7 @@ async fn leader_killed_in(prefix: &str, trouble: Trouble, phases: &'static [&'st
 
     drop(dump);
     drop(sampler);
-    let cluster = Arc::try_unwrap(cluster)
-        .ok()
-        .expect("the sampler let go of the cluster");
+    let cluster = Arc::try_unwrap(cluster).expect("the sampler let go of the cluster");
     cluster.teardown().await.unwrap();
     let _ = std::fs::remove_dir_all(&root);
 }
