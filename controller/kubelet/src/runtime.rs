@@ -111,6 +111,29 @@ impl Layout {
         self.root.join("runc")
     }
 
+    /// The cgroup every container of this node goes under (`cgroupsPath` `<parent>/<id>`):
+    /// named after the root directory, so two kubelets on one host (the local cluster's nodes,
+    /// or two local clusters) never share a container's cgroup. runc's default, the id alone,
+    /// put same-named containers of different nodes in one cgroup, where one node's
+    /// `runc kill --all` or checkpoint freeze hit the other's processes.
+    pub fn cgroup_parent(&self) -> String {
+        // FNV-1a: stable across builds, so a restarted kubelet names the same parent.
+        let hash = self
+            .root
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+                (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+            });
+        format!("/automigrate-kubelet-{hash:016x}")
+    }
+
+    /// The cgroup of container `id` (see [`Layout::cgroup_parent`]).
+    pub fn cgroups_path(&self, id: &str) -> String {
+        format!("{}/{id}", self.cgroup_parent())
+    }
+
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.root.join("pods").join(uid)
     }
@@ -300,9 +323,6 @@ impl Runtime {
             std::fs::remove_dir_all(&bundle_dir).map_err(io_error(&bundle_dir))?;
         }
         let bundle = Bundle::create(&bundle_dir, &launch.spec)?;
-        if !launch.host_network && !launch.host_pid && launch.read_only.is_empty() {
-            return Ok(bundle);
-        }
         let path = bundle.config_path();
         let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
         let bad = |reason: String| RuntimeError::Config {
@@ -311,6 +331,15 @@ impl Runtime {
         };
         let mut config: serde_json::Value =
             serde_json::from_str(&text).map_err(|error| bad(error.to_string()))?;
+        if let Some(linux) = config
+            .get_mut("linux")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            linux.insert(
+                "cgroupsPath".into(),
+                self.layout.cgroups_path(&launch.id).into(),
+            );
+        }
         if let Some(namespaces) = config
             .pointer_mut("/linux/namespaces")
             .and_then(serde_json::Value::as_array_mut)
@@ -411,6 +440,7 @@ impl Runtime {
             &bundle.config_path(),
             &unpacked.join(SPEC_DUMP_FILE),
             launch,
+            &self.layout.cgroups_path(&launch.id),
         )?;
         let work = launch.dir.join("restore");
         std::fs::create_dir_all(&work).map_err(io_error(&work))?;
@@ -625,6 +655,7 @@ fn restore_config(
     config_path: &Path,
     spec_dump: &Path,
     launch: &Launch,
+    cgroups_path: &str,
 ) -> Result<(), RuntimeError> {
     let bad = |reason: String| RuntimeError::Config {
         container: launch.id.clone(),
@@ -650,6 +681,13 @@ fn restore_config(
         }
     }
     spec["root"] = serde_json::json!({"path": "rootfs", "readonly": true});
+    // This node's cgroup, not the source's (see `Layout::cgroup_parent`).
+    if let Some(linux) = spec
+        .get_mut("linux")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        linux.insert("cgroupsPath".into(), cgroups_path.into());
+    }
     let text = serde_json::to_string_pretty(&spec).map_err(|error| bad(error.to_string()))?;
     std::fs::write(config_path, text).map_err(io_error(config_path))
 }
@@ -753,7 +791,39 @@ mod tests {
     /// The namespaces of the bundle the runtime writes for a pod with these host settings.
     fn bundle_namespaces(host_network: bool, host_pid: bool) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path().join("kubelet"));
+        bundle_config(&dir.path().join("kubelet"), host_network, host_pid)["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|namespace| namespace["type"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn same_named_containers_of_two_kubelets_get_separate_cgroups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |node: &str| {
+            bundle_config(&dir.path().join(node).join("kubelet"), false, false)["linux"]
+                ["cgroupsPath"]
+                .as_str()
+                .map(str::to_string)
+        };
+        let (a, b) = (path("node-a").unwrap(), path("node-b").unwrap());
+        assert_ne!(a, b, "one cgroup for two nodes' containers");
+        assert!(
+            a.starts_with("/automigrate-kubelet-") && a.ends_with("/ml_p_c_01234567"),
+            "{a}"
+        );
+        assert_eq!(
+            path("node-a").unwrap(),
+            a,
+            "the same node names the same cgroup"
+        );
+    }
+
+    /// The `config.json` the runtime writes for a pod of a kubelet rooted at `root`.
+    fn bundle_config(root: &Path, host_network: bool, host_pid: bool) -> serde_json::Value {
+        let layout = Layout::new(root);
         let mut pod = pod_with_host_paths(&[]);
         let spec = pod.spec.as_mut().unwrap();
         spec.host_network = Some(host_network);
@@ -766,14 +836,7 @@ mod tests {
         );
         std::fs::create_dir_all(&launch.dir).unwrap();
         let bundle = Runtime::new(layout, "runc").write_bundle(&launch).unwrap();
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(bundle.config_path()).unwrap()).unwrap();
-        config["linux"]["namespaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|namespace| namespace["type"].as_str().unwrap().to_string())
-            .collect()
+        serde_json::from_str(&std::fs::read_to_string(bundle.config_path()).unwrap()).unwrap()
     }
 
     #[test]

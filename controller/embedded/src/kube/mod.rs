@@ -67,6 +67,18 @@
 //!   import command is `automigrate-kubelet import-image` (deploy leaves it to the node's runtime
 //!   tooling). No seccomp, capability or read-only-root settings: the local kubelet does not
 //!   apply them.
+//! - Self-fencing runs for real: the agent pod is `hostPID` (runc signals a container's init by
+//!   its host pid; deploy/agent.yaml is too), `AUTOMIGRATE_RUNC_ROOT` is the node's
+//!   `<root>/<node>/kubelet/runc` (deploy: containerd's `/run/containerd/runc/k8s.io`) and
+//!   `AUTOMIGRATE_SELF_FENCE_CONTAINER_ID` is the local kubelet's container id
+//!   [`SELF_FENCE_CONTAINER_ID`] (deploy: the runc id template's default; containerd's ids are
+//!   hashes). The timing follows the 1 s Lease renewals ([`KubeClusterConfig::self_fence_timing`]):
+//!   agents and controller run with `AUTOMIGRATE_HEARTBEAT_INTERVAL=1s`,
+//!   `AUTOMIGRATE_SELF_FENCE_AFTER=3s`, `AUTOMIGRATE_SELF_FENCE_STOP_TIME=2s` (deploy: 10s, 15s,
+//!   5s), the controller also with `AUTOMIGRATE_CLOCK_SKEW_ALLOWANCE=1s` (one host clock) and
+//!   `AUTOMIGRATE_FENCE_MARGIN=1s` (deploy: 2s, 3s): a safe time of 7 s instead of 25 s, so a
+//!   node cut off from the API server counts as fenced at the policy's `leaseTimeout`.
+//!   [`KubeClusterConfig::controller_env`] and [`KubeClusterConfig::agent_env`] override them.
 //! - The default policy is `deploy/policies/default.yaml`, applied first;
 //!   [`KubeClusterConfig::policies`] are applied after it (a test may replace `default` with
 //!   shorter triggers, see [`FAST_DEFAULT_POLICY`]).
@@ -144,6 +156,10 @@ data:
       fallback: rollback
 ";
 
+/// The agents' `AUTOMIGRATE_SELF_FENCE_CONTAINER_ID`: the local kubelet's runc container id
+/// (`automigrate_kubelet::runtime::container_id`).
+pub const SELF_FENCE_CONTAINER_ID: &str = "{namespace}_{pod}_{container}_{uid8}";
+
 /// How long [`KubeCluster::create`] waits for each stage (API server, nodes Ready, agents
 /// serving, a controller leader).
 const STAGE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -212,6 +228,50 @@ impl KubeClusterConfig {
             kubelet_status_interval: Duration::from_secs(1),
             controller_replicas: 2,
         }
+    }
+
+    /// The self-fencing timing agents and controller replicas share: the kubelets' renewal
+    /// period as the heartbeat interval, the agents' 1 s check, and the shortest
+    /// `selfFenceAfter` that renewal period allows (3 s at 1 s renewals), a 2 s stop time,
+    /// 1 s clock-skew allowance (one host clock) and 1 s margin: a safe time of 7 s.
+    pub fn self_fence_timing(&self) -> automigrate_core::fencing::SelfFenceTiming {
+        let mut timing = automigrate_core::fencing::SelfFenceTiming {
+            heartbeat_interval: self.kubelet_status_interval,
+            check_interval: Duration::from_secs(1),
+            stop_time: Duration::from_secs(2),
+            clock_skew: Duration::from_secs(1),
+            margin: Duration::from_secs(1),
+            ..Default::default()
+        };
+        timing.self_fence_after = timing.least_self_fence_after();
+        timing
+    }
+
+    /// [`Self::self_fence_timing`] as the agents' (`controller: false`) or the controller's
+    /// environment.
+    fn self_fence_env(&self, controller: bool) -> Vec<(&'static str, String)> {
+        let timing = self.self_fence_timing();
+        let text = |duration: Duration| format!("{}ms", duration.as_millis());
+        let mut env = vec![
+            (
+                "AUTOMIGRATE_HEARTBEAT_INTERVAL",
+                text(timing.heartbeat_interval),
+            ),
+            (
+                "AUTOMIGRATE_SELF_FENCE_CHECK_INTERVAL",
+                text(timing.check_interval),
+            ),
+            (
+                "AUTOMIGRATE_SELF_FENCE_AFTER",
+                text(timing.self_fence_after),
+            ),
+            ("AUTOMIGRATE_SELF_FENCE_STOP_TIME", text(timing.stop_time)),
+        ];
+        if controller {
+            env.push(("AUTOMIGRATE_CLOCK_SKEW_ALLOWANCE", text(timing.clock_skew)));
+            env.push(("AUTOMIGRATE_FENCE_MARGIN", text(timing.margin)));
+        }
+        env
     }
 
     /// The RTT between nodes `a` and `b` (0 where the matrix has no entry).
@@ -1036,6 +1096,7 @@ impl KubeCluster {
             .env("AUTOMIGRATE_LISTEN", listen.to_string())
             .env("AUTOMIGRATE_DECISION_INTERVAL", "1s")
             .env("AUTOMIGRATE_EXECUTOR_INTERVAL", "1s")
+            .envs(self.config.self_fence_env(true))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         for (key, value) in &self.config.controller_env {
@@ -1150,11 +1211,27 @@ impl KubeCluster {
             ),
             ("AUTOMIGRATE_KUBE_API", self.api_url.clone()),
             ("AUTOMIGRATE_IMAGE_IMPORT_COMMAND", import),
+            // Self-fencing kills the node's protected containers in the kubelet's runc root,
+            // by the local kubelet's container ids (`runtime::container_id`).
+            (
+                "AUTOMIGRATE_RUNC_ROOT",
+                kubelet_dir.join("runc").display().to_string(),
+            ),
+            (
+                "AUTOMIGRATE_SELF_FENCE_CONTAINER_ID",
+                SELF_FENCE_CONTAINER_ID.to_string(),
+            ),
             ("RUST_LOG", "info".to_string()),
             ("NO_COLOR", "1".to_string()),
         ]
         .into_iter()
         .map(|(name, value)| (name.to_string(), value))
+        .chain(
+            self.config
+                .self_fence_env(false)
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value)),
+        )
         .collect();
         for (key, value) in &self.config.agent_env {
             env.retain(|(name, _)| name != key);
@@ -1178,6 +1255,9 @@ impl KubeCluster {
             "spec": {
                 "nodeName": node,
                 "hostNetwork": true,
+                // runc signals a container's init by its host pid: the self-fence kill needs
+                // the host's PID namespace.
+                "hostPID": true,
                 "restartPolicy": "Always",
                 "terminationGracePeriodSeconds": 5,
                 "tolerations": [{"operator": "Exists"}],
