@@ -72,10 +72,10 @@ pub struct LiveMigrationCost {
 }
 
 impl LiveMigrationCost {
-    /// From the start of the final dump until the replacement has made progress: what the
-    /// workload stands still.
+    /// From the start of the final dump until the restore returned: what the workload stands
+    /// still (it runs again during Verifying; the demo's MDT is measured the same way).
     pub fn downtime(&self) -> Ms {
-        self.checkpointing + self.transferring + self.fencing + self.restoring + self.verifying
+        self.checkpointing + self.transferring + self.fencing + self.restoring
     }
 }
 
@@ -100,5 +100,22 @@ pub fn live_migration(
         fencing: ms(scenario.settings.stop_source),
         restoring: ms(scenario.criu.restore_time(image)),
         verifying: ms(scenario.settings.verify),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LiveMigrationCost;
+
+    #[test]
+    fn downtime_ends_when_the_restore_returns() {
+        let cost = LiveMigrationCost {
+            checkpointing: 285,
+            transferring: 412,
+            fencing: 7,
+            restoring: 204,
+            verifying: 1000,
+        };
+        assert_eq!(cost.downtime(), 908);
     }
 }
