@@ -4,14 +4,10 @@
 //! Order: the uninterrupted reference run first (its loss is what every other run must
 //! reproduce bit for bit, and its duration paces the mobility trace), then for each failure
 //! point a migration run and a fresh-restart run, then degradation, then mobility.
-//!
-//! [`DemoPlan`] is the embedded controller's plan, kept only for the fault suite until it moves
-//! to the local cluster too; the demo itself runs [`Plan`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cluster::AgentMode;
 use crate::demo_runs::{self, DemoSettings, Recovery, RunError, RunKind, RunResult};
 use crate::report::{self, DemoReport, Machine, ReportError};
 use crate::workload::{DatasetSpec, PYTHON, TrainerSpec};
@@ -46,64 +42,6 @@ impl std::str::FromStr for Scenario {
             other => Err(format!(
                 "unknown scenario `{other}`: expected hard-failure, degradation or mobility"
             )),
-        }
-    }
-}
-
-/// The embedded controller's demo plan (used by the fault suite only; see the module header).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DemoPlan {
-    pub settings: crate::scenario::DemoSettings,
-    pub scenarios: Vec<Scenario>,
-    /// Hard-failure points, percent of the epochs.
-    pub failure_points: Vec<u32>,
-    /// When the degradation is injected, percent of the epochs.
-    pub degradation_point: u32,
-}
-
-impl DemoPlan {
-    /// The demo as `automigrate demo` runs it by default (a few minutes on 2 cores).
-    pub fn standard(root: PathBuf, policies_dir: PathBuf) -> Self {
-        Self {
-            settings: crate::scenario::DemoSettings {
-                root,
-                policies_dir,
-                time_scale: 30,
-                nodes: 4,
-                rtt_step_ms: 10,
-                dataset: DatasetSpec {
-                    name: "clusters".into(),
-                    files: 16,
-                    rows_per_file: 8192,
-                    features: 32,
-                    classes: 4,
-                    seed: 20211220,
-                },
-                trainer: TrainerSpec {
-                    epochs: 30,
-                    hidden: 128,
-                    seed: 7,
-                    learning_rate: 0.05,
-                },
-                // 5 s of real time at scale 30.
-                checkpoint_interval: "2m 30s".into(),
-                failure_policy: "default".into(),
-                mobility_policy: "edge-mobility".into(),
-                tick_ms: 100,
-                keep: false,
-                failure_after_standby_copy: true,
-                agent: match crate::daemon::find_agent_binary() {
-                    Some(binary) => AgentMode::Daemon { binary },
-                    None => AgentMode::InProcess,
-                },
-            },
-            scenarios: vec![
-                Scenario::HardFailure,
-                Scenario::Degradation,
-                Scenario::Mobility,
-            ],
-            failure_points: vec![25, 50, 75],
-            degradation_point: 50,
         }
     }
 }

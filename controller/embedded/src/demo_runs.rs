@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::time::{Duration, Instant};
 
 use automigrate_core::annotations;
@@ -43,8 +43,8 @@ use automigrate_core::model::CheckpointInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::faults::sampler::{CopyReport, CopySampler, unix_now};
 use crate::kube::{KubeCluster, KubeClusterConfig, KubeClusterError, NODE_HOST_DIR};
-use crate::monitor::CopyReport;
 use crate::workload::{self, DatasetSpec, Progress, TrainerSpec, WorkloadError};
 
 #[derive(Debug, thiserror::Error)]
@@ -289,13 +289,6 @@ pub fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-pub fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs_f64())
-        .unwrap_or_default()
-}
-
 fn unix_of(timestamp: jiff::Timestamp) -> f64 {
     timestamp.as_nanosecond() as f64 / 1e9
 }
@@ -434,64 +427,6 @@ impl DemoSettings {
             map.insert(annotations::USER.to_string(), MOBILITY_USER.into());
         }
         map
-    }
-}
-
-/// The running trainer containers (`ml_trainer…`) on every node, sampled from runc until
-/// stopped.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<CopyReport>>,
-}
-
-impl Sampler {
-    fn start(cluster: Arc<KubeCluster>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let prefix = format!("{POD_NAMESPACE}_{POD_NAME}");
-        let thread = std::thread::Builder::new()
-            .name("demo-copy-sampler".into())
-            .spawn(move || {
-                let mut report = CopyReport {
-                    period_ms: SAMPLE_PERIOD.as_millis() as u64,
-                    ..CopyReport::default()
-                };
-                while !flag.load(Ordering::SeqCst) {
-                    let running: Vec<String> = cluster
-                        .running_containers()
-                        .into_iter()
-                        .filter(|(_, id)| id.starts_with(&prefix))
-                        .map(|(node, id)| format!("{node}/{id}"))
-                        .collect();
-                    report.samples += 1;
-                    report.max_running = report.max_running.max(running.len());
-                    if running.len() > 1 {
-                        tracing::error!(?running, "two copies of the trainer are running");
-                        report.overlaps.push((unix_now(), running));
-                    }
-                    std::thread::sleep(SAMPLE_PERIOD);
-                }
-                report
-            })
-            .ok();
-        Self { stop, thread }
-    }
-
-    fn stop(mut self) -> CopyReport {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .take()
-            .and_then(|thread| thread.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -803,7 +738,13 @@ async fn drive(
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": POD_NAMESPACE}});
     cluster.apply(&namespace)?;
 
-    let sampler = Sampler::start(Arc::clone(cluster));
+    // Every trainer container in the pods' namespace, the source and any replacement alike.
+    let sampler = CopySampler::start(
+        Arc::clone(cluster),
+        format!("{POD_NAMESPACE}_"),
+        CONTAINER_NAME.to_string(),
+        SAMPLE_PERIOD,
+    );
     let load_at_start = load_average();
     let deployed_at = unix_now();
     cluster.apply(&trainer_pod(

@@ -291,13 +291,13 @@ pub fn tmpfs_root(label: &str) -> PathBuf {
     PathBuf::from("/dev/shm").join(format!("automigrate-{label}-{}-{n}", std::process::id()))
 }
 
-/// The directory of the workspace's binaries, found as [`crate::daemon::find_program`] finds
+/// The directory of the workspace's binaries, found as [`crate::programs::find_program`] finds
 /// `automigrate-apiserver` (`$AUTOMIGRATE_BIN_DIR` first).
 pub fn find_bin_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("AUTOMIGRATE_BIN_DIR") {
         return Some(PathBuf::from(dir));
     }
-    crate::daemon::find_program("automigrate-apiserver", "AUTOMIGRATE_APISERVER_BIN")
+    crate::programs::find_program("automigrate-apiserver", "AUTOMIGRATE_APISERVER_BIN")
         .and_then(|path| path.parent().map(Path::to_path_buf))
 }
 

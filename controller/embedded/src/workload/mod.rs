@@ -7,17 +7,15 @@
 //!   described by `dataset.json` with each file's size and BLAKE3 hash, which
 //!   [`verify_dataset`] checks on whichever node holds a copy.
 //! - [`TrainerSpec`] is the training job: epochs, hidden units, seed, learning rate. The program
-//!   ([`TRAINER_PY`], numpy) runs in a runc container whose `/data` is the node's dataset copy,
-//!   `/work` the pod's work directory on that node and `/app` the program (the "image", present
-//!   on every node as the seed paper assumed).
+//!   ([`TRAINER_PY`], numpy) runs as a Pod's container whose `/data` is the node's dataset
+//!   copy, `/work` the pod's work directory on that node and `/app` the program (present on
+//!   every node, as the seed paper assumed).
 //! - [`Progress`] is what the program wrote to `/work/progress.log`: a start line, one line per
 //!   epoch with the loss (also as `float.hex`, so equality is bit-exact) and a done line, all
 //!   with the run tag drawn at program start (kept by a restore, new after a restart).
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use automigrate_checkpoint::bundle::{Bundle, BundleError, BundleSpec};
 use serde::{Deserialize, Serialize};
 
 /// The training program, written to every node's `/app`.
@@ -46,10 +44,6 @@ pub enum WorkloadError {
         file: String,
         reason: String,
     },
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    #[error("{path}: cannot set the cgroup path: {reason}")]
-    BadBundle { path: PathBuf, reason: String },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> WorkloadError + '_ {
@@ -229,74 +223,11 @@ pub struct TrainerSpec {
     pub learning_rate: f64,
 }
 
-/// Where one node keeps what a container of the workload mounts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerMounts {
-    /// The node's copy of the dataset (`/data`).
-    pub data: PathBuf,
-    /// The pod's work directory on the node (`/work`).
-    pub work: PathBuf,
-    /// The program (`/app`).
-    pub app: PathBuf,
-}
-
 /// Writes the program into `app_dir` (the node's "image").
 pub fn install_program(app_dir: &Path) -> Result<(), WorkloadError> {
     std::fs::create_dir_all(app_dir).map_err(io_error(app_dir))?;
     let path = app_dir.join(TRAINER_FILE);
     std::fs::write(&path, TRAINER_PY).map_err(io_error(&path))
-}
-
-/// The OCI bundle of the trainer on one node. Every node's bundle has the same mounts at the
-/// same container paths, so a checkpoint from one node restores on another; `cgroups_path`
-/// (`linux.cgroupsPath`) keeps each incarnation's cgroup apart.
-pub fn create_bundle(
-    bundle_dir: &Path,
-    mounts: &ContainerMounts,
-    trainer: &TrainerSpec,
-    cgroups_path: &str,
-) -> Result<Bundle, WorkloadError> {
-    for dir in [&mounts.data, &mounts.work, &mounts.app] {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    }
-    let args = vec![
-        PYTHON.to_string(),
-        format!("/app/{TRAINER_FILE}"),
-        "/data".to_string(),
-        "/work".to_string(),
-        trainer.epochs.to_string(),
-        trainer.hidden.to_string(),
-        trainer.seed.to_string(),
-        format!("{:?}", trainer.learning_rate),
-    ];
-    let spec = BundleSpec::new(args)
-        .writable(&mounts.data, "/data")
-        .writable(&mounts.work, "/work")
-        .writable(&mounts.app, "/app")
-        .cwd("/work")
-        .env("OPENBLAS_NUM_THREADS=1")
-        .env("OMP_NUM_THREADS=1");
-    let bundle = Bundle::create(bundle_dir, &spec)?;
-    let path = bundle.config_path();
-    let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-    let bad = |reason: String| WorkloadError::BadBundle {
-        path: path.clone(),
-        reason,
-    };
-    let mut config: serde_json::Value =
-        serde_json::from_str(&text).map_err(|error| bad(error.to_string()))?;
-    match config
-        .get_mut("linux")
-        .and_then(|linux| linux.as_object_mut())
-    {
-        Some(linux) => {
-            linux.insert("cgroupsPath".into(), cgroups_path.into());
-        }
-        None => return Err(bad("no `linux` section".into())),
-    }
-    let text = serde_json::to_string_pretty(&config).map_err(|error| bad(error.to_string()))?;
-    std::fs::write(&path, text).map_err(io_error(&path))?;
-    Ok(bundle)
 }
 
 /// One epoch as the program reported it.
@@ -412,21 +343,6 @@ pub fn read_progress(path: &Path) -> Result<Progress, WorkloadError> {
     })
 }
 
-/// A short human description of a dataset.
-pub fn describe(meta: &DatasetMeta) -> String {
-    let mut text = String::new();
-    let _ = write!(
-        text,
-        "{} ({} files, {:.1} MiB, {} features, {} classes)",
-        meta.name,
-        meta.files.len(),
-        meta.total_bytes() as f64 / (1024.0 * 1024.0),
-        meta.features,
-        meta.classes
-    );
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,54 +411,5 @@ mod tests {
             read_progress(&dir.path().join("missing")).unwrap(),
             Progress::default()
         );
-    }
-
-    #[test]
-    fn bundle_mounts_data_work_and_app_at_fixed_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounts = ContainerMounts {
-            data: dir.path().join("data"),
-            work: dir.path().join("work"),
-            app: dir.path().join("app"),
-        };
-        let trainer = TrainerSpec {
-            epochs: 3,
-            hidden: 8,
-            seed: 1,
-            learning_rate: 0.05,
-        };
-        let bundle =
-            create_bundle(&dir.path().join("bundle"), &mounts, &trainer, "/am/x/t-1").unwrap();
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(bundle.config_path()).unwrap()).unwrap();
-        let args: Vec<&str> = config["process"]["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|arg| arg.as_str().unwrap())
-            .collect();
-        assert_eq!(
-            args,
-            [
-                PYTHON,
-                "/app/trainer.py",
-                "/data",
-                "/work",
-                "3",
-                "8",
-                "1",
-                "0.05"
-            ]
-        );
-        let destinations: Vec<&str> = config["mounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|mount| mount["destination"].as_str().unwrap())
-            .collect();
-        for expected in ["/data", "/work", "/app"] {
-            assert!(destinations.contains(&expected), "{destinations:?}");
-        }
-        assert_eq!(config["linux"]["cgroupsPath"], "/am/x/t-1");
     }
 }

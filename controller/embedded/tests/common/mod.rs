@@ -1,10 +1,9 @@
 //! What every privileged test of the embedded mode shares: the rule for running or skipping,
-//! where the shipped policies and the agent binary are, and the log set-up.
+//! where the shipped policies are, and the log set-up.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use automigrate_embedded::daemon::find_agent_binary;
 use automigrate_embedded::demo::missing_prerequisites;
 
 pub const SKIP_VARIABLE: &str = "AUTOMIGRATE_SKIP_PRIVILEGED";
@@ -36,17 +35,6 @@ pub fn privileged(test: &str) -> bool {
 
 pub fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
-}
-
-/// The `automigrate-agent` binary. Not a skip: a missing binary fails the test
-/// (scripts/test.sh builds it first).
-pub fn agent_binary() -> PathBuf {
-    find_agent_binary().unwrap_or_else(|| {
-        panic!(
-            "no automigrate-agent binary next to the test binary and no $AUTOMIGRATE_AGENT_BIN; \
-             build it first: cargo build -p automigrate-agent"
-        )
-    })
 }
 
 /// Logs to the test's output at `warn`, or as `AUTOMIGRATE_LOG` says:
