@@ -37,6 +37,7 @@ else
     exit 1
 fi
 step "cargo test"
-# The embedded mode's end-to-end test runs the real agent daemon: build it first.
-cargo build --locked -p automigrate-agent
+# The local cluster's tests start the workspace's programs (API server, kubelet, agent,
+# controller, kubectl-migrate): build every binary first.
+cargo build --locked --workspace --bins
 cargo test --workspace --locked
