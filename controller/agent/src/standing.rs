@@ -419,7 +419,9 @@ pub async fn ask_one(
 
 /// Kills protected pods' containers with `runc kill` (SIGKILL) and waits until runc reports
 /// them stopped. Container ids come from a template: `{namespace}`, `{pod}`, `{container}`,
-/// `{uid8}` (the first 8 alphanumerics of the pod's uid).
+/// `{uid8}` (the first 8 alphanumerics of the pod's uid). A stop succeeds only when runc has
+/// shown every listed protected container and says it is stopped (or it was since deleted):
+/// an id runc never finds, or a `runc state` that fails otherwise, fails the stop.
 #[derive(Debug)]
 pub struct RuncStopper {
     pub runc: String,
@@ -428,6 +430,19 @@ pub struct RuncStopper {
     pub protected: Arc<Mutex<Vec<ProtectedPod>>>,
     pub condemned: Mutex<BTreeSet<String>>,
     pub stop_time: Duration,
+    /// Ids runc has shown at least once: one of these that is gone now was removed (after it
+    /// stopped); a protected pod's id runc never showed is a container it cannot see.
+    pub found: Mutex<BTreeSet<String>>,
+}
+
+/// What runc says about one container id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RuncState {
+    /// Running, paused or created.
+    Live,
+    Stopped,
+    /// "container does not exist".
+    Missing,
 }
 
 /// The runc id of a pod's container under `template`.
@@ -459,16 +474,32 @@ impl RuncStopper {
             .map_err(|error| format!("{}: {error}", self.runc))
     }
 
-    /// Whether runc knows `id` as a live (running, paused or created) container.
-    async fn live(&self, id: &str) -> Result<bool, String> {
+    /// What runc says of `id`. Any failure other than "does not exist" (no permission, a
+    /// missing root) is an error: it confirms nothing.
+    async fn state(&self, id: &str) -> Result<RuncState, String> {
         let output = self.runc(&["state", id]).await?;
         if !output.status.success() {
-            // "container does not exist": gone.
-            return Ok(false);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if stderr.contains("does not exist") {
+                return Ok(RuncState::Missing);
+            }
+            return Err(format!("runc state {id}: {}", stderr.trim()));
+        }
+        if let Ok(mut found) = self.found.lock() {
+            found.insert(id.to_string());
         }
         let state: serde_json::Value = serde_json::from_slice(&output.stdout)
             .map_err(|error| format!("runc state {id}: {error}"))?;
-        Ok(state["status"].as_str() != Some("stopped"))
+        Ok(if state["status"].as_str() == Some("stopped") {
+            RuncState::Stopped
+        } else {
+            RuncState::Live
+        })
+    }
+
+    /// Whether runc knows `id` as a live (running, paused or created) container.
+    async fn live(&self, id: &str) -> Result<bool, String> {
+        Ok(self.state(id).await? == RuncState::Live)
     }
 
     /// Kills every live container of `ids`; `Ok(killed)` once none is live, within the stop
@@ -504,7 +535,8 @@ impl RuncStopper {
 
 impl Stopper for RuncStopper {
     async fn stop_protected(&self) -> Result<usize, String> {
-        let ids: BTreeSet<String> = self
+        // (pod, id) of every container of a protected pod the API server listed here.
+        let listed: Vec<(String, String)> = self
             .protected
             .lock()
             .map_err(|_| "protected pod list poisoned".to_string())?
@@ -512,7 +544,12 @@ impl Stopper for RuncStopper {
             .flat_map(|pod| {
                 pod.containers
                     .iter()
-                    .map(|container| container_id(&self.template, pod, container))
+                    .map(|container| {
+                        (
+                            format!("{}/{}", pod.namespace, pod.name),
+                            container_id(&self.template, pod, container),
+                        )
+                    })
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -521,10 +558,31 @@ impl Stopper for RuncStopper {
                 .condemned
                 .lock()
                 .map_err(|_| "condemned list poisoned".to_string())?;
-            condemned.extend(ids);
+            condemned.extend(listed.iter().map(|(_, id)| id.clone()));
             condemned.clone()
         };
-        self.kill_all(&all).await
+        let killed = self.kill_all(&all).await?;
+        // A listed container runc never showed may run where runc cannot see it (hashed
+        // containerd ids, a wrong id template, another runc root): nothing confirms it stopped,
+        // so the stop failed (retried, and overdue starves the watchdog) — never "fenced".
+        let found = self
+            .found
+            .lock()
+            .map_err(|_| "found list poisoned".to_string())?
+            .clone();
+        let unseen: Vec<String> = listed
+            .iter()
+            .filter(|(_, id)| !found.contains(id))
+            .map(|(pod, id)| format!("pod {pod} (runc id {id})"))
+            .collect();
+        if unseen.is_empty() {
+            Ok(killed)
+        } else {
+            Err(format!(
+                "{killed} container(s) killed, but runc does not find {}: it cannot confirm they are stopped",
+                unseen.join(", ")
+            ))
+        }
     }
 
     async fn keep_down(&self) -> Result<usize, String> {
@@ -535,6 +593,37 @@ impl Stopper for RuncStopper {
             .clone();
         self.kill_all(&all).await
     }
+}
+
+/// runc's root when none is given.
+pub const DEFAULT_RUNC_ROOT: &str = "/run/runc";
+
+/// Containers under the runc root whose init pid (`init_process_pid` in `state.json`) `proc`
+/// does not show: the agent is not in the host PID namespace (no hostPID), so runc reports
+/// running containers "stopped" and `runc kill` cannot reach them. (A container that exited
+/// and was not yet deleted is listed too; the warning says so.)
+pub fn invisible_containers(root: &std::path::Path, proc: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut invisible = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let pid = state["init_process_pid"].as_u64().unwrap_or_default();
+        if pid > 0 && !proc.join(pid.to_string()).exists() {
+            invisible.push(format!(
+                "{} (pid {pid})",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    invisible.sort();
+    invisible
 }
 
 /// Self-fencing as the daemon runs it.
@@ -592,6 +681,7 @@ impl SelfFenceOptions {
             protected,
             condemned: Mutex::new(BTreeSet::new()),
             stop_time: self.timing.stop_time,
+            found: Mutex::new(BTreeSet::new()),
         };
         let machine = crate::fence::SelfFence::new(self.timing, self.enabled, Duration::ZERO);
         let interval = self.timing.check_interval;
@@ -605,6 +695,20 @@ impl SelfFenceOptions {
             },
             None => Box::new(crate::fence::NoWatchdog),
         };
+        if self.enabled {
+            let root = stopper
+                .root
+                .clone()
+                .unwrap_or_else(|| DEFAULT_RUNC_ROOT.into());
+            let invisible = invisible_containers(&root, std::path::Path::new("/proc"));
+            if !invisible.is_empty() {
+                tracing::error!(
+                    runc_root = %root.display(),
+                    containers = %invisible.join(", "),
+                    "SELF-FENCING CANNOT KILL CONTAINERS: the init processes of containers under the runc root are not visible in /proc, so this agent is not in the host PID namespace (run it with hostPID) — runc reports them stopped and cannot kill them (or they exited and were not deleted yet)"
+                );
+            }
+        }
         tracing::info!(
             enabled = self.enabled,
             self_fence_after = %automigrate_core::units::format_duration(self.timing.self_fence_after),
@@ -822,6 +926,7 @@ esac
             protected: protected.clone(),
             condemned: Mutex::new(BTreeSet::new()),
             stop_time: Duration::from_secs(10),
+            found: Mutex::new(BTreeSet::new()),
         };
         assert_eq!(stopper.stop_protected().await.unwrap(), 2);
         for id in ["ml_trainer_main_1a2b3c4d", "ml_trainer_side_1a2b3c4d"] {
@@ -844,5 +949,160 @@ esac
             "{calls}"
         );
         assert!(!calls.contains("kill ml_web"), "{calls}");
+        // The kubelet deletes a killed container: runc showed it once, so gone is stopped.
+        protected.lock().unwrap().push(ProtectedPod {
+            namespace: "ml".into(),
+            name: "trainer".into(),
+            uid: "1a2b-3c4d-5e6f".into(),
+            containers: vec!["main".into(), "side".into()],
+        });
+        std::fs::remove_file(root.join("ml_trainer_side_1a2b3c4d.exists")).unwrap();
+        assert_eq!(stopper.stop_protected().await.unwrap(), 0);
+    }
+
+    /// Fails if a `runc state` that fails for another reason than "does not exist" (no
+    /// permission, a wrong root) counts as a stopped container.
+    #[tokio::test]
+    async fn a_runc_that_cannot_tell_confirms_nothing() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("runc");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho 'open /run/runc/x/state.json: permission denied' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let stopper = RuncStopper {
+            runc: script.display().to_string(),
+            root: None,
+            template: "{namespace}_{pod}_{container}".into(),
+            protected: Arc::new(Mutex::new(Vec::new())),
+            condemned: Mutex::new(BTreeSet::from(["ml_trainer_main".to_string()])),
+            stop_time: Duration::from_secs(10),
+            found: Mutex::new(BTreeSet::new()),
+        };
+        let error = stopper.keep_down().await.unwrap_err();
+        assert!(error.contains("permission denied"), "{error}");
+    }
+
+    /// The node is cut off for good (no read, no peer answers).
+    struct CutOff;
+
+    impl Standing for CutOff {
+        async fn own_heartbeat_age(&self) -> Result<Duration, String> {
+            Err("timed out".into())
+        }
+        async fn ask_peers(&self) -> Vec<Observation> {
+            Vec::new()
+        }
+    }
+
+    /// Regression (local cluster): on containerd (hashed ids) or without hostPID runc does not
+    /// find the protected pod's container, and the fence reported "self-fenced: 0 protected
+    /// container(s) stopped" while it ran on, so the controller started a second copy. Fails
+    /// if a protected container runc never found counts as stopped: it must be a failed stop,
+    /// retried every check, naming the pod and the id, and overdue after the stop time.
+    #[tokio::test]
+    async fn a_protected_container_runc_cannot_find_is_a_failed_stop_not_a_fence() {
+        use crate::fence::{FenceEvent, FenceLoop, NoWatchdog, SelfFence};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        // The container runs under a hashed id the template cannot produce.
+        std::fs::write(root.join("4f1d9c0e7b.exists"), "").unwrap();
+        let trainer = ProtectedPod {
+            namespace: "ml".into(),
+            name: "trainer".into(),
+            uid: "1a2b-3c4d-5e6f".into(),
+            containers: vec!["main".into()],
+        };
+        let stopper = RuncStopper {
+            runc: fake_runc(dir.path()),
+            root: Some(root.clone()),
+            template: "{namespace}_{pod}_{container}_{uid8}".into(),
+            protected: Arc::new(Mutex::new(vec![trainer])),
+            condemned: Mutex::new(BTreeSet::new()),
+            stop_time: Duration::from_secs(10),
+            found: Mutex::new(BTreeSet::new()),
+        };
+        let second = Duration::from_secs(1);
+        let timing = automigrate_core::fencing::SelfFenceTiming {
+            self_fence_after: 4 * second,
+            stop_time: 2 * second,
+            clock_skew: second,
+            margin: second,
+            heartbeat_interval: second,
+            check_interval: second,
+        };
+        let mut fence = FenceLoop {
+            machine: SelfFence::new(timing, true, Duration::ZERO),
+            standing: CutOff,
+            stopper,
+            watchdog: NoWatchdog,
+            metrics: None,
+        };
+        let mut events = Vec::new();
+        let mut petted_after_stop_time = false;
+        for step in 0..8u32 {
+            let report = fence.check(step * second).await;
+            // No heartbeat ever: the fence begins at the startup grace (3 s); stop time 2 s.
+            if step * second >= 5 * second {
+                petted_after_stop_time |= report.petted;
+            }
+            events.extend(report.events);
+        }
+        assert!(
+            !events
+                .iter()
+                .any(|event| matches!(event, FenceEvent::Fenced { .. })),
+            "{events:?}"
+        );
+        let failed: Vec<&String> = events
+            .iter()
+            .filter_map(|event| match event {
+                FenceEvent::StopFailed { error } => Some(error),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failed.len(), 5, "retried every check: {events:?}");
+        assert!(
+            failed[0].contains("ml/trainer") && failed[0].contains("ml_trainer_main_1a2b3c4d"),
+            "{}",
+            failed[0]
+        );
+        assert!(
+            events
+                .iter()
+                .any(|event| matches!(event, FenceEvent::StopOverdue { .. })),
+            "{events:?}"
+        );
+        assert!(!petted_after_stop_time, "watchdog still fed");
+    }
+
+    /// Fails if a container whose init pid /proc does not show (the agent is not in the host
+    /// PID namespace) goes unreported, or a visible one is reported.
+    #[test]
+    fn containers_whose_pid_is_not_visible_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = |id: &str, pid: u64| {
+            std::fs::create_dir(dir.path().join(id)).unwrap();
+            std::fs::write(
+                dir.path().join(id).join("state.json"),
+                serde_json::json!({"id": id, "init_process_pid": pid}).to_string(),
+            )
+            .unwrap();
+        };
+        state("visible", u64::from(std::process::id()));
+        // Above any pid_max (2^22).
+        state("invisible", 999_999_999);
+        assert_eq!(
+            invisible_containers(dir.path(), std::path::Path::new("/proc")),
+            ["invisible (pid 999999999)"]
+        );
+        assert!(
+            invisible_containers(&dir.path().join("nope"), std::path::Path::new("/proc"))
+                .is_empty()
+        );
     }
 }
