@@ -432,6 +432,21 @@ impl Decider {
             .await;
             return None;
         }
+        if let Some(moved) = moved_away(&pod, migrations) {
+            // What is left of a workload that already runs elsewhere (a dead node's pod lingers
+            // until deleted): migrating it would start one more copy.
+            self.report(
+                format!("moved/{pod_ref}/{moved}"),
+                Self::pod_reference(&pod),
+                "AlreadyMoved",
+                format!(
+                    "would migrate from {} ({}), but Migration {moved} already moved this pod; not migrating what is left of it",
+                    decision.from, decision.reason
+                ),
+            )
+            .await;
+            return None;
+        }
         let request = migrations.iter().find(|migration| {
             migration.is_request()
                 && migration.namespace().as_deref() == Some(pod_ref.namespace.as_str())
@@ -667,6 +682,30 @@ impl Decider {
             .await;
         }
     }
+}
+
+/// The Migration that already moved this very pod (by uid) and ended with its workload
+/// running elsewhere (`Succeeded`, or `Restarted` fresh), if any.
+fn moved_away(pod: &Pod, migrations: &[std::sync::Arc<Migration>]) -> Option<String> {
+    let uid = pod.metadata.uid.as_deref()?;
+    migrations
+        .iter()
+        .filter(|migration| {
+            migration.metadata.namespace == pod.metadata.namespace
+                && Some(migration.spec.pod.as_str()) == pod.metadata.name.as_deref()
+                && matches!(
+                    migration.phase(),
+                    Some(migration::Phase::Succeeded | migration::Phase::Restarted)
+                )
+        })
+        .find(|migration| {
+            migration
+                .status
+                .as_ref()
+                .and_then(|status| status.source_pod_uid.as_deref())
+                == Some(uid)
+        })
+        .map(|migration| name_of(migration))
 }
 
 /// `(namespace, workload)` → the names of the pods that carry it now, for pods that a

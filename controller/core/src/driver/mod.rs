@@ -45,7 +45,8 @@
 //! - **Transfers** ([`transfers`]): every transfer is recorded before it starts and polled by
 //!   id; a sender that forgot it is asked again; a failed transfer is a retryable failure.
 //! - **Roll back** ([`rollback`]): stop the replacement first, then keep the source, restore
-//!   the final dump on it, or start fresh, as the state machine says.
+//!   the final dump on it, or start fresh, as the state machine says. A fresh start waits
+//!   for the new copy and removes what is left of the source, as a migration's end does.
 //! - **A fresh start is a restart**: a replacement started with no checkpoint (none
 //!   survived) ends the migration `Restarted`, never `Succeeded`
 //!   ([`crate::migration::MigrationState::started_fresh`]).
@@ -253,7 +254,10 @@ impl Driver {
             Step::RollBack {
                 stop_target,
                 action,
-            } => rollback::roll_back(port, run, stop_target, action).await,
+            } => {
+                let source_dead = lease_expired(observation, run.lease_timeout, now);
+                return rollback::roll_back(port, run, stop_target, action, source_dead).await;
+            }
             Step::Done => Outcome::waiting("ended"),
         };
         Next::Outcome(outcome)

@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use proptest::prelude::*;
 
 use super::*;
-use crate::migration::{Limits, MigrationState};
+use crate::migration::{Limits, MigrationState, RollbackAction};
 use crate::policy::Policy;
 
 const SOURCE: &str = "s";
@@ -182,7 +182,11 @@ impl World {
             Happening::ReplacementCrashes => self.replacement_crashes = true,
             Happening::Stall => self.stalled = true,
             Happening::RuntimeRestart => {
-                if self.source_pod_present && self.source_powered && !self.self_fenced() {
+                if self.source_pod_present
+                    && self.source_powered
+                    && !self.out_of_service
+                    && !self.self_fenced()
+                {
                     self.source_copy_running = true;
                     self.record("runtime restarted the source container".into());
                 }
@@ -393,7 +397,14 @@ impl Port for World {
         })
     }
 
-    async fn act(&mut self, _run: &Run, action: &Action) -> Outcome {
+    async fn act(&mut self, run: &Run, action: &Action) -> Outcome {
+        // The replacement checked is the one the phase started (a rollback's own, or the
+        // migration's).
+        let checked = if run.state.phase == Phase::RollingBack {
+            "rollback"
+        } else {
+            "migration"
+        };
         let flaky = self.flaky_call();
         let outcome = if flaky {
             Outcome::Failed {
@@ -433,18 +444,19 @@ impl Port for World {
                     }
                 }
                 Action::MarkOutOfService { .. } => {
+                    // The pod object stays: on a dead node nothing confirms its deletion
+                    // until the controller deletes it forcibly (CheckReplacement).
                     self.out_of_service = true;
-                    self.source_pod_present = false;
                     Outcome::done()
                 }
                 Action::StartReplacement { node, from, role } => {
                     let (node, from, role) = (node.clone(), from.clone(), *role);
                     self.start(&node, &from, role)
                 }
-                Action::CheckReplacement { .. } => match self.replacements.get("migration") {
+                Action::CheckReplacement { .. } => match self.replacements.get(checked) {
                     Some(replacement) if self.replacement_crashes => {
                         let _ = replacement;
-                        if let Some(replacement) = self.replacements.get_mut("migration") {
+                        if let Some(replacement) = self.replacements.get_mut(checked) {
                             replacement.running = false;
                         }
                         Outcome::Failed {
@@ -618,6 +630,14 @@ fn play(
             "ended {} with {copies} running copies",
             run.state.phase
         )),
+        // A source pod left behind (a dead node's lingers until deleted) is a protected pod on
+        // a failed node to the decision engine: it would start the workload yet again.
+        Phase::Succeeded | Phase::Restarted if world.source_pod_present => {
+            world.violations.push(format!(
+                "ended {} with the source pod left on {SOURCE}",
+                run.state.phase
+            ))
+        }
         // A replacement started from the beginning is a restart, never a success.
         Phase::Succeeded if run.restore_from().is_none() => world
             .violations
@@ -738,6 +758,43 @@ fn a_damaged_checkpoint_is_retried_once_with_the_next_older_one() {
     assert!(world.violations.is_empty(), "{:?}", world.violations);
     assert_eq!(world.persisted.state.phase, Phase::Restarted);
     assert_eq!(world.persisted.failed_restores, ["ck-1"]);
+}
+
+/// Live on the local cluster: node lost, its only checkpoint corrupt, the rollback started the
+/// workload fresh on the target and ended Restarted, leaving the dead source's pod; the next
+/// decision pass migrated that pod again, one more running copy every second.
+#[test]
+fn a_fresh_start_after_a_corrupt_checkpoint_retires_the_dead_source() {
+    let stored = vec![Stored {
+        id: "ck-only".into(),
+        taken_at: -100,
+        verified: true,
+        held_on: BTreeSet::from([TARGET.to_string()]),
+    }];
+    let world = play(
+        false,
+        crate::policy::Fallback::Rollback,
+        stored,
+        &[Happening::Damage(0)],
+    );
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+    assert_eq!(
+        world.persisted.state.phase,
+        Phase::Restarted,
+        "{:?}\n{:#?}",
+        world.persisted.state.message,
+        world.effects
+    );
+    assert_eq!(
+        world.persisted.state.rollback,
+        Some(RollbackAction::RestartFresh)
+    );
+    assert!(
+        !world.source_pod_present,
+        "the dead source's pod is left: {:#?}",
+        world.effects
+    );
+    assert_eq!(world.running_copies(), 1);
 }
 
 #[test]

@@ -1,0 +1,273 @@
+//! A dead node whose only checkpoint does not restore (found by the fault suite on the local
+//! cluster, f003): the rollback started the training fresh on another node and the Migration
+//! ended `Restarted`, but the dead node's pod `trainer` was never deleted. The next decision
+//! pass saw a protected pod on a failed node and migrated it again, which restarted it fresh
+//! again: one new Migration and one more running copy every pass (40 copies).
+//!
+//! - the rollback's fresh start waits for its pod and then deletes what is left of the source,
+//!   as a migration's end does (forcibly: its node is dead);
+//! - a pod that a `Succeeded` or `Restarted` Migration already moved is never migrated again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use automigrate_core::migration::{Phase, RollbackAction};
+use automigrate_core::model::PodRef;
+use automigrate_kube_fake::FakeCluster;
+use automigrate_operator::agent::{
+    AgentError, AgentResult, CheckpointKind, CheckpointTaken, NodeAgent, PeerLatency,
+    RecordingAgent, TransferProgress,
+};
+use automigrate_operator::clock::ManualClock;
+use automigrate_operator::controller::{Config, Controller};
+use automigrate_operator::crd::{Migration, MigrationStatus, TransferPayload};
+use automigrate_operator::leader::Leadership;
+use automigrate_operator::snapshot::LATEST_CHECKPOINT;
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::Pod;
+
+mod common;
+use common::*;
+
+/// The recording double, except that no checkpoint image can be built: the target's store
+/// finds the checkpoint damaged (what a BLAKE3 mismatch does).
+#[derive(Debug)]
+struct CorruptImages(RecordingAgent);
+
+impl NodeAgent for CorruptImages {
+    fn checkpoint<'a>(
+        &'a self,
+        node: &'a str,
+        pod: &'a PodRef,
+        container: &'a str,
+        kind: CheckpointKind,
+    ) -> AgentResult<'a, CheckpointTaken> {
+        self.0.checkpoint(node, pod, container, kind)
+    }
+
+    fn checkpoints<'a>(
+        &'a self,
+        node: &'a str,
+        pod: &'a PodRef,
+    ) -> AgentResult<'a, Vec<CheckpointTaken>> {
+        self.0.checkpoints(node, pod)
+    }
+
+    fn start_transfer<'a>(
+        &'a self,
+        from: &'a str,
+        payload: &'a TransferPayload,
+        to: &'a str,
+    ) -> AgentResult<'a, TransferProgress> {
+        self.0.start_transfer(from, payload, to)
+    }
+
+    fn transfer_status<'a>(
+        &'a self,
+        node: &'a str,
+        id: &'a str,
+    ) -> AgentResult<'a, TransferProgress> {
+        self.0.transfer_status(node, id)
+    }
+
+    fn build_image<'a>(&'a self, node: &'a str, checkpoint_id: &'a str) -> AgentResult<'a, String> {
+        let refused = AgentError::Refused {
+            node: node.into(),
+            kind: "build image".into(),
+            reason: format!("checkpoint {checkpoint_id}: BLAKE3 mismatch (scripted)"),
+        };
+        async move { Err(refused) }.boxed()
+    }
+
+    fn peers<'a>(&'a self, node: &'a str) -> AgentResult<'a, Vec<PeerLatency>> {
+        self.0.peers(node)
+    }
+}
+
+async fn harness() -> Harness {
+    let cluster = FakeCluster::new();
+    let agent = RecordingAgent::new();
+    // The only checkpoint: verified where it is stored, damaged where it is restored.
+    agent.holds(
+        "edge-3",
+        &PodRef::new(NS, "trainer"),
+        CheckpointTaken {
+            id: "trainer-ck-1".into(),
+            created_at: at(-300),
+            bytes: 1 << 20,
+            freeze: Duration::from_millis(400),
+            verified: true,
+        },
+    );
+    let clock = ManualClock::new(t0());
+    let corrupt = Arc::new(CorruptImages(agent.clone()));
+    let controller = Controller::start(
+        cluster.client(),
+        move |_| corrupt,
+        Leadership::always(),
+        Arc::new(clock.clone()),
+        Config {
+            policy_namespace: POLICY_NS.into(),
+            ..Config::default()
+        },
+    );
+    controller.stores.ready().await.unwrap();
+    Harness {
+        cluster,
+        agent,
+        clock,
+        controller,
+    }
+}
+
+/// edge-2 failed with the trainer on it; the decision pass at 60 s migrates it, the restore is
+/// refused, the rollback starts it fresh (the kubelet runs that pod). Returns the Migration
+/// driven to its end.
+async fn restarted_after_a_corrupt_checkpoint(h: &Harness) -> (String, MigrationStatus) {
+    for (name, ready, since) in [
+        ("edge-1", "True", at(-3600)),
+        ("edge-2", "Unknown", at(-5)),
+        ("edge-3", "True", at(-3600)),
+    ] {
+        h.cluster.put(&node(name, ready, since));
+    }
+    let now = at(60);
+    h.cluster.put(&lease("edge-1", now));
+    h.cluster.put(&lease("edge-2", at(-5)));
+    h.cluster.put(&lease("edge-3", now));
+    h.cluster.put(&protected_pod(
+        "trainer",
+        "edge-2",
+        &[(
+            LATEST_CHECKPOINT,
+            &checkpoint_annotation("trainer-ck-1", &["edge-2"]),
+        )],
+    ));
+    h.settle(3, 1).await;
+    h.lease_seen("edge-3", now).await;
+    h.lease_seen("edge-1", now).await;
+
+    let report = h.controller.decider.pass(now).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    let name = h.only_migration().metadata.name.unwrap();
+    let stores = h.controller.stores.clone();
+    eventually("the store to show the Migration", || {
+        stores
+            .migration(NS, &name)
+            .is_some_and(|m| m.status.is_some())
+    })
+    .await;
+    // The fresh pod is created by the rollback; before the fix the Migration ended at once.
+    let advanced = h
+        .drive(&name, now, |a| {
+            a.phase.is_terminal()
+                || (a.phase == Phase::RollingBack
+                    && a.waiting
+                        .as_deref()
+                        .is_some_and(|why| why.contains("Ready")))
+        })
+        .await;
+    if !advanced.phase.is_terminal() {
+        let cluster = h.cluster.clone();
+        eventually("the rollback's pod", || {
+            cluster.list::<Pod>().iter().any(|pod| {
+                pod.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.ends_with("-r"))
+            })
+        })
+        .await;
+        let pod = pod_names(h)
+            .into_iter()
+            .find(|pod| pod.ends_with("-r"))
+            .unwrap();
+        h.kubelet_runs(&pod).await;
+        h.drive(&name, now, |a| a.phase.is_terminal()).await;
+    }
+    let status = h
+        .cluster
+        .get::<Migration>(Some(NS), &name)
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        status.state.phase,
+        Phase::Restarted,
+        "{name}: {:?}",
+        status.state.message
+    );
+    assert_eq!(status.state.rollback, Some(RollbackAction::RestartFresh));
+    (name, status)
+}
+
+fn pod_names(h: &Harness) -> Vec<String> {
+    let mut names: Vec<String> = h
+        .cluster
+        .list::<Pod>()
+        .into_iter()
+        .filter_map(|pod| pod.metadata.name)
+        .collect();
+    names.sort();
+    names
+}
+
+fn migration_phases(h: &Harness) -> Vec<(String, Option<Phase>)> {
+    h.migrations()
+        .into_iter()
+        .map(|m| (m.metadata.name.clone().unwrap_or_default(), m.phase()))
+        .collect()
+}
+
+/// A few decision passes after the end, each once the stores have caught up; returns how many
+/// Migrations exist then.
+async fn passes_after(h: &Harness, pods: usize) -> usize {
+    h.settle(3, pods).await;
+    for second in 61..65 {
+        h.controller.decider.pass(at(second)).await.unwrap();
+        let (stores, count) = (h.controller.stores.clone(), h.migrations().len());
+        eventually("the store to see every Migration", || {
+            stores.migrations.state().len() == count
+        })
+        .await;
+    }
+    h.migrations().len()
+}
+
+#[tokio::test]
+async fn a_fresh_restart_deletes_the_dead_source_and_is_not_repeated() {
+    let h = harness().await;
+    let (_, status) = restarted_after_a_corrupt_checkpoint(&h).await;
+    let fresh = status.replacement_pod.clone().unwrap();
+    assert_eq!(
+        pod_names(&h),
+        vec![fresh],
+        "one trainer: the fresh copy, the dead node's pod deleted"
+    );
+    assert_eq!(
+        passes_after(&h, 1).await,
+        1,
+        "a second Migration: {:?}",
+        migration_phases(&h)
+    );
+}
+
+#[tokio::test]
+async fn a_pod_a_restarted_migration_moved_is_never_migrated_again() {
+    let h = harness().await;
+    let (_, status) = restarted_after_a_corrupt_checkpoint(&h).await;
+    // Whatever removes it may not have yet (a deletion the API server has not finished, a
+    // controller that crashed before it): the recorded source pod is still there.
+    let mut left: Pod = serde_json::from_value(status.source_pod.clone().unwrap()).unwrap();
+    left.metadata.uid = status.source_pod_uid.clone();
+    left.metadata.resource_version = None;
+    h.cluster.put(&left);
+    assert_eq!(
+        passes_after(&h, 2).await,
+        1,
+        "a second Migration of the leftover: {:?}",
+        migration_phases(&h)
+    );
+}
