@@ -166,6 +166,10 @@ pub enum Event {
     SourceLost,
     /// A person or the engine called the migration off.
     Cancel { reason: String },
+    /// The target node is lost (its Lease expired, or it left the cluster): nothing started
+    /// there can be reached, so the current phase fails for good at once and the rollback
+    /// never starts the workload there ([`target_loss_matters`] says when it is applied).
+    TargetLost { reason: String },
 }
 
 /// What the driver sees when it (re)starts work on a migration.
@@ -429,6 +433,49 @@ impl MigrationState {
         Ok(())
     }
 
+    /// The target node is lost: fail the phase for good and never pick the lost node again.
+    /// Restoring or Verifying roll back to the source when it lives (whatever the fallback
+    /// but `fail`: a fresh start would name the lost target); a rollback that was to start
+    /// fresh on the target fails. Other phases fail by their own rule.
+    fn target_lost(
+        &mut self,
+        reason: &str,
+        limits: &Limits,
+        now: Timestamp,
+    ) -> Result<(), TransitionError> {
+        let lost = format!("target node {} lost: {reason}", self.target);
+        let nowhere = || {
+            "the workload runs nowhere: a person must start it on a live node (deleting this \
+             Migration lets the controller place the pod again)"
+        };
+        match self.phase {
+            Phase::Restoring | Phase::Verifying => {
+                self.message = Some(format!("{} failed: {lost}", self.phase));
+                if self.source_alive && limits.fallback != Fallback::Fail {
+                    self.rollback = Some(RollbackAction::RestoreOnSource);
+                    return self.enter(Phase::RollingBack, now);
+                }
+                if !self.source_alive {
+                    self.message = Some(format!(
+                        "{} failed: {lost}; the source node {} is dead too: {}",
+                        self.phase,
+                        self.source,
+                        nowhere()
+                    ));
+                }
+                self.enter(Phase::Failed, now)
+            }
+            Phase::RollingBack => {
+                self.message = Some(format!(
+                    "rollback failed: {lost}, so the workload cannot start fresh there; {}",
+                    nowhere()
+                ));
+                self.enter(Phase::Failed, now)
+            }
+            _ => self.fail(lost, limits, now),
+        }
+    }
+
     /// Where to go when the current phase cannot complete.
     fn fail(
         &mut self,
@@ -599,6 +646,7 @@ pub fn apply(
         // Cancelling is a failure of the current phase, whose rule decides what is safe: a
         // clean rollback before the source is touched, never a second copy after.
         Event::Cancel { reason } => next.fail(format!("cancelled: {reason}"), limits, now)?,
+        Event::TargetLost { reason } => next.target_lost(reason, limits, now)?,
     }
     Ok(next)
 }
@@ -647,6 +695,23 @@ pub fn observe(state: &MigrationState, facts: &Facts) -> Option<Event> {
             checkpoint_id: None,
         }),
         _ => None,
+    }
+}
+
+/// Whether losing the target node changes what the current phase does, so a driver applies
+/// [`Event::TargetLost`] only then: every phase that sends to the target or starts or waits
+/// on the workload there, and a rollback that would start it fresh there. Not Checkpointing
+/// (the final dump runs on the source; the transfer after it fails instead) nor Fencing (the
+/// source is being stopped; Restoring after it fails instead).
+pub fn target_loss_matters(state: &MigrationState) -> bool {
+    match state.phase {
+        Phase::Pending
+        | Phase::Syncing
+        | Phase::Transferring
+        | Phase::Restoring
+        | Phase::Verifying => true,
+        Phase::RollingBack => state.rollback == Some(RollbackAction::RestartFresh),
+        _ => false,
     }
 }
 

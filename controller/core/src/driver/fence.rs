@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use super::port::Observation;
+use super::port::{Observation, TargetObservation};
 use crate::fencing::{self, DeadNode};
 use crate::units;
 
@@ -84,4 +84,48 @@ pub fn fence_step(
         DeadNode::AskAdministrator(why) => FenceStep::Wait(why),
         DeadNode::Fenced(reason) => FenceStep::MarkOutOfService(reason),
     }
+}
+
+/// Why the target node counts as lost, or `None` while it may be alive. Lost: marked out of
+/// service, removed from the cluster (no Node, no Lease), or its Lease unrenewed for the lease
+/// timeout (the node that failed the fault suite's f007-td was powered off). A lost target is
+/// not retried on: nothing started there can be reached, so the migration rolls back at once
+/// instead of retrying until the phase deadline. Lost is not fenced: whether what runs there
+/// has stopped is still [`target_fenced`]'s question.
+pub fn target_lost(
+    target: &str,
+    observed: &TargetObservation,
+    lease_timeout: Duration,
+    now: Timestamp,
+) -> Option<String> {
+    if observed.out_of_service {
+        return Some(format!("node {target} is marked out of service"));
+    }
+    match observed.renewed_at {
+        None if observed.gone => Some(format!("node {target} was removed from the cluster")),
+        Some(renewed) if units::age(now, renewed) >= lease_timeout => Some(format!(
+            "node {target} has not renewed its Lease for {} (timeout {})",
+            units::format_duration(units::age(now, renewed)),
+            units::format_duration(lease_timeout)
+        )),
+        _ => None,
+    }
+}
+
+/// Whether what runs on the target node can no longer run, by the same rule as a dead
+/// source ([`crate::fencing::dead_node`], or the out-of-service taint): only then may the
+/// replacement's pod object there be removed without the node's kubelet confirming it.
+pub fn target_fenced(
+    target: &str,
+    observed: &TargetObservation,
+    lease_timeout: Duration,
+    mode: &DeadNodeFencing,
+    now: Timestamp,
+) -> bool {
+    observed.out_of_service
+        || (observed.gone && observed.renewed_at.is_none())
+        || matches!(
+            fencing::dead_node(mode, target, lease_timeout, observed.renewed_at, now),
+            DeadNode::Fenced(_)
+        )
 }

@@ -10,9 +10,34 @@
 //! Treating a short partition during the transfer as a death would throw away the fresh dump
 //! for an older checkpoint and could strand the stopped workload at fencing.
 
-use super::port::Observation;
+use jiff::Timestamp;
+
+use super::fence::target_lost;
+use super::port::{Observation, Port};
 use super::run::Run;
 use crate::migration::{self, Event, Facts, Phase};
+
+/// What the loop applies before acting, if anything: [`implied_event`], else a lost target
+/// ([`target_lost`]) where losing it matters ([`migration::target_loss_matters`]). A lost
+/// target is not retried on until the phase deadline: the phase fails at once and the
+/// rollback never starts the workload on it.
+pub(crate) async fn implied<P: Port>(
+    port: &mut P,
+    run: &Run,
+    observation: &Observation,
+    final_dump: Option<&str>,
+    now: Timestamp,
+) -> Option<Event> {
+    if let Some(event) = implied_event(run, observation, final_dump) {
+        return Some(event);
+    }
+    if !migration::target_loss_matters(&run.state) {
+        return None;
+    }
+    let target = port.observe_target(run).await;
+    target_lost(&run.state.target, &target, run.lease_timeout, now)
+        .map(|reason| Event::TargetLost { reason })
+}
 
 /// The event that what the driver sees implies, if any. `final_dump` is the id of a verified
 /// checkpoint the source holds from this migration's Checkpointing phase (asked only then).

@@ -28,6 +28,13 @@
 //! - **Lost source** ([`lost`]): a live source whose node stops being reachable before the
 //!   final dump is lost; the migration goes on from a stored checkpoint. After the dump an
 //!   unreachable source is ridden out by retries and the rollback, never guessed dead.
+//! - **Lost target** ([`lost`], [`fence::target_lost`]): a target node marked out of
+//!   service, removed, or whose Lease went unrenewed for the lease timeout is lost while the
+//!   migration sends to it, starts or waits on the workload there, or would restart it fresh
+//!   there ([`migration::target_loss_matters`]): the phase fails for good at once (no retries
+//!   until the deadline) and the rollback restores on a live source; with no live source, or
+//!   a fresh start that would name the lost node, the migration ends `Failed` saying what a
+//!   person must do. Never a replacement on a lost node.
 //! - **Checkpoint choice** ([`choose`]): the newest *verified* checkpoint; among its copies the
 //!   target's own, then the holder nearest the target by round trip. Newest, because it
 //!   repeats the least work; verified, because restoring an unverified image may start a
@@ -62,17 +69,21 @@ pub mod run;
 mod transfers;
 
 #[cfg(test)]
+mod target_lost_tests;
+#[cfg(test)]
 mod tests;
 
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 pub use choose::choose_checkpoint;
-pub use fence::{DeadNodeFencing, FenceStep, fence_step, lease_expired};
+pub use fence::{
+    DeadNodeFencing, FenceStep, fence_step, lease_expired, target_fenced, target_lost,
+};
 pub use plan::begin;
 pub use port::{
     Action, CheckpointCopy, Observation, Outcome, PersistError, Port, Role, StepFailure,
-    TransferStatus,
+    TargetObservation, TransferStatus,
 };
 pub use run::{Run, StoredCheckpoint, TransferPayload, TransferRecord};
 
@@ -162,7 +173,8 @@ impl Driver {
             } else {
                 None
             };
-            let implied = lost::implied_event(&run, &observation, final_dump.as_deref())
+            let implied = lost::implied(port, &run, &observation, final_dump.as_deref(), now)
+                .await
                 .or_else(|| migration::timeout(&run.state, &run.limits, now));
             if let Some(event) = implied {
                 run = transition(port, run, &event, now).await?;

@@ -32,6 +32,18 @@ pub struct Observation {
     pub source_out_of_service: bool,
 }
 
+/// What the port sees of the target node, read on the turns where losing it matters
+/// ([`crate::migration::target_loss_matters`]). The default is a node that looks alive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetObservation {
+    /// The target node is not known any more (the operator: no Node object).
+    pub gone: bool,
+    /// When the target node last renewed its Lease; `None` without a Lease.
+    pub renewed_at: Option<Timestamp>,
+    /// The target node is marked out of service.
+    pub out_of_service: bool,
+}
+
 /// One copy of a stored checkpoint of the migrating pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointCopy {
@@ -141,6 +153,12 @@ pub trait Port {
 
     /// What is true of the source and the replacement now.
     fn observe(&mut self, run: &Run) -> impl Future<Output = Observation> + Send;
+
+    /// What is true of the target node now. A port that cannot tell answers the default (a
+    /// live node): the driver then never treats the target as lost.
+    fn observe_target(&mut self, _run: &Run) -> impl Future<Output = TargetObservation> + Send {
+        std::future::ready(TargetObservation::default())
+    }
 
     /// The id of a verified checkpoint of this pod the source holds, taken at or after `since`
     /// (a final dump that completed before a crash); asked only while Checkpointing.
