@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use automigrate_core::driver::{CheckpointCopy, Observation, Run};
+use automigrate_core::driver::{CheckpointCopy, Observation, Run, TargetObservation};
 use automigrate_core::model::PodRef;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
@@ -72,11 +72,7 @@ impl OperatorPort<'_> {
             .is_some_and(|pod| {
                 pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
             });
-        let out_of_service = node
-            .as_ref()
-            .and_then(|node| node.spec.as_ref())
-            .and_then(|spec| spec.taints.as_ref())
-            .is_some_and(|taints| taints.iter().any(|taint| taint.key == OUT_OF_SERVICE_TAINT));
+        let out_of_service = self.out_of_service(source);
         Observation {
             source_reachable: !self.node_unreachable(source),
             source_running,
@@ -84,6 +80,26 @@ impl OperatorPort<'_> {
             source_known: node.is_some(),
             source_renewed_at: self.lease_renewed(source),
             source_out_of_service: out_of_service,
+        }
+    }
+
+    /// Whether the node carries the out-of-service taint.
+    fn out_of_service(&self, node: &str) -> bool {
+        self.executor
+            .stores
+            .node(node)
+            .as_ref()
+            .and_then(|node| node.spec.as_ref())
+            .and_then(|spec| spec.taints.as_ref())
+            .is_some_and(|taints| taints.iter().any(|taint| taint.key == OUT_OF_SERVICE_TAINT))
+    }
+
+    /// What the reflectors show of `node` as a target: gone, its Lease, its taint.
+    pub(super) fn target_observation(&self, node: &str) -> TargetObservation {
+        TargetObservation {
+            gone: self.executor.stores.node(node).is_none(),
+            renewed_at: self.lease_renewed(node),
+            out_of_service: self.out_of_service(node),
         }
     }
 

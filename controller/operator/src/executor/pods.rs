@@ -3,7 +3,8 @@
 //! for it to be Ready, and stopping it again.
 
 use automigrate_core::annotations::CheckpointMode;
-use automigrate_core::driver::{Outcome, Run};
+use automigrate_core::driver::{Outcome, Run, target_fenced};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
@@ -208,7 +209,7 @@ impl OperatorPort<'_> {
     }
 
     /// Stops the replacement; done once it is gone.
-    pub(super) async fn stop_replacement(&self) -> Outcome {
+    pub(super) async fn stop_replacement(&self, run: &Run, now: Timestamp) -> Outcome {
         let namespace = self.namespace();
         let Some(name) = self.status.replacement_pod.clone() else {
             return Outcome::done();
@@ -216,11 +217,32 @@ impl OperatorPort<'_> {
         let Some(pod) = self.executor.stores.pod(&namespace, &name) else {
             return Outcome::done();
         };
-        if pod.metadata.deletion_timestamp.is_none()
+        // On a node that counts as fenced (dead by the fencing rule, or out of service) no
+        // kubelet will confirm a graceful delete: the pod would stay Terminating and the
+        // rollback behind it would wait until its deadline (fault suite f007-td). Its
+        // containers cannot run, so the object is removed at once, as a dead source's is.
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.clone())
+            .unwrap_or_else(|| run.state.target.clone());
+        let fenced = target_fenced(
+            &node,
+            &self.target_observation(&node),
+            run.lease_timeout,
+            &self.executor.config.dead_node_fencing,
+            now,
+        );
+        if (pod.metadata.deletion_timestamp.is_none() || fenced)
             && let Err(error) = self
                 .executor
                 .writer
-                .delete_pod(&namespace, &name, pod.metadata.uid.clone(), None)
+                .delete_pod(
+                    &namespace,
+                    &name,
+                    pod.metadata.uid.clone(),
+                    fenced.then_some(0),
+                )
                 .await
         {
             return write_failure(&error);

@@ -6,7 +6,7 @@
 
 use automigrate_core::driver::{
     Action, CheckpointCopy, Observation, Outcome, PersistError, Port, Role, Run, StepFailure,
-    TransferRecord, TransferStatus,
+    TargetObservation, TransferRecord, TransferStatus,
 };
 use automigrate_core::migration::MigrationState;
 use automigrate_core::units;
@@ -61,6 +61,10 @@ impl Port for OperatorPort<'_> {
         self.observation(run)
     }
 
+    async fn observe_target(&mut self, run: &Run) -> TargetObservation {
+        self.target_observation(&run.state.target)
+    }
+
     async fn final_dump_since(&mut self, since: Timestamp) -> Option<String> {
         self.final_dump(since).await
     }
@@ -87,7 +91,10 @@ impl Port for OperatorPort<'_> {
                     .await
             }
             Action::CheckReplacement { source_dead } => self.check_replacement(*source_dead).await,
-            Action::StopReplacement => self.stop_replacement().await,
+            Action::StopReplacement => {
+                let now = self.now();
+                self.stop_replacement(run, now).await
+            }
         }
     }
 
