@@ -1,6 +1,8 @@
 //! A lost target (fault suite f007-td: the target node powered off while Restoring): the
 //! driver rolls back at once instead of retrying on the dead node until the phase deadline,
-//! and no rollback starts the workload on the lost node.
+//! and no rollback starts the workload on the lost node. Also a target whose disk is full
+//! (f003-tdf): the port reports the refused transfer as non-retryable, and the migration
+//! rolls back at once instead of retrying until the deadline.
 
 use std::time::Duration;
 
@@ -26,7 +28,12 @@ fn t(seconds: i64) -> Timestamp {
 struct DeadTarget {
     now: Timestamp,
     source_alive: bool,
+    /// The target's last Lease renewal (0 s: dead by now).
+    target_renewed: Timestamp,
+    /// What a transfer to the target fails with.
+    transfer_failure: StepFailure,
     actions: Vec<Action>,
+    transfers: usize,
 }
 
 impl DeadTarget {
@@ -34,7 +41,13 @@ impl DeadTarget {
         Self {
             now: t(100),
             source_alive,
+            target_renewed: t(0),
+            transfer_failure: StepFailure {
+                reason: "agent on node target unreachable".into(),
+                retryable: true,
+            },
             actions: Vec::new(),
+            transfers: 0,
         }
     }
 
@@ -64,7 +77,7 @@ impl Port for DeadTarget {
     async fn observe_target(&mut self, _run: &Run) -> TargetObservation {
         TargetObservation {
             gone: false,
-            renewed_at: Some(t(0)),
+            renewed_at: Some(self.target_renewed),
             out_of_service: false,
         }
     }
@@ -78,10 +91,8 @@ impl Port for DeadTarget {
     }
 
     async fn transfer(&mut self, _record: &TransferRecord) -> Result<TransferStatus, StepFailure> {
-        Err(StepFailure {
-            reason: "agent on node target unreachable".into(),
-            retryable: true,
-        })
+        self.transfers += 1;
+        Err(self.transfer_failure.clone())
     }
 
     async fn act(&mut self, _run: &Run, action: &Action) -> Outcome {
@@ -213,4 +224,36 @@ fn a_target_that_renews_its_lease_is_not_lost() {
         super::target_lost("target", &default, LEASE_TIMEOUT, t(100)),
         None
     );
+}
+
+#[test]
+fn a_full_target_disk_rolls_back_at_once_instead_of_retrying() {
+    let mut port = DeadTarget::new(true);
+    port.target_renewed = port.now; // alive, but its disk is full
+    port.transfer_failure = StepFailure {
+        reason:
+            "dataset node-a → target: the target is out of space: the receiver refused (NoSpace)"
+                .into(),
+        retryable: false,
+    };
+    let mut run = run_in(Phase::Syncing, true, Fallback::Rollback);
+    run.state.source_fenced = false;
+    run.state.checkpoint_id = None;
+    run.transfers.push(TransferRecord::new(
+        super::run::TransferPayload::checkpoint("ck-0"),
+        "source",
+        "target",
+    ));
+    let run = advance(&mut port, run);
+    assert_eq!(port.transfers, 1, "tried once, not retried");
+    assert!(port.actions.is_empty(), "{:?}", port.actions);
+    // The source never stopped: it keeps running, and the decider's recently failed target
+    // rule (RolledBack within retryBackoffMax) steers the next attempt elsewhere.
+    assert_eq!(
+        run.state.phase,
+        Phase::RolledBack,
+        "{:?}",
+        run.state.message
+    );
+    assert_eq!(run.state.rollback, Some(RollbackAction::KeepSource));
 }
