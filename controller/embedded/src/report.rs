@@ -254,6 +254,19 @@ pub fn build_report(
             run.final_epoch == Some(run.epochs),
             format!("last epoch {:?} of {}", run.final_epoch, run.epochs),
         );
+        // A run whose pod keeps no standby copy has nothing to resume from: the controller
+        // starts it fresh, and says so with `Restarted` (never `Succeeded`).
+        let (expected, ended) = if matches!(
+            run.kind,
+            RunKind::HardFailure {
+                recovery: Recovery::FreshRestart,
+                ..
+            }
+        ) {
+            (automigrate_core::migration::Phase::Restarted, "restarted")
+        } else {
+            (automigrate_core::migration::Phase::Succeeded, "succeeded")
+        };
         for migration in &run.migrations {
             let verified = run.dataset_verified_on.contains(&migration.to);
             let moved_by = if run.dataset_provisioned_on.contains(&migration.to) {
@@ -269,10 +282,10 @@ pub fn build_report(
             check(
                 &mut checks,
                 format!(
-                    "{}: Migration {} ({} -> {}, {}) succeeded with the dataset verified on the target",
+                    "{}: Migration {} ({} -> {}, {}) {ended} with the dataset verified on the target",
                     run.name, migration.name, migration.from, migration.to, migration.trigger
                 ),
-                migration.phase == automigrate_core::migration::Phase::Succeeded && verified,
+                migration.phase == expected && verified,
                 format!(
                     "phase {} (as the API server has it; history: {}){}; dataset verified on {:?} ({moved_by})",
                     migration.phase,
