@@ -764,7 +764,9 @@ impl KubeCluster {
     /// Every running container on every node, from runc's state (not from the API):
     /// `(node, container id)`. Container ids are `<namespace>_<pod>_<container>_<uid8>`.
     /// Read as `runc list` decides a container's status (see [`runc_status`]) without starting
-    /// a process per node, so a monitor may call it every few tens of milliseconds.
+    /// a process per node, so a monitor may call it every few tens of milliseconds. A paused
+    /// container (frozen while a checkpoint is taken) counts: it is still a live copy, and a
+    /// check that sampled it mid-checkpoint must not read "nothing runs".
     pub fn running_containers(&self) -> Vec<(String, String)> {
         let mut running = Vec::new();
         for node in &self.config.nodes {
@@ -775,7 +777,12 @@ impl KubeCluster {
             let mut ids: Vec<String> = entries
                 .flatten()
                 .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .filter(|id| runc_status(&root, id) == Some(RuncStatus::Running))
+                .filter(|id| {
+                    matches!(
+                        runc_status(&root, id),
+                        Some(RuncStatus::Running | RuncStatus::Paused)
+                    )
+                })
                 .collect();
             ids.sort();
             running.extend(ids.into_iter().map(|id| (node.clone(), id)));
@@ -790,7 +797,7 @@ impl KubeCluster {
         for node in &self.config.nodes {
             let mut ids: Vec<String> = runc_list(&self.runc_root(node))
                 .into_iter()
-                .filter(|(_, status)| status == "running")
+                .filter(|(_, status)| status == "running" || status == "paused")
                 .map(|(id, _)| id)
                 .collect();
             ids.sort();
