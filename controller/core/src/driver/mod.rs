@@ -61,6 +61,7 @@
 pub mod choose;
 pub mod fence;
 mod lost;
+pub mod periodic;
 pub mod plan;
 pub mod port;
 mod restore;
@@ -68,6 +69,8 @@ mod rollback;
 pub mod run;
 mod transfers;
 
+#[cfg(test)]
+mod periodic_tests;
 #[cfg(test)]
 mod target_lost_tests;
 #[cfg(test)]
