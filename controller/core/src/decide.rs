@@ -908,11 +908,8 @@ impl<'a> Pass<'a> {
                 && !pod.checkpoint_in_progress =>
             {
                 let (interval, auto) = checkpoint_interval(pod, &settings, policy);
-                let due = pod
-                    .last_checkpoint
-                    .as_ref()
-                    .is_none_or(|last| units::age(now, last.taken_at) >= interval);
-                if due {
+                let last_taken_at = pod.last_checkpoint.as_ref().map(|last| last.taken_at);
+                if crate::driver::periodic::is_due(now, last_taken_at, interval) {
                     self.due.push(Due {
                         pod: pod_index,
                         node,
