@@ -11,7 +11,10 @@
 # during the restore, the target's disk filling up, a checkpoint truncated or bit-flipped at rest
 # or damaged in flight, damaged pieces under a resumed transfer, a valid or an invalid edit of the
 # policy ConfigMap, and the home node cut off from the API server but alive with each fencing
-# mode (the known split brain, reported on its own lines and never counted as passing). Every run
+# mode (the known split brain, reported on its own lines and never counted as passing), and
+# issue 16's kinds in the default self-fence mode at drawn moments: the node cut off from the API
+# server (api-cut), from its peers only (peer-cut), or powered off (power-off), each run's
+# downtime and the per-kind median/max in the report (--jobs N runs N clusters at once). Every run
 # is judged on what was measured: never two copies (runc on every node), never a restore from
 # damaged bytes, never a stuck migration (read from the API server), every migration ending with
 # a reason, every file verifying, the final loss bit-identical to an uninterrupted run. It writes

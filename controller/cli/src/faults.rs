@@ -21,8 +21,9 @@ pub struct Args {
     /// Fault kinds (comma-separated), run in rounds: controller-kill, source-agent-kill,
     /// target-agent-kill, target-death, target-disk-full, corrupt-at-rest, corrupt-in-flight,
     /// policy-edit-valid, policy-edit-invalid, agent-outage, resume-damage, api-cut-taint,
-    /// api-cut-administrator (the last two: a node cut off from the API server but alive, the
-    /// known split brain, reported on their own lines). Default: all.
+    /// api-cut-administrator (these two: a node cut off from the API server but alive, the
+    /// known split brain, reported on their own lines), and issue 16's kinds with the default
+    /// self-fence mode at drawn moments: api-cut, peer-cut, power-off. Default: all.
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<String>,
     /// Where the report goes (report.md, report.json, runs.csv), rewritten after every run.
@@ -42,6 +43,14 @@ pub struct Args {
     /// A run that has not finished training by then is stopped and counted stuck.
     #[arg(long, default_value_t = 420)]
     run_deadline_s: u64,
+    /// Runs carried out at once, each on its own cluster (its own state directory, network
+    /// namespaces and cgroups); the report lists them in plan order.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    jobs: u32,
+    /// Epochs of the protected trainer (and of the uninterrupted reference it must match bit
+    /// for bit); default 160 (about 20 s uninterrupted on 2 cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(10..))]
+    epochs: Option<u32>,
     /// Only check that this machine can run the suite.
     #[arg(long)]
     check: bool,
@@ -122,6 +131,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut settings = faults::standard_settings(args.root, bin_dir, args.seed, args.runs, kinds);
     settings.keep = args.keep;
     settings.run_deadline_s = args.run_deadline_s;
+    settings.jobs = args.jobs as usize;
+    if let Some(epochs) = args.epochs {
+        settings.trainer.epochs = epochs;
+    }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let commit = report::git_commit();
     let machine = automigrate_embedded::report::Machine::probe();
@@ -135,12 +148,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let write_partial = |reference: &faults::Reference, records: &[faults::RunRecord]| {
         if let Some(last) = records.last() {
             println!(
-                "[faults] {:>3}/{} {} {} -> {} ({:.1} s){}",
+                "[faults] {:>3}/{} {} {} -> {}, downtime {} ({:.1} s){}",
                 records.len(),
                 settings.runs,
                 last.name,
                 last.plan.describe(),
                 last.outcome,
+                last.downtime.describe(),
                 last.wall_s,
                 if last.findings.is_empty() {
                     String::new()

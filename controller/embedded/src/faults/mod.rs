@@ -45,6 +45,8 @@ pub mod api_cut;
 pub mod controller_kill;
 pub mod corruption;
 pub mod disk_full;
+pub mod downtime;
+pub mod home_node;
 pub mod policy_edit;
 pub mod report;
 pub mod resume_damage;
@@ -119,10 +121,18 @@ pub enum FaultKind {
     ApiCutTaint,
     /// The same, with the controller waiting for an administrator to fence.
     ApiCutAdministrator,
+    /// The home node (or a migration's source) is cut off from the API server but alive, in
+    /// the default self-fence mode: its agent fences itself, the training resumes elsewhere.
+    ApiCut,
+    /// The home node is cut off from its peers only: nothing may be fenced, moved or stopped.
+    PeerCut,
+    /// The home node (or a migration's source) is powered off: kubelet, agent and containers
+    /// die together.
+    PowerOff,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 16] = [
         FaultKind::ControllerKill,
         FaultKind::SourceAgentKill,
         FaultKind::TargetAgentKill,
@@ -136,6 +146,9 @@ impl FaultKind {
         FaultKind::ResumeDamage,
         FaultKind::ApiCutTaint,
         FaultKind::ApiCutAdministrator,
+        FaultKind::ApiCut,
+        FaultKind::PeerCut,
+        FaultKind::PowerOff,
     ];
 
     pub fn name(self) -> &'static str {
@@ -153,6 +166,9 @@ impl FaultKind {
             FaultKind::ResumeDamage => "resume-damage",
             FaultKind::ApiCutTaint => "api-cut-taint",
             FaultKind::ApiCutAdministrator => "api-cut-administrator",
+            FaultKind::ApiCut => "api-cut",
+            FaultKind::PeerCut => "peer-cut",
+            FaultKind::PowerOff => "power-off",
         }
     }
 
@@ -172,6 +188,9 @@ impl FaultKind {
             FaultKind::ResumeDamage => "rd",
             FaultKind::ApiCutTaint => "act",
             FaultKind::ApiCutAdministrator => "aca",
+            FaultKind::ApiCut => "ac",
+            FaultKind::PeerCut => "pc",
+            FaultKind::PowerOff => "po",
         }
     }
 
@@ -184,13 +203,24 @@ impl FaultKind {
         )
     }
 
-    /// The controller's `--dead-node-fencing` in runs of this kind (deploy's default, `taint`,
-    /// except where the kind is about the other mode).
+    /// The controller's `--dead-node-fencing` in runs of this kind: `taint` for the older
+    /// kinds (as the suite ran them before self-fencing existed), `administrator` where the
+    /// kind is about that mode, the default `self-fence` for issue 16's kinds.
     pub fn fencing(self) -> Fencing {
         match self {
             FaultKind::ApiCutAdministrator => Fencing::Administrator,
+            FaultKind::ApiCut | FaultKind::PeerCut | FaultKind::PowerOff => Fencing::SelfFence,
             _ => Fencing::Taint,
         }
+    }
+
+    /// Issue 16's kinds: the fault strikes the node the training runs on (the home node, or a
+    /// live migration's source) at a drawn moment ([`home_node`]).
+    pub fn strikes_home_node(self) -> bool {
+        matches!(
+            self,
+            FaultKind::ApiCut | FaultKind::PeerCut | FaultKind::PowerOff
+        )
     }
 }
 
@@ -224,6 +254,9 @@ pub enum Fencing {
     Taint,
     /// The controller waits for an administrator to set that taint.
     Administrator,
+    /// The default: every agent fences its own node when it cannot confirm its standing; the
+    /// controller counts an expired node as fenced after the safe time.
+    SelfFence,
 }
 
 impl Fencing {
@@ -231,6 +264,7 @@ impl Fencing {
         match self {
             Fencing::Taint => "taint",
             Fencing::Administrator => "administrator",
+            Fencing::SelfFence => "self-fence",
         }
     }
 }
@@ -310,6 +344,10 @@ pub enum FaultParams {
     },
     #[serde(rename_all = "camelCase")]
     ApiCut { fencing: Fencing },
+    /// Issue 16's kinds (api-cut, peer-cut, power-off): when the fault strikes the node the
+    /// training runs on.
+    #[serde(rename_all = "camelCase")]
+    HomeNode { moment: home_node::Moment },
     #[serde(rename_all = "camelCase")]
     AgentOutage {
         sides: OutageSides,
@@ -454,6 +492,7 @@ fn draw_plan(index: usize, kind: FaultKind, seed: u64, occurrence: usize) -> Fau
         FaultKind::ApiCutTaint | FaultKind::ApiCutAdministrator => {
             api_cut::draw(&mut draw, kind.fencing())
         }
+        FaultKind::ApiCut | FaultKind::PeerCut | FaultKind::PowerOff => home_node::draw(&mut draw),
     };
     FaultPlan {
         index,
@@ -526,6 +565,13 @@ pub struct SuiteSettings {
     pub disk_mib: u64,
     /// Keep every run's state directory (logs, stores, manifests).
     pub keep: bool,
+    /// Runs carried out at once, each on its own cluster (`--jobs`).
+    #[serde(default = "one_job")]
+    pub jobs: usize,
+}
+
+fn one_job() -> usize {
+    1
 }
 
 /// The suite's standard settings: 3 nodes, 160 epochs of the trainer (about 20 s uninterrupted
@@ -565,6 +611,7 @@ pub fn standard_settings(
         settle_s: 150,
         disk_mib: 512,
         keep: false,
+        jobs: 1,
     }
 }
 
@@ -589,6 +636,9 @@ pub struct Injection {
     /// Restorable checkpoints on live nodes other than the home node when the fault struck
     /// (`<id> on <node>`): what a replacement could resume from.
     pub checkpoints_at_strike: Vec<String>,
+    /// Issue 16's kinds: the drawn moment and what was seen when the fault fired.
+    #[serde(default)]
+    pub moment: Option<String>,
 }
 
 /// One run's measured outcome and verdict.
@@ -638,6 +688,9 @@ pub struct RunRecord {
     pub dataset_provisioned_on: Vec<String>,
     /// Lines in the agents' logs saying a received piece, file or archive did not verify.
     pub receiver_refusals: usize,
+    /// From the fault until the training ran again ([`downtime`]).
+    #[serde(default)]
+    pub downtime: downtime::Downtime,
     /// The controller's Events on the policy ConfigMap (`reason: note`).
     pub policy_events: Vec<String>,
     /// What the controller did with a policy edit: `applied` or `refused` (from the Events).
@@ -676,6 +729,7 @@ impl RunRecord {
             datasets_verified: 0,
             dataset_provisioned_on: Vec::new(),
             receiver_refusals: 0,
+            downtime: downtime::Downtime::NoFault,
             policy_events: Vec::new(),
             policy_outcome: None,
             findings: vec![format!("the run could not be carried out: {error}")],
@@ -731,19 +785,61 @@ pub async fn run_suite(
     };
     let plans = plan_runs(settings.seed, settings.runs, &settings.kinds);
     let mut records = Vec::with_capacity(plans.len());
-    for plan in plans {
-        let started = Instant::now();
-        let record = match run_one(settings, &reference, &plan).await {
-            Ok(record) => record,
-            Err(error) => {
-                tracing::warn!(run = %plan.name(), %error, "run not carried out");
-                RunRecord::not_carried_out(&plan, &error, started.elapsed())
+    let jobs = settings.jobs.clamp(1, plans.len().max(1));
+    if jobs == 1 {
+        for plan in plans {
+            records.push(run_planned(settings, &reference, &plan).await);
+            progress(&reference, &records);
+        }
+        return Ok((reference, records));
+    }
+    // Lanes: `jobs` tasks take the next plan from one queue, each run its own cluster (its own
+    // root `<root>/<run>`, name prefix `<run>` and so network namespaces, cgroups under its own
+    // root's hash), so lanes share nothing but the host. Records come back as runs finish and
+    // are put in plan order at the end (the report sorts them too).
+    let shared = Arc::new((settings.clone(), reference.clone()));
+    let queue = Arc::new(std::sync::Mutex::new(plans.into_iter()));
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<RunRecord>();
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in 0..jobs {
+        let (shared, queue, sender) = (Arc::clone(&shared), Arc::clone(&queue), sender.clone());
+        lanes.spawn(async move {
+            // Lanes start a few seconds apart, so their clusters do not all start at once.
+            tokio::time::sleep(Duration::from_secs(5 * lane as u64)).await;
+            loop {
+                let next = queue.lock().ok().and_then(|mut plans| plans.next());
+                let Some(plan) = next else { break };
+                let record = run_planned(&shared.0, &shared.1, &plan).await;
+                if sender.send(record).is_err() {
+                    break;
+                }
             }
-        };
+        });
+    }
+    drop(sender);
+    while let Some(record) = receiver.recv().await {
         records.push(record);
         progress(&reference, &records);
     }
+    while lanes.join_next().await.is_some() {}
+    records.sort_by_key(|record| record.plan.index);
     Ok((reference, records))
+}
+
+/// One planned run; a run that could not be carried out is a record with that finding.
+async fn run_planned(
+    settings: &SuiteSettings,
+    reference: &Reference,
+    plan: &FaultPlan,
+) -> RunRecord {
+    let started = Instant::now();
+    match run_one(settings, reference, plan).await {
+        Ok(record) => record,
+        Err(error) => {
+            tracing::warn!(run = %plan.name(), %error, "run not carried out");
+            RunRecord::not_carried_out(plan, &error, started.elapsed())
+        }
+    }
 }
 
 /// Removes what an earlier run of the same name left: its containers, mounts and state.
@@ -972,11 +1068,12 @@ async fn drive(
     // The controller copies a dataset only from a live source (Syncing); where the home node
     // dies or is cut off, nothing could copy it, so it is put on every node beforehand (as the
     // demo does for its hard failures, and as a shared dataset store would provide).
-    let provisioned: Vec<String> = if plan.trigger == Trigger::Degradation {
-        vec![HOME_NODE.to_string()]
-    } else {
-        nodes.clone()
-    };
+    let provisioned: Vec<String> =
+        if plan.trigger == Trigger::Degradation && !plan.kind.strikes_home_node() {
+            vec![HOME_NODE.to_string()]
+        } else {
+            nodes.clone()
+        };
     for node in &provisioned {
         workload::generate_dataset(
             &cluster
@@ -1065,8 +1162,10 @@ async fn drive(
     context.heal();
     let objects = api.migrations();
     let migrations = api::outcomes(&objects);
-    let analysis = training::analyse_nodes(&progress_logs(run_dir, &nodes));
+    let logs = progress_logs(run_dir, &nodes);
+    let analysis = training::analyse_nodes(&logs);
     let injection = context.injection();
+    let downtime = downtime::measure(&logs, injection.at);
     let policy_events = policy_events(&api, context.policy_name());
     let policy_outcome = injection.expected_policy.as_ref().map(|_| {
         if policy_events
@@ -1122,6 +1221,7 @@ async fn drive(
         datasets_verified: 0,
         dataset_provisioned_on: provisioned,
         receiver_refusals: 0,
+        downtime,
         policy_events,
         policy_outcome,
         findings: Vec::new(),
@@ -1159,6 +1259,7 @@ async fn inject(context: world::FaultContext, plan: FaultPlan) {
         FaultParams::AgentOutage { .. } => agent_outage::inject(&context, &plan).await,
         FaultParams::ResumeDamage { .. } => resume_damage::inject(&context, &plan).await,
         FaultParams::ApiCut { .. } => api_cut::inject(&context, &plan).await,
+        FaultParams::HomeNode { .. } => home_node::inject(&context, &plan).await,
         FaultParams::TargetDeath { .. } => target_death::inject(&context, &plan).await,
         FaultParams::DiskFull { .. } => disk_full::inject(&context, &plan).await,
         FaultParams::CorruptAtRest { .. } => corruption::inject_at_rest(&context, &plan).await,
@@ -1326,7 +1427,71 @@ fn verdict(
             "epochs lost beyond one checkpoint interval: redid {resumed_redone:?}, allowed {allowed}"
         ));
     }
+    if record.fault_fired {
+        findings.extend(home_node_findings(record));
+    }
     record.findings = findings;
+}
+
+/// Issue 16's expectations beyond the common rules. `peer-cut`: the node still reaches the
+/// API server, so nothing may be fenced, moved or stopped: any migration (in a run that
+/// provoked a live migration itself: any migration with another trigger than that one) and any
+/// copy begun after the fault are findings. `api-cut`: the training must run again on another
+/// node than the one cut off (with no human action: the suite never acts for one).
+fn home_node_findings(record: &RunRecord) -> Vec<String> {
+    let mut findings = Vec::new();
+    match record.plan.kind {
+        FaultKind::PeerCut => {
+            let provoked = record.plan.trigger == Trigger::Degradation;
+            let provoked_trigger = record
+                .migrations
+                .first()
+                .filter(|_| provoked)
+                .map(|migration| migration.trigger.clone());
+            let moved: Vec<String> = record
+                .migrations
+                .iter()
+                .filter(|migration| Some(&migration.trigger) != provoked_trigger.as_ref())
+                .map(|migration| {
+                    format!(
+                        "{} ({}, {} → {}, {})",
+                        migration.name,
+                        migration.trigger,
+                        migration.source,
+                        migration.target,
+                        migration.phase_name()
+                    )
+                })
+                .collect();
+            if !moved.is_empty() {
+                findings.push(format!(
+                    "a node cut off from its peers only (still reaching the API server) had its training moved: {}",
+                    moved.join(", ")
+                ));
+            }
+            if !provoked && (record.downtime.restarted() || record.fresh_starts > 0) {
+                findings.push(format!(
+                    "a node cut off from its peers only had its training stopped or restarted: a copy began after the fault ({})",
+                    record.downtime.describe()
+                ));
+            }
+        }
+        FaultKind::ApiCut => {
+            let cut = record.injection.node.as_deref().unwrap_or(HOME_NODE);
+            let elsewhere = matches!(
+                &record.downtime,
+                downtime::Downtime::Resumed { node, .. } if node != cut
+            );
+            if !elsewhere {
+                findings.push(format!(
+                    "the training of a node cut off from the API server but alive ({cut}) was not resumed on another node (downtime: {})",
+                    record.downtime.describe()
+                ));
+            }
+        }
+        _ => {}
+    }
+    findings
 }
 
 /// Every kind.
@@ -1507,6 +1672,93 @@ mod tests {
             Some(&("node-b".into(), "c-2".into())),
         );
         assert!(record.corrupted_restore());
+    }
+
+    fn home_plan(kind: FaultKind, moment: home_node::Moment) -> FaultPlan {
+        let trigger = match moment {
+            home_node::Moment::MigrationPhase { .. } => Trigger::Degradation,
+            _ => Trigger::TheFault,
+        };
+        FaultPlan {
+            index: 0,
+            kind,
+            seed: 1,
+            trigger,
+            percent: 30,
+            params: FaultParams::HomeNode { moment },
+        }
+    }
+
+    fn resumed_on(node: &str) -> downtime::Downtime {
+        downtime::Downtime::Resumed {
+            seconds: 9.0,
+            node: node.into(),
+        }
+    }
+
+    #[test]
+    fn a_peer_cut_node_whose_training_moves_or_stops_is_a_finding() {
+        let peer_cut = |moment, change: &dyn Fn(&mut RunRecord)| {
+            judged(|record| {
+                record.plan = home_plan(FaultKind::PeerCut, moment);
+                record.fault_fired = true;
+                record.injection.node = Some(HOME_NODE.into());
+                record.downtime = downtime::Downtime::NotStopped;
+                change(record);
+            })
+        };
+        let percent = home_node::Moment::Percent;
+        assert!(peer_cut(percent, &|_| {}).findings.is_empty());
+        let moved = peer_cut(percent, &|record| {
+            record.migrations = vec![migration(Some(Phase::Succeeded), Some("moved"))];
+        });
+        assert_eq!(moved.findings.len(), 1, "{:?}", moved.findings);
+        assert!(moved.findings[0].contains("moved"), "{:?}", moved.findings);
+        let stopped = peer_cut(percent, &|record| record.downtime = resumed_on("node-a"));
+        assert_eq!(stopped.findings.len(), 1, "{:?}", stopped.findings);
+        assert!(stopped.findings[0].contains("stopped or restarted"));
+        // A live migration the run provoked (degradation) is allowed; one for a failure is not.
+        let phase = home_node::Moment::MigrationPhase {
+            phase: Phase::Transferring,
+            delay_ms: 0,
+        };
+        let degradation = |trigger: &str| {
+            let mut migration = migration(Some(Phase::RolledBack), Some("rolled back"));
+            migration.trigger = trigger.into();
+            migration
+        };
+        let provoked = peer_cut(phase, &|record| {
+            record.migrations = vec![degradation("NodeCondition")];
+            record.downtime = resumed_on("node-a");
+        });
+        assert!(provoked.findings.is_empty(), "{:?}", provoked.findings);
+        let failed_over = peer_cut(phase, &|record| {
+            record.migrations = vec![degradation("NodeCondition"), degradation("NodeFailed")];
+        });
+        assert_eq!(failed_over.findings.len(), 1, "{:?}", failed_over.findings);
+        // Other kinds are not judged by it.
+        let other = judged(|record| {
+            record.fault_fired = true;
+            record.migrations = vec![migration(Some(Phase::Succeeded), Some("moved"))];
+            record.downtime = resumed_on("node-b");
+        });
+        assert!(other.findings.is_empty(), "{:?}", other.findings);
+    }
+
+    #[test]
+    fn an_api_cut_node_whose_training_does_not_resume_elsewhere_is_a_finding() {
+        let api_cut = |downtime: downtime::Downtime| {
+            judged(|record| {
+                record.plan = home_plan(FaultKind::ApiCut, home_node::Moment::Percent);
+                record.fault_fired = true;
+                record.injection.node = Some(HOME_NODE.into());
+                record.downtime = downtime;
+            })
+        };
+        assert!(api_cut(resumed_on("node-b")).findings.is_empty());
+        // Trained on where it was cut off (nobody fenced it), or restarted there.
+        assert_eq!(api_cut(downtime::Downtime::NotStopped).findings.len(), 1);
+        assert_eq!(api_cut(resumed_on(HOME_NODE)).findings.len(), 1);
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub fn build(
     machine: Machine,
     left_out: Vec<String>,
 ) -> SuiteReport {
+    // Lanes (`--jobs`) finish runs out of order: the report lists them in plan order.
+    let mut runs = runs;
+    runs.sort_by_key(|run| run.plan.index);
     let mut report = SuiteReport {
         generated_at: jiff::Timestamp::now().to_string(),
         command: command.to_string(),
@@ -341,6 +344,106 @@ pub const EMBEDDED_BASELINE: [BaselineRow; 12] = [
         mean_wall_s: 19.6,
     },
 ];
+
+/// Kubernetes without remediation: the node lifecycle controller marks a node NotReady after
+/// `node-monitor-grace-period` (40 s) and evicts its pods after the default
+/// `tolerationSeconds` of 300 s for `node.kubernetes.io/unreachable`: about 350 s until a
+/// replacement is scheduled (issue 16).
+pub const KUBERNETES_DOWNTIME: &str =
+    "≈350 s (40 s node-monitor-grace-period + 300 s unreachable toleration, then scheduling)";
+/// medik8s NodeHealthCheck + Self Node Remediation with their defaults (issue 16).
+pub const NHC_SNR_DOWNTIME: &str = "≈5 min to detect + ≈180 s for the reboot (≈480 s)";
+
+fn seconds_cell(value: Option<f64>) -> String {
+    value.map_or_else(|| "–".to_string(), |value| format!("{value:.2}"))
+}
+
+/// The downtime table (issue 16): per kind, from the fault until the training ran again
+/// ([`super::downtime`]), median and maximum over the runs where it stopped and ran again,
+/// next to Kubernetes' and medik8s' figures.
+pub fn render_downtime(report: &SuiteReport) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "| fault kind | runs (fault fired) | stopped and ran again | not stopped | never ran again | median s | max s |"
+    );
+    let _ = writeln!(text, "|---|---:|---:|---:|---:|---:|---:|");
+    for kind in FaultKind::ALL {
+        let runs: Vec<&RunRecord> = report
+            .runs
+            .iter()
+            .filter(|run| run.plan.kind == kind)
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let summary = super::downtime::summarize(runs.iter().map(|run| &run.downtime));
+        let (median, max) = if summary.resumed == 0 && summary.not_stopped > 0 {
+            ("0 (not stopped)".to_string(), "0 (not stopped)".to_string())
+        } else {
+            (seconds_cell(summary.median_s), seconds_cell(summary.max_s))
+        };
+        let _ = writeln!(
+            text,
+            "| {kind} | {} ({}) | {} | {} | {} | {median} | {max} |",
+            runs.len(),
+            summary.fired,
+            summary.resumed,
+            summary.not_stopped,
+            summary.never_resumed
+        );
+    }
+    let _ = writeln!(
+        text,
+        "| *Kubernetes, node lifecycle eviction after a dead node* | – | – | – | – | {KUBERNETES_DOWNTIME} | |"
+    );
+    let _ = writeln!(
+        text,
+        "| *medik8s NodeHealthCheck + Self Node Remediation* | – | – | – | – | {NHC_SNR_DOWNTIME} | |"
+    );
+    text
+}
+
+/// Issue 16's acceptance lines, for the kinds of it that ran.
+fn render_issue16(report: &SuiteReport, text: &mut String) {
+    let kinds = [FaultKind::ApiCut, FaultKind::PeerCut, FaultKind::PowerOff];
+    if !report.runs.iter().any(|run| kinds.contains(&run.plan.kind)) {
+        return;
+    }
+    let _ = writeln!(
+        text,
+        "\n## Issue 16: a node cut off or powered off, default fencing (`self-fence`)\n"
+    );
+    let _ = writeln!(
+        text,
+        "The fault strikes the node the training runs on at a moment drawn from the seed: at a percent of training, while a periodic checkpoint is taken or replicated (a new entry seen in the home node's kubelet checkpoint directory or store, or in a standby node's staging or store), or in a phase of a live migration provoked by `KernelDeadlock` on the home node (the node struck is the migration's source). A cut lasts until the run ends. These kinds count toward the goals and are judged by the common rules, plus: `api-cut`: the training must run again on another node; `peer-cut`: any migration (other than the provoked live one) and any copy begun after the fault is a finding.\n"
+    );
+    for kind in kinds {
+        let runs: Vec<&RunRecord> = report
+            .runs
+            .iter()
+            .filter(|run| run.plan.kind == kind)
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let fired = runs.iter().filter(|run| run.fault_fired).count();
+        let double = runs.iter().filter(|run| run.double_running()).count();
+        let clean = runs.iter().filter(|run| run.findings.is_empty()).count();
+        let expected = match kind {
+            FaultKind::ApiCut => {
+                "its agent fences itself and the training resumes elsewhere, no human action"
+            }
+            FaultKind::PeerCut => "not fenced, nothing moved or stopped",
+            _ => "the training resumes elsewhere",
+        };
+        let _ = writeln!(
+            text,
+            "- **{kind}** (expected: {expected}): {} runs, fault fired in {fired}; double running in {double}; without findings: {clean}",
+            runs.len()
+        );
+    }
+}
 
 /// The comparison table: every kind of either suite, the old figures next to the new.
 pub fn render_comparison(report: &SuiteReport) -> String {
@@ -640,6 +743,18 @@ pub fn render_markdown(report: &SuiteReport) -> String {
             }
         );
     }
+    render_issue16(report, &mut text);
+    let _ = writeln!(
+        text,
+        "\n## Downtime: from the fault until the training runs again\n\nFrom the moment the fault fired until the first progress line of a copy begun after it (on any node; a restored copy's first line comes one epoch after the restore). \"not stopped\": no copy began after the fault and the training finished. Median and maximum over the runs where the training stopped and ran again. Detection in this local cluster follows its policy (`leaseTimeout` {}) and the kubelets' 1 s Lease renewals.\n",
+        report
+            .settings
+            .policy
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("leaseTimeout: "))
+            .unwrap_or("?")
+    );
+    text.push_str(&render_downtime(report));
     let _ = writeln!(
         text,
         "\n## Compared with the embedded controller's last report\n\nThe old figures are those of {EMBEDDED_BASELINE_SOURCE}. That controller ran in the harness's process (or as its own program for controller-kill), fenced a partitioned node by SIGKILLing its container out of band, and ran on a policy clock 30 times faster than real time; this suite runs the deployed controller and agents, in real time, with no out-of-band kill.\n"
@@ -680,16 +795,16 @@ pub fn render_markdown(report: &SuiteReport) -> String {
     let _ = writeln!(text, "\n## Runs\n");
     let _ = writeln!(
         text,
-        "| run | kind | trigger | at % | parameters | struck in phase | node | outcome | resumed after epoch | redone epochs (allowed) | loss identical | max copies (runc) | files verified (ckpt/dataset) | receiver refusals | cluster up s | s | load average at start | findings |"
+        "| run | kind | trigger | at % | parameters | struck in phase | node | outcome | downtime | resumed after epoch | redone epochs (allowed) | loss identical | max copies (runc) | files verified (ckpt/dataset) | receiver refusals | cluster up s | s | load average at start | findings |"
     );
     let _ = writeln!(
         text,
-        "|---|---|---|---:|---|---|---|---|---|---|---|---:|---|---:|---:|---:|---|---|"
+        "|---|---|---|---:|---|---|---|---|---|---|---|---|---:|---|---:|---:|---:|---|---|"
     );
     for run in &report.runs {
         let _ = writeln!(
             text,
-            "| {} | {} | {:?} | {} | `{}` | {} | {} | {} | {:?} | {:?} ({}) | {} | {} | {}/{} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {:?} | {} | `{}` | {} | {} | {} | {} | {:?} | {:?} ({}) | {} | {} | {}/{} | {} | {:.1} | {:.1} | {} | {} |",
             run.name,
             run.plan.kind,
             run.plan.trigger,
@@ -700,6 +815,7 @@ pub fn render_markdown(report: &SuiteReport) -> String {
                 .map_or_else(|| "–".to_string(), |phase| phase.to_string()),
             run.injection.node.as_deref().unwrap_or("–"),
             run.outcome,
+            run.downtime.describe(),
             run.resumed_from,
             run.redone_epochs,
             run.redone_allowed,
@@ -721,6 +837,14 @@ pub fn render_markdown(report: &SuiteReport) -> String {
     let _ = writeln!(text, "\n## What each run did\n");
     for run in &report.runs {
         let _ = writeln!(text, "- **{}** {}", run.name, cell(&run.plan.describe()));
+        if let Some(moment) = &run.injection.moment {
+            let _ = writeln!(
+                text,
+                "  - fired {}; downtime {}",
+                cell(moment),
+                run.downtime.describe()
+            );
+        }
         for note in &run.injection.notes {
             let _ = writeln!(text, "  - {}", cell(note));
         }
@@ -754,7 +878,7 @@ pub fn render_markdown(report: &SuiteReport) -> String {
 pub fn render_csv(report: &SuiteReport) -> String {
     let quote = |text: &str| format!("\"{}\"", text.replace('"', "\"\""));
     let mut text = String::from(
-        "run,kind,seed,trigger,percent,params,fault_fired,phase_before,phase_after,node,outcome,resumed_from,redone_epochs,redone_allowed,training_finished,loss_identical,max_running,progress_interleaved,checkpoints_verified,datasets_verified,verification_problems,receiver_refusals,deadline_hit,wall_s,load_average_start,findings\n",
+        "run,kind,seed,trigger,percent,params,fault_fired,phase_before,phase_after,node,outcome,resumed_from,redone_epochs,redone_allowed,training_finished,loss_identical,max_running,progress_interleaved,checkpoints_verified,datasets_verified,verification_problems,receiver_refusals,deadline_hit,wall_s,load_average_start,moment,downtime_s,downtime,findings\n",
     );
     for run in &report.runs {
         let fields = [
@@ -789,6 +913,12 @@ pub fn render_csv(report: &SuiteReport) -> String {
             run.deadline_hit.to_string(),
             format!("{:.2}", run.wall_s),
             quote(&run.load_average.0),
+            quote(run.injection.moment.as_deref().unwrap_or("")),
+            run.downtime
+                .seconds()
+                .map(|seconds| format!("{seconds:.3}"))
+                .unwrap_or_default(),
+            quote(&run.downtime.describe()),
             quote(&run.findings.join("; ")),
         ];
         text.push_str(&fields.join(","));

@@ -49,6 +49,8 @@ enum Undo {
     Frozen(i32),
     /// A node cut off from the API server.
     ApiCut(String),
+    /// A node cut off from its peers.
+    PeerCut(String),
 }
 
 #[derive(Debug)]
@@ -335,6 +337,25 @@ impl FaultContext {
         Ok(())
     }
 
+    /// Cuts a node off from its peers only (it still reaches the API server).
+    pub fn cut_from_peers(&self, node: &str) -> Result<(), String> {
+        self.inner
+            .cluster
+            .cut_from_peers(node)
+            .map_err(|error| error.to_string())?;
+        self.push_undo(Undo::PeerCut(node.to_string()));
+        Ok(())
+    }
+
+    /// Records the moment the fault fired (Unix time, taken right before it acted: a
+    /// power-off takes a while) and what that moment was, for the downtime and the report.
+    pub fn fired_at(&self, at: f64, moment: String) {
+        self.with_injection(|injection| {
+            injection.at = Some(at);
+            injection.moment = Some(moment);
+        });
+    }
+
     fn push_undo(&self, undo: Undo) {
         if let Ok(mut list) = self.inner.undo.lock() {
             list.push(undo);
@@ -476,6 +497,11 @@ impl FaultContext {
                 Undo::ApiCut(node) => {
                     if let Err(error) = self.inner.cluster.restore_api(&node) {
                         tracing::debug!(%node, %error, "restoring the API link");
+                    }
+                }
+                Undo::PeerCut(node) => {
+                    if let Err(error) = self.inner.cluster.restore_peers(&node) {
+                        tracing::debug!(%node, %error, "restoring the peer links");
                     }
                 }
             }
