@@ -51,6 +51,9 @@ pub struct Args {
     /// for bit); default 160 (about 20 s uninterrupted on 2 cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(10..))]
     epochs: Option<u32>,
+    /// Print the runs the seed plans (kind, trigger, percent, drawn parameters) and exit.
+    #[arg(long)]
+    plan_only: bool,
     /// Only check that this machine can run the suite.
     #[arg(long)]
     check: bool,
@@ -73,6 +76,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             std::env::args().collect::<Vec<_>>().join(" ")
         ));
         return finish(&report, &args.out);
+    }
+    if args.plan_only {
+        let kinds = parse_kinds(&args.kinds)?;
+        for plan in faults::plan_runs(args.seed, args.runs, &kinds) {
+            println!("{} {}", plan.name(), plan.describe());
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     // The suite needs what the demo needs.
     let missing = automigrate_embedded::demo::missing_prerequisites();
@@ -120,14 +130,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let kinds = if args.kinds.is_empty() {
-        faults::all_kinds()
-    } else {
-        args.kinds
-            .iter()
-            .map(|kind| kind.parse::<FaultKind>())
-            .collect::<Result<Vec<_>, _>>()?
-    };
+    let kinds = parse_kinds(&args.kinds)?;
     let mut settings = faults::standard_settings(args.root, bin_dir, args.seed, args.runs, kinds);
     settings.keep = args.keep;
     settings.run_deadline_s = args.run_deadline_s;
@@ -203,6 +206,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &settings, reference, records, &command, &commit, machine, left_out,
     );
     finish(&report, &args.out)
+}
+
+/// `--kinds` (all when empty).
+fn parse_kinds(kinds: &[String]) -> Result<Vec<FaultKind>> {
+    if kinds.is_empty() {
+        return Ok(faults::all_kinds());
+    }
+    Ok(kinds
+        .iter()
+        .map(|kind| kind.parse::<FaultKind>())
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 /// The directory of this program (target/release or target/debug), else $AUTOMIGRATE_BIN_DIR.

@@ -160,13 +160,14 @@ pub async fn inject(context: &FaultContext, plan: &FaultPlan) -> Result<(), Stri
     context.strike(&node, phase_before);
     context.fired_at(at, format!("{}: {seen}", moment.describe()));
     context.note(format!(
-        "{node} {} ({}; the cut lasts until the run ends) at {seen}",
+        "{node} {} (--dead-node-fencing self-fence) at {seen}",
         match plan.kind {
-            FaultKind::ApiCut => "cut off from the API server, alive",
-            FaultKind::PeerCut => "cut off from its peers only, still reaching the API server",
+            FaultKind::ApiCut =>
+                "cut off from the API server, alive (the cut lasts until the run ends)",
+            FaultKind::PeerCut =>
+                "cut off from its peers only, still reaching the API server (the cut lasts until the run ends)",
             _ => "powered off: kubelet, agent and containers died together",
-        },
-        "--dead-node-fencing self-fence"
+        }
     ));
     Ok(())
 }
