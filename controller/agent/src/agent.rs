@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use automigrate_checkpoint::manifest::{FileEntry, MANIFEST_FILE};
 use automigrate_checkpoint::store::StoreError;
 use automigrate_checkpoint::{
-    Capabilities, CheckpointStore, DumpKind, Retention, StoredCheckpoint, Subject,
+    Capabilities, CheckpointStore, DumpKind, Retention, SealedCheckpoint, Subject,
 };
 use automigrate_core::transfer::TransferSettings;
 use automigrate_transfer::sender::{Progress, SendOptions};
@@ -31,13 +31,14 @@ use automigrate_transfer::{Source, TlsConfig};
 
 use crate::api::{
     self, CheckpointKind, CheckpointQuery, CheckpointRequest, CheckpointSummary, ImageRequest,
-    ImageResponse, Payload, PeerLatency, PodKey, TransferRequest, TransferState, TransferStatus,
+    ImageResponse, Payload, PeerLatency, TransferRequest, TransferState, TransferStatus,
     ValidationError,
 };
 use crate::checkpointer::{Checkpointer, CheckpointerError};
 use crate::image::{self, ImageError, ImageOptions};
 use crate::metrics::{AgentMetrics, names};
 use crate::prober::Latencies;
+use automigrate_core::model::PodRef;
 
 /// Directory under the data root where checkpoints from peers arrive.
 pub const INCOMING_DIR: &str = ".automigrate-incoming";
@@ -188,7 +189,7 @@ struct Inner {
     capabilities: Mutex<Option<Capabilities>>,
     metrics: AgentMetrics,
     latencies: Latencies,
-    busy: Mutex<HashSet<PodKey>>,
+    busy: Mutex<HashSet<PodRef>>,
     verified: Mutex<HashSet<(String, String, String)>>,
     transfers: Mutex<Transfers>,
     next_transfer: AtomicU64,
@@ -211,7 +212,7 @@ impl std::fmt::Debug for Agent {
 /// Marks a pod busy until dropped.
 struct BusyGuard {
     agent: Arc<Inner>,
-    pod: PodKey,
+    pod: PodRef,
 }
 
 impl Drop for BusyGuard {
@@ -358,9 +359,9 @@ impl Agent {
             .unwrap_or(false)
     }
 
-    fn summary(&self, stored: &StoredCheckpoint) -> CheckpointSummary {
+    fn summary(&self, stored: &SealedCheckpoint) -> CheckpointSummary {
         let manifest = &stored.manifest;
-        let pod = PodKey::new(&manifest.pod.namespace, &manifest.pod.name);
+        let pod = PodRef::new(&manifest.pod.namespace, &manifest.pod.name);
         CheckpointSummary {
             id: manifest.id.clone(),
             verified: self.is_verified(&pod.namespace, &pod.name, &manifest.id),
@@ -400,7 +401,7 @@ impl Agent {
     ) -> Result<CheckpointSummary, AgentError> {
         request.validate()?;
         self.readiness().map_err(AgentError::Unavailable)?;
-        let pod = automigrate_checkpoint::PodKey::new(&request.pod.namespace, &request.pod.name);
+        let pod = automigrate_core::model::PodRef::new(&request.pod.namespace, &request.pod.name);
         let _busy = self.claim(&request.pod)?;
         let kind = match request.kind {
             CheckpointKind::Periodic => DumpKind::Periodic,
@@ -460,7 +461,7 @@ impl Agent {
         Ok(summary)
     }
 
-    fn claim(&self, pod: &PodKey) -> Result<BusyGuard, AgentError> {
+    fn claim(&self, pod: &PodRef) -> Result<BusyGuard, AgentError> {
         let mut busy = self
             .inner
             .busy
@@ -480,7 +481,7 @@ impl Agent {
     /// The parent for the next periodic checkpoint, when incremental ones are on and allowed.
     async fn incremental_parent(
         &self,
-        pod: &automigrate_checkpoint::PodKey,
+        pod: &automigrate_core::model::PodRef,
     ) -> Result<Option<String>, AgentError> {
         let full_every = self.inner.options.full_every;
         let incremental = self
@@ -520,7 +521,7 @@ impl Agent {
     }
 
     /// Retention and gauges after a checkpoint was added.
-    pub(crate) async fn after_store_change(&self, pod: automigrate_checkpoint::PodKey) {
+    pub(crate) async fn after_store_change(&self, pod: automigrate_core::model::PodRef) {
         let agent = self.clone();
         let retention = self.inner.options.retention;
         let outcome = tokio::task::spawn_blocking(move || {
@@ -593,7 +594,7 @@ impl Agent {
     }
 
     /// Finds a checkpoint by id in any pod; an id found in two namespaces is a conflict.
-    fn find_checkpoint(&self, id: &str) -> Result<StoredCheckpoint, AgentError> {
+    fn find_checkpoint(&self, id: &str) -> Result<SealedCheckpoint, AgentError> {
         api::validate_checkpoint_id(id)?;
         let store = &self.inner.store;
         let mut found = Vec::new();

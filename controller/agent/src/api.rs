@@ -16,39 +16,10 @@
 //! timestamps are RFC 3339. Names follow Kubernetes rules ([`validate_namespace`],
 //! [`validate_pod_name`], [`validate_container_name`]) so a name can never escape a directory.
 
-use std::fmt;
 use std::time::Duration;
 
+use automigrate_core::model::PodRef;
 use serde::{Deserialize, Serialize};
-
-/// A pod, by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PodKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl PodKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-
-    /// Checks both names against the Kubernetes rules.
-    pub fn validate(&self) -> Result<(), ValidationError> {
-        validate_namespace(&self.namespace)?;
-        validate_pod_name(&self.name)
-    }
-}
-
-impl fmt::Display for PodKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Periodic checkpoints leave the workload running; a final one stops it (migration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -61,14 +32,14 @@ pub enum CheckpointKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointRequest {
-    pub pod: PodKey,
+    pub pod: PodRef,
     pub container: String,
     pub kind: CheckpointKind,
 }
 
 impl CheckpointRequest {
     pub fn validate(&self) -> Result<(), ValidationError> {
-        self.pod.validate()?;
+        validate_pod(&self.pod)?;
         validate_container_name(&self.container)
     }
 }
@@ -79,7 +50,7 @@ impl CheckpointRequest {
 pub struct CheckpointSummary {
     /// `<pod>-<sequence>`, unique per pod on a node.
     pub id: String,
-    pub pod: PodKey,
+    pub pod: PodRef,
     pub container: String,
     pub created_at: jiff::Timestamp,
     /// Bytes of all files in the archive.
@@ -223,6 +194,12 @@ pub enum ValidationError {
     Path { value: String, rule: &'static str },
 }
 
+/// Checks a pod's namespace and name against the Kubernetes rules.
+pub fn validate_pod(pod: &PodRef) -> Result<(), ValidationError> {
+    validate_namespace(&pod.namespace)?;
+    validate_pod_name(&pod.name)
+}
+
 /// A DNS-1123 label: 1–63 of `a-z0-9-`, alphanumeric at both ends.
 pub fn validate_namespace(value: &str) -> Result<(), ValidationError> {
     dns_label("namespace", value)
@@ -360,11 +337,29 @@ pub mod duration {
 mod tests {
     use super::*;
 
+    /// The pod key is the core model's `PodRef` (shared with the checkpoint manifest); the
+    /// request JSON the README documents must not change with it.
+    #[test]
+    fn a_checkpoint_request_keeps_its_json() {
+        let json = serde_json::json!(
+            {"pod": {"namespace": "ml", "name": "trainer"}, "container": "main", "kind": "periodic"}
+        );
+        let request: CheckpointRequest = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(request.pod, PodRef::new("ml", "trainer"));
+        assert_eq!(serde_json::to_value(&request).unwrap(), json);
+        request.validate().unwrap();
+        let bad = CheckpointRequest {
+            pod: PodRef::new("ml", "../etc"),
+            ..request
+        };
+        assert!(bad.validate().is_err());
+    }
+
     #[test]
     fn wire_shapes_match_the_contract() {
         let summary = CheckpointSummary {
             id: "trainer-000001".into(),
-            pod: PodKey::new("ml", "trainer"),
+            pod: PodRef::new("ml", "trainer"),
             container: "main".into(),
             created_at: "2026-11-22T10:00:00Z".parse().unwrap(),
             bytes: 10,

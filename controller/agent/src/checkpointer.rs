@@ -29,7 +29,7 @@ use automigrate_checkpoint::process::{ProcessBackend, ProcessWorkload};
 use automigrate_checkpoint::runc::{RuncBackend, RuncContainer, RuncError};
 use automigrate_checkpoint::store::StoreError;
 use automigrate_checkpoint::{
-    BackendKind, Capabilities, CheckpointBackend, CheckpointStore, DumpKind, StoredCheckpoint,
+    BackendKind, Capabilities, CheckpointBackend, CheckpointStore, DumpKind, SealedCheckpoint,
     Subject, checkpoint_into_store,
 };
 
@@ -71,7 +71,7 @@ pub trait Checkpointer: Send + Sync + 'static {
         kind: DumpKind,
         parent: Option<&'a str>,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<StoredCheckpoint, CheckpointerError>>;
+    ) -> BoxFuture<'a, Result<SealedCheckpoint, CheckpointerError>>;
 }
 
 /// Finds a backend's workload for a subject.
@@ -130,7 +130,7 @@ where
         kind: DumpKind,
         parent: Option<&'a str>,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<StoredCheckpoint, CheckpointerError>> {
+    ) -> BoxFuture<'a, Result<SealedCheckpoint, CheckpointerError>> {
         Box::pin(async move {
             let workload =
                 self.resolver
@@ -570,11 +570,11 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use automigrate_checkpoint::PodKey;
+    use automigrate_core::model::PodRef;
 
     fn subject() -> Subject {
         Subject {
-            pod: PodKey::new("ml", "trainer"),
+            pod: PodRef::new("ml", "trainer"),
             container: "main".to_string(),
         }
     }

@@ -19,8 +19,9 @@ use serde::de::DeserializeOwned;
 
 use crate::api::{
     CheckpointQuery, CheckpointRequest, CheckpointSummary, ErrorBody, ImageRequest, ImageResponse,
-    PeerLatency, PodKey, TransferRequest, TransferStatus,
+    PeerLatency, TransferRequest, TransferStatus,
 };
+use automigrate_core::model::PodRef;
 
 /// Why a call to an agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +216,7 @@ impl AgentClient {
 
     /// `GET /v1/checkpoints?namespace=&pod=`: the pod's checkpoints on this agent, newest first.
     #[tracing::instrument(name = "agent_checkpoints", skip_all, fields(agent = %self.base, pod = %pod))]
-    pub async fn checkpoints(&self, pod: &PodKey) -> Result<Vec<CheckpointSummary>, ClientError> {
+    pub async fn checkpoints(&self, pod: &PodRef) -> Result<Vec<CheckpointSummary>, ClientError> {
         self.list_checkpoints(&CheckpointQuery {
             namespace: Some(pod.namespace.clone()),
             pod: Some(pod.name.clone()),

@@ -22,10 +22,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use automigrate_checkpoint::PodKey;
 use automigrate_checkpoint::archive::{self, ArchiveError};
 use automigrate_checkpoint::manifest::{CRIU_IMAGES_DIR, FileEntry, Manifest};
 use automigrate_checkpoint::store::StoreError;
+use automigrate_core::model::PodRef;
 
 use crate::agent::{Agent, AgentError};
 use crate::metrics::names;
@@ -34,13 +34,13 @@ use crate::metrics::names;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestReport {
     /// `(pod, id)` moved into the store.
-    pub stored: Vec<(PodKey, String)>,
+    pub stored: Vec<(PodRef, String)>,
     /// `(pod, id, reason)` refused and removed.
-    pub refused: Vec<(PodKey, String, String)>,
+    pub refused: Vec<(PodRef, String, String)>,
     /// Archives still arriving (or waiting for their parent).
     pub pending: usize,
     /// Pods whose store changed (retention runs for them next).
-    pub pods: Vec<PodKey>,
+    pub pods: Vec<PodRef>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
@@ -73,7 +73,7 @@ pub fn ingest(agent: &Agent) -> Result<IngestReport, AgentError> {
     for namespace in sorted_subdirs(&root)? {
         let namespace_dir = root.join(&namespace);
         for pod_name in sorted_subdirs(&namespace_dir)? {
-            let pod = PodKey::new(&namespace, &pod_name);
+            let pod = PodRef::new(&namespace, &pod_name);
             let pod_dir = namespace_dir.join(&pod_name);
             let mut ids = sorted_subdirs(&pod_dir)?;
             // Parents before children: ids are `<pod>-<sequence>`.
@@ -131,7 +131,7 @@ enum Outcome {
     Refused(String),
 }
 
-fn ingest_one(agent: &Agent, pod: &PodKey, dir: &Path, id: &str) -> Outcome {
+fn ingest_one(agent: &Agent, pod: &PodRef, dir: &Path, id: &str) -> Outcome {
     let store = agent.store();
     let refuse = |reason: String| {
         if let Err(error) = fs::remove_dir_all(dir) {
@@ -247,7 +247,7 @@ fn restore_symlinks(dir: &Path) -> Result<Manifest, Outcome> {
 
 /// Renames a verified archive into the store, or copies it through a tar stream across
 /// filesystems.
-fn move_into_store(agent: &Agent, pod: &PodKey, dir: &Path, id: &str) -> Result<(), AgentError> {
+fn move_into_store(agent: &Agent, pod: &PodRef, dir: &Path, id: &str) -> Result<(), AgentError> {
     let store = agent.store();
     let pod_dir = store.pod_dir(pod)?;
     fs::create_dir_all(&pod_dir).map_err(io(&pod_dir))?;
@@ -266,7 +266,7 @@ fn move_into_store(agent: &Agent, pod: &PodKey, dir: &Path, id: &str) -> Result<
     }
 }
 
-fn copy_through_tar(agent: &Agent, pod: &PodKey, dir: &Path) -> Result<(), AgentError> {
+fn copy_through_tar(agent: &Agent, pod: &PodRef, dir: &Path) -> Result<(), AgentError> {
     let (reader, writer) = std::io::pipe().map_err(io(dir))?;
     let source = dir.to_path_buf();
     let exporter = std::thread::spawn(move || archive::export_tar(&source, writer).map(drop));

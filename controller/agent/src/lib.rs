@@ -45,5 +45,4 @@ pub mod server;
 #[cfg(feature = "server")]
 pub mod standing;
 
-pub use api::PodKey;
 pub use client::{AgentClient, ClientError};

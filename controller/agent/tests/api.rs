@@ -14,16 +14,17 @@ use tokio::sync::Semaphore;
 
 use automigrate_agent::api::{
     CheckpointKind, CheckpointQuery, CheckpointRequest, CheckpointSummary, ErrorBody, ImageRequest,
-    Payload, Peer, PodKey, TransferRequest, TransferState, error_kind,
+    Payload, Peer, TransferRequest, TransferState, error_kind,
 };
 use automigrate_agent::checkpointer::testing::FakeBackend;
 use automigrate_agent::client::{AgentClient, ClientError};
 use automigrate_agent::image;
+use automigrate_core::model::PodRef;
 use common::{Pki, Setup, TOKEN, finished_transfer, start_agent, wait_until, write};
 
 fn request(pod: &str, kind: CheckpointKind) -> CheckpointRequest {
     CheckpointRequest {
-        pod: PodKey::new("ml", pod),
+        pod: PodRef::new("ml", pod),
         container: "main".to_string(),
         kind,
     }
@@ -72,7 +73,7 @@ async fn checkpoints_are_taken_listed_newest_first_and_kept_by_retention() {
         .await
         .unwrap();
     assert_eq!(first.id, "trainer-000001");
-    assert_eq!(first.pod, PodKey::new("ml", "trainer"));
+    assert_eq!(first.pod, PodRef::new("ml", "trainer"));
     assert_eq!(first.container, "main");
     assert_eq!(first.freeze, Duration::from_millis(7));
     assert!(first.verified);
@@ -94,7 +95,7 @@ async fn checkpoints_are_taken_listed_newest_first_and_kept_by_retention() {
 
     let listed = agent
         .client
-        .checkpoints(&PodKey::new("ml", "trainer"))
+        .checkpoints(&PodRef::new("ml", "trainer"))
         .await
         .unwrap();
     let ids: Vec<_> = listed.iter().map(|summary| summary.id.as_str()).collect();
@@ -374,7 +375,7 @@ async fn every_v1_route_needs_the_token() {
                 .await
                 .unwrap_err(),
             client
-                .checkpoints(&PodKey::new("ml", "trainer"))
+                .checkpoints(&PodRef::new("ml", "trainer"))
                 .await
                 .unwrap_err(),
             client
@@ -467,7 +468,7 @@ async fn a_checkpoint_chain_moves_to_a_peer_which_lists_it_verified() {
 
     let at_b = b
         .client
-        .checkpoints(&PodKey::new("ml", "trainer"))
+        .checkpoints(&PodRef::new("ml", "trainer"))
         .await
         .unwrap();
     assert_eq!(at_b.len(), 2, "{at_b:?}");
@@ -483,7 +484,7 @@ async fn a_checkpoint_chain_moves_to_a_peer_which_lists_it_verified() {
     b.agent()
         .store()
         .verified(
-            &automigrate_checkpoint::PodKey::new("ml", "trainer"),
+            &automigrate_core::model::PodRef::new("ml", "trainer"),
             &delta.id,
         )
         .unwrap();
@@ -704,7 +705,7 @@ async fn a_tampered_received_checkpoint_is_never_listed() {
 
     let listed = b
         .client
-        .checkpoints(&PodKey::new("ml", "trainer"))
+        .checkpoints(&PodRef::new("ml", "trainer"))
         .await
         .unwrap();
     assert!(listed.is_empty(), "{listed:?}");
@@ -722,7 +723,7 @@ async fn a_tampered_received_checkpoint_is_never_listed() {
     std::fs::remove_file(&config).unwrap();
     assert!(
         b.client
-            .checkpoints(&PodKey::new("ml", "trainer"))
+            .checkpoints(&PodRef::new("ml", "trainer"))
             .await
             .unwrap()
             .is_empty()
@@ -731,7 +732,7 @@ async fn a_tampered_received_checkpoint_is_never_listed() {
     std::fs::write(&config, held_back).unwrap();
     let listed = b
         .client
-        .checkpoints(&PodKey::new("ml", "trainer"))
+        .checkpoints(&PodRef::new("ml", "trainer"))
         .await
         .unwrap();
     assert_eq!(listed.len(), 1);
@@ -757,7 +758,7 @@ async fn a_tampered_received_checkpoint_is_never_listed() {
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
     let listed = b
         .client
-        .checkpoints(&PodKey::new("ml", "trainer"))
+        .checkpoints(&PodRef::new("ml", "trainer"))
         .await
         .unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -1077,7 +1078,7 @@ async fn a_checkpoint_whose_caller_went_away_still_finishes_and_is_stored() {
     caller.abort();
     assert!(caller.await.unwrap_err().is_cancelled());
     gate.add_permits(1);
-    let pod = PodKey::new("ml", "trainer");
+    let pod = PodRef::new("ml", "trainer");
     wait_until("the abandoned checkpoint to be stored", || {
         let client = agent.client.clone();
         let pod = pod.clone();

@@ -12,12 +12,13 @@ mod common;
 use std::time::Duration;
 
 use automigrate_agent::api::{
-    CheckpointKind, CheckpointRequest, Payload, PodKey, TransferRequest, TransferState,
+    CheckpointKind, CheckpointRequest, Payload, TransferRequest, TransferState,
 };
 use automigrate_agent::checkpointer::{self, PID_FILE, WorkloadsDir};
 use automigrate_checkpoint::CheckpointBackend as _;
 use automigrate_checkpoint::command::SystemRunner;
 use automigrate_checkpoint::process::{ProcessBackend, ProcessRestoreTarget};
+use automigrate_core::model::PodRef;
 use common::{
     COUNTER_PY, KillOnDrop, Pki, SLOT, SLOTS, Setup, finished_transfer, privileged, records,
     start_agent, wait_until,
@@ -79,7 +80,7 @@ async fn a_real_process_checkpoint_moves_between_two_agents_and_restores_from_th
     let taken = a
         .client
         .checkpoint(&CheckpointRequest {
-            pod: PodKey::new("ml", "trainer"),
+            pod: PodRef::new("ml", "trainer"),
             container: "main".into(),
             kind: CheckpointKind::Final,
         })
@@ -108,7 +109,7 @@ async fn a_real_process_checkpoint_moves_between_two_agents_and_restores_from_th
 
     let at_b = b
         .client
-        .checkpoints(&PodKey::new("ml", "trainer"))
+        .checkpoints(&PodRef::new("ml", "trainer"))
         .await
         .unwrap();
     assert_eq!(at_b.len(), 1, "{at_b:?}");
@@ -123,7 +124,7 @@ async fn a_real_process_checkpoint_moves_between_two_agents_and_restores_from_th
         .agent()
         .store()
         .verified(
-            &automigrate_checkpoint::PodKey::new("ml", "trainer"),
+            &automigrate_core::model::PodRef::new("ml", "trainer"),
             &taken.id,
         )
         .unwrap();

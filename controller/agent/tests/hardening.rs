@@ -258,11 +258,12 @@ async fn error_answers_quote_at_most_a_few_hundred_characters_of_the_input() {
 /// (runc: "container does not exist") it was a 500 `checkpointFailed`.
 #[tokio::test]
 async fn a_checkpoint_of_a_pod_runc_does_not_know_is_404_not_found() {
-    use automigrate_agent::api::{CheckpointKind, CheckpointRequest, PodKey, error_kind};
+    use automigrate_agent::api::{CheckpointKind, CheckpointRequest, error_kind};
     use automigrate_agent::checkpointer::{BackendCheckpointer, RuncIdTemplate};
     use automigrate_agent::client::ClientError;
     use automigrate_checkpoint::command::{CommandOutput, RecordingRunner};
     use automigrate_checkpoint::runc::RuncBackend;
+    use automigrate_core::model::PodRef;
 
     let runner = RecordingRunner::new();
     runner.answer_when(
@@ -299,7 +300,7 @@ async fn a_checkpoint_of_a_pod_runc_does_not_know_is_404_not_found() {
     let error = agent
         .client
         .checkpoint(&CheckpointRequest {
-            pod: PodKey::new("ml", "not-here"),
+            pod: PodRef::new("ml", "not-here"),
             container: "main".into(),
             kind: CheckpointKind::Periodic,
         })

@@ -20,9 +20,10 @@ use automigrate_checkpoint::bundle::{Bundle, BundleSpec};
 use automigrate_checkpoint::command::SystemRunner;
 use automigrate_checkpoint::runc::{RuncBackend, RuncContainer, RuncRestoreTarget};
 use automigrate_checkpoint::{
-    CheckpointBackend, CheckpointStore, DumpKind, PodKey, Retention, StoredCheckpoint, Subject,
+    CheckpointBackend, CheckpointStore, DumpKind, Retention, SealedCheckpoint, Subject,
     checkpoint_into_store,
 };
+use automigrate_core::model::PodRef;
 
 const WORKLOAD_PY: &str = r#"
 import sys, time
@@ -70,7 +71,7 @@ impl Row {
         }
     }
 
-    fn add(&mut self, stored: &StoredCheckpoint, wall: Duration) -> Result<()> {
+    fn add(&mut self, stored: &SealedCheckpoint, wall: Duration) -> Result<()> {
         let freeze = stored.manifest.freeze.context("no freeze recorded")?;
         self.freeze.push(freeze.duration());
         self.wall.push(wall);
@@ -178,7 +179,7 @@ async fn periodic_series(
     label: &str,
 ) -> Result<(Row, Option<Row>)> {
     let subject = Subject {
-        pod: PodKey::new("bench", &running.id),
+        pod: PodRef::new("bench", &running.id),
         container: "workload".into(),
     };
     let container = RuncContainer {
@@ -306,7 +307,7 @@ async fn main() -> Result<()> {
 
     // A migration: stop-and-dump, then restore from it.
     let subject = Subject {
-        pod: PodKey::new("bench", &running.id),
+        pod: PodRef::new("bench", &running.id),
         container: "workload".into(),
     };
     let started = Instant::now();

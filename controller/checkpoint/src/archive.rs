@@ -539,14 +539,15 @@ fn is_safe_relative(path: &str) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::manifest::{BackendKind, DumpKind, PodKey};
+    use crate::manifest::{BackendKind, DumpKind};
     use automigrate_core::annotations::CheckpointMode;
+    use automigrate_core::model::PodRef;
 
     pub(crate) fn draft(id: &str, parent: Option<&str>) -> Manifest {
         Manifest {
             format_version: FORMAT_VERSION,
             id: id.to_string(),
-            pod: PodKey::new("ml", "trainer"),
+            pod: PodRef::new("ml", "trainer"),
             container: "main".to_string(),
             backend: BackendKind::CriuProcess,
             runtime: None,

@@ -18,8 +18,9 @@ use automigrate_core::annotations::CheckpointMode;
 
 use crate::archive::VerifiedCheckpoint;
 use crate::criu::DumpStats;
-use crate::manifest::{BackendKind, DumpKind, FORMAT_VERSION, Freeze, Manifest, PodKey};
-use crate::store::{CheckpointStore, StoreError, StoredCheckpoint};
+use crate::manifest::{BackendKind, DumpKind, FORMAT_VERSION, Freeze, Manifest};
+use crate::store::{CheckpointStore, SealedCheckpoint, StoreError};
+use automigrate_core::model::PodRef;
 
 /// What a backend can do on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,7 +143,7 @@ pub enum TakeError<E: std::error::Error + 'static> {
 /// Who and what is being checkpointed, for the manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
-    pub pod: PodKey,
+    pub pod: PodRef,
     pub container: String,
 }
 
@@ -157,7 +158,7 @@ pub async fn checkpoint_into_store<B: CheckpointBackend>(
     kind: DumpKind,
     parent: Option<&str>,
     timeout: Duration,
-) -> Result<StoredCheckpoint, TakeError<B::Error>> {
+) -> Result<SealedCheckpoint, TakeError<B::Error>> {
     let staging = {
         let store = store.clone();
         let pod = subject.pod.clone();

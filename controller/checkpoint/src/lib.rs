@@ -34,5 +34,5 @@ pub use backend::{
     Capabilities, CheckpointBackend, CheckpointOutcome, CheckpointRequest, ParentImages, Subject,
     checkpoint_into_store,
 };
-pub use manifest::{BackendKind, DumpKind, Freeze, FreezeSource, Manifest, PodKey};
-pub use store::{CheckpointStore, Retention, RetentionReport, StoredCheckpoint};
+pub use manifest::{BackendKind, DumpKind, Freeze, FreezeSource, Manifest};
+pub use store::{CheckpointStore, Retention, RetentionReport, SealedCheckpoint};

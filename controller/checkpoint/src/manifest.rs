@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 use automigrate_core::annotations::CheckpointMode;
+use automigrate_core::model::PodRef;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -30,29 +31,6 @@ pub const CONFIG_DUMP_FILE: &str = "config.dump";
 pub const SPEC_DUMP_FILE: &str = "spec.dump";
 pub const ROOTFS_DIFF_TAR: &str = "rootfs-diff.tar";
 pub const APP_FILES_DIR: &str = "app";
-
-/// Namespace and name of a pod: the unit the store keeps checkpoints for.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PodKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl PodKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for PodKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Which backend took the checkpoint (and so which one can restore it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -165,7 +143,7 @@ impl FileEntry {
 pub struct Manifest {
     pub format_version: u32,
     pub id: String,
-    pub pod: PodKey,
+    pub pod: PodRef,
     pub container: String,
     pub backend: BackendKind,
     /// The container runtime and its version, when one was involved (`runc 1.1.5+ds1`).
@@ -223,4 +201,44 @@ pub struct ContainerConfigDump {
     pub created_time: jiff::Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpointed_time: Option<jiff::Timestamp>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The manifest is written into every archive and read back by other nodes and other
+    /// versions: its JSON must not change when the Rust types behind it move or are renamed.
+    #[test]
+    fn manifest_json_keeps_its_shape() {
+        let json = serde_json::json!({
+            "formatVersion": 1,
+            "id": "trainer-000003",
+            "pod": {"namespace": "ml", "name": "trainer"},
+            "container": "main",
+            "backend": "criu-process",
+            "runtime": "runc 1.1.5",
+            "criuVersion": "3.19",
+            "createdAt": "2026-11-22T10:00:00Z",
+            "parent": "trainer-000002",
+            "mode": "transparent",
+            "kind": "periodic",
+            "freeze": {"micros": 527000, "source": "criuStats"},
+            "epoch": 7,
+            "files": [
+                {"type": "file", "path": "checkpoint/pages-1.img", "size": 4096, "blake3": "ab"},
+                {"type": "symlink", "path": "checkpoint/parent", "target": "../x/checkpoint"}
+            ]
+        });
+        let manifest: Manifest = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(manifest.pod.namespace, "ml");
+        assert_eq!(manifest.pod.name, "trainer");
+        assert_eq!(manifest.pod.to_string(), "ml/trainer");
+        assert_eq!(serde_json::to_value(&manifest).unwrap(), json);
+
+        // A misspelt or extra field in the pod is an error, not silently dropped.
+        let mut extra = json;
+        extra["pod"]["uid"] = serde_json::json!("u1");
+        assert!(serde_json::from_value::<Manifest>(extra).is_err());
+    }
 }

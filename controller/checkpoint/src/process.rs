@@ -393,7 +393,7 @@ mod tests {
         let manifest = crate::manifest::Manifest {
             format_version: crate::manifest::FORMAT_VERSION,
             id: "p-000001".into(),
-            pod: crate::manifest::PodKey::new("ml", "p"),
+            pod: automigrate_core::model::PodRef::new("ml", "p"),
             container: "main".into(),
             backend: BackendKind::CriuProcess,
             runtime: None,

@@ -577,7 +577,7 @@ mod tests {
         let mut manifest = crate::manifest::Manifest {
             format_version: crate::manifest::FORMAT_VERSION,
             id: "trainer-000001".into(),
-            pod: crate::manifest::PodKey::new("ml", "trainer"),
+            pod: automigrate_core::model::PodRef::new("ml", "trainer"),
             container: "main".into(),
             backend: BackendKind::Runc,
             runtime: None,

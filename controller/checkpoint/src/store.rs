@@ -24,7 +24,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::archive::{self, ArchiveError, VerifiedCheckpoint};
-use crate::manifest::{CRIU_IMAGES_DIR, DumpKind, Manifest, PodKey};
+use crate::manifest::{CRIU_IMAGES_DIR, DumpKind, Manifest};
+use automigrate_core::model::PodRef;
 
 const STAGING_PREFIX: &str = ".staging-";
 const DELETING_PREFIX: &str = ".deleting-";
@@ -42,17 +43,17 @@ pub enum StoreError {
     #[error("`{name}` cannot be used as a directory name in the checkpoint store")]
     BadName { name: String },
     #[error("checkpoint {id} of pod {pod} is not in the store")]
-    NotFound { pod: PodKey, id: String },
+    NotFound { pod: PodRef, id: String },
     #[error(
         "checkpoint {id} of pod {pod} is the parent of {child}, which is kept; delete {child} first"
     )]
     ParentOfKept {
-        pod: PodKey,
+        pod: PodRef,
         id: String,
         child: String,
     },
     #[error("checkpoint {id} of pod {pod} is already in the store")]
-    AlreadyPresent { pod: PodKey, id: String },
+    AlreadyPresent { pod: PodRef, id: String },
     #[error(
         "sealing a final checkpoint failed ({source}); its files are kept in {dir} for recovery"
     )]
@@ -63,8 +64,8 @@ pub enum StoreError {
     #[error("archive {id} belongs to pod {found}, not {expected}")]
     WrongPod {
         id: String,
-        expected: PodKey,
-        found: PodKey,
+        expected: PodRef,
+        found: PodRef,
     },
 }
 
@@ -103,9 +104,10 @@ pub struct RetentionReport {
     pub over_budget_by: Option<u64>,
 }
 
-/// A sealed checkpoint in the store (its manifest read, not re-verified).
+/// A checkpoint sealed in this node's store: its directory and its manifest as read (not
+/// re-verified; [`CheckpointStore::verified`] checks the files).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredCheckpoint {
+pub struct SealedCheckpoint {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub sequence: Option<u64>,
@@ -114,7 +116,7 @@ pub struct StoredCheckpoint {
 /// A checkpoint being written. Dropping it without [`CheckpointStore::commit`] removes it.
 #[derive(Debug)]
 pub struct Staging {
-    pod: PodKey,
+    pod: PodRef,
     id: String,
     parent: Option<String>,
     dir: PathBuf,
@@ -189,7 +191,7 @@ impl CheckpointStore {
         &self.root
     }
 
-    pub fn pod_dir(&self, pod: &PodKey) -> Result<PathBuf, StoreError> {
+    pub fn pod_dir(&self, pod: &PodRef) -> Result<PathBuf, StoreError> {
         Ok(self
             .root
             .join(safe_name(&pod.namespace)?)
@@ -197,11 +199,11 @@ impl CheckpointStore {
     }
 
     /// Every pod with a directory in the store.
-    pub fn pods(&self) -> Result<Vec<PodKey>, StoreError> {
+    pub fn pods(&self) -> Result<Vec<PodRef>, StoreError> {
         let mut pods = Vec::new();
         for namespace in sorted_dirs(&self.root)? {
             for name in sorted_dirs(&self.root.join(&namespace))? {
-                pods.push(PodKey::new(namespace.clone(), name));
+                pods.push(PodRef::new(namespace.clone(), name));
             }
         }
         Ok(pods)
@@ -210,7 +212,7 @@ impl CheckpointStore {
     /// Reserves the next id for `pod` and creates its staging directory. `parent` must be a
     /// checkpoint of the same pod in this store.
     #[tracing::instrument(name = "store_begin", skip(self), fields(pod = %pod))]
-    pub fn begin(&self, pod: &PodKey, parent: Option<&str>) -> Result<Staging, StoreError> {
+    pub fn begin(&self, pod: &PodRef, parent: Option<&str>) -> Result<Staging, StoreError> {
         let pod_dir = self.pod_dir(pod)?;
         fs::create_dir_all(&pod_dir).map_err(io_error(&pod_dir))?;
         if let Some(parent) = parent {
@@ -247,7 +249,7 @@ impl CheckpointStore {
         &self,
         mut staging: Staging,
         mut manifest: Manifest,
-    ) -> Result<StoredCheckpoint, StoreError> {
+    ) -> Result<SealedCheckpoint, StoreError> {
         manifest.id = staging.id.clone();
         manifest.pod = staging.pod.clone();
         manifest.parent = staging.parent.clone();
@@ -274,7 +276,7 @@ impl CheckpointStore {
         staging: &mut Staging,
         manifest: Manifest,
         pod_dir: &Path,
-    ) -> Result<StoredCheckpoint, StoreError> {
+    ) -> Result<SealedCheckpoint, StoreError> {
         let manifest = archive::seal(&staging.dir, manifest)?;
         let final_dir = pod_dir.join(&staging.id);
         fs::rename(&staging.dir, &final_dir).map_err(io_error(&final_dir))?;
@@ -285,7 +287,7 @@ impl CheckpointStore {
             files = manifest.files.len(),
             "checkpoint stored"
         );
-        Ok(StoredCheckpoint {
+        Ok(SealedCheckpoint {
             dir: final_dir,
             sequence: sequence_of(&staging.pod, &manifest.id),
             manifest,
@@ -297,9 +299,9 @@ impl CheckpointStore {
     #[tracing::instrument(name = "store_import", skip(self, reader), fields(pod = %pod))]
     pub fn import_tar<R: Read>(
         &self,
-        pod: &PodKey,
+        pod: &PodRef,
         reader: R,
-    ) -> Result<StoredCheckpoint, StoreError> {
+    ) -> Result<SealedCheckpoint, StoreError> {
         let pod_dir = self.pod_dir(pod)?;
         fs::create_dir_all(&pod_dir).map_err(io_error(&pod_dir))?;
         let staging = tempfile::Builder::new()
@@ -334,7 +336,7 @@ impl CheckpointStore {
         archive::sync_tree(&unpacked)?;
         fs::rename(&unpacked, &final_dir).map_err(io_error(&final_dir))?;
         archive::sync_dir(&pod_dir)?;
-        Ok(StoredCheckpoint {
+        Ok(SealedCheckpoint {
             dir: final_dir,
             sequence: sequence_of(pod, &manifest.id),
             manifest,
@@ -344,7 +346,7 @@ impl CheckpointStore {
     /// The pod's checkpoints, oldest first. A checkpoint whose manifest cannot be read (damaged
     /// on disk) is left out and logged: one damaged archive must not hide the others, which a
     /// restore can still use.
-    pub fn list(&self, pod: &PodKey) -> Result<Vec<StoredCheckpoint>, StoreError> {
+    pub fn list(&self, pod: &PodRef) -> Result<Vec<SealedCheckpoint>, StoreError> {
         let pod_dir = self.pod_dir(pod)?;
         if !pod_dir.exists() {
             return Ok(Vec::new());
@@ -359,7 +361,7 @@ impl CheckpointStore {
                     continue;
                 }
             };
-            found.push(StoredCheckpoint {
+            found.push(SealedCheckpoint {
                 sequence: sequence_of(pod, &manifest.id),
                 dir,
                 manifest,
@@ -372,7 +374,7 @@ impl CheckpointStore {
     }
 
     /// The newest checkpoint that can be restored (pre-dumps cannot).
-    pub fn latest(&self, pod: &PodKey) -> Result<Option<StoredCheckpoint>, StoreError> {
+    pub fn latest(&self, pod: &PodRef) -> Result<Option<SealedCheckpoint>, StoreError> {
         Ok(self
             .list(pod)?
             .into_iter()
@@ -380,10 +382,10 @@ impl CheckpointStore {
             .find(|stored| stored.manifest.kind.restorable()))
     }
 
-    pub fn get(&self, pod: &PodKey, id: &str) -> Result<StoredCheckpoint, StoreError> {
+    pub fn get(&self, pod: &PodRef, id: &str) -> Result<SealedCheckpoint, StoreError> {
         let dir = self.pod_dir(pod)?.join(safe_name(id)?);
         match archive::read_manifest(&dir) {
-            Ok(manifest) => Ok(StoredCheckpoint {
+            Ok(manifest) => Ok(SealedCheckpoint {
                 sequence: sequence_of(pod, &manifest.id),
                 dir,
                 manifest,
@@ -398,14 +400,14 @@ impl CheckpointStore {
 
     /// Verifies a checkpoint and its parents, as a restore needs.
     #[tracing::instrument(name = "store_verify", skip(self), fields(pod = %pod))]
-    pub fn verified(&self, pod: &PodKey, id: &str) -> Result<VerifiedCheckpoint, StoreError> {
+    pub fn verified(&self, pod: &PodRef, id: &str) -> Result<VerifiedCheckpoint, StoreError> {
         let stored = self.get(pod, id)?;
         Ok(archive::verify_chain(&stored.dir)?)
     }
 
     /// Deletes one checkpoint; refuses while another stored checkpoint builds on it.
     #[tracing::instrument(name = "store_delete", skip(self), fields(pod = %pod))]
-    pub fn delete(&self, pod: &PodKey, id: &str) -> Result<(), StoreError> {
+    pub fn delete(&self, pod: &PodRef, id: &str) -> Result<(), StoreError> {
         let stored = self.get(pod, id)?;
         if let Some(child) = self
             .list(pod)?
@@ -426,7 +428,7 @@ impl CheckpointStore {
     #[tracing::instrument(name = "store_retention", skip(self), fields(pod = %pod))]
     pub fn apply_retention(
         &self,
-        pod: &PodKey,
+        pod: &PodRef,
         retention: &Retention,
     ) -> Result<RetentionReport, StoreError> {
         let all = self.list(pod)?;
@@ -489,7 +491,7 @@ impl CheckpointStore {
         Ok(report)
     }
 
-    fn highest_sequence(&self, pod: &PodKey) -> Result<u64, StoreError> {
+    fn highest_sequence(&self, pod: &PodRef) -> Result<u64, StoreError> {
         let pod_dir = self.pod_dir(pod)?;
         let mut highest = 0;
         for entry in fs::read_dir(&pod_dir).map_err(io_error(&pod_dir))? {
@@ -506,7 +508,7 @@ impl CheckpointStore {
         Ok(highest)
     }
 
-    fn remove_dir(&self, pod: &PodKey, stored: &StoredCheckpoint) -> Result<(), StoreError> {
+    fn remove_dir(&self, pod: &PodRef, stored: &SealedCheckpoint) -> Result<(), StoreError> {
         let pod_dir = self.pod_dir(pod)?;
         let doomed = pod_dir.join(format!("{DELETING_PREFIX}{}", stored.manifest.id));
         fs::rename(&stored.dir, &doomed).map_err(io_error(&stored.dir))?;
@@ -516,7 +518,7 @@ impl CheckpointStore {
     }
 }
 
-fn sequence_of(pod: &PodKey, id: &str) -> Option<u64> {
+fn sequence_of(pod: &PodRef, id: &str) -> Option<u64> {
     id.strip_prefix(&pod.name)?.strip_prefix('-')?.parse().ok()
 }
 
@@ -556,8 +558,8 @@ mod tests {
     use crate::manifest::{BackendKind, DumpKind, FORMAT_VERSION};
     use automigrate_core::annotations::CheckpointMode;
 
-    fn pod() -> PodKey {
-        PodKey::new("ml", "trainer")
+    fn pod() -> PodRef {
+        PodRef::new("ml", "trainer")
     }
 
     fn manifest(kind: DumpKind) -> Manifest {
@@ -883,7 +885,7 @@ mod tests {
         let store = CheckpointStore::open(root.path()).unwrap();
         for bad in ["..", "a/b", "", ".hidden"] {
             assert!(matches!(
-                store.begin(&PodKey::new(bad, "x"), None).unwrap_err(),
+                store.begin(&PodRef::new(bad, "x"), None).unwrap_err(),
                 StoreError::BadName { .. }
             ));
         }

@@ -12,10 +12,11 @@ use automigrate_checkpoint::application::{
 };
 use automigrate_checkpoint::backend::TakeError;
 use automigrate_checkpoint::{
-    BackendKind, CheckpointBackend, CheckpointStore, DumpKind, FreezeSource, PodKey, Subject,
+    BackendKind, CheckpointBackend, CheckpointStore, DumpKind, FreezeSource, Subject,
     checkpoint_into_store,
 };
 use automigrate_core::annotations::CheckpointMode;
+use automigrate_core::model::PodRef;
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -49,7 +50,7 @@ while True:
 
 fn subject() -> Subject {
     Subject {
-        pod: PodKey::new("ml", "app-trainer"),
+        pod: PodRef::new("ml", "app-trainer"),
         container: "trainer".into(),
     }
 }

@@ -18,9 +18,9 @@ use automigrate_checkpoint::process::{
 };
 use automigrate_checkpoint::runc::{RuncBackend, RuncContainer, RuncError, RuncRestoreTarget};
 use automigrate_checkpoint::{
-    CheckpointBackend, CheckpointStore, DumpKind, FreezeSource, PodKey, Subject,
-    checkpoint_into_store,
+    CheckpointBackend, CheckpointStore, DumpKind, FreezeSource, Subject, checkpoint_into_store,
 };
+use automigrate_core::model::PodRef;
 use common::{Cleanup, highest, prepare_counter, privileged, records, unique, wait_for, wipe};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -44,7 +44,7 @@ fn spawn_counter(script: &Path, log: &Path, dir: &Path) -> (tokio::process::Chil
 
 fn subject(name: &str) -> Subject {
     Subject {
-        pod: PodKey::new("test", name),
+        pod: PodRef::new("test", name),
         container: "counter".to_string(),
     }
 }

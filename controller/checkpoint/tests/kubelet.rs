@@ -12,9 +12,10 @@ use automigrate_checkpoint::kubelet::{
     KubeletBackend, KubeletError, PodContainer, RecordedExchange, RecordedTransport,
 };
 use automigrate_checkpoint::{
-    BackendKind, CheckpointBackend, CheckpointStore, DumpKind, FreezeSource, PodKey, Subject,
-    archive, checkpoint_into_store,
+    BackendKind, CheckpointBackend, CheckpointStore, DumpKind, FreezeSource, Subject, archive,
+    checkpoint_into_store,
 };
+use automigrate_core::model::PodRef;
 
 #[derive(serde::Deserialize)]
 struct Fixtures {
@@ -83,7 +84,7 @@ fn target() -> PodContainer {
 
 fn subject() -> Subject {
     Subject {
-        pod: PodKey::new("research", "lstm-trainer"),
+        pod: PodRef::new("research", "lstm-trainer"),
         container: "trainer".into(),
     }
 }
@@ -91,7 +92,7 @@ fn subject() -> Subject {
 async fn take(
     backend: &KubeletBackend<RecordedTransport>,
     store: &CheckpointStore,
-) -> Result<automigrate_checkpoint::StoredCheckpoint, TakeError<KubeletError>> {
+) -> Result<automigrate_checkpoint::SealedCheckpoint, TakeError<KubeletError>> {
     checkpoint_into_store(
         backend,
         store,

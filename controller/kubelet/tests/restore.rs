@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use automigrate_checkpoint::kubelet::KubeletBackend;
 use automigrate_checkpoint::store::CheckpointStore;
-use automigrate_checkpoint::{DumpKind, PodKey, Subject, checkpoint_into_store};
+use automigrate_checkpoint::{DumpKind, Subject, checkpoint_into_store};
+use automigrate_core::model::PodRef;
 use automigrate_kubelet::images::{self, Resolved};
 use common::{
     KubeTransport, NODE, TestNode, create_pod, delete_pod, eventually, main_container, shell_pod,
@@ -60,7 +61,7 @@ async fn a_pod_from_a_checkpoint_image_is_restored_not_started_fresh() {
     let store_dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::open(store_dir.path()).unwrap();
     let subject = Subject {
-        pod: PodKey::new(NS, "counter"),
+        pod: PodRef::new(NS, "counter"),
         container: "main".into(),
     };
     let stored = checkpoint_into_store(

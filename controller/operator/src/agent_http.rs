@@ -13,12 +13,12 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use automigrate_agent::AgentClient;
 use automigrate_agent::api::{
     CheckpointKind as WireKind, CheckpointRequest, CheckpointSummary, ImageRequest, Payload, Peer,
     TransferRequest, TransferState as WireState, TransferStatus,
 };
 use automigrate_agent::client::{ClientError, ClientOptions};
-use automigrate_agent::{AgentClient, PodKey};
 use automigrate_core::model::PodRef;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -247,7 +247,7 @@ impl NodeAgent for HttpAgents {
         async move {
             let client = self.client(node)?;
             let request = CheckpointRequest {
-                pod: PodKey::new(&pod.namespace, &pod.name),
+                pod: pod.clone(),
                 container: container.to_string(),
                 kind: match kind {
                     CheckpointKind::Periodic => WireKind::Periodic,
@@ -270,8 +270,7 @@ impl NodeAgent for HttpAgents {
     ) -> AgentResult<'a, Vec<CheckpointTaken>> {
         async move {
             let client = self.client(node)?;
-            let key = PodKey::new(&pod.namespace, &pod.name);
-            idempotent(node, || client.checkpoints(&key))
+            idempotent(node, || client.checkpoints(pod))
                 .await
                 .map(|list| list.into_iter().map(taken).collect())
         }

@@ -106,7 +106,7 @@ pub struct MigrationSpec {
 
 // The transfer records and the stored checkpoint are the migration driver's own persisted
 // types (automigrate_core::driver), kept in the status field for field.
-pub use automigrate_core::driver::{StoredCheckpoint, TransferPayload, TransferRecord};
+pub use automigrate_core::driver::{RestoreSource, TransferPayload, TransferRecord};
 
 /// The persisted migration: the core state machine plus what the driver needs to resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -128,7 +128,7 @@ pub struct MigrationStatus {
     pub lease_timeout: std::time::Duration,
     /// The newest stored checkpoint, used when the source cannot take a fresh one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stored_checkpoint: Option<StoredCheckpoint>,
+    pub stored_checkpoint: Option<RestoreSource>,
     /// The checkpoint an incremental final dump builds on (already sent while syncing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_checkpoint: Option<String>,

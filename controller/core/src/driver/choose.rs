@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use jiff::Timestamp;
 
 use super::port::CheckpointCopy;
-use super::run::StoredCheckpoint;
+use super::run::RestoreSource;
 
 /// The checkpoint to restore from, or `None` when no verified copy survives (the workload
 /// then starts fresh). `rejected` are checkpoints that failed to restore; `older_than`, when
@@ -21,7 +21,7 @@ pub fn choose_checkpoint(
     target: &str,
     rejected: &[String],
     older_than: Option<Timestamp>,
-) -> Option<StoredCheckpoint> {
+) -> Option<RestoreSource> {
     let usable = |copy: &&CheckpointCopy| {
         copy.verified
             && copy.node != source
@@ -45,7 +45,7 @@ pub fn choose_checkpoint(
                 copy.node.as_str(),
             )
         })?;
-    Some(StoredCheckpoint {
+    Some(RestoreSource {
         id: holder.id.clone(),
         from: holder.node.clone(),
     })

@@ -88,7 +88,7 @@ pub use port::{
     Action, CheckpointCopy, Observation, Outcome, PersistError, Port, Role, StepFailure,
     TargetObservation, TransferStatus,
 };
-pub use run::{Run, StoredCheckpoint, TransferPayload, TransferRecord};
+pub use run::{RestoreSource, Run, TransferPayload, TransferRecord};
 
 use crate::migration::{self, Event, Phase, Step, TransitionError};
 use restore::Next;

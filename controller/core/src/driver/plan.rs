@@ -3,7 +3,7 @@
 
 use jiff::Timestamp;
 
-use super::run::{Run, StoredCheckpoint, TransferPayload, TransferRecord};
+use super::run::{RestoreSource, Run, TransferPayload, TransferRecord};
 use crate::decide::{CheckpointSource, MigrationDecision, Payload};
 use crate::migration::{Limits, MigrationState};
 use crate::policy::Policy;
@@ -74,7 +74,7 @@ pub fn begin(
         policy.triggers.lease_timeout,
     );
     run.stored_checkpoint = match &decision.checkpoint {
-        CheckpointSource::Stored { id, from, .. } => Some(StoredCheckpoint {
+        CheckpointSource::Stored { id, from, .. } => Some(RestoreSource {
             id: id.clone(),
             from: from.clone(),
         }),

@@ -90,11 +90,12 @@ impl TransferPayload {
     }
 }
 
-/// The stored checkpoint a migration restores from when the source cannot take a fresh one.
+/// Where a migration restores from when its source cannot take a fresh checkpoint: a stored
+/// checkpoint and a node that holds a verified copy of it (chosen by [`super::choose_checkpoint`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
-pub struct StoredCheckpoint {
+pub struct RestoreSource {
     pub id: String,
     /// A node that holds a verified copy.
     pub from: String,
@@ -114,7 +115,7 @@ pub struct Run {
     pub lease_timeout: Duration,
     /// The stored checkpoint chosen when the source cannot take a fresh one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stored_checkpoint: Option<StoredCheckpoint>,
+    pub stored_checkpoint: Option<RestoreSource>,
     /// The checkpoint an incremental final dump builds on (sent while syncing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_checkpoint: Option<String>,
