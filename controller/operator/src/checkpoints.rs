@@ -1,18 +1,20 @@
-//! Checkpoint orchestration: the periodic checkpoints the decision pass asks for, taken by the
-//! agent on the pod's node, then replicated to the standby nodes the engine chose, so a hard
-//! loss of the node can still be restored from a replica.
+//! Checkpoint orchestration: the operator's side of the periodic checkpoints the decision pass
+//! asks for. The rules (admission, take, when the pod's record changes, replication order,
+//! what a failure does) are the driver's ([`automigrate_core::driver::periodic`]); this file
+//! carries out its steps through a [`PeriodicPort`]: the agent on the pod's node takes the
+//! checkpoint, the agents copy it to the standby nodes the engine chose, and the pod's
+//! [`LATEST_CHECKPOINT`](crate::snapshot::LATEST_CHECKPOINT) annotation records it (id, time,
+//! size, freeze time and the nodes that hold it; the next decision pass reads it from there).
 //!
-//! After the checkpoint and again after each replica lands, the pod's
-//! [`LATEST_CHECKPOINT`](crate::snapshot::LATEST_CHECKPOINT) annotation is rewritten with the
-//! checkpoint's id, time, size, freeze time and the nodes that hold it; the next decision pass
-//! reads it from there. A pod with a checkpoint in progress is marked so the engine does not
-//! ask for another one meanwhile.
+//! A pod with a checkpoint in progress is marked so the engine does not ask for another one
+//! meanwhile, and so two jobs never run for one pod.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use automigrate_core::decide::CheckpointDecision;
+use automigrate_core::driver::periodic::{self, Periodic, PeriodicPort, PodNow, Refusal};
 use automigrate_core::model::{CheckpointInfo, PodRef};
 use automigrate_core::units::Bytes;
 
@@ -51,13 +53,8 @@ impl CheckpointError {
     }
 }
 
-/// What one periodic checkpoint came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checkpointed {
-    pub info: CheckpointInfo,
-    /// Standby nodes that could not receive a copy, with the reason.
-    pub replica_failures: Vec<(String, String)>,
-}
+/// What one periodic checkpoint came to (the driver's account).
+pub use automigrate_core::driver::periodic::Checkpointed;
 
 #[derive(Debug, Clone)]
 pub struct CheckpointOrchestrator {
@@ -148,76 +145,35 @@ impl CheckpointOrchestrator {
         let _busy = self
             .claim(&pod_ref)
             .ok_or_else(|| CheckpointError::Busy(pod_ref.clone()))?;
-        let pod = self
-            .stores
-            .pod(&pod_ref.namespace, &pod_ref.name)
-            .ok_or_else(|| CheckpointError::PodGone(pod_ref.clone()))?;
-        // A replacement pod is bound to its node before the kubelet starts it: until it runs
-        // there is no process to dump (and a restore may still be writing its files).
-        let running = pod
-            .status
-            .as_ref()
-            .and_then(|status| status.phase.as_deref())
-            == Some("Running");
-        if !running {
-            return Err(CheckpointError::NotRunning(pod_ref));
-        }
+        let pod = self.stores.pod(&pod_ref.namespace, &pod_ref.name);
+        let recorded = pod.as_deref().and_then(crate::snapshot::latest_checkpoint);
+        let now = pod.as_ref().map(|pod| PodNow {
+            running: pod
+                .status
+                .as_ref()
+                .and_then(|status| status.phase.as_deref())
+                == Some("Running"),
+            recorded: recorded.as_ref(),
+        });
+        let job =
+            Periodic::start(&decision.node, &decision.replicate_to, now).map_err(|refusal| {
+                match refusal {
+                    Refusal::Gone => CheckpointError::PodGone(pod_ref.clone()),
+                    Refusal::NotRunning => CheckpointError::NotRunning(pod_ref.clone()),
+                }
+            })?;
         let container = pod
-            .spec
             .as_ref()
+            .and_then(|pod| pod.spec.as_ref())
             .and_then(|spec| spec.containers.first())
             .map(|container| container.name.clone())
             .ok_or_else(|| CheckpointError::NoContainer(pod_ref.clone()))?;
-        let taken = self
-            .agent
-            .checkpoint(
-                &decision.node,
-                &pod_ref,
-                &container,
-                CheckpointKind::Periodic,
-            )
-            .await?;
-        let mut info = CheckpointInfo {
-            id: taken.id.clone(),
-            taken_at: taken.created_at,
-            size: Bytes(taken.bytes),
-            freeze: Some(taken.freeze),
-            held_on: vec![decision.node.clone()],
-            epoch: None,
+        let mut port = Job {
+            orchestrator: self,
+            pod: &pod_ref,
+            container,
         };
-        // The pod names one checkpoint, the one a failure of its node restores from. A new
-        // one held only on that node must not replace one a standby holds: if the node died
-        // before (or without) a replica landing, nothing would survive it on record and the
-        // pod would restart from the beginning. So with standbys asked for, the new
-        // checkpoint is recorded once the first one holds it, unless the recorded one has no
-        // copy off the node either.
-        let recorded_survives = crate::snapshot::latest_checkpoint(&pod)
-            .is_some_and(|last| last.held_on.iter().any(|node| *node != decision.node));
-        if decision.replicate_to.is_empty() || !recorded_survives {
-            self.record(&pod_ref, &info).await?;
-        }
-        tracing::info!(checkpoint = %info.id, bytes = taken.bytes, "checkpoint taken");
-
-        let mut replica_failures = Vec::new();
-        let payload = TransferPayload::checkpoint(&taken.id);
-        for standby in &decision.replicate_to {
-            match self.replicate(&decision.node, &payload, standby).await {
-                Ok(bytes) => {
-                    metrics::counter!(crate::metrics::BYTES_MOVED, "payload" => "replica")
-                        .increment(bytes);
-                    info.held_on.push(standby.clone());
-                    self.record(&pod_ref, &info).await?;
-                }
-                Err(reason) => {
-                    tracing::warn!(standby = %standby, %reason, "replication failed");
-                    replica_failures.push((standby.clone(), reason));
-                }
-            }
-        }
-        Ok(Checkpointed {
-            info,
-            replica_failures,
-        })
+        periodic::carry_out(&mut port, job).await
     }
 
     async fn replicate(
@@ -250,5 +206,52 @@ impl CheckpointOrchestrator {
             }
         }
         Err(format!("still running after {} polls", self.max_polls))
+    }
+}
+
+/// One periodic checkpoint of one pod, as the driver's [`PeriodicPort`].
+struct Job<'a> {
+    orchestrator: &'a CheckpointOrchestrator,
+    pod: &'a PodRef,
+    container: String,
+}
+
+impl PeriodicPort for Job<'_> {
+    type Error = CheckpointError;
+
+    async fn take(&mut self, node: &str) -> Result<CheckpointInfo, CheckpointError> {
+        let taken = self
+            .orchestrator
+            .agent
+            .checkpoint(node, self.pod, &self.container, CheckpointKind::Periodic)
+            .await?;
+        tracing::info!(checkpoint = %taken.id, bytes = taken.bytes, "checkpoint taken");
+        Ok(CheckpointInfo {
+            id: taken.id,
+            taken_at: taken.created_at,
+            size: Bytes(taken.bytes),
+            freeze: Some(taken.freeze),
+            held_on: vec![node.to_string()],
+            epoch: None,
+        })
+    }
+
+    async fn record(&mut self, info: &CheckpointInfo) -> Result<(), CheckpointError> {
+        Ok(self.orchestrator.record(self.pod, info).await?)
+    }
+
+    async fn replicate(&mut self, from: &str, checkpoint: &str, to: &str) -> Result<(), String> {
+        let payload = TransferPayload::checkpoint(checkpoint);
+        match self.orchestrator.replicate(from, &payload, to).await {
+            Ok(bytes) => {
+                metrics::counter!(crate::metrics::BYTES_MOVED, "payload" => "replica")
+                    .increment(bytes);
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::warn!(standby = %to, %reason, "replication failed");
+                Err(reason)
+            }
+        }
     }
 }
