@@ -17,7 +17,9 @@ use crate::model::{
     MigrationRequest, Resources,
 };
 
-pub(crate) type PodKey<'a> = (&'a str, &'a str);
+/// A pod's namespace and name, borrowed from the snapshot: what the per-pass indexes key by, so
+/// a lookup allocates nothing. The owned pod identity is [`crate::model::PodRef`].
+pub(crate) type PodNames<'a> = (&'a str, &'a str);
 
 /// Node name to position, like a `HashMap<&str, usize>` built from the nodes in order (a name
 /// listed twice maps to its last position), but with the names copied into one buffer.
@@ -127,9 +129,9 @@ pub(crate) struct ClusterIndex<'a> {
     /// Firing alerts by the node they label.
     pub node_alerts: Vec<Vec<&'a Alert>>,
     /// Firing alerts by the pod they label.
-    pub pod_alerts: HashMap<PodKey<'a>, Vec<&'a Alert>>,
-    pub migrations: HashMap<PodKey<'a>, Vec<&'a MigrationRecord>>,
-    pub requests: HashMap<PodKey<'a>, &'a MigrationRequest>,
+    pub pod_alerts: HashMap<PodNames<'a>, Vec<&'a Alert>>,
+    pub migrations: HashMap<PodNames<'a>, Vec<&'a MigrationRecord>>,
+    pub requests: HashMap<PodNames<'a>, &'a MigrationRequest>,
 }
 
 impl<'a> ClusterIndex<'a> {
@@ -261,7 +263,7 @@ impl<'a> ClusterIndex<'a> {
             .collect();
 
         let mut node_alerts: Vec<Vec<&Alert>> = vec![Vec::new(); node_count];
-        let mut pod_alerts: HashMap<PodKey, Vec<&Alert>> = HashMap::new();
+        let mut pod_alerts: HashMap<PodNames, Vec<&Alert>> = HashMap::new();
         for alert in snapshot
             .alerts
             .iter()
@@ -285,7 +287,7 @@ impl<'a> ClusterIndex<'a> {
             }
         }
 
-        let mut migrations: HashMap<PodKey, Vec<&MigrationRecord>> = HashMap::new();
+        let mut migrations: HashMap<PodNames, Vec<&MigrationRecord>> = HashMap::new();
         for record in &snapshot.migrations {
             migrations
                 .entry((record.pod.namespace.as_str(), record.pod.name.as_str()))
