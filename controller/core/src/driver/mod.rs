@@ -54,6 +54,12 @@
 //! - **Roll back** ([`rollback`]): stop the replacement first, then keep the source, restore
 //!   the final dump on it, or start fresh, as the state machine says. A fresh start waits
 //!   for the new copy and removes what is left of the source, as a migration's end does.
+//! - **Periodic checkpoints** ([`periodic`]): outside any migration, a checkpoint the engine
+//!   asked for is taken on the pod's node and copied to each standby in turn; the pod's record
+//!   never trades a copy a standby holds for one only the node holds while standbys were asked
+//!   for; a failed copy goes on to the next standby. Its own state machine and port
+//!   ([`periodic::Periodic`], [`periodic::PeriodicPort`]): a job keeps no state across a
+//!   crash; one cut off is asked for again by the engine's next pass.
 //! - **A fresh start is a restart**: a replacement started with no checkpoint (none
 //!   survived) ends the migration `Restarted`, never `Succeeded`
 //!   ([`crate::migration::MigrationState::started_fresh`]).
