@@ -4,7 +4,7 @@ use automigrate_core::decide::CheckpointDecision;
 
 use super::clock::{Ms, ms};
 use super::simulation::Simulation;
-use super::state::{Event, JobState, PendingCheckpoint, StoredCheckpoint, node_index};
+use super::state::{Event, JobState, PendingCheckpoint, SimCheckpointCopy, node_index};
 
 impl Simulation<'_> {
     pub(super) fn next_checkpoint_check(&self, job: usize) -> Ms {
@@ -148,7 +148,7 @@ impl Simulation<'_> {
         };
         let mut held_on = vec![node];
         held_on.extend(standby);
-        self.jobs[job].checkpoint = Some(StoredCheckpoint {
+        self.jobs[job].checkpoint = Some(SimCheckpointCopy {
             id: format!("ck-{job}-{}", pending.seq),
             progress: pending.progress,
             taken_at: pending.taken_at,

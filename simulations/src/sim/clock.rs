@@ -20,6 +20,12 @@ pub fn timestamp(at: Ms) -> Timestamp {
     Timestamp::from_millisecond(millis).unwrap_or(Timestamp::MAX)
 }
 
+/// Simulated time of an engine timestamp (the inverse of [`timestamp`]; before the start
+/// reads as the start).
+pub(super) fn sim_time(at: Timestamp) -> Ms {
+    u64::try_from(at.as_millisecond().saturating_sub(EPOCH_MS)).unwrap_or(0)
+}
+
 pub(super) fn ms(duration: Duration) -> Ms {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -86,27 +86,25 @@ impl Simulation<'_> {
         let heartbeat = self.last_heartbeat(node, self.now);
         let mut hit = false;
 
-        // Migrations touching the node first: they decide what happens to their jobs.
-        for migration in 0..self.migrations.len() {
-            if self.migrations[migration].state.phase.is_terminal() {
-                continue;
-            }
-            if self.migrations[migration].target == node {
-                self.target_lost(migration);
-            } else if self.migrations[migration].source == node {
-                self.source_lost(migration);
-            }
-        }
+        // The node's jobs stop with it, those in a migration too: the driver finds out by
+        // looking (an agent that does not answer, a Ready condition and a Lease running out).
         let jobs: Vec<usize> = self.nodes[node].jobs.iter().copied().collect();
         for job in jobs {
             hit = true;
+            self.stop(job);
             if self.jobs[job].migration.is_some() {
                 continue;
             }
-            self.stop(job);
             let eviction = &self.policy.kubernetes;
             self.jobs[job].evictable_at =
                 Some(heartbeat + ms(eviction.node_monitor_grace) + ms(eviction.toleration));
+        }
+        for migration in 0..self.migrations.len() {
+            let touched = self.migrations[migration].target == node
+                || self.migrations[migration].source == node;
+            if touched && !self.migrations[migration].ended {
+                self.advance_migration(migration);
+            }
         }
         if hit {
             self.metrics.failures_hitting_jobs += 1;
@@ -127,6 +125,8 @@ impl Simulation<'_> {
         }
         self.nodes[node].alive = true;
         self.nodes[node].failed_at = None;
+        // Repaired, it joins the cluster afresh: the out-of-service taint is removed.
+        self.nodes[node].out_of_service = false;
         self.set_warning(node, None);
         self.troubled_nodes.remove(&node);
         // Pods still bound to the node (nothing moved them yet) come back with it: kubelet

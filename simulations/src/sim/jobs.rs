@@ -183,7 +183,7 @@ impl Simulation<'_> {
             return;
         }
         if let Some(migration) = self.jobs[job].migration {
-            self.abandon_migration(migration, "the job finished");
+            self.abandon_migration(migration);
         }
         let now = self.now;
         let state = &mut self.jobs[job];

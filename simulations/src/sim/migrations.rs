@@ -1,12 +1,17 @@
-//! Migrations, through the engine's state machine: each step takes the time the cost model
-//! gives it.
+//! Migrations: each one starts from the engine's decision as the core driver's first run
+//! ([`driver::begin`]), and the core driver carries it out through the simulator's port
+//! ([`super::port`]). Every migration rule (the loop, the lost source and target, checkpoint
+//! choice, fencing, restore failure, rollback) is the driver's; this file only wakes the
+//! driver when something it waits on may have changed (an effect completing on the cost
+//! model, a retry's backoff, a phase deadline, a Lease or Ready condition running out) and
+//! settles what the end means for the job and the metrics.
 
 use automigrate_core::decide::{CheckpointSource, MigrationDecision, Trigger};
-use automigrate_core::migration::{self, Limits, MigrationState, Phase, RollbackAction, Step};
+use automigrate_core::driver::{self, DeadNodeFencing};
 
-use super::clock::{Ms, SECOND, ms, timestamp};
+use super::clock::{Ms, SECOND, ms, sim_time, timestamp};
 use super::simulation::Simulation;
-use super::state::{Event, JobState, SimMigration, StoredCheckpoint, node_index};
+use super::state::{Event, JobState, SimCheckpointCopy, SimMigration, node_index};
 
 impl Simulation<'_> {
     pub(super) fn start_migration(&mut self, job: usize, decision: &MigrationDecision) {
@@ -26,30 +31,14 @@ impl Simulation<'_> {
             // Mid-freeze: the checkpoint in progress is abandoned by the migration's own dump.
             self.jobs[job].pending = None;
         }
-        // What the engine believed: a fresh dump means it saw the source alive. The source may
-        // have died since its last heartbeat; the driver finds out when it tries (below).
-        let fresh = matches!(decision.checkpoint, CheckpointSource::Fresh { .. });
-        let planned_stored = matches!(decision.checkpoint, CheckpointSource::Stored { .. });
-        let source_alive = fresh;
-        let incremental = matches!(
-            decision.checkpoint,
-            CheckpointSource::Fresh { base: Some(_) }
-        );
-        let resume = match &decision.checkpoint {
-            CheckpointSource::Fresh { .. } => None,
-            CheckpointSource::Stored { .. } => {
-                Some(self.jobs[job].checkpoint.as_ref().map_or(0, |c| c.progress))
-            }
-            CheckpointSource::None => Some(0),
-        };
-        let state = MigrationState::new(
-            decision.from.clone(),
-            decision.to.clone(),
-            source_alive,
+        let dataset = self.dataset_index(job);
+        let dataset_path = format!("/datasets/{}", self.scenario.workload.datasets[dataset].id);
+        let run = driver::begin(
+            decision,
+            Some(&dataset_path),
+            &self.policy.engine,
             timestamp(self.now),
-            decision.failed_at,
         );
-        let limits = Limits::from_policy(&self.policy.engine);
         let requests = self.requests(job);
         self.reserve(target, requests);
         match decision.trigger {
@@ -62,291 +51,73 @@ impl Simulation<'_> {
             job,
             source,
             target,
-            state,
-            limits,
-            transfers: decision.transfers.clone(),
-            fresh,
-            planned_stored,
-            incremental,
-            resume,
+            run,
+            // Only a stored checkpoint's copy and datasets are sent as planned; a fresh dump's
+            // copy is timed on its own image.
+            transfers: decision
+                .transfers
+                .iter()
+                .filter(|planned| {
+                    planned.payload != automigrate_core::decide::Payload::Checkpoint
+                        || matches!(decision.checkpoint, CheckpointSource::Stored { .. })
+                })
+                .cloned()
+                .collect(),
+            dump_progress: None,
+            in_flight: Vec::new(),
+            transfers_started: 0,
             seq: 0,
             target_reserved: true,
             source_released: false,
             job_on_target: false,
-            timed_out: false,
+            started_fresh_on_target: false,
+            ended: false,
         });
         self.jobs[job].migration = Some(id);
-        if fresh && !self.nodes[source].alive {
-            self.source_lost(id);
-        } else {
-            self.drive(id);
-        }
+        self.advance_migration(id);
     }
 
-    /// Schedules the completion of the step the state machine asks for now.
-    pub(super) fn drive(&mut self, id: usize) {
-        self.stats.migration_steps += 1;
-        let step = migration::step(&self.migrations[id].state);
-        let phase = self.migrations[id].state.phase;
-        let job = self.migrations[id].job;
-        let (source, target) = (self.migrations[id].source, self.migrations[id].target);
-        let class_memory = self.class(job).memory_image.0;
-        let dirty = self.class(job).dirty_fraction;
-        let duration = match step {
-            Step::SyncData if phase == Phase::Pending => 0,
-            Step::SyncData => {
-                // Dataset (and, for a dead source, the stored checkpoint) while the source runs.
-                let transfers = self.migrations[id].transfers.clone();
-                let (fresh, planned_stored) = (
-                    self.migrations[id].fresh,
-                    self.migrations[id].planned_stored,
-                );
-                let mut total = 0;
-                for transfer in &transfers {
-                    let is_checkpoint =
-                        transfer.payload == automigrate_core::decide::Payload::Checkpoint;
-                    // A planned checkpoint copy is the fresh dump's (sent later, in
-                    // Transferring) unless the engine planned it from a stored copy.
-                    if is_checkpoint && !planned_stored {
-                        continue;
-                    }
-                    total += self.planned_transfer_time(transfer);
-                    self.metrics.bytes_recovery += transfer.bytes.0;
-                }
-                if !fresh && !planned_stored {
-                    total += self.stored_checkpoint_copy(id);
-                }
-                total
-            }
-            Step::Checkpoint => {
-                // The final stop-and-dump: the job stops making progress here.
-                self.stop(job);
-                self.migrations[id].resume = Some(self.jobs[job].progress);
-                let bytes = if self.migrations[id].incremental {
-                    (class_memory as f64 * dirty) as u64
-                } else {
-                    class_memory
-                };
-                // The job stays stopped while the archive is sealed, until it can be sent.
-                ms(self.scenario.criu.final_dump_time(bytes))
-            }
-            Step::TransferCheckpoint => {
-                if self.migrations[id].fresh {
-                    let bytes = if self.migrations[id].incremental {
-                        (class_memory as f64 * dirty) as u64
-                    } else {
-                        class_memory
-                    };
-                    self.metrics.bytes_recovery += bytes;
-                    self.transfer_time_bytes(source, target, bytes)
-                } else {
-                    self.stored_checkpoint_copy(id)
-                }
-            }
-            Step::Fence { source_alive } => {
-                if source_alive {
-                    ms(self.scenario.settings.stop_source)
-                } else {
-                    0
-                }
-            }
-            Step::Restore => ms(self.scenario.criu.restore_time(class_memory)),
-            Step::Verify => ms(self.scenario.settings.verify),
-            Step::RollBack { action, .. } => {
-                ms(self.scenario.settings.stop_source)
-                    + match action {
-                        RollbackAction::KeepSource => 0,
-                        RollbackAction::RestoreOnSource => {
-                            ms(self.scenario.criu.restore_time(class_memory))
-                        }
-                        RollbackAction::RestartFresh => ms(self
-                            .scenario
-                            .criu
-                            .fresh_start_time(self.class(job).container_image.0)),
-                    }
-            }
-            Step::Done => {
-                self.end_migration(id);
-                return;
-            }
-        };
-        // A step that would outlast its phase's deadline fails at the deadline instead.
-        let deadline = self.migrations[id].limits.deadline(phase).map(ms);
-        let seq = self.migrations[id].seq + 1;
-        self.migrations[id].seq = seq;
-        let timed_out = deadline.is_some_and(|limit| duration > limit)
-            && !matches!(step, Step::RollBack { .. });
-        self.migrations[id].timed_out = timed_out;
-        let at = match deadline {
-            Some(limit) if timed_out => self.now + limit,
-            _ => self.now + duration,
-        };
-        self.schedule(at, Event::MigrationStep { migration: id, seq });
-    }
-
-    /// Copies the newest surviving stored checkpoint to the target; the resume point follows.
-    pub(super) fn stored_checkpoint_copy(&mut self, id: usize) -> Ms {
-        let job = self.migrations[id].job;
-        let target = self.migrations[id].target;
-        let holder = self.jobs[job].checkpoint.as_ref().and_then(|checkpoint| {
-            checkpoint
-                .held_on
-                .iter()
-                .copied()
-                .filter(|&node| self.nodes[node].alive)
-                .min_by_key(|&node| (ms(self.link(node, target).rtt), node))
-                .map(|node| (node, checkpoint.size, checkpoint.progress))
-        });
-        match holder {
-            Some((node, size, progress)) => {
-                self.migrations[id].resume = Some(progress);
-                if node == target {
-                    0
-                } else {
-                    self.metrics.bytes_recovery += size;
-                    self.transfer_time_bytes(node, target, size)
-                }
-            }
-            None => {
-                self.migrations[id].resume = Some(0);
-                0
-            }
-        }
-    }
-
-    pub(super) fn complete_step(&mut self, id: usize) {
-        let phase = self.migrations[id].state.phase;
-        let job = self.migrations[id].job;
-        if std::mem::take(&mut self.migrations[id].timed_out)
-            && let Some(event) = migration::timeout(
-                &self.migrations[id].state,
-                &self.migrations[id].limits,
-                timestamp(self.now),
-            )
-        {
-            self.apply_event(id, &event);
-            return;
-        }
-        match phase {
-            Phase::Fencing if !self.migrations[id].source_released => {
-                let requests = self.requests(job);
-                let source = self.migrations[id].source;
-                self.release(source, requests);
-                self.migrations[id].source_released = true;
-                if matches!(self.jobs[job].state, JobState::Running { .. }) {
-                    // Fencing a source that still runs (a dead source never gets here
-                    // running): stop it so two copies never run.
-                    self.stop(job);
-                }
-            }
-            Phase::Restoring => {
-                let target = self.migrations[id].target;
-                let source = self.migrations[id].source;
-                self.unbind(job, source);
-                self.bind(job, target);
-                self.migrations[id].job_on_target = true;
-                let resume = self.migrations[id].resume.unwrap_or(0);
-                self.resume(job, target, resume);
-            }
-            _ => {}
-        }
-        let checkpoint_id = (phase == Phase::Checkpointing).then(|| format!("mig-{id}"));
-        self.apply_event(id, &migration::Event::StepSucceeded { checkpoint_id });
-    }
-
-    pub(super) fn apply_event(&mut self, id: usize, event: &migration::Event) {
-        let now = timestamp(self.now);
-        let next = migration::apply(
-            &self.migrations[id].state,
-            event,
-            &self.migrations[id].limits,
-            now,
-        );
-        match next {
-            Ok(state) => {
-                self.migrations[id].state = state;
-                self.drive(id);
-            }
-            Err(_) => {
-                // The machine refused the event: the migration is over as far as it goes.
-                self.end_migration(id);
-            }
-        }
-    }
-
-    pub(super) fn source_lost(&mut self, id: usize) {
-        let job = self.migrations[id].job;
-        let phase = self.migrations[id].state.phase;
-        match phase {
-            Phase::Pending | Phase::Syncing | Phase::Checkpointing => {
-                self.stop(job);
-                self.migrations[id].fresh = false;
-                self.migrations[id].incremental = false;
-                let seq = self.migrations[id].seq + 1;
-                self.migrations[id].seq = seq;
-                self.apply_event(id, &migration::Event::SourceLost);
-            }
-            Phase::Transferring if self.migrations[id].fresh => {
-                // The dump lies on the dead source and never arrives.
-                let lost = migration::apply(
-                    &self.migrations[id].state,
-                    &migration::Event::SourceLost,
-                    &self.migrations[id].limits,
-                    timestamp(self.now),
-                );
-                if let Ok(state) = lost {
-                    self.migrations[id].state = state;
-                }
-                self.apply_event(
-                    id,
-                    &migration::Event::StepFailed {
-                        reason: "source node failed during the transfer".into(),
-                        retryable: false,
-                    },
-                );
-            }
-            _ => {}
-        }
-    }
-
-    pub(super) fn target_lost(&mut self, id: usize) {
-        let phase = self.migrations[id].state.phase;
-        if phase == Phase::Verifying {
-            // The replacement already runs on the target; the migration is done and the job
-            // fails with its new node like any running job.
-            self.apply_event(
-                id,
-                &migration::Event::StepSucceeded {
-                    checkpoint_id: None,
-                },
-            );
-            return;
-        }
-        self.apply_event(
-            id,
-            &migration::Event::StepFailed {
-                reason: "target node failed".into(),
-                retryable: false,
-            },
-        );
-    }
-
-    pub(super) fn abandon_migration(&mut self, id: usize, reason: &str) {
-        if self.migrations[id].state.phase.is_terminal() {
-            return;
-        }
+    pub(super) fn next_seq(&mut self, id: usize) -> u64 {
         self.migrations[id].seq += 1;
-        let cancelled = migration::apply(
-            &self.migrations[id].state,
-            &migration::Event::Cancel {
-                reason: reason.to_string(),
-            },
-            &self.migrations[id].limits,
-            timestamp(self.now),
-        );
-        if let Ok(state) = cancelled {
-            self.migrations[id].state = state;
+        self.migrations[id].seq
+    }
+
+    /// Wakes the driver at the first time what it waits on may have changed: an effect in
+    /// flight completing, a retry's backoff, the phase deadline, and for a node that is down
+    /// its Ready condition, its Lease timeout and its fencing time running out.
+    pub(super) fn schedule_wake(&mut self, id: usize) {
+        let migration = &self.migrations[id];
+        let state = &migration.run.state;
+        let mut times: Vec<Ms> = migration.in_flight.iter().map(|f| f.done_at).collect();
+        times.extend(state.retry_at.map(sim_time));
+        if let Some(limit) = migration.run.limits.deadline(state.phase) {
+            times.push(sim_time(state.phase_started_at) + ms(limit));
         }
+        let lease_timeout = migration.run.lease_timeout;
+        for node in [migration.source, migration.target] {
+            if !self.nodes[node].alive {
+                let renewed = self.lease_renewed(node);
+                times.push(renewed + ms(self.policy.kubernetes.node_monitor_grace));
+                times.push(renewed + ms(lease_timeout));
+                times.push(renewed + ms(DeadNodeFencing::default().dead_after(lease_timeout)));
+            }
+        }
+        let now = self.now;
+        if let Some(at) = times.into_iter().filter(|&at| at > now).min() {
+            let seq = self.next_seq(id);
+            self.schedule(at, Event::MigrationStep { migration: id, seq });
+        }
+    }
+
+    /// Drops the migration without the driver: its job finished, so there is nothing to move.
+    pub(super) fn abandon_migration(&mut self, id: usize) {
+        if self.migrations[id].ended {
+            return;
+        }
+        self.migrations[id].ended = true;
+        self.migrations[id].seq += 1;
+        self.migrations[id].in_flight = Vec::new();
+        self.migrations[id].transfers = Vec::new();
         self.release_target(id);
         let job = self.migrations[id].job;
         self.jobs[job].migration = None;
@@ -362,32 +133,49 @@ impl Simulation<'_> {
         }
     }
 
+    /// What the end of a migration means for its job, read from the simulated world (not
+    /// from the phase): the workload runs on the target from a checkpoint (a migration), from
+    /// the beginning (a restart), or not there at all (a failed migration: the job runs where
+    /// the rollback left it, or comes back on its node, or waits for recovery).
     pub(super) fn end_migration(&mut self, id: usize) {
-        let job = self.migrations[id].job;
+        let migration = &mut self.migrations[id];
+        migration.ended = true;
         // The plans hold every work unit; a year of migrations would otherwise keep gigabytes.
-        self.migrations[id].transfers = Vec::new();
+        migration.transfers = Vec::new();
+        migration.in_flight = Vec::new();
+        let job = migration.job;
         if self.jobs[job].migration != Some(id) {
             return;
         }
         self.jobs[job].migration = None;
-        let phase = self.migrations[id].state.phase;
-        let source = self.migrations[id].source;
-        let target = self.migrations[id].target;
-        if phase == Phase::Succeeded && self.migrations[id].job_on_target {
+        let (source, target) = (self.migrations[id].source, self.migrations[id].target);
+        let on_target = self.migrations[id].job_on_target;
+        let runs_on_target = on_target
+            && matches!(self.jobs[job].state, JobState::Running { node, .. } if node == target);
+        if runs_on_target {
+            self.jobs[job].last_migration = Some((self.now, self.migrations[id].run.state.phase));
+            if self.migrations[id].started_fresh_on_target {
+                // No checkpoint survived, or the rollback restarted it: training starts over.
+                self.jobs[job].restarts += 1;
+                if self.migrations[id].run.state.rollback.is_some() {
+                    self.metrics.failed_migrations += 1;
+                }
+                return;
+            }
             self.jobs[job].migrations += 1;
-            self.jobs[job].last_migration_end = Some(self.now);
             self.metrics.migrations += 1;
-            if let Some(resume) = self.migrations[id].resume
-                && self.migrations[id].fresh
+            let dump = format!("mig-{id}");
+            if let Some(progress) = self.migrations[id].dump_progress
+                && self.migrations[id].run.state.checkpoint_id.as_deref() == Some(dump.as_str())
             {
                 // The migration's dump is a checkpoint the target and the source both hold.
                 let mut held_on = vec![target];
                 if self.nodes[source].alive {
                     held_on.push(source);
                 }
-                self.jobs[job].checkpoint = Some(StoredCheckpoint {
-                    id: format!("mig-{id}"),
-                    progress: resume,
+                self.jobs[job].checkpoint = Some(SimCheckpointCopy {
+                    id: dump,
+                    progress,
                     taken_at: self.now,
                     size: self.class(job).memory_image.0,
                     freeze: self.jobs[job]
@@ -401,28 +189,26 @@ impl Simulation<'_> {
         }
         self.metrics.failed_migrations += 1;
         self.release_target(id);
-        if self.migrations[id].job_on_target {
-            return;
-        }
-        if self.migrations[id].source_released {
+        let home = if on_target { target } else { source };
+        if !on_target && self.migrations[id].source_released {
             let requests = self.requests(job);
             self.reserve(source, requests);
             self.migrations[id].source_released = false;
         }
         match self.jobs[job].state {
             JobState::Running { .. } => {}
-            _ if self.nodes[source].alive => {
-                // Rolled back (or given up) with the source alive: the workload comes back
-                // where it was, from the state it stopped at.
+            _ if self.nodes[home].alive => {
+                // Given up with its node alive: the workload comes back where it was, from
+                // the state it stopped at.
                 let progress = self.jobs[job].progress;
-                self.resume(job, source, progress);
+                self.resume(job, home, progress);
             }
             _ => {
-                self.jobs[job].state = JobState::Down { node: source };
+                self.jobs[job].state = JobState::Down { node: home };
                 if self.policy.recovery.waits_for_eviction() {
-                    self.schedule(self.now, Event::Eviction(source));
+                    self.schedule(self.now, Event::Eviction(home));
                 } else {
-                    self.schedule(self.now + SECOND, Event::FailureCheck(source));
+                    self.schedule(self.now + SECOND, Event::FailureCheck(home));
                 }
             }
         }

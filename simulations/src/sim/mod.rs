@@ -17,10 +17,11 @@
 //! than asked for) is thrown away and re-run on the full snapshot.
 //!
 //! What the engine decides, the simulator carries out: checkpoints freeze the job for the CRIU
-//! dump time and are copied to the standby the engine chose; migrations run through the engine's
-//! migration state machine ([`migration::step`] / [`migration::apply`]), each step taking the
-//! time the models give it (transfers by [`crate::network::run_plan`] on the engine's own
-//! transfer plans). Recovery behaviour the engine does not own, Kubernetes' eviction and restart
+//! dump time and are copied to the standby the engine chose; migrations are carried out by the
+//! controller's own migration driver (`automigrate_core::driver`, every rule of it) through the
+//! simulator's implementation of the driver's port ([`port`]), each effect taking the time the
+//! cost model gives it (transfers by [`crate::network::run_plan`] on the engine's own transfer
+//! plans). Recovery behaviour the engine does not own, Kubernetes' eviction and restart
 //! and the SpeCon-like speculative moves, is modelled here and asks the engine where to place.
 //!
 //! Files. The leaf modules hold the shared types and import nothing from their siblings except
@@ -32,7 +33,8 @@
 //! repairs, degradation, detection), [`jobs`] (placing, running, stopping, finishing),
 //! [`snapshot`] (what the engine sees), [`passes`] (decision passes and carrying out their
 //! decisions), [`checkpoints`], [`transfers`], [`restarts`] (Kubernetes' own recovery),
-//! [`migrations`] (through the engine's state machine), [`users`] (users and SpeCon), and
+//! [`migrations`] (starting migrations, scheduling the driver's wake-ups, settling their end),
+//! [`port`] (the driver's port on the cost model, and running the driver), [`users`] (users and SpeCon), and
 //! [`summary`] (audit and results).
 
 mod checkpoints;
@@ -42,6 +44,7 @@ mod failures;
 mod jobs;
 mod migrations;
 mod passes;
+mod port;
 mod restarts;
 mod results;
 mod setup;

@@ -49,6 +49,7 @@ impl<'a> Simulation<'a> {
                 cell: cell_of(index),
                 heartbeat_phase: (index as u64).wrapping_mul(7919) % heartbeat,
                 failed_at: None,
+                out_of_service: false,
                 warning_since: None,
                 warning_real: false,
                 jobs: BTreeSet::new(),
@@ -96,6 +97,7 @@ impl<'a> Simulation<'a> {
                     rtt: link.rtt,
                     bandwidth: Some(BitRate(cluster.bandwidth.0)),
                     loss: cluster.loss,
+                    answering: None,
                 });
             }
         }
@@ -172,7 +174,7 @@ impl<'a> Simulation<'a> {
                 checkpoint_seq: 0,
                 interval: None,
                 migration: None,
-                last_migration_end: None,
+                last_migration: None,
                 evictable_at: None,
                 user,
                 specon_at: specon_fraction.map(|fraction| (work as f64 * fraction) as Ms),

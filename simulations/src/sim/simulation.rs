@@ -106,10 +106,8 @@ impl Simulation<'_> {
             Event::CheckpointDone { job, seq } => self.checkpoint_done(job, seq),
             Event::ReplicaDone { job, seq } => self.replica_done(job, seq),
             Event::MigrationStep { migration, seq } => {
-                if self.migrations[migration].seq == seq
-                    && !self.migrations[migration].state.phase.is_terminal()
-                {
-                    self.complete_step(migration);
+                if self.migrations[migration].seq == seq {
+                    self.advance_migration(migration);
                 }
             }
             Event::RestartReady { job, epoch } => {

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use automigrate_core::annotations;
-use automigrate_core::migration::Phase;
 use automigrate_core::model::{
     CheckpointInfo, ConditionStatus, MigrationRecord, PodRef, ProtectedPod, UserObservation,
 };
@@ -98,16 +97,16 @@ impl Simulation<'_> {
             let migration = &self.migrations[migration];
             return Some(MigrationRecord {
                 pod: PodRef::new(NAMESPACE, job_name(job)),
-                phase: migration.state.phase,
+                phase: migration.run.state.phase,
                 source: node_name(migration.source),
                 target: Some(node_name(migration.target)),
-                started_at: migration.state.started_at,
+                started_at: migration.run.state.started_at,
                 finished_at: None,
             });
         }
-        state.last_migration_end.map(|end| MigrationRecord {
+        state.last_migration.map(|(end, phase)| MigrationRecord {
             pod: PodRef::new(NAMESPACE, job_name(job)),
-            phase: Phase::Succeeded,
+            phase,
             source: String::new(),
             target: None,
             started_at: timestamp(end),

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use automigrate_core::decide::PlannedTransfer;
-use automigrate_core::migration::{Limits, MigrationState};
+use automigrate_core::driver::{Role, Run};
+use automigrate_core::migration::Phase;
 use automigrate_core::model::Resources;
 
 use crate::network::Link;
@@ -65,8 +66,10 @@ pub(super) enum JobState {
     Finished,
 }
 
+/// The newest stored checkpoint of a job and every node that holds a copy of it (the
+/// simulator keeps one per job: a newer one replaces it).
 #[derive(Debug, Clone)]
-pub(super) struct StoredCheckpoint {
+pub(super) struct SimCheckpointCopy {
     pub(super) id: String,
     pub(super) progress: Ms,
     pub(super) taken_at: Ms,
@@ -99,13 +102,15 @@ pub(super) struct Job {
     /// Bumped whenever the job stops or restarts, so stale events are ignored.
     pub(super) epoch: u64,
     pub(super) stopped_at: Option<Ms>,
-    pub(super) checkpoint: Option<StoredCheckpoint>,
+    pub(super) checkpoint: Option<SimCheckpointCopy>,
     pub(super) pending: Option<PendingCheckpoint>,
     pub(super) checkpoint_seq: u64,
     /// The interval the engine last gave for this job's checkpoints.
     pub(super) interval: Option<Ms>,
     pub(super) migration: Option<usize>,
-    pub(super) last_migration_end: Option<Ms>,
+    /// When the job's last migration ended with the workload on its target, and the phase it
+    /// ended in (what the engine reads of it).
+    pub(super) last_migration: Option<(Ms, Phase)>,
     /// Kubernetes may evict the job's pod from its failed node from this time on.
     pub(super) evictable_at: Option<Ms>,
     pub(super) user: Option<usize>,
@@ -129,6 +134,9 @@ pub(super) struct SimNode {
     pub(super) cell: usize,
     pub(super) heartbeat_phase: Ms,
     pub(super) failed_at: Option<Ms>,
+    /// Marked out of service by a migration's fencing (Kubernetes' taint): its pods cannot
+    /// run again. Cleared when the node is repaired.
+    pub(super) out_of_service: bool,
     pub(super) warning_since: Option<Ms>,
     pub(super) warning_real: bool,
     pub(super) jobs: BTreeSet<usize>,
@@ -147,27 +155,53 @@ pub(super) struct SimUser {
     pub(super) stream: Stream,
 }
 
+/// One migration the core driver carries out: the run it persists, and what the simulator's
+/// port ([`super::port`]) needs to time and apply its effects.
 #[derive(Debug, Clone)]
 pub(super) struct SimMigration {
     pub(super) job: usize,
     pub(super) source: usize,
     pub(super) target: usize,
-    pub(super) state: MigrationState,
-    pub(super) limits: Limits,
+    /// The driver's persisted state of the migration.
+    pub(super) run: Run,
+    /// The engine's transfer plans, timed on the true links when the driver starts them.
     pub(super) transfers: Vec<PlannedTransfer>,
-    /// A fresh dump of the live source is (or will be) the state to resume from.
-    pub(super) fresh: bool,
-    /// The engine planned the copy of a stored checkpoint (its source had already failed).
-    pub(super) planned_stored: bool,
-    pub(super) incremental: bool,
-    /// Progress the replacement resumes from, once known.
-    pub(super) resume: Option<Ms>,
+    /// Progress the migration's final dump holds, once it was taken.
+    pub(super) dump_progress: Option<Ms>,
+    /// Effects in progress: each completes at its time on the cost model.
+    pub(super) in_flight: Vec<InFlight>,
+    /// Transfers started so far (names the next one's id).
+    pub(super) transfers_started: u64,
+    /// Bumped whenever the migration is woken, so stale wake-ups are ignored.
     pub(super) seq: u64,
     pub(super) target_reserved: bool,
     pub(super) source_released: bool,
+    /// The job is bound to the target (its replacement was started there).
     pub(super) job_on_target: bool,
-    /// The step in flight would outlast its phase's deadline: its completion is a timeout.
-    pub(super) timed_out: bool,
+    /// The replacement on the target was started with no checkpoint (training starts over).
+    pub(super) started_fresh_on_target: bool,
+    /// The driver ended it, or the simulator dropped it (its job finished).
+    pub(super) ended: bool,
+}
+
+/// An effect of the driver's port that takes time on the cost model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Effect {
+    FinalDump,
+    StopSource,
+    Start { node: usize, role: Role },
+    CheckReplacement,
+    StopReplacement,
+    Transfer(String),
+}
+
+/// One effect in progress and when it completes.
+#[derive(Debug, Clone)]
+pub(super) struct InFlight {
+    pub(super) effect: Effect,
+    pub(super) done_at: Ms,
+    /// What a transfer moves.
+    pub(super) bytes: u64,
 }
 
 /// Where copies of one dataset are: its origin replicas, and the nodes whose running pods
