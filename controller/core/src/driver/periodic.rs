@@ -112,7 +112,7 @@ pub enum Refusal {
 /// The next thing to do for a periodic checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeriodicStep {
-    /// Take the checkpoint on `node`, the pod running on; then [`Periodic::taken`].
+    /// Take the checkpoint on `node`, the node the pod runs on; then [`Periodic::taken`].
     Take { node: NodeName },
     /// Record `info` as the pod's checkpoint; then [`Periodic::recorded`].
     Record(CheckpointInfo),
@@ -138,7 +138,10 @@ pub struct Checkpointed {
     pub replica_failures: Vec<(NodeName, String)>,
 }
 
-/// One periodic checkpoint being carried out: the rules above as a small state machine.
+/// One periodic checkpoint being carried out: the rules above as a small state machine. A
+/// driver asks [`Periodic::next`], carries the step out, and answers with [`Periodic::taken`],
+/// [`Periodic::recorded`] or [`Periodic::replicated`]; a take or a record that failed ends the
+/// job (drop it: nothing more is to be done).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Periodic {
     node: NodeName,

@@ -286,6 +286,63 @@ fn answers_out_of_turn_change_nothing() {
     );
 }
 
+/// A driver in virtual time (the simulator) steps the machine itself, between its own timed
+/// events: the same steps as `carry_out`, and the same account.
+#[test]
+fn stepping_by_hand_gives_what_carry_out_does() {
+    let record = info("old", &[NODE, "s1"]);
+    let list = standbys(&["s1", "s2", "s3"]);
+    let mut world = World::with_record(Some(record.clone()));
+    world.refuse_copies_to.insert("s2".into());
+    let through_port = world.run(&list).unwrap();
+
+    let pod = PodNow {
+        running: true,
+        recorded: Some(&record),
+    };
+    let mut periodic = Periodic::start(NODE, &list, Some(pod)).unwrap();
+    let mut steps = Vec::new();
+    let done = loop {
+        let step = periodic.next();
+        steps.push(step.clone());
+        match step {
+            PeriodicStep::Take { node } => {
+                assert_eq!(node, NODE);
+                periodic.taken(info("new", &[]));
+            }
+            PeriodicStep::Record(_) => periodic.recorded(),
+            PeriodicStep::Replicate { to, .. } if to == "s2" => {
+                periodic.replicated(Err("s2 refused the copy".into()))
+            }
+            PeriodicStep::Replicate { .. } => periodic.replicated(Ok(())),
+            PeriodicStep::Done(done) => break done,
+        }
+    };
+    assert_eq!(done, through_port);
+    let effects: Vec<Effect> = steps
+        .iter()
+        .filter_map(|step| match step {
+            PeriodicStep::Take { node } => Some(Effect::Take(node.clone())),
+            PeriodicStep::Record(info) => Some(Effect::Record {
+                id: info.id.clone(),
+                held_on: info.held_on.clone(),
+            }),
+            PeriodicStep::Replicate {
+                from,
+                checkpoint,
+                to,
+            } => Some(Effect::Replicate {
+                from: from.clone(),
+                id: checkpoint.clone(),
+                to: to.clone(),
+            }),
+            PeriodicStep::Done(_) => None,
+        })
+        .collect();
+    assert_eq!(effects, world.effects);
+    assert_eq!(done.info.held_on, [NODE, "s1", "s3"]);
+}
+
 #[test]
 fn a_pod_is_due_once_its_checkpoint_is_interval_old() {
     let interval = Duration::from_secs(60);
