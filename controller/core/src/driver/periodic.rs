@@ -30,7 +30,9 @@
 //! - **Failures**: a failed take ends the job with nothing recorded (the pod stays due and
 //!   the engine asks again on its next pass). A failed replica is noted and the next standby
 //!   is tried; if none lands and the recorded checkpoint survives the node, the record keeps
-//!   it. A failed record ends the job (the checkpoint stays in the node's store, where a
+//!   it. Either way the pod stays due, and the engine asks again on its next pass: there is no
+//!   backoff yet, so a standby that keeps refusing copies (a full disk) costs the pod a dump
+//!   every pass until the engine picks another standby. A failed record ends the job (the checkpoint stays in the node's store, where a
 //!   dead-node migration's inventory still finds it).
 //! - **Retention** is not the driver's: each node's store keeps the newest
 //!   `retention.count` checkpoints of a pod within its byte budget, and the parents they need
