@@ -146,6 +146,13 @@ pub struct PeerLatency {
     pub rtt: Duration,
     /// Fraction of probes in the window that failed, 0.0 ..= 1.0.
     pub loss: f64,
+    /// Whether the peer answers now: one of its last two probes was answered, and the prober
+    /// is current. `None` (absent): unknown, or an agent from before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answering: Option<bool>,
+    /// Probes lost in a row since the peer last answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<u32>,
 }
 
 /// The body of every non-2xx answer.
@@ -434,6 +441,8 @@ mod tests {
             node: "b".into(),
             rtt: Duration::from_micros(1_250),
             loss: 0.0,
+            answering: None,
+            missed: None,
         };
         let json = serde_json::to_value(&latency).unwrap();
         assert_eq!(

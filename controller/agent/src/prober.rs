@@ -9,6 +9,8 @@
 //! used to flood. The [`Prober`] sends one probe per peer per interval and waits up to
 //! `timeout` for its echo (late or foreign answers are ignored). Per peer it keeps the last
 //! `window` outcomes: RTT is the median of the answered ones, loss the fraction unanswered.
+//! Apart from that window it says whether the peer answers *now* ([`ANSWERING_PROBES`]): the
+//! controller's peer-confirmed failure detection needs that, not a 20-probe average.
 //! UDP rather than a TCP connect measures loss directly (a lost SYN shows up as a 1 s
 //! retransmit, not as loss) and costs the peer no TLS handshake.
 //!
@@ -207,9 +209,18 @@ impl Default for ProbeOptions {
     }
 }
 
+/// A peer answers now when one of its last this many probes was answered: one lost UDP
+/// datagram does not make a healthy peer look gone.
+pub const ANSWERING_PROBES: u32 = 2;
+
 #[derive(Debug, Default)]
 struct PeerWindow {
     samples: VecDeque<Option<Duration>>,
+    /// Probes lost in a row since the last answer (or since probing began).
+    missed: u32,
+    /// When the last outcome (answer or loss) was recorded, and how long after it the
+    /// outcomes stop speaking for "now" (the prober stalled or the peer left the list).
+    last_outcome: Option<(Instant, Duration)>,
 }
 
 impl PeerWindow {
@@ -218,6 +229,17 @@ impl PeerWindow {
         while self.samples.len() > window.max(1) {
             self.samples.pop_front();
         }
+        self.missed = match sample {
+            Some(_) => 0,
+            None => self.missed.saturating_add(1),
+        };
+    }
+
+    /// Whether the peer answers now: one of its last [`ANSWERING_PROBES`] probes was
+    /// answered, and the last outcome is recent. `None`: no recent outcome to say.
+    fn answering(&self, now: Instant) -> Option<bool> {
+        let (at, fresh_for) = self.last_outcome?;
+        (now.saturating_duration_since(at) <= fresh_for).then_some(self.missed < ANSWERING_PROBES)
     }
 
     fn latency(&self, node: &str) -> PeerLatency {
@@ -238,6 +260,15 @@ impl PeerWindow {
             node: node.to_string(),
             rtt,
             loss: lost / total,
+            answering: None,
+            missed: Some(self.missed),
+        }
+    }
+
+    fn latency_at(&self, node: &str, now: Instant) -> PeerLatency {
+        PeerLatency {
+            answering: self.answering(now),
+            ..self.latency(node)
         }
     }
 }
@@ -255,16 +286,25 @@ impl Latencies {
                 peers
                     .iter()
                     .filter(|(_, window)| !window.samples.is_empty())
-                    .map(|(node, window)| window.latency(node))
+                    .map(|(node, window)| window.latency_at(node, Instant::now()))
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    fn record(&self, node: &str, sample: Option<Duration>, window: usize) -> Option<PeerLatency> {
+    /// Records one probe's outcome; `fresh_for`: how long it speaks for "now" (two probe
+    /// intervals plus the probe timeout).
+    fn record(
+        &self,
+        node: &str,
+        sample: Option<Duration>,
+        window: usize,
+        fresh_for: Duration,
+    ) -> Option<PeerLatency> {
         let mut peers = self.0.lock().ok()?;
         let entry = peers.entry(node.to_string()).or_default();
         entry.push(sample, window);
+        entry.last_outcome = Some((Instant::now(), fresh_for));
         Some(entry.latency(node))
     }
 
@@ -329,9 +369,14 @@ impl Prober {
                 self.metrics
                     .counter(names::PROBES, &[("peer", &peer.node), ("result", result)])
                     .increment(1);
+                let fresh_for = self
+                    .options
+                    .interval
+                    .saturating_mul(2)
+                    .saturating_add(self.options.timeout);
                 if let Some(latency) =
                     self.latencies
-                        .record(&peer.node, sample, self.options.window)
+                        .record(&peer.node, sample, self.options.window, fresh_for)
                 {
                     self.metrics
                         .gauge(names::PEER_RTT, &[("peer", &peer.node)])
@@ -445,6 +490,46 @@ mod tests {
         let latency = window.latency("b");
         assert_eq!(latency.rtt, Duration::from_micros(1500));
         assert_eq!(latency.loss, 0.5);
+    }
+
+    /// A peer that stops answering is "not answering" after two lost probes, although its
+    /// 20-probe window still shows 10 % loss; one answer makes it answering again; outcomes
+    /// older than their freshness say nothing. Fails while the agent reports only the window.
+    #[test]
+    fn answering_follows_the_last_probes_not_the_window() {
+        let latencies = Latencies::default();
+        let fresh = Duration::from_secs(3);
+        for _ in 0..18 {
+            latencies.record("b", Some(Duration::from_millis(1)), 20, fresh);
+        }
+        let answering = |latencies: &Latencies| latencies.snapshot()[0].answering;
+        assert_eq!(answering(&latencies), Some(true));
+        latencies.record("b", None, 20, fresh);
+        assert_eq!(
+            answering(&latencies),
+            Some(true),
+            "one lost probe is not enough"
+        );
+        latencies.record("b", None, 20, fresh);
+        let gone = latencies.snapshot().remove(0);
+        assert_eq!((gone.answering, gone.missed), (Some(false), Some(2)));
+        assert!(gone.loss < 0.2, "the window still looks healthy: {gone:?}");
+        latencies.record("b", Some(Duration::from_millis(1)), 20, fresh);
+        assert_eq!(answering(&latencies), Some(true));
+        // A stale outcome says nothing about now.
+        let mut window = PeerWindow::default();
+        window.push(None, 20);
+        let start = Instant::now();
+        window.last_outcome = Some((start, fresh));
+        assert_eq!(window.answering(start + fresh), Some(true));
+        assert_eq!(
+            window.answering(start + fresh + Duration::from_millis(1)),
+            None
+        );
+        // The wire form: absent fields read as unknown (an older agent).
+        let old: PeerLatency =
+            serde_json::from_str(r#"{"node":"b","rtt":"1ms","loss":0.0}"#).unwrap();
+        assert_eq!((old.answering, old.missed), (None, None));
     }
 
     #[tokio::test]

@@ -307,8 +307,9 @@ impl<'p> PolicyContext<'p> {
                 median_peer_rtt: index.median_peer_rtt.get(node).copied().flatten(),
                 alerts,
                 latency_was_degraded: was,
-                // Not measured yet: the agents report windowed loss, not "answers now".
-                peer_reach: None,
+                // What the peers' agents said last about answers now: an input like the
+                // links, so this pass reads no clock.
+                peer_reach: index.peer_reach.get(node).copied().flatten(),
             };
             let (assessment, tripped) = health::assess(node_ref, signals, self.policy, now);
             *self.assessments.get_mut(node)? = Some(assessment);

@@ -878,3 +878,62 @@ fn dwell_timers_of_pods_missing_from_a_partial_snapshot_are_kept() {
     let (_, memory) = decide(&partial, &set, &memory, t(10));
     assert_eq!(memory.mobility_since.get("ml/train"), Some(&t(0)));
 }
+
+/// The local cluster's timing: Leases renewed every second, a 15 s Lease timeout.
+const FAST_HEARTBEAT: &str = "triggers: {heartbeatInterval: 1s, leaseTimeout: 15s}";
+
+/// Node `a` powered off at t(-3): its last heartbeat is 3 s old (its Ready still reads True,
+/// nobody is left to change it) and `b` and `c`, whose agents probe it, say `answering` as
+/// given; `a`'s own agent last said it reached both.
+fn powered_off(b_answered: bool, c_answered: Option<bool>) -> ClusterSnapshot {
+    let mut snapshot = triangle();
+    snapshot.nodes[0] = NodeBuilder::new("a").heartbeat(t(-3)).build();
+    for link in &mut snapshot.links {
+        link.answering = match (link.from.as_str(), link.to.as_str()) {
+            ("b", "a") => Some(b_answered),
+            ("c", "a") => c_answered,
+            _ => Some(true),
+        };
+    }
+    snapshot
+}
+
+/// A powered-off node whose heartbeat stopped and which no probing peer reaches has its pod
+/// migrated 3 s after its last heartbeat, 12 s before its Lease timeout. Fails while decide
+/// passes no peer reach to the health rule (the node stays healthy until the Lease timeout).
+#[test]
+fn a_node_no_peer_reaches_is_failed_before_its_lease_timeout() {
+    let set = policies(&[("default", FAST_HEARTBEAT)]);
+    let decisions = run(&powered_off(false, Some(false)), &set, t(0));
+    assert_eq!(decisions.migrations.len(), 1, "{decisions:#?}");
+    let migration = &decisions.migrations[0];
+    assert_eq!((migration.from.as_str(), migration.to.as_str()), ("a", "b"));
+    assert_eq!(migration.trigger, Trigger::NodeFailed);
+    assert_eq!(migration.failed_at, Some(t(-3)));
+    assert!(
+        migration
+            .reason
+            .contains("none of the 2 peers probing it reaches it"),
+        "{}",
+        migration.reason
+    );
+}
+
+/// One peer that still gets answers, or only one peer saying anything, keeps the node from
+/// failing before its Lease timeout; nothing moves. Fails if one signal alone condemns it.
+#[test]
+fn one_reaching_or_too_few_probing_peers_keep_the_node() {
+    let set = policies(&[("default", FAST_HEARTBEAT)]);
+    for snapshot in [powered_off(true, Some(false)), powered_off(false, None)] {
+        let decisions = run(&snapshot, &set, t(0));
+        assert!(decisions.migrations.is_empty(), "{decisions:#?}");
+        // At the Lease timeout the node fails anyway.
+        let decisions = run(&snapshot, &set, t(12));
+        assert_eq!(decisions.migrations.len(), 1, "{decisions:#?}");
+    }
+    // Unreachable, but its heartbeat is fresh (a peer partition): only suspect.
+    let mut partitioned = powered_off(false, Some(false));
+    partitioned.nodes[0] = NodeBuilder::new("a").heartbeat(t(0)).build();
+    let decisions = run(&partitioned, &set, t(0));
+    assert!(decisions.migrations.is_empty(), "{decisions:#?}");
+}

@@ -12,8 +12,7 @@
 //!   node when that does not finish in `stopTime`). The controller waits for that to be over:
 //!
 //!   **The safe-time rule.** Let `renewTime` be the node's last heartbeat. The controller treats
-//!   the node as fenced only once its own clock reads at least
-//!   `renewTime + max(leaseTimeout, safe)`, where
+//!   the node as fenced only once its own clock reads at least `renewTime + safe`, where
 //!   `safe = selfFenceAfter + stopTime + clockSkew + margin`:
 //!   - `selfFenceAfter`: the heartbeat age at which the agent starts killing. The agent only
 //!     ever knows heartbeats that were written, so the heartbeat it counts from is never newer
@@ -24,6 +23,13 @@
 //!   - `clockSkew`: how far the node's clock (which wrote `renewTime`, and which its agent
 //!     counts with) and the controller's clock may disagree.
 //!   - `margin`: scheduling delays, a check interval and rounding.
+//!
+//!   Nothing in the rule depends on `leaseTimeout`: that is when the node counts as *failed*
+//!   (so that its migration starts), not when its pods are gone. A node failed sooner, because
+//!   its heartbeat stopped and none of its peers reaches it ([`crate::health`]'s peer-confirmed
+//!   failure), is fenced at `renewTime + safe` too; one failed by its Lease timeout after that
+//!   is fenced at once. (Before, the wait was `max(leaseTimeout, safe)`, which only delayed a
+//!   peer-confirmed failure without making it any safer.)
 //!
 //!   The rule assumes that the agent runs whenever the node's pods do (a DaemonSet pod; with
 //!   the watchdog enabled, a hung or dead agent stops feeding it and the node reboots), that
@@ -123,9 +129,10 @@ impl SelfFenceTiming {
             .saturating_add(self.margin)
     }
 
-    /// The Lease age from which a node counts as fenced: `max(leaseTimeout, safe)`.
-    pub fn fenced_after(&self, lease_timeout: Duration) -> Duration {
-        lease_timeout.max(self.safe_time())
+    /// The Lease age from which a node counts as fenced: the safe time. By then its agent has
+    /// stopped its protected containers, however the node came to count as failed.
+    pub fn fenced_after(&self) -> Duration {
+        self.safe_time()
     }
 
     /// The least `selfFenceAfter` at which a healthy node never fences itself: its heartbeat
@@ -183,22 +190,34 @@ impl SelfFenceTiming {
         Ok(())
     }
 
-    /// Issues with a policy under this timing. A dead node's migration enters the Fencing
-    /// phase no earlier than its last heartbeat and must stay there until the node counts as
-    /// fenced, `max(leaseTimeout, safe)` after that heartbeat: a shorter `fenceTimeout` fails
-    /// every such migration in Fencing and nothing would ever resume.
+    /// Issues with a policy under this timing:
+    /// - A dead node's migration enters the Fencing phase no earlier than its last heartbeat
+    ///   and must stay there until the node counts as fenced, the safe time after that
+    ///   heartbeat: a shorter `fenceTimeout` fails every such migration in Fencing and nothing
+    ///   would ever resume.
+    /// - The policy's `triggers.heartbeatInterval` must not be shorter than the kubelets'
+    ///   renewal period: peer-confirmed failure would then count a healthy node that only its
+    ///   peers lost (a peer partition) as failed between two of its renewals.
     pub fn check_policy(&self, policy: &Policy) -> Vec<PolicyIssue> {
-        let needed = self.fenced_after(policy.triggers.lease_timeout);
+        let needed = self.fenced_after();
         let mut issues = Vec::new();
         if policy.restore.fence_timeout <= needed {
             issues.push(PolicyIssue {
                 path: "restore.fenceTimeout".into(),
                 reason: format!(
-                    "{} is not above {} (max of triggers.leaseTimeout {} and the self-fencing safe time {}): a dead node counts as fenced only that long after its last heartbeat, so its migrations would time out in Fencing",
+                    "{} is not above {} (the self-fencing safe time): a dead node counts as fenced only that long after its last heartbeat, so its migrations would time out in Fencing",
                     format_duration(policy.restore.fence_timeout),
                     format_duration(needed),
-                    format_duration(policy.triggers.lease_timeout),
-                    format_duration(self.safe_time())
+                ),
+            });
+        }
+        if policy.triggers.heartbeat_interval < self.heartbeat_interval {
+            issues.push(PolicyIssue {
+                path: "triggers.heartbeatInterval".into(),
+                reason: format!(
+                    "{} is below the kubelets' renewal period {} (--heartbeat-interval): a healthy node that only its peers lost would count as failed between two renewals",
+                    format_duration(policy.triggers.heartbeat_interval),
+                    format_duration(self.heartbeat_interval),
                 ),
             });
         }
@@ -224,10 +243,11 @@ impl Default for FencingMode {
 }
 
 impl FencingMode {
-    /// The Lease age from which a node counts as dead in this mode.
+    /// The Lease age from which a node counts as dead in this mode: the safe time when nodes
+    /// fence themselves, the Lease timeout otherwise.
     pub fn dead_after(&self, lease_timeout: Duration) -> Duration {
         match self {
-            Self::SelfFence(timing) => timing.fenced_after(lease_timeout),
+            Self::SelfFence(timing) => timing.fenced_after(),
             Self::Taint | Self::Administrator => lease_timeout,
         }
     }
@@ -263,8 +283,8 @@ pub fn dead_node(
     let needed = mode.dead_after(lease_timeout);
     if age < needed {
         let why = match mode {
-            FencingMode::SelfFence(timing) if timing.safe_time() > lease_timeout => format!(
-                "node {node} renewed its Lease {} ago: waiting until {} after it (self-fence safe time: {} self-fence-after + {} stop + {} clock skew + {} margin) before treating it as fenced",
+            FencingMode::SelfFence(timing) => format!(
+                "node {node} renewed its Lease {} ago: it may be partitioned, not dead; waiting until {} after it (self-fence safe time: {} self-fence-after + {} stop + {} clock skew + {} margin) before treating it as fenced",
                 format_duration(age),
                 format_duration(needed),
                 format_duration(timing.self_fence_after),
@@ -284,7 +304,7 @@ pub fn dead_node(
         FencingMode::SelfFence(timing) => DeadNode::Fenced(format!(
             "Lease not renewed for {} (at least {}, the self-fence safe time after its agent's deadline): its agent has stopped its protected containers",
             format_duration(age),
-            format_duration(timing.fenced_after(lease_timeout))
+            format_duration(timing.fenced_after())
         )),
         FencingMode::Taint => DeadNode::Fenced(format!(
             "Lease not renewed for over {}",
@@ -321,9 +341,7 @@ mod tests {
     fn safe_time_is_the_sum_of_its_parts() {
         assert_eq!(timing().safe_time(), 8 * SECOND);
         assert_eq!(SelfFenceTiming::default().safe_time(), 25 * SECOND);
-        // The longer of the Lease timeout and the safe time.
-        assert_eq!(timing().fenced_after(30 * SECOND), 30 * SECOND);
-        assert_eq!(timing().fenced_after(5 * SECOND), 8 * SECOND);
+        assert_eq!(timing().fenced_after(), 8 * SECOND);
     }
 
     #[test]
@@ -358,9 +376,9 @@ mod tests {
                 "{second}: {verdict:?}"
             );
         }
-        // A longer Lease timeout wins.
-        let verdict = dead_node(&mode, "n", 20 * SECOND, Some(at(0)), at(19));
-        assert!(matches!(verdict, DeadNode::Wait(_)), "{verdict:?}");
+        // A longer Lease timeout does not delay it: the safe time alone says the agent is done.
+        let verdict = dead_node(&mode, "n", 20 * SECOND, Some(at(0)), at(8));
+        assert!(matches!(verdict, DeadNode::Fenced(_)), "{verdict:?}");
         // The reason names the parts.
         let DeadNode::Wait(reason) = dead_node(&mode, "n", lease_timeout, Some(at(0)), at(7))
         else {
@@ -522,8 +540,23 @@ mod tests {
         assert!(issues[0].reason.contains("1m 10s"), "{}", issues[0]);
         policy.restore.fence_timeout = 71 * SECOND;
         assert!(timing.check_policy(&policy).is_empty());
-        // The Lease timeout counts when it is the longer one.
+        // The Lease timeout does not count: a node is fenced the safe time after its last
+        // heartbeat however long the Lease timeout is.
         policy.triggers.lease_timeout = 100 * SECOND;
-        assert_eq!(timing.check_policy(&policy).len(), 1);
+        assert!(timing.check_policy(&policy).is_empty());
+    }
+
+    /// A policy that assumes faster Lease renewals than the kubelets make would fail a node
+    /// that only its peers lost between two renewals. Fails if check_policy lets it through.
+    #[test]
+    fn a_heartbeat_interval_below_the_kubelets_is_refused() {
+        let mut policy = Policy::default();
+        let timing = SelfFenceTiming::default(); // 10 s renewals
+        policy.triggers.heartbeat_interval = 9 * SECOND;
+        let issues = timing.check_policy(&policy);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].path, "triggers.heartbeatInterval");
+        policy.triggers.heartbeat_interval = 10 * SECOND;
+        assert!(timing.check_policy(&policy).is_empty());
     }
 }

@@ -179,6 +179,7 @@ pub fn link_both_ways(a: &str, b: &str, rtt: Duration) -> [LinkObservation; 2] {
         rtt,
         bandwidth: None,
         loss: 0.0,
+        answering: None,
     };
     [one(a, b), one(b, a)]
 }
@@ -301,6 +302,7 @@ impl SyntheticCluster {
                     rtt: Duration::from_micros(base * 1000 + rng.below(2000)),
                     bandwidth: Some(units::BitRate(1_000_000_000)),
                     loss: 0.0,
+                    answering: None,
                 });
             }
         }

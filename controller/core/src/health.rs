@@ -65,16 +65,16 @@ pub struct PeerReach {
 /// probe path cannot condemn it.
 pub const PEER_CONFIRMED_MIN_PEERS: usize = 2;
 
-/// Peer-confirmed failure needs the heartbeat silent for at least this long: a healthy node's
-/// Lease is up to one kubelet renewal ([`crate::policy::KUBELET_HEARTBEAT`]) old, plus slack.
-pub const PEER_CONFIRMED_MIN_SILENCE: Duration =
-    Duration::from_secs(crate::policy::KUBELET_HEARTBEAT.as_secs() + 2);
+/// Slack past one heartbeat period before a peer-confirmed failure: a healthy node's Lease is
+/// up to one renewal old, plus the API server's and the watch's delay and renewal jitter.
+pub const PEER_CONFIRMED_SLACK: Duration = Duration::from_secs(2);
 
-/// The heartbeat silence after which a node no peer reaches counts as failed: half the Lease
-/// timeout, at least [`PEER_CONFIRMED_MIN_SILENCE`]. Never longer than the Lease timeout.
-pub fn peer_confirmed_silence(lease_timeout: Duration) -> Duration {
-    (lease_timeout / 2)
-        .max(PEER_CONFIRMED_MIN_SILENCE)
+/// The heartbeat silence after which a node no peer reaches counts as failed: one renewal
+/// period (`triggers.heartbeatInterval`) plus [`PEER_CONFIRMED_SLACK`], so at least one renewal
+/// was missed. Never longer than the Lease timeout (which fails the node on its own).
+pub fn peer_confirmed_silence(heartbeat_interval: Duration, lease_timeout: Duration) -> Duration {
+    heartbeat_interval
+        .saturating_add(PEER_CONFIRMED_SLACK)
         .min(lease_timeout)
 }
 
@@ -121,7 +121,8 @@ pub fn assess(
         .filter(|reach| reach.probing >= PEER_CONFIRMED_MIN_PEERS && reach.reaching == 0);
     if let Some(heartbeat) = node.last_heartbeat {
         let silent = units::age(now, heartbeat);
-        let confirmed_after = peer_confirmed_silence(triggers.lease_timeout);
+        let confirmed_after =
+            peer_confirmed_silence(triggers.heartbeat_interval, triggers.lease_timeout);
         if silent >= triggers.lease_timeout {
             failed.push(format!(
                 "lease not renewed for {} (timeout {})",
@@ -305,71 +306,85 @@ mod tests {
         assert_eq!(states, [false, true, true, true, false, false, true]);
     }
 
+    fn reach(probing: usize, reaching: usize) -> Signals<'static> {
+        Signals {
+            peer_reach: Some(PeerReach { probing, reaching }),
+            ..Signals::default()
+        }
+    }
+
     /// Both signals must agree: unreachable by every peer but renewing, or silent but
-    /// reachable, is not failed; both together fail it at half the Lease timeout. Fails if
-    /// either signal alone condemns the node or if one probing peer is enough.
+    /// reachable, is not failed; both together fail it one renewal period plus 2 s after its
+    /// last heartbeat, long before the Lease timeout. Fails if either signal alone condemns
+    /// the node, if one probing peer is enough, or if the silence does not follow
+    /// `triggers.heartbeatInterval`.
     #[test]
     fn peer_confirmed_failure_needs_both_signals() {
-        let policy = Policy::default(); // leaseTimeout 30 s: peer-confirmed after 15 s.
-        let unreachable = Signals {
-            peer_reach: Some(PeerReach {
-                probing: 3,
-                reaching: 0,
-            }),
-            ..Signals::default()
-        };
-        let reachable = Signals {
-            peer_reach: Some(PeerReach {
-                probing: 3,
-                reaching: 1,
-            }),
-            ..Signals::default()
-        };
+        let policy = Policy::default(); // heartbeat 10 s, leaseTimeout 30 s: after 12 s.
         let renewing = NodeBuilder::new("a").heartbeat(t(-3)).build();
-        let (assessment, _) = assess(&renewing, unreachable, &policy, t(0));
+        let (assessment, _) = assess(&renewing, reach(3, 0), &policy, t(0));
         assert_eq!(assessment.state, NodeState::Suspect, "{assessment:?}");
         assert!(!assessment.schedulable);
-        let silent = NodeBuilder::new("a").heartbeat(t(-15)).build();
-        let (assessment, _) = assess(&silent, reachable, &policy, t(0));
+        let silent = NodeBuilder::new("a").heartbeat(t(-12)).build();
+        let (assessment, _) = assess(&silent, reach(3, 1), &policy, t(0));
         assert_eq!(assessment.state, NodeState::Healthy, "{assessment:?}");
         let (assessment, _) = assess(&silent, Signals::default(), &policy, t(0));
         assert_eq!(assessment.state, NodeState::Healthy, "{assessment:?}");
-        let (assessment, _) = assess(&silent, unreachable, &policy, t(0));
+        let (assessment, _) = assess(&silent, reach(3, 0), &policy, t(0));
         assert_eq!(assessment.state, NodeState::Failed, "{assessment:?}");
-        assert_eq!(assessment.failed_at, Some(t(-15)));
+        assert_eq!(assessment.failed_at, Some(t(-12)));
         assert!(
-            assessment.reasons[0].contains("peer-confirmed"),
+            assessment.reasons[0].contains("peer-confirmed after 12s"),
             "{assessment:?}"
         );
         // A second earlier it is not.
-        let (assessment, _) = assess(&silent, unreachable, &policy, t(-1));
+        let (assessment, _) = assess(&silent, reach(3, 0), &policy, t(-1));
         assert_eq!(assessment.state, NodeState::Suspect, "{assessment:?}");
         // One probing peer is not enough.
-        let one = Signals {
-            peer_reach: Some(PeerReach {
-                probing: 1,
-                reaching: 0,
-            }),
-            ..Signals::default()
-        };
-        let (assessment, _) = assess(&silent, one, &policy, t(0));
+        let (assessment, _) = assess(&silent, reach(1, 0), &policy, t(0));
         assert_eq!(assessment.state, NodeState::Healthy, "{assessment:?}");
+    }
+
+    /// With the local cluster's 1 s renewals, two probing peers that both lose the node fail
+    /// it 3 s after its last heartbeat, 12 s before its 15 s Lease timeout; one peer that
+    /// still reaches it, or only one peer probing, keeps it from failing until the timeout.
+    /// Fails while the silence is a fixed 12 s (the stock kubelet's 10 s + 2 s) whatever
+    /// `heartbeatInterval` says.
+    #[test]
+    fn peer_confirmed_failure_follows_the_heartbeat_interval() {
+        let mut policy = Policy::default();
+        policy.triggers.heartbeat_interval = Duration::from_secs(1);
+        policy.triggers.lease_timeout = Duration::from_secs(15);
+        let node = NodeBuilder::new("a").heartbeat(t(0)).build();
+        let (assessment, _) = assess(&node, reach(2, 0), &policy, t(3));
+        assert_eq!(assessment.state, NodeState::Failed, "{assessment:?}");
+        assert_eq!(assessment.failed_at, Some(t(0)));
+        let (assessment, _) = assess(&node, reach(2, 0), &policy, t(2));
+        assert_eq!(assessment.state, NodeState::Suspect, "{assessment:?}");
+        for blocked in [reach(2, 1), reach(1, 0), Signals::default()] {
+            let (assessment, _) = assess(&node, blocked, &policy, t(14));
+            assert_eq!(assessment.state, NodeState::Healthy, "{assessment:?}");
+            let (assessment, _) = assess(&node, blocked, &policy, t(15));
+            assert_eq!(assessment.state, NodeState::Failed, "{assessment:?}");
+            assert!(
+                assessment.reasons[0].contains("lease not renewed"),
+                "{assessment:?}"
+            );
+        }
     }
 
     #[test]
     fn peer_confirmed_silence_stays_between_a_renewal_and_the_lease_timeout() {
+        let second = Duration::from_secs(1);
         assert_eq!(
-            peer_confirmed_silence(Duration::from_secs(30)),
-            Duration::from_secs(15)
+            peer_confirmed_silence(10 * second, 30 * second),
+            12 * second
         );
+        assert_eq!(peer_confirmed_silence(second, 15 * second), 3 * second);
+        // Never longer than the Lease timeout.
         assert_eq!(
-            peer_confirmed_silence(Duration::from_secs(16)),
-            PEER_CONFIRMED_MIN_SILENCE
-        );
-        // A Lease timeout below the floor is not lengthened.
-        assert_eq!(
-            peer_confirmed_silence(Duration::from_secs(10)),
-            Duration::from_secs(10)
+            peer_confirmed_silence(10 * second, 11 * second),
+            11 * second
         );
     }
 }

@@ -8,6 +8,7 @@
 //! allocation per node. The resources that ranking reads for every candidate node are likewise
 //! copied into dense arrays ([`ClusterIndex::free`], [`ClusterIndex::allocatable`]).
 
+use crate::health::PeerReach;
 use foldhash::{HashMap, HashMapExt};
 use std::hash::BuildHasher;
 use std::time::Duration;
@@ -120,6 +121,9 @@ pub(crate) struct ClusterIndex<'a> {
     neighbours: Vec<Vec<(usize, Duration)>>,
     /// Median RTT of the links measured to or from each node.
     pub median_peer_rtt: Vec<Option<Duration>>,
+    /// Per node: how many peers report probing it now and how many of them get answers
+    /// (links that say whether they are [`LinkObservation::answering`]); `None`: no peer says.
+    pub peer_reach: Vec<Option<PeerReach>>,
     /// Per user (by [`Self::user`]): (node, latency), sorted by node.
     user_latency: Vec<Vec<(usize, Duration)>>,
     user_ids: HashMap<&'a str, usize>,
@@ -192,6 +196,23 @@ impl<'a> ClusterIndex<'a> {
                     if let Some(count) = ends.get_mut(end) {
                         *count += 1;
                     }
+                }
+            }
+        }
+        // Reach is directional: `from`'s probes say whether `to` answers `from` now.
+        let mut peer_reach: Vec<Option<PeerReach>> = vec![None; node_count];
+        for (from, list) in outgoing.iter().enumerate() {
+            for &(to, link) in list.iter() {
+                let answering = snapshot.links.get(link).and_then(|link| link.answering);
+                if let (Some(answering), Some(reach)) = (answering, peer_reach.get_mut(to))
+                    && from != to
+                {
+                    let reach = reach.get_or_insert(PeerReach {
+                        probing: 0,
+                        reaching: 0,
+                    });
+                    reach.probing += 1;
+                    reach.reaching += usize::from(answering);
                 }
             }
         }
@@ -317,6 +338,7 @@ impl<'a> ClusterIndex<'a> {
             outgoing,
             neighbours,
             median_peer_rtt,
+            peer_reach,
             user_latency,
             user_ids,
             datasets,

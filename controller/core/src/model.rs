@@ -278,6 +278,11 @@ pub struct LinkObservation {
     /// Packet loss probability, 0 to 1.
     #[serde(default)]
     pub loss: f64,
+    /// Whether `to` answers `from`'s probes now (one of `from`'s last two probes answered,
+    /// not the windowed loss); `None`: not reported (a PromQL source, an older agent). Feeds
+    /// peer-confirmed failure ([`crate::health::PeerReach`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answering: Option<bool>,
 }
 
 /// How far a user (who consumes a pod's results, e.g. an edge client) is from a node now.

@@ -337,6 +337,12 @@ pub struct Triggers {
     /// A node whose Lease has not been renewed for this long has failed.
     #[serde(with = "units::duration")]
     pub lease_timeout: Duration,
+    /// How often the nodes' kubelets renew their Lease ([`KUBELET_HEARTBEAT`] for a stock
+    /// kubelet). A node no peer reaches is failed once its Lease is this plus
+    /// [`crate::health::PEER_CONFIRMED_SLACK`] old (peer-confirmed failure), sooner than
+    /// `leaseTimeout`.
+    #[serde(with = "units::duration")]
+    pub heartbeat_interval: Duration,
     /// Node conditions that mean "degrading": migrate away proactively while the node still
     /// works. kubelet's pressure conditions and node-problem-detector's problems.
     pub conditions: Vec<String>,
@@ -357,6 +363,7 @@ impl Default for Triggers {
         Self {
             not_ready_grace: Duration::from_secs(20),
             lease_timeout: Duration::from_secs(30),
+            heartbeat_interval: KUBELET_HEARTBEAT,
             conditions: [
                 "MemoryPressure",
                 "DiskPressure",
@@ -759,6 +766,9 @@ impl Policy {
                 ),
             );
         }
+        if triggers.heartbeat_interval.is_zero() {
+            issue("triggers.heartbeatInterval", "must be more than 0s".into());
+        }
         for (index, condition) in triggers.conditions.iter().enumerate() {
             let path = format!("triggers.conditions[{index}]");
             if condition.trim().is_empty() {
@@ -1081,7 +1091,30 @@ impl PolicySet {
     /// Adds or replaces a policy from its YAML. On error the last valid version stays in force
     /// and the error is remembered for [`PolicySet::rejected`].
     pub fn apply(&mut self, name: &str, text: &str) -> Result<Applied, PolicyError> {
-        match Policy::from_yaml(name, text) {
+        self.apply_checked(name, text, |_| Vec::new())
+    }
+
+    /// [`PolicySet::apply`] with checks only the controller can make (its flags, e.g.
+    /// [`crate::fencing::SelfFenceTiming::check_policy`]): their issues reject the policy
+    /// like validation issues do.
+    pub fn apply_checked(
+        &mut self,
+        name: &str,
+        text: &str,
+        check: impl Fn(&Policy) -> Vec<PolicyIssue>,
+    ) -> Result<Applied, PolicyError> {
+        let checked = Policy::from_yaml(name, text).and_then(|policy| {
+            let issues = check(&policy);
+            if issues.is_empty() {
+                Ok(policy)
+            } else {
+                Err(PolicyError {
+                    policy: name.to_string(),
+                    issues,
+                })
+            }
+        });
+        match checked {
             Ok(policy) => {
                 self.rejected.remove(name);
                 Ok(self.insert(name, policy))

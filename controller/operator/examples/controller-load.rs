@@ -490,6 +490,7 @@ async fn main() -> anyhow::Result<()> {
                 node: link.to.clone(),
                 rtt: link.rtt,
                 loss: link.loss,
+                answering: link.answering,
             });
     }
     let users: Vec<UserObservation> = synthetic.users.clone();

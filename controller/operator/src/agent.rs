@@ -59,6 +59,8 @@ pub struct PeerLatency {
     pub node: String,
     pub rtt: Duration,
     pub loss: f64,
+    /// Whether the peer answers the agent's probes now (`None`: the agent does not say).
+    pub answering: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

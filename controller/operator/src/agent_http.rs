@@ -341,6 +341,7 @@ impl NodeAgent for HttpAgents {
                         node: peer.node,
                         rtt: peer.rtt,
                         loss: peer.loss,
+                        answering: peer.answering,
                     })
                     .collect()
             })

@@ -10,6 +10,11 @@
 //! - the probe loop: every `probe_interval`, the agents' peer latency and, when a Prometheus is
 //!   configured, the policies' PromQL signal queries. Their observations count for
 //!   `signal_max_age` (three probe rounds by default), see [`crate::probes`].
+//! - the reach loop: every `peer_reach_interval` (2 s by default), while some node's Lease is
+//!   older than one renewal (`heartbeat_interval`) plus 1 s, and not older than
+//!   [`REACH_WATCH_FOR`], the agents' peer probes again, so that peer-confirmed failure
+//!   ([`automigrate_core::health`]) reads whether the peers reach that node *now*, not up to a
+//!   `probe_interval` ago; then a decision pass at once.
 //!
 //! Tests call [`Decider::pass`](crate::decider::Decider::pass) and
 //! [`Executor::advance`](crate::executor::Executor::advance) directly with an explicit `now`
@@ -58,6 +63,32 @@ pub struct Config {
     pub prometheus: Option<PromSignals>,
     /// How long a latency observation counts; `None`: three `probe_interval`s.
     pub signal_max_age: Option<Duration>,
+    /// How often the reach loop looks for stale Leases (zero: never).
+    pub peer_reach_interval: Duration,
+    /// How often kubelets renew their node's Lease (`--heartbeat-interval`).
+    pub heartbeat_interval: Duration,
+}
+
+/// A Lease older than this no longer makes the reach loop poll: its node has long been
+/// judged (the Lease timeout is at most a minute or so), and a node that stays dead must not
+/// keep every agent polled every few seconds.
+pub const REACH_WATCH_FOR: Duration = Duration::from_secs(120);
+
+/// Slack past one renewal period before a Lease counts as late for the reach loop.
+const REACH_SLACK: Duration = Duration::from_secs(1);
+
+/// Whether some node's last renewal (`renewals`) is late at `now`: older than one renewal
+/// period plus 1 s, but not older than [`REACH_WATCH_FOR`].
+pub fn lease_is_late(
+    renewals: impl IntoIterator<Item = jiff::Timestamp>,
+    heartbeat_interval: Duration,
+    now: jiff::Timestamp,
+) -> bool {
+    let late_after = heartbeat_interval.saturating_add(REACH_SLACK);
+    renewals.into_iter().any(|renewed| {
+        let age = automigrate_core::units::age(now, renewed);
+        age > late_after && age <= REACH_WATCH_FOR
+    })
 }
 
 impl Config {
@@ -83,6 +114,8 @@ impl Default for Config {
             },
             prometheus: None,
             signal_max_age: None,
+            peer_reach_interval: Duration::from_secs(2),
+            heartbeat_interval: automigrate_core::policy::KUBELET_HEARTBEAT,
         }
     }
 }
@@ -123,7 +156,8 @@ impl Controller {
         let agent = agent(&stores);
         let writer = Writer::spawn(client.clone(), leadership, config.reporter.clone());
         let policies: SharedPolicies = Arc::new(RwLock::new(PolicySet::new()));
-        let loader = PolicyLoader::new(policies.clone(), writer.clone());
+        let loader = PolicyLoader::new(policies.clone(), writer.clone())
+            .with_fencing(config.executor.dead_node_fencing);
         let policy_api = Api::<ConfigMap>::namespaced(client.clone(), &config.policy_namespace);
         // Supervised like the reflectors: a policy watch that ends fails /readyz and restarts.
         crate::stores::supervise("policies", stores.watches.clone(), move || {
@@ -196,7 +230,8 @@ impl Controller {
         tokio::join!(
             self.decision_loop(leadership.clone(), shutdown.clone()),
             self.executor_loop(leadership.clone(), shutdown.clone()),
-            self.probe_loop(leadership, shutdown),
+            self.probe_loop(leadership.clone(), shutdown.clone()),
+            self.reach_loop(leadership, shutdown),
         );
     }
 
@@ -292,6 +327,48 @@ impl Controller {
         prometheus
             .refresh(&policies, &self.links, &self.users, self.clock.now())
             .await;
+    }
+
+    /// One round of the reach loop at the clock's now: when some node's Lease is late, every
+    /// agent's peer probes (which say whether each peer answers now), then a decision pass.
+    /// Returns whether it polled.
+    pub async fn refresh_reach(&self) -> bool {
+        let now = self.clock.now();
+        let renewals: Vec<jiff::Timestamp> = self
+            .stores
+            .leases
+            .state()
+            .iter()
+            .filter_map(|lease| Some(lease.spec.as_ref()?.renew_time.as_ref()?.0))
+            .collect();
+        if !lease_is_late(renewals, self.config.heartbeat_interval, now) {
+            return false;
+        }
+        let nodes: Vec<String> = self
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .map(|node| node.name_any())
+            .collect();
+        self.links.refresh(self.agent.as_ref(), &nodes, now).await;
+        self.wake.notify_one();
+        true
+    }
+
+    async fn reach_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
+        if self.config.peer_reach_interval.is_zero() || !self.synced(&mut shutdown).await {
+            return;
+        }
+        loop {
+            if leadership.is_leader() {
+                self.refresh_reach().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.peer_reach_interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
     }
 
     async fn probe_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {

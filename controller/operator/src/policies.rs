@@ -12,7 +12,10 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 
-use automigrate_core::policy::{Applied, ConfigMapDocument, POLICY_LABEL, PolicyError, PolicySet};
+use automigrate_core::fencing::FencingMode;
+use automigrate_core::policy::{
+    Applied, ConfigMapDocument, POLICY_LABEL, Policy, PolicyError, PolicyIssue, PolicySet,
+};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::events::EventType;
@@ -40,11 +43,32 @@ pub enum Outcome {
 pub struct PolicyLoader {
     policies: SharedPolicies,
     writer: Writer,
+    /// The dead-node fencing mode in force: in self-fence mode its timing refuses policies
+    /// under which its rule cannot work ([`automigrate_core::fencing::SelfFenceTiming::check_policy`]).
+    fencing: FencingMode,
 }
 
 impl PolicyLoader {
     pub fn new(policies: SharedPolicies, writer: Writer) -> Self {
-        Self { policies, writer }
+        Self {
+            policies,
+            writer,
+            fencing: FencingMode::default(),
+        }
+    }
+
+    /// Checks every policy against `fencing` too.
+    pub fn with_fencing(mut self, fencing: FencingMode) -> Self {
+        self.fencing = fencing;
+        self
+    }
+
+    /// The issues the fencing mode finds with `policy`.
+    fn fencing_issues(&self, policy: &Policy) -> Vec<PolicyIssue> {
+        match &self.fencing {
+            FencingMode::SelfFence(timing) => timing.check_policy(policy),
+            FencingMode::Taint | FencingMode::Administrator => Vec::new(),
+        }
     }
 
     fn document(config_map: &ConfigMap) -> Result<ConfigMapDocument, PolicyError> {
@@ -77,7 +101,7 @@ impl PolicyLoader {
                 policy: name.clone(),
                 issues: vec![],
             })?;
-            set.apply(&name, &text)
+            set.apply_checked(&name, &text, |policy| self.fencing_issues(policy))
         });
         let reference = config_map.object_ref(&());
         match result {

@@ -249,6 +249,7 @@ impl LinkBook {
                     rtt: peer.rtt,
                     bandwidth: None,
                     loss: peer.loss,
+                    answering: peer.answering,
                 },
             )
         });
@@ -335,6 +336,7 @@ mod tests {
             node: node.into(),
             rtt: Duration::from_millis(millis),
             loss: 0.01,
+            answering: None,
         }
     }
 
@@ -402,6 +404,7 @@ mod tests {
             rtt: Duration::from_millis(70),
             bandwidth: None,
             loss: 0.0,
+            answering: None,
         };
         book.record(Source::Prometheus, vec![from_prometheus], t(5));
         assert_eq!(pairs(&book.current(t(5))), [("a".into(), "b".into(), 70)]);
@@ -417,6 +420,7 @@ mod tests {
                 rtt: Duration::from_millis(5),
                 bandwidth: None,
                 loss: 0.0,
+                answering: None,
             }],
             t(11),
         );

@@ -264,6 +264,7 @@ pub fn links_from(vector: &[InstantVector]) -> (Vec<LinkObservation>, usize) {
                     rtt: seconds(series.sample().value())?,
                     bandwidth: None,
                     loss: 0.0,
+                    answering: None,
                 })
             });
             skipped += usize::from(found.is_none());

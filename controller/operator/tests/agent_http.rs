@@ -124,6 +124,8 @@ fn stand_in_agent(seen: Seen) -> Router {
                     node: "edge-2".into(),
                     rtt: Duration::from_millis(12),
                     loss: 0.0,
+                    answering: Some(false),
+                    missed: Some(2),
                 }])
             }),
         )
@@ -221,6 +223,8 @@ async fn talks_to_the_agent_on_each_node_over_http() {
     assert_eq!(image, "localhost/checkpoint/trainer-000007:latest");
     let peers = agents.peers("edge-1").await.unwrap();
     assert_eq!(peers[0].rtt, Duration::from_millis(12));
+    // The agent's "answers now" reaches the controller (peer-confirmed failure reads it).
+    assert_eq!(peers[0].answering, Some(false));
     let none = agents.peers("edge-3").await.unwrap_err();
     assert_eq!(none, AgentError::NoAgent("edge-3".into()));
     assert!(none.retryable());

@@ -38,6 +38,7 @@ fn peers(list: &[(&str, u64)]) -> Vec<PeerLatency> {
             node: node.to_string(),
             rtt: Duration::from_millis(*millis),
             loss: 0.0,
+            answering: None,
         })
         .collect()
 }
@@ -381,4 +382,108 @@ async fn policy_promql_feeds_links_and_user_latency() {
         2,
         "the user query still answered at 30 s"
     );
+}
+
+/// What one agent says of its peers: each `(peer, answers now)`.
+fn reach(list: &[(&str, bool)]) -> Vec<PeerLatency> {
+    list.iter()
+        .map(|(node, answering)| PeerLatency {
+            node: node.to_string(),
+            rtt: Duration::from_millis(2),
+            loss: 0.0,
+            answering: Some(*answering),
+        })
+        .collect()
+}
+
+/// The local cluster's timing: Leases renewed every second, self-fencing safe after 7 s.
+fn fast_heartbeat_config() -> Config {
+    use automigrate_core::fencing::{FencingMode, SelfFenceTiming};
+    let second = Duration::from_secs(1);
+    Config {
+        heartbeat_interval: second,
+        executor: automigrate_operator::executor::ExecutorConfig {
+            dead_node_fencing: FencingMode::SelfFence(SelfFenceTiming {
+                self_fence_after: 3 * second,
+                stop_time: 2 * second,
+                clock_skew: second,
+                margin: second,
+                heartbeat_interval: second,
+                check_interval: second,
+            }),
+            ..Default::default()
+        },
+        ..Config::default()
+    }
+}
+
+/// edge-2 (the trainer's node) powers off just after its Lease renewal at 0 s. At 1 s its
+/// Lease is not late yet and the reach round asks nobody; at 3 s it is, the round reads the
+/// agents, edge-1's and edge-3's both say edge-2 does not answer, and the pass fails edge-2
+/// and moves the trainer: 12 s before the 15 s Lease timeout. Fails while the agents'
+/// "answers now" does not reach the snapshot (no migration before the Lease timeout) or the
+/// reach round does not poll.
+#[tokio::test]
+async fn a_node_its_peers_lose_is_failed_once_its_lease_is_late() {
+    let h = Harness::start_with(
+        &FakeCluster::new(),
+        &RecordingAgent::new(),
+        fast_heartbeat_config(),
+    )
+    .await;
+    healthy_cluster(&h, "triggers: {heartbeatInterval: 1s, leaseTimeout: 15s}").await;
+    h.agent
+        .set_peers("edge-1", reach(&[("edge-2", false), ("edge-3", true)]));
+    h.agent
+        .set_peers("edge-3", reach(&[("edge-1", true), ("edge-2", false)]));
+    h.agent.unreachable("edge-2");
+
+    h.clock.set(at(1));
+    assert!(
+        !h.controller.refresh_reach().await,
+        "no Lease is late at 1 s"
+    );
+    assert!(h.controller.links.current(at(1)).is_empty());
+    // Every other node renews on time.
+    for node in ["edge-1", "edge-3"] {
+        h.cluster.put(&lease(node, at(3)));
+        h.lease_seen(node, at(3)).await;
+    }
+    h.clock.set(at(3));
+    assert!(h.controller.refresh_reach().await, "edge-2's Lease is late");
+    let report = h.controller.decider.pass(at(3)).await.unwrap();
+    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+    let decision = &report.decisions.migrations[0];
+    assert_eq!(decision.trigger, Trigger::NodeFailed);
+    assert_eq!(decision.from, "edge-2");
+    assert!(
+        decision
+            .reason
+            .contains("none of the 2 peers probing it reaches it"),
+        "{}",
+        decision.reason
+    );
+}
+
+/// A policy assuming faster renewals than the kubelets make (the controller's
+/// `--heartbeat-interval`) is refused in self-fence mode, and the default stays in force:
+/// peer-confirmed failure would otherwise fail a node only its peers lost between two
+/// renewals. Fails while the loader does not call `SelfFenceTiming::check_policy`.
+#[tokio::test]
+async fn a_policy_the_self_fencing_rule_cannot_serve_is_refused() {
+    let h = Harness::new().await; // default timing: renewals every 10 s
+    h.cluster.put(&policy_map(
+        "default",
+        "triggers: {heartbeatInterval: 1s, leaseTimeout: 15s}",
+    ));
+    let policies = h.controller.policies.clone();
+    eventually("the policy to be refused", || {
+        policies
+            .read()
+            .unwrap()
+            .rejected()
+            .any(|error| error.to_string().contains("triggers.heartbeatInterval"))
+    })
+    .await;
+    assert!(policies.read().unwrap().get("default").is_none());
 }

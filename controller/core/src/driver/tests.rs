@@ -47,7 +47,7 @@ enum Happening {
     /// The source node powers off: its copy stops, its Lease is no longer renewed.
     PowerOff,
     /// The source is cut off from the controller but alive; its agent kills its copy once
-    /// its heartbeat is `lease timeout` old (self-fencing).
+    /// its heartbeat is `selfFenceAfter + stopTime` old (self-fencing).
     CutOff,
     /// The next `n` agent calls fail as if the agent were unreachable.
     Flaky(u8),
@@ -92,7 +92,6 @@ struct World {
     persisted: Run,
     effects: Vec<String>,
     violations: Vec<String>,
-    lease_timeout: i64,
 }
 
 impl World {
@@ -125,7 +124,6 @@ impl World {
             crash_in: None,
             replacement_crashes: false,
             stalled: false,
-            lease_timeout: run.lease_timeout.as_secs() as i64,
             persisted: run,
             effects: Vec::new(),
             violations: Vec::new(),
@@ -136,11 +134,17 @@ impl World {
         self.source_powered && !self.source_cut
     }
 
+    /// The cut-off source's agent has killed its copy: the latest the self-fencing rule
+    /// allows, `selfFenceAfter + stopTime` after the last heartbeat (default timing, the
+    /// driver's default mode), not the Lease timeout: the controller may fence at the safe
+    /// time, before the Lease timeout.
     fn self_fenced(&self) -> bool {
+        let timing = crate::fencing::SelfFenceTiming::default();
+        let done = timing.self_fence_after.saturating_add(timing.stop_time);
         self.source_cut
             && self
                 .renewed_at
-                .is_some_and(|renewed| self.now - renewed >= self.lease_timeout)
+                .is_some_and(|renewed| self.now - renewed >= done.as_secs() as i64)
     }
 
     fn reachable(&self, node: &str) -> bool {
@@ -148,7 +152,7 @@ impl World {
     }
 
     /// Time passes: a live, connected source renews its Lease; a cut-off one kills its copy
-    /// once its heartbeat is a lease timeout old.
+    /// once its agent's self-fencing is done.
     fn pass(&mut self, seconds: i64) {
         self.now += seconds;
         if self.source_reachable() {

@@ -77,7 +77,12 @@
 //!   `AUTOMIGRATE_SELF_FENCE_AFTER=3s`, `AUTOMIGRATE_SELF_FENCE_STOP_TIME=2s` (deploy: 10s, 15s,
 //!   5s), the controller also with `AUTOMIGRATE_CLOCK_SKEW_ALLOWANCE=1s` (one host clock) and
 //!   `AUTOMIGRATE_FENCE_MARGIN=1s` (deploy: 2s, 3s): a safe time of 7 s instead of 25 s, so a
-//!   node cut off from the API server counts as fenced at the policy's `leaseTimeout`.
+//!   node cut off from the API server counts as fenced once it counts as failed (at the
+//!   policy's `leaseTimeout`, or sooner by peer-confirmed failure) and 7 s have passed since its
+//!   last heartbeat. For peer-confirmed failure the agents probe every second
+//!   (`AUTOMIGRATE_PROBE_INTERVAL=1s`; deploy: 5s) and the controller reads their probes every
+//!   second while a Lease is late (`AUTOMIGRATE_PEER_REACH_INTERVAL=1s`; deploy: 2s);
+//!   [`FAST_DEFAULT_POLICY`] says `heartbeatInterval: 1s` (default 10s).
 //!   [`KubeClusterConfig::controller_env`] and [`KubeClusterConfig::agent_env`] override them.
 //! - The default policy is `deploy/policies/default.yaml`, applied first;
 //!   [`KubeClusterConfig::policies`] are applied after it (a test may replace `default` with
@@ -129,8 +134,9 @@ const DEPLOY_CRD: &str = include_str!("../../../../deploy/crd.yaml");
 const DEPLOY_DEFAULT_POLICY: &str = include_str!("../../../../deploy/policies/default.yaml");
 
 /// A `default` policy like deploy's with the shortest failure triggers the policy floors
-/// allow (`leaseTimeout: 15s`, `notReadyGrace: 10s`) and a 1-minute cooldown: for tests and
-/// demos that power nodes off and should not wait 30 s + for the controller to notice.
+/// allow (`leaseTimeout: 15s`, `notReadyGrace: 10s`), the local kubelets' 1 s renewals
+/// (`heartbeatInterval: 1s`: peer-confirmed failure after 3 s) and a 1-minute cooldown: for
+/// tests and demos that power nodes off and should not wait 30 s + for the controller to notice.
 pub const FAST_DEFAULT_POLICY: &str = "\
 apiVersion: v1
 kind: ConfigMap
@@ -150,6 +156,7 @@ data:
     triggers:
       notReadyGrace: 10s
       leaseTimeout: 15s
+      heartbeatInterval: 1s
       cooldown: 1m
     restore:
       timeout: 5m
@@ -267,6 +274,13 @@ impl KubeClusterConfig {
             ),
             ("AUTOMIGRATE_SELF_FENCE_STOP_TIME", text(timing.stop_time)),
         ];
+        // Peer-confirmed failure: the agents say within 2-3 s that a peer stopped answering,
+        // and the controller reads that every second while some Lease is late.
+        if controller {
+            env.push(("AUTOMIGRATE_PEER_REACH_INTERVAL", text(Duration::from_secs(1))));
+        } else {
+            env.push(("AUTOMIGRATE_PROBE_INTERVAL", text(Duration::from_secs(1))));
+        }
         if controller {
             env.push(("AUTOMIGRATE_CLOCK_SKEW_ALLOWANCE", text(timing.clock_skew)));
             env.push(("AUTOMIGRATE_FENCE_MARGIN", text(timing.margin)));

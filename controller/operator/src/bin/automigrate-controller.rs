@@ -90,6 +90,10 @@ struct Args {
     /// Time between reads of the agents' peer latency probes.
     #[arg(long, env = "AUTOMIGRATE_PROBE_INTERVAL", default_value = "30s", value_parser = duration)]
     probe_interval: Duration,
+    /// While some node's Lease is late (older than --heartbeat-interval + 1s), the agents'
+    /// peer probes are read this often, for peer-confirmed failure detection (0s: never).
+    #[arg(long, env = "AUTOMIGRATE_PEER_REACH_INTERVAL", default_value = "2s", value_parser = duration)]
+    peer_reach_interval: Duration,
     /// Prometheus HTTP API base URL for the policies' PromQL signal queries
     /// (`signals.linkLatencyQuery`, `signals.userLatencyQuery`); without it they are not run.
     #[arg(long, env = "AUTOMIGRATE_PROMETHEUS_URL")]
@@ -302,6 +306,8 @@ async fn main() -> anyhow::Result<()> {
             .map(|url| PromSignals::new(url, args.prometheus_timeout))
             .transpose()?,
         signal_max_age: args.signal_max_age,
+        peer_reach_interval: args.peer_reach_interval,
+        heartbeat_interval: args.heartbeat_interval,
     };
     let election = args.leader_election.then(|| Election {
         namespace: args.namespace.clone(),

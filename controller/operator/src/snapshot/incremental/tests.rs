@@ -417,6 +417,7 @@ fn links(variant: u8) -> Arc<[LinkObservation]> {
         rtt: std::time::Duration::from_millis(millis),
         bandwidth: None,
         loss: 0.0,
+        answering: None,
     };
     Arc::from(match variant {
         0 => vec![link(0, 1, 3), link(1, 0, 3)],
