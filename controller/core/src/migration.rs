@@ -639,6 +639,16 @@ pub fn apply(
                         next.enter(Phase::Transferring, now)?;
                     }
                 }
+                // The final dump is stranded on the dead node (the driver applies this only
+                // while it has not reached the target): forget it and go on with the newest
+                // stored checkpoint, as before the dump.
+                Phase::Transferring => {
+                    next.downtime_started_at.get_or_insert(now);
+                    next.checkpoint_id = None;
+                    next.message = Some(
+                        "source node failed before its final checkpoint reached the target; continuing from the newest stored checkpoint".into(),
+                    );
+                }
                 // Later phases already hold the checkpoint; fencing will confirm the death.
                 _ => {}
             }

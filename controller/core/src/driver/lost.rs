@@ -1,18 +1,27 @@
 //! Detecting a lost source, and what else a (re)started driver learns from looking.
 //!
+//! Unreachable: the source node's Ready condition is not True, or its Lease has gone unrenewed
+//! for the policy's lease timeout (the same rule as a lost target). The Lease matters because
+//! Ready flips only when Kubernetes' node lifecycle controller marks the node, 40–50 s after its
+//! last heartbeat (never in the local cluster, which has none); the Lease is the heartbeat
+//! itself.
+//!
 //! The rule: a source that was alive when the migration began counts as lost when its node
-//! stops being reachable before the final dump is taken (Pending, Syncing, Checkpointing with
-//! no dump on record): no fresh checkpoint is possible, so the migration goes on from the
-//! newest verified stored one ([`super::choose`]). From Transferring on, the final dump exists
-//! and the source pod is stopped; an unreachable source is not acted on here: the steps that
-//! need it fail and retry until the phase deadline, the rollback then restores on the source
-//! (fencing it first, which waits for its Lease to expire) or escalates to a fresh start.
-//! Treating a short partition during the transfer as a death would throw away the fresh dump
-//! for an older checkpoint and could strand the stopped workload at fencing.
+//! stops being reachable before its final dump is safely off the node: in Pending, Syncing,
+//! Checkpointing with no dump on record, and Transferring while the dump has not reached the
+//! target. No fresh checkpoint is possible (or the one taken cannot be fetched), so the
+//! migration goes on from the newest verified stored one ([`super::choose`]: the target's own
+//! copy first, which is the final dump itself if it arrived whole). From Fencing on, the final
+//! dump is on the target: an unreachable source is not acted on here; fencing waits for the
+//! dead-node rule before anything starts.
+//! Only the Lease (not a short Ready flap or an agent that does not answer) condemns a source
+//! whose dump is already taken, so a brief partition during the transfer never throws away the
+//! fresh dump; a source cut off but alive is stopped by its own agent (self-fencing) before the
+//! fencing rule lets the replacement start.
 
 use jiff::Timestamp;
 
-use super::fence::target_lost;
+use super::fence::{lease_expired, target_lost};
 use super::port::{Observation, Port};
 use super::run::Run;
 use crate::migration::{self, Event, Facts, Phase};
@@ -28,7 +37,7 @@ pub(crate) async fn implied<P: Port>(
     final_dump: Option<&str>,
     now: Timestamp,
 ) -> Option<Event> {
-    if let Some(event) = implied_event(run, observation, final_dump) {
+    if let Some(event) = implied_event(run, observation, final_dump, now) {
         return Some(event);
     }
     if !migration::target_loss_matters(&run.state) {
@@ -45,16 +54,22 @@ pub(crate) fn implied_event(
     run: &Run,
     observation: &Observation,
     final_dump: Option<&str>,
+    now: Timestamp,
 ) -> Option<Event> {
+    let lease_gone = lease_expired(observation, run.lease_timeout, now);
+    let reachable = observation.source_reachable && !lease_gone;
     let facts = Facts {
-        source_running: observation
-            .source_reachable
-            .then_some(observation.source_running),
+        source_running: reachable.then_some(observation.source_running),
         target_running: observation.target_running,
         checkpoint_complete: final_dump.is_some(),
     };
     let early = matches!(run.state.phase, Phase::Pending | Phase::Syncing);
-    let lost_early = early && run.state.source_alive && !observation.source_reachable;
+    let lost_early = early && run.state.source_alive && !reachable;
+    // After the dump only the Lease condemns the source (see the module header).
+    let lost_in_transfer = run.state.phase == Phase::Transferring
+        && run.state.source_alive
+        && lease_gone
+        && !dump_arrived(run);
     match migration::observe(&run.state, &facts) {
         // A dump that completed before a crash: keep its id, the replacement restores it.
         Some(Event::StepSucceeded {
@@ -63,6 +78,18 @@ pub(crate) fn implied_event(
             checkpoint_id: final_dump.map(String::from),
         }),
         Some(event) => Some(event),
-        None => lost_early.then_some(Event::SourceLost),
+        None => (lost_early || lost_in_transfer).then_some(Event::SourceLost),
     }
+}
+
+/// Whether the migration's final dump is on the target: no transfer of it is on record (it
+/// needs none) or its transfer finished.
+fn dump_arrived(run: &Run) -> bool {
+    let Some(id) = run.state.checkpoint_id.as_deref() else {
+        return false;
+    };
+    run.transfers
+        .iter()
+        .filter(|record| record.carries_checkpoint(id))
+        .all(|record| record.done)
 }

@@ -25,9 +25,11 @@
 //!
 //! # The rules, one answer each
 //!
-//! - **Lost source** ([`lost`]): a live source whose node stops being reachable before the
-//!   final dump is lost; the migration goes on from a stored checkpoint. After the dump an
-//!   unreachable source is ridden out by retries and the rollback, never guessed dead.
+//! - **Lost source** ([`lost`]): a live source whose node stops being reachable (Ready not
+//!   True, or its Lease unrenewed for the lease timeout) before the final dump is taken, or
+//!   whose Lease expires while that dump is still on its way to the target, is lost; the
+//!   migration goes on from the newest verified stored checkpoint. A short silence or a Ready
+//!   flap after the dump is ridden out by retries, never guessed dead.
 //! - **Lost target** ([`lost`], [`fence::target_lost`]): a target node marked out of
 //!   service, removed, or whose Lease went unrenewed for the lease timeout is lost while the
 //!   migration sends to it, starts or waits on the workload there, or would restart it fresh
@@ -77,6 +79,8 @@ mod transfers;
 
 #[cfg(test)]
 mod periodic_tests;
+#[cfg(test)]
+mod source_lost_tests;
 #[cfg(test)]
 mod target_lost_tests;
 #[cfg(test)]

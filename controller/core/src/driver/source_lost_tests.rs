@@ -1,0 +1,214 @@
+//! A source powered off (or cut off from the API server) in the middle of a live migration
+//! (fault suite, issue 16: f001-po and f005-ac of seed 7/12): its Ready condition stays True
+//! (nothing marks it in the local cluster; Kubernetes' node lifecycle controller does so only
+//! 40–50 s later), but its Lease stops. The driver must count the source as lost by its Lease,
+//! in Checkpointing and in Transferring while the final dump has not reached the target, and
+//! go on from the newest stored checkpoint, instead of retrying the dead source until the
+//! phase deadline (5 min for a checkpoint, 30 min for a transfer).
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::port::{
+    Action, CheckpointCopy, Observation, Outcome, PersistError, Port, StepFailure,
+    TargetObservation, TransferStatus,
+};
+use super::run::{Run, TransferPayload, TransferRecord};
+use super::{Driver, DriverConfig};
+use crate::migration::{Limits, MigrationState, Phase};
+use crate::policy::Policy;
+
+const LEASE_TIMEOUT: Duration = Duration::from_secs(15);
+const FINAL_DUMP: &str = "ck-final";
+const STORED: &str = "ck-stored";
+
+fn t(seconds: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+}
+
+/// The source node still shows Ready (`source_reachable`), its Lease was last renewed at
+/// `source_renewed`; a standby holds the verified stored checkpoint; every action on the
+/// source fails as an unreachable agent does.
+struct SilentSource {
+    now: Timestamp,
+    source_renewed: Timestamp,
+    source_reachable: bool,
+    actions: Vec<Action>,
+    /// (checkpoint, from) of every transfer asked for.
+    transfers: Vec<(String, String)>,
+}
+
+impl SilentSource {
+    fn new(source_renewed: Timestamp) -> Self {
+        Self {
+            now: t(100),
+            source_renewed,
+            source_reachable: true,
+            actions: Vec::new(),
+            transfers: Vec::new(),
+        }
+    }
+}
+
+impl Port for SilentSource {
+    fn now(&mut self) -> Timestamp {
+        self.now
+    }
+
+    async fn observe(&mut self, _run: &Run) -> Observation {
+        Observation {
+            source_reachable: self.source_reachable,
+            source_running: true,
+            target_running: false,
+            source_known: true,
+            source_renewed_at: Some(self.source_renewed),
+            source_out_of_service: false,
+        }
+    }
+
+    async fn observe_target(&mut self, _run: &Run) -> TargetObservation {
+        TargetObservation {
+            gone: false,
+            renewed_at: Some(self.now),
+            out_of_service: false,
+        }
+    }
+
+    async fn final_dump_since(&mut self, _since: Timestamp) -> Option<String> {
+        None
+    }
+
+    async fn stored_checkpoints(&mut self, _run: &Run) -> Vec<CheckpointCopy> {
+        vec![CheckpointCopy {
+            id: STORED.into(),
+            taken_at: t(50),
+            node: "standby".into(),
+            verified: true,
+            rtt_to_target: Some(Duration::from_millis(10)),
+        }]
+    }
+
+    async fn transfer(&mut self, record: &TransferRecord) -> Result<TransferStatus, StepFailure> {
+        let id = record.payload.checkpoint.clone().unwrap_or_default();
+        self.transfers.push((id, record.from.clone()));
+        if record.from == "source" {
+            return Err(StepFailure {
+                reason: "agent on node source unreachable".into(),
+                retryable: true,
+            });
+        }
+        Ok(TransferStatus::Running {
+            id: "x-1".into(),
+            bytes_done: 1,
+            bytes_total: 10,
+        })
+    }
+
+    async fn act(&mut self, _run: &Run, action: &Action) -> Outcome {
+        self.actions.push(action.clone());
+        Outcome::Failed {
+            reason: "agent on node source unreachable".into(),
+            retryable: true,
+        }
+    }
+
+    async fn persist(
+        &mut self,
+        _run: &Run,
+        _previous: Option<&MigrationState>,
+    ) -> Result<(), PersistError> {
+        Ok(())
+    }
+}
+
+/// A live migration from `source` to `target` in `phase` since 90 s.
+fn live_run(phase: Phase) -> Run {
+    let mut state = MigrationState::new("source".into(), "target".into(), true, t(0), None);
+    state.phase = phase;
+    state.phase_started_at = t(90);
+    if phase == Phase::Transferring {
+        state.checkpoint_id = Some(FINAL_DUMP.into());
+    }
+    let mut run = Run::new(
+        state,
+        Limits::from_policy(&Policy::default()),
+        LEASE_TIMEOUT,
+    );
+    if phase == Phase::Transferring {
+        run.transfers.push(TransferRecord::new(
+            TransferPayload::checkpoint(FINAL_DUMP),
+            "source",
+            "target",
+        ));
+    }
+    run
+}
+
+fn advance(port: &mut SilentSource, run: Run) -> Run {
+    Driver::new(DriverConfig::default())
+        .advance_ready(port, run)
+        .unwrap()
+        .run
+}
+
+fn sends_stored_from_standby(port: &SilentSource) -> bool {
+    port.transfers
+        .iter()
+        .any(|(id, from)| id == STORED && from == "standby")
+}
+
+#[test]
+fn a_source_whose_lease_stopped_during_checkpointing_is_lost() {
+    // Renewed 20 s ago: past the 15 s lease timeout, although Ready still says True.
+    let mut port = SilentSource::new(t(80));
+    let run = advance(&mut port, live_run(Phase::Checkpointing));
+    assert!(!run.state.source_alive, "{:?}", run.state);
+    assert_eq!(run.state.phase, Phase::Transferring);
+    assert!(
+        !port.actions.contains(&Action::FinalCheckpoint),
+        "asked the dead source for a dump: {:?}",
+        port.actions
+    );
+    assert!(sends_stored_from_standby(&port), "{:?}", port.transfers);
+}
+
+#[test]
+fn a_source_whose_lease_stopped_before_its_dump_arrived_is_lost() {
+    let mut port = SilentSource::new(t(80));
+    let run = advance(&mut port, live_run(Phase::Transferring));
+    assert!(!run.state.source_alive, "{:?}", run.state);
+    assert_eq!(
+        run.state.checkpoint_id, None,
+        "the stranded dump is forgotten"
+    );
+    assert_eq!(run.state.phase, Phase::Transferring);
+    assert!(sends_stored_from_standby(&port), "{:?}", port.transfers);
+    assert!(
+        !port.transfers.iter().any(|(_, from)| from == "source"),
+        "retried the dead source: {:?}",
+        port.transfers
+    );
+}
+
+#[test]
+fn a_short_silence_or_a_ready_flap_keeps_the_final_dump() {
+    // The Lease is 5 s old (under the timeout); Ready flapped to Unknown.
+    let mut port = SilentSource::new(t(95));
+    port.source_reachable = false;
+    let run = advance(&mut port, live_run(Phase::Transferring));
+    assert!(run.state.source_alive, "{:?}", run.state);
+    assert_eq!(run.state.checkpoint_id.as_deref(), Some(FINAL_DUMP));
+    assert!(!sends_stored_from_standby(&port), "{:?}", port.transfers);
+}
+
+#[test]
+fn a_dump_that_reached_the_target_is_kept_when_the_source_dies() {
+    let mut port = SilentSource::new(t(80));
+    let mut run = live_run(Phase::Transferring);
+    run.transfers[0].done = true;
+    let run = advance(&mut port, run);
+    assert!(run.state.source_alive, "{:?}", run.state);
+    assert_eq!(run.state.checkpoint_id.as_deref(), Some(FINAL_DUMP));
+    assert_ne!(run.state.phase, Phase::Transferring);
+}
