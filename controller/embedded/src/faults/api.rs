@@ -157,6 +157,9 @@ pub fn view(object: &Value) -> Option<MigrationView> {
 pub struct PhaseStep {
     pub phase: String,
     pub seconds: f64,
+    /// When the phase began (Unix seconds), as the controller recorded it.
+    #[serde(default)]
+    pub started_at: Option<f64>,
 }
 
 /// One migration as the run ended with it, read from the API server.
@@ -212,6 +215,10 @@ pub fn outcome(object: &Value) -> Option<MigrationOutcome> {
                 .map(|step| PhaseStep {
                     phase: text(&step["phase"]),
                     seconds: seconds(&step["duration"]).unwrap_or(0.0),
+                    started_at: step["startedAt"]
+                        .as_str()
+                        .and_then(|at| at.parse::<jiff::Timestamp>().ok())
+                        .map(|at| at.as_millisecond() as f64 / 1000.0),
                 })
                 .collect()
         })

@@ -203,15 +203,26 @@ impl FaultKind {
         )
     }
 
-    /// The controller's `--dead-node-fencing` in runs of this kind: `taint` for the older
-    /// kinds (as the suite ran them before self-fencing existed), `administrator` where the
-    /// kind is about that mode, the default `self-fence` for issue 16's kinds.
+    /// The controller's `--dead-node-fencing` in runs of this kind: the two kinds about the
+    /// other modes run with theirs (`taint`, `administrator`); every other kind with the
+    /// default, `self-fence`, as `deploy/` runs it.
     pub fn fencing(self) -> Fencing {
         match self {
             FaultKind::ApiCutAdministrator => Fencing::Administrator,
-            FaultKind::ApiCut | FaultKind::PeerCut | FaultKind::PowerOff => Fencing::SelfFence,
-            _ => Fencing::Taint,
+            FaultKind::ApiCutTaint => Fencing::Taint,
+            _ => Fencing::SelfFence,
         }
+    }
+
+    /// Whether the fault leaves the workload's node alive but unable to hand its work on:
+    /// the old copy may go on computing after the fault, and nothing it computes from then on
+    /// can be saved (no checkpoint of it can leave the node), so it is not counted as lost
+    /// by the product.
+    fn strands_live_work(self) -> bool {
+        matches!(
+            self,
+            FaultKind::ApiCut | FaultKind::ApiCutTaint | FaultKind::ApiCutAdministrator
+        )
     }
 
     /// Issue 16's kinds: the fault strikes the node the training runs on (the home node, or a
@@ -492,7 +503,8 @@ fn draw_plan(index: usize, kind: FaultKind, seed: u64, occurrence: usize) -> Fau
         FaultKind::ApiCutTaint | FaultKind::ApiCutAdministrator => {
             api_cut::draw(&mut draw, kind.fencing())
         }
-        FaultKind::ApiCut | FaultKind::PeerCut | FaultKind::PowerOff => home_node::draw(&mut draw),
+        FaultKind::ApiCut | FaultKind::PowerOff => home_node::draw(&mut draw, true),
+        FaultKind::PeerCut => home_node::draw(&mut draw, false),
     };
     FaultPlan {
         index,
@@ -670,6 +682,14 @@ pub struct RunRecord {
     pub fresh_starts: usize,
     /// Per break: epochs computed again.
     pub redone_epochs: Vec<u32>,
+    /// Per break: epochs computed again that were computed before the work cutoff
+    /// ([`work_cutoff`]); work the old copy did after it could not be saved by any product.
+    /// Empty in reports written before it existed (the verdict then uses `redone_epochs`).
+    #[serde(default)]
+    pub lost_epochs: Vec<u32>,
+    /// Unix time from which the old copy's work could not be saved, if before the breaks.
+    #[serde(default)]
+    pub work_cutoff_at: Option<f64>,
     /// One checkpoint interval and two controller passes, in epochs, plus one.
     pub redone_allowed: u32,
     /// Stretches of the progress log written without a break.
@@ -719,6 +739,8 @@ impl RunRecord {
             resumed_from: Vec::new(),
             fresh_starts: 0,
             redone_epochs: Vec::new(),
+            lost_epochs: Vec::new(),
+            work_cutoff_at: None,
             redone_allowed: 0,
             segments: 0,
             copies: CopyReport::default(),
@@ -1166,6 +1188,8 @@ async fn drive(
     let analysis = training::analyse_nodes(&logs);
     let injection = context.injection();
     let downtime = downtime::measure(&logs, injection.at);
+    let cutoff = work_cutoff(plan.kind, injection.at, &migrations);
+    let lost_epochs = lost_before(&analysis, &logs, cutoff);
     let policy_events = policy_events(&api, context.policy_name());
     let policy_outcome = injection.expected_policy.as_ref().map(|_| {
         if policy_events
@@ -1211,6 +1235,8 @@ async fn drive(
         resumed_from: analysis.resumed_from.clone(),
         fresh_starts: analysis.fresh_starts,
         redone_epochs: analysis.redone_epochs.clone(),
+        lost_epochs,
+        work_cutoff_at: cutoff,
         redone_allowed: 0,
         segments: analysis.segments.len(),
         copies,
@@ -1309,6 +1335,59 @@ pub fn rejudge(report: &mut report::SuiteReport) {
         verdict(run, &report.reference, &report.settings, damaged.as_ref());
     }
     report::recount(report);
+}
+
+/// From when the workload's old copy computed work that no product could have saved: the
+/// earliest of the moment a fault cut its live node off ([`FaultKind::strands_live_work`]) and
+/// the end of a live migration's final dump (the start of its Transferring phase). The kubelet
+/// checkpoint API leaves the container running, so the source goes on training until it is
+/// fenced; the replacement resumes from the dump, and what the source computed meanwhile is
+/// computed again. A migration that stops the source at the dump would lose the same
+/// wall-clock time (the workload would simply not run meanwhile), so this is the migration's
+/// own duration, not lost checkpoints. A powered-off node computes nothing after the fault.
+fn work_cutoff(
+    kind: FaultKind,
+    fault_at: Option<f64>,
+    migrations: &[MigrationOutcome],
+) -> Option<f64> {
+    let cut = fault_at.filter(|_| kind.strands_live_work());
+    let dumps = migrations.iter().filter_map(|migration| {
+        let dumped = migration
+            .history
+            .iter()
+            .any(|step| step.phase == "Checkpointing");
+        dumped
+            .then(|| {
+                migration
+                    .history
+                    .iter()
+                    .find(|step| step.phase == "Transferring")
+                    .and_then(|step| step.started_at)
+            })
+            .flatten()
+    });
+    cut.into_iter().chain(dumps).min_by(f64::total_cmp)
+}
+
+/// Per break of the progress log: the epochs computed again that some copy had computed by
+/// `cutoff` (all of them when there is no cutoff or the break came first).
+fn lost_before(
+    analysis: &training::TrainingRecord,
+    logs: &[(String, crate::workload::Progress)],
+    cutoff: Option<f64>,
+) -> Vec<u32> {
+    analysis
+        .resumed_from
+        .iter()
+        .zip(&analysis.redone_epochs)
+        .zip(analysis.segments.iter().skip(1))
+        .map(|((from, redone), segment)| match cutoff {
+            Some(at) if at < segment.first_at => training::epoch_at(logs, at)
+                .saturating_sub(*from)
+                .min(*redone),
+            _ => *redone,
+        })
+        .collect()
 }
 
 /// Decides the findings of a finished run.
@@ -1415,16 +1494,22 @@ fn verdict(
         ));
     }
     let allowed = record.redone_allowed;
+    let lost = if record.lost_epochs.len() == record.redone_epochs.len() {
+        &record.lost_epochs
+    } else {
+        &record.redone_epochs
+    };
     let resumed_redone: Vec<u32> = record
         .resumed_from
         .iter()
-        .zip(&record.redone_epochs)
+        .zip(lost)
         .filter(|(from, redone)| **from > 0 && **redone > allowed)
         .map(|(_, redone)| *redone)
         .collect();
     if !resumed_redone.is_empty() {
         findings.push(format!(
-            "epochs lost beyond one checkpoint interval: redid {resumed_redone:?}, allowed {allowed}"
+            "epochs lost beyond one checkpoint interval: lost {resumed_redone:?} computed before the work cutoff, allowed {allowed} (redone in all {:?})",
+            record.redone_epochs
         ));
     }
     if record.fault_fired {
@@ -1641,6 +1726,60 @@ mod tests {
             record.policy_outcome = Some("applied".into());
         });
         assert_eq!(policy.findings.len(), 1);
+    }
+
+    #[test]
+    fn work_the_source_did_after_its_final_dump_is_not_counted_as_lost() {
+        // A live migration: the dump ended (Transferring began) at 10 s, epoch 20; the source
+        // trained on to epoch 120 until it was fenced; the replacement resumed after 20.
+        let line =
+            |epoch: u32, at: f64| format!("epoch={epoch} loss=0.5 hex=0x1.0p-1 run=1 t={at}");
+        // Epoch 20 at 10 s, epoch 120 at 20 s.
+        let old: Vec<String> = (1..=120u32)
+            .map(|epoch| line(epoch, 8.0 + f64::from(epoch) * 0.1))
+            .collect();
+        let parse = |lines: &[String]| crate::workload::Progress {
+            lines: lines
+                .iter()
+                .filter_map(|line| crate::workload::parse_line(line))
+                .collect(),
+        };
+        let logs = vec![
+            ("node-a".to_string(), parse(&old)),
+            (
+                "node-b".to_string(),
+                parse(&[line(21, 22.0), line(22, 22.1)]),
+            ),
+        ];
+        let analysis = training::analyse_nodes(&logs);
+        assert_eq!(analysis.redone_epochs, vec![100]);
+        let mut migration = migration(Some(Phase::Succeeded), Some("done"));
+        migration.history = ["Pending", "Checkpointing", "Transferring", "Fencing"]
+            .iter()
+            .enumerate()
+            .map(|(index, phase)| api::PhaseStep {
+                phase: (*phase).into(),
+                seconds: 1.0,
+                started_at: Some(7.0 + index as f64 * 1.5),
+            })
+            .collect();
+        let cutoff = work_cutoff(FaultKind::AgentOutage, Some(12.0), &[migration]);
+        assert_eq!(cutoff, Some(10.0));
+        assert_eq!(lost_before(&analysis, &logs, cutoff), vec![0]);
+        // No live dump and a fault that does not strand the node: all 100 count.
+        assert_eq!(work_cutoff(FaultKind::PowerOff, Some(12.0), &[]), None);
+        assert_eq!(lost_before(&analysis, &logs, None), vec![100]);
+        // Cut off from the API server at 12 s (epoch 20 by then): only work before it counts.
+        assert_eq!(work_cutoff(FaultKind::ApiCut, Some(12.0), &[]), Some(12.0));
+        let judged_lost = |lost: Vec<u32>| {
+            judged(|record| {
+                record.resumed_from = vec![20];
+                record.redone_epochs = vec![100];
+                record.lost_epochs = lost.clone();
+            })
+        };
+        assert!(judged_lost(vec![0]).findings.is_empty());
+        assert_eq!(judged_lost(vec![100]).findings.len(), 1);
     }
 
     #[test]

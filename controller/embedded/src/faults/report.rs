@@ -795,7 +795,7 @@ pub fn render_markdown(report: &SuiteReport) -> String {
     let _ = writeln!(text, "\n## Runs\n");
     let _ = writeln!(
         text,
-        "| run | kind | trigger | at % | parameters | struck in phase | node | outcome | downtime | resumed after epoch | redone epochs (allowed) | loss identical | max copies (runc) | files verified (ckpt/dataset) | receiver refusals | cluster up s | s | load average at start | findings |"
+        "| run | kind | trigger | at % | parameters | struck in phase | node | outcome | downtime | resumed after epoch | redone epochs / lost before the work cutoff (allowed) | loss identical | max copies (runc) | files verified (ckpt/dataset) | receiver refusals | cluster up s | s | load average at start | findings |"
     );
     let _ = writeln!(
         text,
@@ -804,7 +804,7 @@ pub fn render_markdown(report: &SuiteReport) -> String {
     for run in &report.runs {
         let _ = writeln!(
             text,
-            "| {} | {} | {:?} | {} | `{}` | {} | {} | {} | {} | {:?} | {:?} ({}) | {} | {} | {}/{} | {} | {:.1} | {:.1} | {} | {} |",
+            "| {} | {} | {:?} | {} | `{}` | {} | {} | {} | {} | {:?} | {:?} / {:?} ({}) | {} | {} | {}/{} | {} | {:.1} | {:.1} | {} | {} |",
             run.name,
             run.plan.kind,
             run.plan.trigger,
@@ -818,6 +818,7 @@ pub fn render_markdown(report: &SuiteReport) -> String {
             run.downtime.describe(),
             run.resumed_from,
             run.redone_epochs,
+            run.lost_epochs,
             run.redone_allowed,
             if run.loss_identical { "yes" } else { "NO" },
             run.copies.max_running,
@@ -878,7 +879,7 @@ pub fn render_markdown(report: &SuiteReport) -> String {
 pub fn render_csv(report: &SuiteReport) -> String {
     let quote = |text: &str| format!("\"{}\"", text.replace('"', "\"\""));
     let mut text = String::from(
-        "run,kind,seed,trigger,percent,params,fault_fired,phase_before,phase_after,node,outcome,resumed_from,redone_epochs,redone_allowed,training_finished,loss_identical,max_running,progress_interleaved,checkpoints_verified,datasets_verified,verification_problems,receiver_refusals,deadline_hit,wall_s,load_average_start,moment,downtime_s,downtime,findings\n",
+        "run,kind,seed,trigger,percent,params,fault_fired,phase_before,phase_after,node,outcome,resumed_from,redone_epochs,lost_epochs,redone_allowed,training_finished,loss_identical,max_running,progress_interleaved,checkpoints_verified,datasets_verified,verification_problems,receiver_refusals,deadline_hit,wall_s,load_average_start,moment,downtime_s,downtime,findings\n",
     );
     for run in &report.runs {
         let fields = [
@@ -901,6 +902,7 @@ pub fn render_csv(report: &SuiteReport) -> String {
             run.outcome.clone(),
             quote(&format!("{:?}", run.resumed_from)),
             quote(&format!("{:?}", run.redone_epochs)),
+            quote(&format!("{:?}", run.lost_epochs)),
             run.redone_allowed.to_string(),
             run.training_finished.to_string(),
             run.loss_identical.to_string(),

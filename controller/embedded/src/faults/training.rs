@@ -161,6 +161,18 @@ fn line_at(line: &ProgressLine) -> f64 {
     }
 }
 
+/// The furthest epoch any copy had written at or before `at` (Unix seconds); 0 if none.
+pub fn epoch_at(logs: &[(String, Progress)], at: f64) -> u32 {
+    logs.iter()
+        .flat_map(|(_, progress)| progress.lines.iter())
+        .filter_map(|line| match line {
+            ProgressLine::Epoch(record) if record.at <= at => Some(record.epoch),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Every node's progress log merged into one, in time order (each line carries its time).
 pub fn merge(logs: &[(String, Progress)]) -> Progress {
     let mut lines: Vec<ProgressLine> = logs
