@@ -10,14 +10,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
-
 use automigrate_core::migration::Phase;
-use automigrate_core::model::PodRef;
-use automigrate_operator::agent::{CheckpointTaken, RecordingAgent};
-use automigrate_operator::crd::{Migration, MigrationStatus};
+use automigrate_operator::agent::RecordingAgent;
+use automigrate_operator::crd::MigrationStatus;
 use automigrate_operator::replacement;
-use automigrate_operator::snapshot::LATEST_CHECKPOINT;
 use k8s_openapi::api::core::v1::Pod;
 
 mod common;
@@ -27,56 +23,11 @@ use common::*;
 /// `trainer-ck-1` is held on edge-2 only. Returns the Migration the decision pass at 60 s
 /// started, driven to its end (the kubelet runs the replacement).
 async fn dead_node_migration(h: &Harness) -> (String, MigrationStatus) {
-    for (name, ready, since) in [
-        ("edge-1", "True", at(-3600)),
-        ("edge-2", "Unknown", at(-5)),
-        ("edge-3", "True", at(-3600)),
-    ] {
-        h.cluster.put(&node(name, ready, since));
-    }
-    let now = at(60);
-    h.cluster.put(&lease("edge-1", now));
-    h.cluster.put(&lease("edge-2", at(-5)));
-    h.cluster.put(&lease("edge-3", now));
-    h.cluster.put(&protected_pod(
-        "trainer",
-        "edge-2",
-        &[(
-            LATEST_CHECKPOINT,
-            &checkpoint_annotation("trainer-ck-1", &["edge-2"]),
-        )],
-    ));
-    h.settle(3, 1).await;
-    h.lease_seen("edge-3", now).await;
-    h.lease_seen("edge-1", now).await;
-
-    let report = h.controller.decider.pass(now).await.unwrap();
-    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
-    let name = h.only_migration().metadata.name.unwrap();
-    let stores = h.controller.stores.clone();
-    eventually("the store to show the Migration", || {
-        stores
-            .migration(NS, &name)
-            .is_some_and(|m| m.status.is_some())
-    })
-    .await;
+    let (name, now) = h.dead_edge_2_migration().await;
     h.drive(&name, now, |a| a.phase == Phase::Verifying).await;
-    let replacement = h
-        .cluster
-        .get::<Migration>(Some(NS), &name)
-        .unwrap()
-        .status
-        .unwrap()
-        .replacement_pod
-        .unwrap();
-    h.kubelet_runs(&replacement).await;
+    h.kubelet_runs(&h.replacement(&name)).await;
     h.drive(&name, now, |a| a.phase.is_terminal()).await;
-    let status = h
-        .cluster
-        .get::<Migration>(Some(NS), &name)
-        .unwrap()
-        .status
-        .unwrap();
+    let status = h.status(&name);
     (name, status)
 }
 
@@ -98,17 +49,7 @@ async fn a_verified_replica_nobody_recorded_is_restored_instead_of_restarting() 
     let agent = RecordingAgent::new();
     // The replica of trainer-ck-1 landed on edge-3 and its agent verified it; the source died
     // before the controller's poll saw the transfer succeed, so the pod does not name it.
-    agent.holds(
-        "edge-3",
-        &PodRef::new(NS, "trainer"),
-        CheckpointTaken {
-            id: "trainer-ck-1".into(),
-            created_at: at(-300),
-            bytes: 1 << 20,
-            freeze: Duration::from_millis(400),
-            verified: true,
-        },
-    );
+    holds_verified(&agent, "edge-3", "trainer-ck-1");
     let h = Harness::start(&automigrate_kube_fake::FakeCluster::new(), &agent).await;
     let (name, status) = dead_node_migration(&h).await;
     assert_eq!(

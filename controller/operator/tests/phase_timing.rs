@@ -14,9 +14,8 @@ use automigrate_operator::agent::{
     TransferProgress,
 };
 use automigrate_operator::clock::{Clock, ManualClock};
-use automigrate_operator::controller::{Config, Controller};
+use automigrate_operator::controller::Config;
 use automigrate_operator::crd::{Migration, TransferPayload};
-use automigrate_operator::leader::Leadership;
 
 mod common;
 use common::*;
@@ -91,23 +90,8 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
         clock: clock.clone(),
         dump: Duration::from_secs(20),
     });
-    let controller = Controller::start(
-        cluster.client(),
-        move |_| slow,
-        Leadership::always(),
-        Arc::new(clock.clone()),
-        Config {
-            policy_namespace: POLICY_NS.into(),
-            ..Config::default()
-        },
-    );
-    controller.stores.ready().await.unwrap();
-    let h = Harness {
-        cluster: cluster.clone(),
-        agent: agent.clone(),
-        clock: clock.clone(),
-        controller,
-    };
+    let h =
+        Harness::start_with_agent(&cluster, &agent, slow, clock.clone(), Config::default()).await;
     healthy_cluster(&h, "{}").await;
     agent.set_now(at(0));
 

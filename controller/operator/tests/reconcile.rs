@@ -90,13 +90,7 @@ async fn failed_node_past_grace_is_migrated_and_the_old_pod_removed() {
     );
 
     // A second pass while the first migration is in flight starts nothing new.
-    let stores = h.controller.stores.clone();
-    eventually("the store to show the Migration", || {
-        stores
-            .migration(NS, &name)
-            .is_some_and(|m| m.status.is_some())
-    })
-    .await;
+    h.migration_seen(&name).await;
     let again = h.controller.decider.pass(now).await.unwrap();
     assert!(again.started.is_empty(), "{again:#?}");
     assert_eq!(h.migrations().len(), 1);

@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use automigrate_core::migration::{Phase, RollbackAction};
 use automigrate_core::model::PodRef;
@@ -21,10 +20,8 @@ use automigrate_operator::agent::{
     RecordingAgent, TransferProgress,
 };
 use automigrate_operator::clock::ManualClock;
-use automigrate_operator::controller::{Config, Controller};
-use automigrate_operator::crd::{Migration, MigrationStatus, TransferPayload};
-use automigrate_operator::leader::Leadership;
-use automigrate_operator::snapshot::LATEST_CHECKPOINT;
+use automigrate_operator::controller::Config;
+use automigrate_operator::crd::{MigrationStatus, TransferPayload};
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
 
@@ -87,78 +84,25 @@ impl NodeAgent for CorruptImages {
 }
 
 async fn harness() -> Harness {
-    let cluster = FakeCluster::new();
     let agent = RecordingAgent::new();
     // The only checkpoint: verified where it is stored, damaged where it is restored.
-    agent.holds(
-        "edge-3",
-        &PodRef::new(NS, "trainer"),
-        CheckpointTaken {
-            id: "trainer-ck-1".into(),
-            created_at: at(-300),
-            bytes: 1 << 20,
-            freeze: Duration::from_millis(400),
-            verified: true,
-        },
-    );
-    let clock = ManualClock::new(t0());
+    holds_verified(&agent, "edge-3", "trainer-ck-1");
     let corrupt = Arc::new(CorruptImages(agent.clone()));
-    let controller = Controller::start(
-        cluster.client(),
-        move |_| corrupt,
-        Leadership::always(),
-        Arc::new(clock.clone()),
-        Config {
-            policy_namespace: POLICY_NS.into(),
-            ..Config::default()
-        },
-    );
-    controller.stores.ready().await.unwrap();
-    Harness {
-        cluster,
-        agent,
-        clock,
-        controller,
-    }
+    Harness::start_with_agent(
+        &FakeCluster::new(),
+        &agent,
+        corrupt,
+        ManualClock::new(t0()),
+        Config::default(),
+    )
+    .await
 }
 
 /// edge-2 failed with the trainer on it; the decision pass at 60 s migrates it, the restore is
 /// refused, the rollback starts it fresh (the kubelet runs that pod). Returns the Migration
 /// driven to its end.
 async fn restarted_after_a_corrupt_checkpoint(h: &Harness) -> (String, MigrationStatus) {
-    for (name, ready, since) in [
-        ("edge-1", "True", at(-3600)),
-        ("edge-2", "Unknown", at(-5)),
-        ("edge-3", "True", at(-3600)),
-    ] {
-        h.cluster.put(&node(name, ready, since));
-    }
-    let now = at(60);
-    h.cluster.put(&lease("edge-1", now));
-    h.cluster.put(&lease("edge-2", at(-5)));
-    h.cluster.put(&lease("edge-3", now));
-    h.cluster.put(&protected_pod(
-        "trainer",
-        "edge-2",
-        &[(
-            LATEST_CHECKPOINT,
-            &checkpoint_annotation("trainer-ck-1", &["edge-2"]),
-        )],
-    ));
-    h.settle(3, 1).await;
-    h.lease_seen("edge-3", now).await;
-    h.lease_seen("edge-1", now).await;
-
-    let report = h.controller.decider.pass(now).await.unwrap();
-    assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
-    let name = h.only_migration().metadata.name.unwrap();
-    let stores = h.controller.stores.clone();
-    eventually("the store to show the Migration", || {
-        stores
-            .migration(NS, &name)
-            .is_some_and(|m| m.status.is_some())
-    })
-    .await;
+    let (name, now) = h.dead_edge_2_migration().await;
     // The fresh pod is created by the rollback; before the fix the Migration ended at once.
     let advanced = h
         .drive(&name, now, |a| {
@@ -187,12 +131,7 @@ async fn restarted_after_a_corrupt_checkpoint(h: &Harness) -> (String, Migration
         h.kubelet_runs(&pod).await;
         h.drive(&name, now, |a| a.phase.is_terminal()).await;
     }
-    let status = h
-        .cluster
-        .get::<Migration>(Some(NS), &name)
-        .unwrap()
-        .status
-        .unwrap();
+    let status = h.status(&name);
     assert_eq!(
         status.state.phase,
         Phase::Restarted,

@@ -11,7 +11,6 @@
 use automigrate_core::migration::Phase;
 use automigrate_kube_fake::{FakeCluster, FakeClusterOptions};
 use automigrate_operator::agent::RecordingAgent;
-use automigrate_operator::crd::Migration;
 use k8s_openapi::api::core::v1::Pod;
 
 mod common;
@@ -45,14 +44,7 @@ async fn a_dead_target_while_verifying_rolls_back_to_the_source_at_once() {
         a.phase == Phase::Verifying
     })
     .await;
-    let replacement = h
-        .cluster
-        .get::<Migration>(Some(NS), &name)
-        .unwrap()
-        .status
-        .unwrap()
-        .replacement_pod
-        .unwrap();
+    let replacement = h.replacement(&name);
 
     // edge-3 powers off: NotReady, its Lease never renewed again. Much later (past the
     // self-fence safe time), the source and edge-1 still renew theirs.
@@ -85,12 +77,7 @@ async fn a_dead_target_while_verifying_rolls_back_to_the_source_at_once() {
         h.kubelet_runs(&restored).await;
         h.drive(&name, now, |a| a.phase.is_terminal()).await;
     }
-    let status = h
-        .cluster
-        .get::<Migration>(Some(NS), &name)
-        .unwrap()
-        .status
-        .unwrap();
+    let status = h.status(&name);
     assert_eq!(
         status.state.phase,
         Phase::RolledBack,

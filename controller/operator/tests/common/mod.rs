@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use automigrate_core::model::CheckpointInfo;
+use automigrate_core::model::{CheckpointInfo, PodRef};
 use automigrate_core::units::Bytes;
 use automigrate_kube_fake::FakeCluster;
-use automigrate_operator::agent::RecordingAgent;
+use automigrate_operator::agent::{CheckpointTaken, NodeAgent, RecordingAgent};
 use automigrate_operator::clock::ManualClock;
 use automigrate_operator::controller::{Config, Controller};
-use automigrate_operator::crd::Migration;
+use automigrate_operator::crd::{Migration, MigrationStatus};
 use automigrate_operator::executor::Advanced;
 use automigrate_operator::leader::Leadership;
 use automigrate_operator::snapshot::{LATEST_CHECKPOINT, NODE_LEASE_NAMESPACE};
@@ -105,6 +105,22 @@ pub fn checkpoint_annotation(id: &str, held_on: &[&str]) -> String {
     .unwrap()
 }
 
+/// The agent on `node` holds a verified copy of the trainer's checkpoint `id` (taken at
+/// -300 s, 1 MiB, a 400 ms freeze): a replica the pod's annotation may not name.
+pub fn holds_verified(agent: &RecordingAgent, node: &str, id: &str) {
+    agent.holds(
+        node,
+        &PodRef::new(NS, "trainer"),
+        CheckpointTaken {
+            id: id.into(),
+            created_at: at(-300),
+            bytes: 1 << 20,
+            freeze: Duration::from_millis(400),
+            verified: true,
+        },
+    );
+}
+
 pub fn protected_pod(name: &str, node: &str, extra: &[(&str, &str)]) -> Pod {
     let mut annotations =
         BTreeMap::from([("automigrate.dev/protect".to_string(), "true".to_string())]);
@@ -192,9 +208,22 @@ impl Harness {
     /// Starts the controller with `config` (its policy namespace set to [`POLICY_NS`]).
     pub async fn start_with(cluster: &FakeCluster, agent: &RecordingAgent, config: Config) -> Self {
         let clock = ManualClock::new(t0());
+        Self::start_with_agent(cluster, agent, Arc::new(agent.clone()), clock, config).await
+    }
+
+    /// Starts the controller on `clock` with `agent` in place of the recording double (a test
+    /// double that wraps `recording`, which the test scripts and reads), its policy namespace
+    /// set to [`POLICY_NS`].
+    pub async fn start_with_agent(
+        cluster: &FakeCluster,
+        recording: &RecordingAgent,
+        agent: Arc<dyn NodeAgent>,
+        clock: ManualClock,
+        config: Config,
+    ) -> Self {
         let controller = Controller::start(
             cluster.client(),
-            |_| Arc::new(agent.clone()),
+            move |_| agent,
             Leadership::always(),
             Arc::new(clock.clone()),
             Config {
@@ -205,7 +234,7 @@ impl Harness {
         controller.stores.ready().await.unwrap();
         Self {
             cluster: cluster.clone(),
-            agent: agent.clone(),
+            agent: recording.clone(),
             clock,
             controller,
         }
@@ -235,6 +264,66 @@ impl Harness {
                 .is_some_and(|time| time.0 == renewed)
         })
         .await;
+    }
+
+    /// Waits until the controller's store holds the Migration `name` with a status.
+    pub async fn migration_seen(&self, name: &str) {
+        let stores = self.controller.stores.clone();
+        eventually("the store to show the Migration", || {
+            stores
+                .migration(NS, name)
+                .is_some_and(|m| m.status.is_some())
+        })
+        .await;
+    }
+
+    /// The status of the Migration `name` as the API server holds it.
+    pub fn status(&self, name: &str) -> MigrationStatus {
+        self.cluster
+            .get::<Migration>(Some(NS), name)
+            .unwrap()
+            .status
+            .unwrap()
+    }
+
+    /// The replacement pod the Migration `name` names.
+    pub fn replacement(&self, name: &str) -> String {
+        self.status(name).replacement_pod.unwrap()
+    }
+
+    /// edge-2 fails (NotReady, its Lease silent since -5 s) with the trainer on it, whose
+    /// recorded checkpoint `trainer-ck-1` is held on edge-2 only; edge-1 and edge-3 renew at
+    /// 60 s. The decision pass at 60 s starts one Migration; returns its name once the store
+    /// shows it, and that time.
+    pub async fn dead_edge_2_migration(&self) -> (String, Timestamp) {
+        for (name, ready, since) in [
+            ("edge-1", "True", at(-3600)),
+            ("edge-2", "Unknown", at(-5)),
+            ("edge-3", "True", at(-3600)),
+        ] {
+            self.cluster.put(&node(name, ready, since));
+        }
+        let now = at(60);
+        self.cluster.put(&lease("edge-1", now));
+        self.cluster.put(&lease("edge-2", at(-5)));
+        self.cluster.put(&lease("edge-3", now));
+        self.cluster.put(&protected_pod(
+            "trainer",
+            "edge-2",
+            &[(
+                LATEST_CHECKPOINT,
+                &checkpoint_annotation("trainer-ck-1", &["edge-2"]),
+            )],
+        ));
+        self.settle(3, 1).await;
+        self.lease_seen("edge-3", now).await;
+        self.lease_seen("edge-1", now).await;
+
+        let report = self.controller.decider.pass(now).await.unwrap();
+        assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
+        let name = self.only_migration().metadata.name.unwrap();
+        self.migration_seen(&name).await;
+        (name, now)
     }
 
     pub fn migrations(&self) -> Vec<Migration> {
