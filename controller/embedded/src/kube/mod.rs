@@ -277,7 +277,10 @@ impl KubeClusterConfig {
         // Peer-confirmed failure: the agents say within 2-3 s that a peer stopped answering,
         // and the controller reads that every second while some Lease is late.
         if controller {
-            env.push(("AUTOMIGRATE_PEER_REACH_INTERVAL", text(Duration::from_secs(1))));
+            env.push((
+                "AUTOMIGRATE_PEER_REACH_INTERVAL",
+                text(Duration::from_secs(1)),
+            ));
         } else {
             env.push(("AUTOMIGRATE_PROBE_INTERVAL", text(Duration::from_secs(1))));
         }
