@@ -541,6 +541,7 @@ data:
     triggers:
       notReadyGrace: 10s
       leaseTimeout: 15s
+      heartbeatInterval: 1s
       cooldown: 10m
     restore:
       timeout: 2m
