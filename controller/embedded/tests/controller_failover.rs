@@ -45,23 +45,16 @@
 #[allow(dead_code)]
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automigrate_embedded::faults::api::ApiReader;
-use automigrate_embedded::kube::{
-    FAST_DEFAULT_POLICY, KubeCluster, KubeClusterConfig, find_bin_dir, tmpfs_root,
-};
-use serde_json::{Value, json};
+use automigrate_embedded::kube::KubeCluster;
+use common::*;
+use serde_json::Value;
 
-const POD: &str = "counter";
 const HOME: &str = "node-a";
 const TARGET: &str = "node-b";
-
-/// One cluster at a time: two on two shared cores would only slow both.
-static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What moves the counter away from node-a.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,19 +63,6 @@ enum Trouble {
     Degraded,
     /// node-a is powered off: the recorded checkpoint on node-b is restored.
     PoweredOff,
-}
-
-fn progress(work: &Path) -> Option<u64> {
-    std::fs::read_to_string(work.join("progress"))
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-}
-
-fn phase(migration: &Value) -> String {
-    migration["status"]["phase"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// The phases the controller recorded, each with how long it took: `"Fencing 1s 20ms"`.
@@ -105,118 +85,8 @@ fn history(migration: &Value) -> Vec<String> {
 }
 
 /// Polls `check` every 100 ms for up to `limit`.
-async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Prints the cluster's objects and every log's end when the test fails.
-struct DumpOnFailure<'a>(&'a KubeCluster);
-
-impl Drop for DumpOnFailure<'_> {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let cluster = self.0;
-        for what in ["migrations.automigrate.dev", "pods", "nodes", "leases"] {
-            let text = cluster.kubectl(&["get", what, "-A", "-o", "yaml"]);
-            eprintln!(
-                "===== kubectl get {what} -A =====\n{}",
-                text.unwrap_or_else(|e| e.to_string())
-            );
-        }
-        let logs = std::fs::read_dir(cluster.logs_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.path());
-        for path in logs {
-            let log = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("===== {} (last {} lines) =====", path.display(), tail.len());
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-/// Running copies at one sample: `(node, container id)`.
-type Copies = Vec<(String, String)>;
-
-/// Samples the counter's running copies on every node (runc state) and its count.
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    doubles: Arc<Mutex<Vec<Copies>>>,
-    samples: Arc<Mutex<u64>>,
-    counts: Arc<Mutex<Vec<(Instant, u64)>>>,
-}
-
-impl Sampler {
-    fn start(cluster: Arc<KubeCluster>, work: PathBuf) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let doubles = Arc::new(Mutex::new(Vec::new()));
-        let samples = Arc::new(Mutex::new(0));
-        let counts = Arc::new(Mutex::new(Vec::new()));
-        let thread = {
-            let (stop, doubles, samples, counts) = (
-                stop.clone(),
-                doubles.clone(),
-                samples.clone(),
-                counts.clone(),
-            );
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let running = counter_copies(&cluster);
-                    if running.len() > 1 {
-                        doubles.lock().unwrap().push(running);
-                    }
-                    *samples.lock().unwrap() += 1;
-                    if let Some(count) = progress(&work) {
-                        counts.lock().unwrap().push((Instant::now(), count));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        };
-        Self {
-            stop,
-            thread: Some(thread),
-            doubles,
-            samples,
-            counts,
-        }
-    }
-
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// The counter's running containers, every node: `(node, container id)`.
-fn counter_copies(cluster: &KubeCluster) -> Vec<(String, String)> {
-    cluster
-        .running_containers()
-        .into_iter()
-        .filter(|(_, id)| id.starts_with(&format!("default_{POD}")))
-        .collect()
+async fn eventually<T>(what: &str, limit: Duration, check: impl FnMut() -> Option<T>) -> T {
+    eventually_every(Duration::from_millis(100), what, limit, check).await
 }
 
 /// What the killer saw.
@@ -274,89 +144,23 @@ fn kill_leader_in(
 /// One case: a migration of the counter to node-b, the leader killed in one of `phases`.
 async fn leader_killed_in(prefix: &str, trouble: Trouble, phases: &'static [&'static str]) {
     let label = format!("{trouble:?}, leader killed in {phases:?}");
-    let bin_dir = find_bin_dir().expect("the workspace's binaries (cargo build first)");
-    let policy_dir = tempfile::tempdir().unwrap();
-    let policy = policy_dir.path().join("default-fast.yaml");
-    std::fs::write(&policy, FAST_DEFAULT_POLICY).unwrap();
-    let mut config = KubeClusterConfig::line(
-        2,
-        Duration::from_millis(10),
-        tmpfs_root(&format!("failover-{prefix}")),
-        bin_dir,
-    );
-    config.name_prefix = prefix.into();
-    config.policies = vec![policy];
-    let root = config.root.clone();
-    let cluster = Arc::new(KubeCluster::create(config).await.unwrap());
+    let state = format!("failover-{prefix}");
+    let (cluster, root, work) = protected_pod_cluster(prefix, &state, HOME, COUNTER_SCRIPT).await;
     let dump = DumpOnFailure(&cluster);
     let api = ApiReader::from_kubeconfig(cluster.kubeconfig()).unwrap();
 
-    let work = root.join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    cluster
-        .apply(&json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": POD,
-                "namespace": "default",
-                "annotations": {
-                    "automigrate.dev/protect": "true",
-                    "automigrate.dev/mode": "transparent",
-                    "automigrate.dev/checkpoint-interval": "5s",
-                },
-            },
-            "spec": {
-                "nodeName": HOME,
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 2,
-                "volumes": [{"name": "work", "hostPath": {"path": work.to_str().unwrap()}}],
-                "containers": [{
-                    "name": "count",
-                    "image": "docker.io/library/busybox:1.36",
-                    "command": ["/bin/sh", "-c",
-                        "echo started >> /work/starts; i=0; while true; do i=$((i+1)); \
-                         echo $i > /work/progress; sleep 0.2; done"],
-                    "volumeMounts": [{"name": "work", "mountPath": "/work"}],
-                }],
-            },
-        }))
-        .unwrap();
-    eventually(
+    await_counter_counting(
+        &cluster,
+        &work,
         &format!("{label}: the counter Running on {HOME}"),
-        Duration::from_secs(60),
-        || {
-            let pod = cluster.get(&["pod", POD, "-n", "default"])?;
-            (pod["status"]["phase"] == "Running" && progress(&work).unwrap_or(0) >= 10)
-                .then_some(())
-        },
     )
     .await;
-    let mut sampler = Sampler::start(cluster.clone(), work.clone());
+    let mut sampler = Sampler::start(cluster.clone(), Some(work.clone()));
 
     // A checkpoint taken after the count reached 10, held on node-b and recorded by the
     // controller: what a dead-source migration restores (and a floor for the count).
-    let latest = || -> Option<Value> {
-        let pod = cluster.get(&["pod", POD, "-n", "default"])?;
-        serde_json::from_str(
-            pod["metadata"]["annotations"]["checkpoint.automigrate.dev/latest"].as_str()?,
-        )
-        .ok()
-    };
-    let earlier = latest().map(|latest| latest["id"].clone());
-    eventually(
-        &format!("{label}: a new checkpoint on {TARGET}, recorded by the controller"),
-        Duration::from_secs(120),
-        || {
-            let latest = latest()?;
-            let on_target = latest["heldOn"]
-                .as_array()?
-                .iter()
-                .any(|node| node == TARGET);
-            (Some(&latest["id"]) != earlier.as_ref() && on_target).then_some(())
-        },
-    )
-    .await;
+    let what = format!("{label}: a new checkpoint on {TARGET}, recorded by the controller");
+    await_recorded_checkpoint(&cluster, TARGET, (true, false), 120, &what).await;
     assert!(api.migrations().is_empty(), "{label}: a migration already");
 
     let leader = cluster.controller_leader().expect("a leader");
@@ -439,12 +243,7 @@ async fn leader_killed_in(prefix: &str, trouble: Trouble, phases: &'static [&'st
             .any(|step| step.split(' ').next() == Some(kill.phase_before.as_str())),
         "{label}: the history {steps:?} lacks the phase of the kill"
     );
-    let log = std::fs::read_to_string(
-        cluster
-            .logs_dir()
-            .join(format!("controller-{new_leader}.log")),
-    )
-    .unwrap();
+    let log = controller_log(&cluster, new_leader);
     assert!(
         log.contains(&kill.migration),
         "controller-{new_leader}'s log never names {}",
@@ -467,11 +266,7 @@ async fn leader_killed_in(prefix: &str, trouble: Trouble, phases: &'static [&'st
         )
         .await;
         assert_eq!(pod["spec"]["nodeName"], TARGET, "{label}");
-        let image = pod["spec"]["containers"][0]["image"].as_str().unwrap();
-        assert!(
-            image.starts_with("localhost/automigrate/"),
-            "{label}: the replacement runs {image}, not a checkpoint image"
-        );
+        assert_runs_a_checkpoint_image(&pod, &format!("{label}: "));
     }
     let resumed = eventually(
         &format!("{label}: the counter counting again"),
@@ -483,34 +278,15 @@ async fn leader_killed_in(prefix: &str, trouble: Trouble, phases: &'static [&'st
         },
     )
     .await;
-    eventually(
-        &format!("{label}: the counter counting on"),
-        Duration::from_secs(30),
-        || (progress(&work).unwrap_or(0) > resumed).then_some(()),
-    )
-    .await;
+    await_counting_past(&work, resumed, &format!("{label}: the counter counting on")).await;
     sampler.stop();
 
     // Resumed, never restarted: the command ran once, and the count never fell below what it
     // had reached before the recorded checkpoint the migration could use.
-    let starts = std::fs::read_to_string(work.join("starts")).unwrap();
-    assert_eq!(
-        starts.lines().count(),
-        1,
-        "{label}: the pod's command ran again: a restart, not a resume"
-    );
-    let lowest = sampler
-        .counts
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(at, _)| *at >= trouble_at)
-        .map(|(_, count)| *count)
-        .min()
-        .unwrap();
-    assert!(
-        lowest >= 10,
-        "{label}: the count fell to {lowest} (it was {count_at_trouble} when the trouble began)"
+    let lowest = sampler.assert_resumed(
+        &work,
+        trouble_at,
+        &format!("{label} (count {count_at_trouble} when the trouble began): "),
     );
     if trouble == Trouble::Degraded {
         assert!(
@@ -519,8 +295,8 @@ async fn leader_killed_in(prefix: &str, trouble: Trouble, phases: &'static [&'st
              live migration began: not the final dump"
         );
     }
-    let samples = *sampler.samples.lock().unwrap();
-    let doubles = sampler.doubles.lock().unwrap().clone();
+    let samples = sampler.samples().len();
+    let doubles = sampler.doubles();
     assert!(samples > 10, "{label}: runc sampled only {samples} times");
     assert!(
         doubles.is_empty(),
@@ -545,17 +321,13 @@ async fn leader_killed_in(prefix: &str, trouble: Trouble, phases: &'static [&'st
 
     drop(dump);
     drop(sampler);
-    let cluster = Arc::try_unwrap(cluster).expect("the sampler let go of the cluster");
-    cluster.teardown().await.unwrap();
-    let _ = std::fs::remove_dir_all(&root);
+    teardown(cluster, &root).await;
 }
 
 async fn case(prefix: &str, trouble: Trouble, phases: &'static [&'static str]) {
-    if !common::privileged(&format!("controller_failover {prefix}")) {
+    let Some(_one) = common::begin(&format!("controller_failover {prefix}")).await else {
         return;
-    }
-    common::init_logs();
-    let _one = ONE_CLUSTER.lock().await;
+    };
     leader_killed_in(prefix, trouble, phases).await;
 }
 
