@@ -84,6 +84,13 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The migration ended with the workload started on the target: restored (`Succeeded`)
+    /// or from scratch (`Restarted`). The source's pod is then the migration's to remove, and
+    /// a decision must never move that pod again.
+    pub fn moved_the_workload(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Restarted)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -1125,6 +1132,28 @@ mod tests {
         };
         assert_eq!(observe(&state, &still_running), None, "redo the dump");
         assert_eq!(step(&state), Step::Checkpoint);
+    }
+
+    #[test]
+    fn only_a_restore_or_a_fresh_start_moves_the_workload() {
+        let moved: Vec<Phase> = [
+            Phase::Pending,
+            Phase::Syncing,
+            Phase::Checkpointing,
+            Phase::Transferring,
+            Phase::Fencing,
+            Phase::Restoring,
+            Phase::Verifying,
+            Phase::RollingBack,
+            Phase::Succeeded,
+            Phase::RolledBack,
+            Phase::Restarted,
+            Phase::Failed,
+        ]
+        .into_iter()
+        .filter(|phase| phase.moved_the_workload())
+        .collect();
+        assert_eq!(moved, [Phase::Succeeded, Phase::Restarted]);
     }
 
     #[test]

@@ -693,10 +693,9 @@ fn moved_away(pod: &Pod, migrations: &[std::sync::Arc<Migration>]) -> Option<Str
         .filter(|migration| {
             migration.metadata.namespace == pod.metadata.namespace
                 && Some(migration.spec.pod.as_str()) == pod.metadata.name.as_deref()
-                && matches!(
-                    migration.phase(),
-                    Some(migration::Phase::Succeeded | migration::Phase::Restarted)
-                )
+                && migration
+                    .phase()
+                    .is_some_and(migration::Phase::moved_the_workload)
         })
         .find(|migration| {
             migration
