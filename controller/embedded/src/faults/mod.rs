@@ -674,6 +674,9 @@ pub struct RunRecord {
     pub outcome: String,
     pub deadline_hit: bool,
     pub training_finished: bool,
+    /// When the training wrote its `done` line (Unix seconds).
+    #[serde(default)]
+    pub training_finished_at: Option<f64>,
     pub final_epoch: Option<u32>,
     pub final_loss_hex: Option<String>,
     pub loss_identical: bool,
@@ -734,6 +737,7 @@ impl RunRecord {
             outcome: "not run".into(),
             deadline_hit: false,
             training_finished: false,
+            training_finished_at: None,
             final_epoch: None,
             final_loss_hex: None,
             loss_identical: false,
@@ -1230,6 +1234,7 @@ async fn drive(
         migrations,
         deadline_hit,
         training_finished: analysis.finished,
+        training_finished_at: analysis.finished_at,
         final_epoch: analysis.final_epoch,
         final_loss_hex: analysis.final_loss_hex.clone(),
         loss_identical: false,
@@ -1568,7 +1573,14 @@ fn home_node_findings(record: &RunRecord) -> Vec<String> {
                 &record.downtime,
                 downtime::Downtime::Resumed { node, .. } if node != cut
             );
-            if !elsewhere {
+            // Training that ended on the cut node before its agent had to stop it (the
+            // self-fence window after the cut) was never the product's to move.
+            let ended_in_window = matches!(record.downtime, downtime::Downtime::NotStopped)
+                && record
+                    .training_finished_at
+                    .zip(record.injection.at)
+                    .is_some_and(|(done, cut_at)| done <= cut_at + SELF_FENCE_WINDOW_S);
+            if !elsewhere && !ended_in_window {
                 findings.push(format!(
                     "the training of a node cut off from the API server but alive ({cut}) was not resumed on another node (downtime: {})",
                     record.downtime.describe()
@@ -1579,6 +1591,12 @@ fn home_node_findings(record: &RunRecord) -> Vec<String> {
     }
     findings
 }
+
+/// The local cluster's self-fence window after a cut: `selfFenceAfter` (3 s, counted from
+/// the last heartbeat, which is no later than the cut) plus `stopTime` (2 s)
+/// ([`crate::kube::KubeClusterConfig::self_fence_timing`]). A training that ends on a cut
+/// node within it ended before the node had to be fenced.
+const SELF_FENCE_WINDOW_S: f64 = 5.0;
 
 /// Every kind.
 pub fn all_kinds() -> Vec<FaultKind> {
@@ -1899,6 +1917,20 @@ mod tests {
         // Trained on where it was cut off (nobody fenced it), or restarted there.
         assert_eq!(api_cut(downtime::Downtime::NotStopped).findings.len(), 1);
         assert_eq!(api_cut(resumed_on(HOME_NODE)).findings.len(), 1);
+        // The training ended on the cut node 3 s after the cut, inside the self-fence window:
+        // there was nothing to move. 10 s after: its agent should have stopped it.
+        let ended_after = |seconds: f64| {
+            judged(|record| {
+                record.plan = home_plan(FaultKind::ApiCut, home_node::Moment::Percent);
+                record.fault_fired = true;
+                record.injection.node = Some(HOME_NODE.into());
+                record.injection.at = Some(100.0);
+                record.training_finished_at = Some(100.0 + seconds);
+                record.downtime = downtime::Downtime::NotStopped;
+            })
+        };
+        assert!(ended_after(3.0).findings.is_empty());
+        assert_eq!(ended_after(10.0).findings.len(), 1);
     }
 
     #[test]

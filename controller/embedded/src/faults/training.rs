@@ -142,6 +142,9 @@ pub struct TrainingRecord {
     pub final_loss_hex: Option<String>,
     /// From the first line to the `done` line.
     pub training_s: Option<f64>,
+    /// When the `done` line was written (Unix seconds).
+    #[serde(default)]
+    pub finished_at: Option<f64>,
     /// The epoch count jumped forward somewhere: two copies appended at the same time.
     pub interleaved: bool,
     /// Per segment after the first: the last epoch it did not compute again (0: from the
@@ -264,6 +267,7 @@ pub fn analyse(progress: &Progress) -> TrainingRecord {
             ProgressLine::Done { at, .. } => {
                 record.finished = true;
                 record.training_s = first_at.map(|first| at - first);
+                record.finished_at = Some(*at);
             }
         }
     }
