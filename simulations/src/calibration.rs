@@ -399,9 +399,18 @@ fn field<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
         .map_or("", |(_, value)| value.as_str())
 }
 
-/// Section 6: every figure that moved between the results before calibration (`before_*`)
-/// and these (`after_*`, the same CSVs this run writes), with the reasons.
+/// The heading and the sentence that says what "before" is, for [`moved`].
+#[derive(Debug, Clone, Copy)]
+pub struct MovedSection<'a> {
+    pub heading: &'a str,
+    pub before: &'a str,
+}
+
+/// Section 6 (and 7): every figure that moved between earlier results (`before_*`) and these
+/// (`after_*`, the same CSVs this run writes), with the reasons.
+#[allow(clippy::too_many_arguments)]
 pub fn moved(
+    section: MovedSection<'_>,
     before_policies: &[Vec<(String, String)>],
     after_policies: &[Vec<(String, String)>],
     before_table3: &[Vec<(String, String)>],
@@ -411,10 +420,11 @@ pub fn moved(
     reasons: &[(&str, String)],
 ) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "## 6. What moved with the calibration, and why\n");
+    let _ = writeln!(out, "## {}\n", section.heading);
     let _ = writeln!(
         out,
-        "Before = the results of the uncalibrated model (commit 2038ca6, kept in `simulations/scenarios/uncalibrated/`); after = this run. Only figures that changed are listed; wall times are left out (they measure the machine, not the model).\n"
+        "Before = {}; after = this run. Only figures that changed are listed; wall times are left out (they measure the machine, not the model).\n",
+        section.before
     );
     let columns = [
         ("lost_node_hours", "lost node-h"),

@@ -42,6 +42,10 @@ enum Command {
         /// Results of the model before calibration (policies.csv, table3.csv, fig5.csv), for "what moved".
         #[arg(long, default_value_t = default_path("scenarios/uncalibrated"))]
         before: String,
+        /// Results of the simulator before it carried out migrations with the core driver, for
+        /// "what moved" when it did.
+        #[arg(long, default_value_t = default_path("scenarios/before-driver"))]
+        before_driver: String,
         /// Policy runs in parallel (each run is single-threaded and deterministic).
         #[arg(long, default_value_t = 2)]
         threads: usize,
@@ -74,6 +78,7 @@ fn main() -> Result<()> {
             out,
             measured,
             before,
+            before_driver,
             threads,
         } => regenerate(
             Path::new(&paper),
@@ -82,6 +87,7 @@ fn main() -> Result<()> {
             &Calibration {
                 measured: Path::new(&measured),
                 before: Path::new(&before),
+                before_driver: Path::new(&before_driver),
             },
             threads,
         ),
@@ -141,6 +147,7 @@ fn run_policies(
 struct Calibration<'a> {
     measured: &'a Path,
     before: &'a Path,
+    before_driver: &'a Path,
 }
 
 fn regenerate(
@@ -204,6 +211,10 @@ fn regenerate(
     markdown.push_str(&calibration::section(&measured, &scale));
     let csv = |dir: &Path, name: &str| calibration::read_csv(&dir.join(name));
     markdown.push_str(&calibration::moved(
+        calibration::MovedSection {
+            heading: "6. What moved with the calibration, and why",
+            before: "the results of the uncalibrated model (commit 2038ca6, kept in `simulations/scenarios/uncalibrated/`)",
+        },
         &csv(calibration.before, "policies.csv")?,
         &csv(out, "policies.csv")?,
         &csv(calibration.before, "table3.csv")?,
@@ -211,6 +222,19 @@ fn regenerate(
         &csv(calibration.before, "fig5.csv")?,
         &csv(out, "fig5.csv")?,
         &report::calibration_reasons(&inputs),
+    ));
+    markdown.push_str(&calibration::moved(
+        calibration::MovedSection {
+            heading: "7. What moved when the simulator moved onto the driver",
+            before: "the results of the simulator that still carried out migrations with its own copy of the driver's rules (commit 44ae814, kept in `simulations/scenarios/before-driver/`); now every migration goes through the controller's driver (`automigrate_core::driver`) on the simulator's port (`src/sim/port.rs`)",
+        },
+        &csv(calibration.before_driver, "policies.csv")?,
+        &csv(out, "policies.csv")?,
+        &csv(calibration.before_driver, "table3.csv")?,
+        &csv(out, "table3.csv")?,
+        &csv(calibration.before_driver, "fig5.csv")?,
+        &csv(out, "fig5.csv")?,
+        &report::driver_reasons(),
     ));
     write("report.md", &markdown)?;
     eprintln!(
