@@ -511,3 +511,81 @@ impl Simulation<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use automigrate_core::driver::{Action, Outcome, Role, Run};
+    use automigrate_core::migration::{Limits, MigrationState};
+
+    use crate::scenario::ClusterScenario;
+    use crate::sim::RunOptions;
+    use crate::sim::clock::timestamp;
+    use crate::sim::simulation::Simulation;
+    use crate::sim::state::{JobState, SimMigration, node_name};
+
+    /// The driver asks for a fresh start again on a later turn of a rollback (it waits for the
+    /// new copy there); the port must find the copy it started, not start a second one.
+    #[test]
+    fn a_replacement_asked_for_again_is_not_started_twice() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/test-small.yaml");
+        let scenario = ClusterScenario::load(&path).unwrap();
+        let policies = scenario.load_policies().unwrap();
+        let policy = policies.iter().find(|p| p.name == "reactive").unwrap();
+        let mut sim = Simulation::new(&scenario, policy, RunOptions::default(), &[]).unwrap();
+        let (job, source, target) = (0, 1, 2);
+        sim.bind(job, source);
+        sim.jobs[job].state = JobState::Down { node: source };
+        let state = MigrationState::new(
+            node_name(source),
+            node_name(target),
+            false,
+            timestamp(sim.now),
+            None,
+        );
+        let limits = Limits::from_policy(&policy.engine);
+        let run = Run::new(state, limits, policy.engine.triggers.lease_timeout);
+        sim.migrations.push(SimMigration {
+            job,
+            source,
+            target,
+            run: run.clone(),
+            transfers: Vec::new(),
+            dump_progress: None,
+            in_flight: Vec::new(),
+            transfers_started: 0,
+            seq: 0,
+            target_reserved: true,
+            source_released: false,
+            job_on_target: false,
+            started_fresh_on_target: false,
+            ended: false,
+        });
+        let start = Action::StartReplacement {
+            node: node_name(target),
+            from: None,
+            role: Role::Rollback,
+        };
+        assert!(matches!(
+            sim.port_act(0, &run, &start),
+            Outcome::Waiting { .. }
+        ));
+        sim.now = sim.migrations[0].in_flight[0].done_at;
+        assert_eq!(sim.port_act(0, &run, &start), Outcome::done());
+        let epoch = sim.jobs[job].epoch;
+        assert!(matches!(sim.jobs[job].state, JobState::Running { node, .. } if node == target));
+
+        assert_eq!(
+            sim.port_act(0, &run, &start),
+            Outcome::done(),
+            "the copy already runs on the target"
+        );
+        assert!(
+            sim.migrations[0].in_flight.is_empty(),
+            "nothing started again"
+        );
+        assert_eq!(sim.jobs[job].epoch, epoch, "the job was not restarted");
+        assert_eq!(sim.audit.running_twice, 0);
+    }
+}
