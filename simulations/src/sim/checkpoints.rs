@@ -1,19 +1,28 @@
 //! Periodic checkpoints: timers in batches, the freeze, the copy to the standby, the commit.
 
-use automigrate_core::decide::CheckpointDecision;
+use std::time::Duration;
 
-use super::clock::{Ms, ms};
+use automigrate_core::decide::CheckpointDecision;
+use automigrate_core::driver::periodic;
+
+use super::clock::{Ms, ms, sim_time, timestamp};
 use super::simulation::Simulation;
 use super::state::{Event, JobState, PendingCheckpoint, SimCheckpointCopy, node_index};
 
 impl Simulation<'_> {
+    /// When to look at the job again for its next checkpoint: the driver's rule
+    /// ([`periodic::next_check_at`]).
     pub(super) fn next_checkpoint_check(&self, job: usize) -> Ms {
         let state = &self.jobs[job];
-        match (&state.checkpoint, state.interval) {
-            (Some(checkpoint), Some(interval)) => (checkpoint.taken_at + interval).max(self.now),
-            (Some(_), None) => self.now + ms(self.policy.engine.checkpoint.min_interval),
-            (None, _) => self.now,
-        }
+        sim_time(periodic::next_check_at(
+            timestamp(self.now),
+            state
+                .checkpoint
+                .as_ref()
+                .map(|checkpoint| timestamp(checkpoint.taken_at)),
+            state.interval.map(Duration::from_millis),
+            self.policy.engine.checkpoint.min_interval,
+        ))
     }
 
     pub(super) fn schedule_checkpoint_check(&mut self, job: usize, at: Ms) {
