@@ -159,3 +159,126 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
         state.history
     );
 }
+
+/// The recording double, except that a final dump never answers: the node died while dumping
+/// (no TCP answer ever comes from a powered-off or cut-off node).
+#[derive(Debug)]
+struct DumpNeverAnswers {
+    inner: RecordingAgent,
+}
+
+impl NodeAgent for DumpNeverAnswers {
+    fn checkpoint<'a>(
+        &'a self,
+        node: &'a str,
+        pod: &'a PodRef,
+        container: &'a str,
+        kind: CheckpointKind,
+    ) -> AgentResult<'a, CheckpointTaken> {
+        if kind == CheckpointKind::Final {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.checkpoint(node, pod, container, kind)
+    }
+
+    fn checkpoints<'a>(
+        &'a self,
+        node: &'a str,
+        pod: &'a PodRef,
+    ) -> AgentResult<'a, Vec<CheckpointTaken>> {
+        self.inner.checkpoints(node, pod)
+    }
+
+    fn start_transfer<'a>(
+        &'a self,
+        from: &'a str,
+        payload: &'a TransferPayload,
+        to: &'a str,
+    ) -> AgentResult<'a, TransferProgress> {
+        self.inner.start_transfer(from, payload, to)
+    }
+
+    fn transfer_status<'a>(
+        &'a self,
+        node: &'a str,
+        id: &'a str,
+    ) -> AgentResult<'a, TransferProgress> {
+        self.inner.transfer_status(node, id)
+    }
+
+    fn build_image<'a>(&'a self, node: &'a str, checkpoint_id: &'a str) -> AgentResult<'a, String> {
+        self.inner.build_image(node, checkpoint_id)
+    }
+
+    fn peers<'a>(&'a self, node: &'a str) -> AgentResult<'a, Vec<PeerLatency>> {
+        self.inner.peers(node)
+    }
+}
+
+/// A source that dies while its final dump is asked for (fault suite, issue 16 campaign: a
+/// node powered off 0.1–0.3 s into Checkpointing held the phase 31 s): the call is given up
+/// once the source's Lease has expired, and the next round counts the source as lost.
+#[tokio::test]
+async fn a_dump_the_dead_source_never_answers_is_given_up_when_its_lease_expires() {
+    let cluster = FakeCluster::new();
+    let agent = RecordingAgent::new();
+    let clock = ManualClock::new(t0());
+    let dead = Arc::new(DumpNeverAnswers {
+        inner: agent.clone(),
+    });
+    let h =
+        Harness::start_with_agent(&cluster, &agent, dead, clock.clone(), Config::default()).await;
+    healthy_cluster(&h, "{}").await;
+    agent.set_now(at(0));
+    let name = h
+        .request_migration("trainer", Some("edge-3"), "dies while dumping")
+        .await;
+    let stores = h.controller.stores.clone();
+    h.controller.decider.pass(at(0)).await.unwrap();
+    eventually("the started Migration to reach the store", || {
+        stores
+            .migration(NS, &name)
+            .is_some_and(|m| m.status.is_some())
+    })
+    .await;
+
+    // While the round waits on the dump, 40 s pass (the default lease timeout is 30 s): the
+    // source's Lease stays at 0 s, the other nodes renew theirs.
+    let renewing = {
+        let cluster = cluster.clone();
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            clock.advance(Duration::from_secs(40));
+            for name in ["edge-1", "edge-3"] {
+                cluster.put(&lease(name, at(40)));
+            }
+        })
+    };
+    let mut phase = Phase::Pending;
+    let mut message = None;
+    for _ in 0..20 {
+        let migration = stores.migration(NS, &name).unwrap();
+        let advanced = tokio::time::timeout(
+            Duration::from_secs(30),
+            h.controller.executor.advance(&migration, clock.now()),
+        )
+        .await
+        .expect("the round still waits on the dead source's dump")
+        .unwrap();
+        phase = advanced.phase;
+        let status = h.status(&name);
+        message = status.state.message.clone();
+        if !status.state.source_alive {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    renewing.await.unwrap();
+    let status = h.status(&name);
+    assert!(
+        !status.state.source_alive,
+        "phase {phase}, message {message:?}"
+    );
+    assert_ne!(phase, Phase::Checkpointing, "{message:?}");
+}

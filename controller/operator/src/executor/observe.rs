@@ -52,7 +52,7 @@ impl OperatorPort<'_> {
     }
 
     /// The node's last heartbeat: its Lease's renewTime.
-    fn lease_renewed(&self, node: &str) -> Option<Timestamp> {
+    pub(super) fn lease_renewed(&self, node: &str) -> Option<Timestamp> {
         let lease = self.executor.stores.node_lease(node)?;
         Some(lease.spec.as_ref()?.renew_time.as_ref()?.0)
     }

@@ -49,12 +49,19 @@ impl<'a> OperatorPort<'a> {
     }
 }
 
-impl Port for OperatorPort<'_> {
-    fn now(&mut self) -> Timestamp {
+impl OperatorPort<'_> {
+    /// The round's `now`, moved on by the clock since the round began.
+    pub(super) fn clock_now(&self) -> Timestamp {
         match (&self.executor.clock, self.clock_at_start) {
             (Some(clock), Some(start)) => units::after(self.base, units::age(clock.now(), start)),
             _ => self.base,
         }
+    }
+}
+
+impl Port for OperatorPort<'_> {
+    fn now(&mut self) -> Timestamp {
+        self.clock_now()
     }
 
     async fn observe(&mut self, run: &Run) -> Observation {
