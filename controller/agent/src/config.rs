@@ -258,7 +258,8 @@ pub struct Args {
     #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_CHECK_INTERVAL", value_parser = duration, default_value = "1s")]
     pub self_fence_check_interval: Duration,
 
-    /// runc id of a protected pod's container for the kill: {namespace}, {pod}, {container},
+    /// runc id of a protected pod's container for the kill when its pod status gives none
+    /// (`containerStatuses[].containerID` is used first): {namespace}, {pod}, {container},
     /// {uid8} (default: --runc-container-id).
     #[arg(long, env = "AUTOMIGRATE_SELF_FENCE_CONTAINER_ID")]
     pub self_fence_container_id: Option<String>,

@@ -186,6 +186,11 @@ pub struct ProtectedPod {
     pub name: String,
     pub uid: String,
     pub containers: Vec<String>,
+    /// `status.containerStatuses[].containerID` by container name, as the kubelet last wrote
+    /// it (`<runtime>://<id>`): the runtime's id of the container, which is runc's id under
+    /// the runtime's runc root (containerd's `/run/containerd/runc/k8s.io`, CRI-O's
+    /// `/run/runc`). Raw; [`runtime_id`] checks it before it reaches runc.
+    pub container_ids: BTreeMap<String, String>,
 }
 
 /// This node's view of the API server: its Lease and its protected pods.
@@ -253,6 +258,18 @@ pub fn parse_protected(list: &serde_json::Value, node: &str) -> Vec<ProtectedPod
                 .unwrap_or_default()
                 .iter()
                 .map(|container| text(&container["name"]))
+                .collect(),
+            container_ids: pod["status"]["containerStatuses"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|status| {
+                    Some((
+                        status["name"].as_str()?.to_string(),
+                        status["containerID"].as_str()?.to_string(),
+                    ))
+                })
                 .collect(),
         })
         .collect()
@@ -418,8 +435,11 @@ pub async fn ask_one(
 }
 
 /// Kills protected pods' containers with `runc kill` (SIGKILL) and waits until runc reports
-/// them stopped. Container ids come from a template: `{namespace}`, `{pod}`, `{container}`,
-/// `{uid8}` (the first 8 alphanumerics of the pod's uid). A stop succeeds only when runc has
+/// them stopped. A container's runc id is the one its pod's status last gave
+/// (`containerStatuses[].containerID`, see [`runtime_id`]), kept from the last successful pod
+/// list so that the kill works while the node is cut off; without one (no status yet, or a
+/// malformed id) it comes from a template: `{namespace}`, `{pod}`, `{container}`, `{uid8}` (the
+/// first 8 alphanumerics of the pod's uid). A stop succeeds only when runc has
 /// shown every listed protected container and says it is stopped (or it was since deleted):
 /// an id runc never finds, or a `runc state` that fails otherwise, fails the stop.
 #[derive(Debug)]
@@ -458,6 +478,33 @@ pub fn container_id(template: &str, pod: &ProtectedPod, container: &str) -> Stri
         .replace("{pod}", &pod.name)
         .replace("{container}", container)
         .replace("{uid8}", &uid8)
+}
+
+/// The runc id in a `containerID` (`containerd://<64 hex>`, `cri-o://<id>`, the local
+/// kubelet's `runc://<id>`): the part after `<scheme>://`, if it is a plain runc argument — only
+/// `[A-Za-z0-9_.-]`, not starting with `-` (runc would read an option), not `.` or `..` (a path
+/// under the runc root), at most 1024 bytes. Anything else is refused (`None`): the kill falls
+/// back to the template id, and if runc does not find that either the stop fails.
+pub fn runtime_id(container_id: &str) -> Option<&str> {
+    let (scheme, id) = container_id.split_once("://")?;
+    let plain = |byte: u8| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-');
+    let valid = !scheme.is_empty()
+        && !id.is_empty()
+        && id.len() <= 1024
+        && id.bytes().all(plain)
+        && !id.starts_with('-')
+        && id != "."
+        && id != "..";
+    valid.then_some(id)
+}
+
+/// The runc id the kill uses for `container` of `pod`: the id its status gave, else the
+/// template's (see [`RuncStopper`]).
+pub fn kill_id(template: &str, pod: &ProtectedPod, container: &str) -> String {
+    pod.container_ids
+        .get(container)
+        .and_then(|raw| runtime_id(raw))
+        .map_or_else(|| container_id(template, pod, container), str::to_string)
 }
 
 impl RuncStopper {
@@ -547,7 +594,7 @@ impl Stopper for RuncStopper {
                     .map(|container| {
                         (
                             format!("{}/{}", pod.namespace, pod.name),
-                            container_id(&self.template, pod, container),
+                            kill_id(&self.template, pod, container),
                         )
                     })
                     .collect::<Vec<_>>()
@@ -562,9 +609,10 @@ impl Stopper for RuncStopper {
             condemned.clone()
         };
         let killed = self.kill_all(&all).await?;
-        // A listed container runc never showed may run where runc cannot see it (hashed
-        // containerd ids, a wrong id template, another runc root): nothing confirms it stopped,
-        // so the stop failed (retried, and overdue starves the watchdog) — never "fenced".
+        // A listed container runc never showed may run where runc cannot see it (a stale or
+        // missing status id and a template that does not match, another runc root): nothing
+        // confirms it stopped, so the stop failed (retried, and overdue starves the watchdog) —
+        // never "fenced".
         let found = self
             .found
             .lock()
@@ -917,6 +965,7 @@ esac
             name: "trainer".into(),
             uid: "1a2b-3c4d-5e6f".into(),
             containers: vec!["main".into(), "side".into()],
+            container_ids: BTreeMap::new(),
         };
         let protected = Arc::new(Mutex::new(vec![trainer]));
         let stopper = RuncStopper {
@@ -955,6 +1004,7 @@ esac
             name: "trainer".into(),
             uid: "1a2b-3c4d-5e6f".into(),
             containers: vec!["main".into(), "side".into()],
+            container_ids: BTreeMap::new(),
         });
         std::fs::remove_file(root.join("ml_trainer_side_1a2b3c4d.exists")).unwrap();
         assert_eq!(stopper.stop_protected().await.unwrap(), 0);
@@ -1016,6 +1066,7 @@ esac
             name: "trainer".into(),
             uid: "1a2b-3c4d-5e6f".into(),
             containers: vec!["main".into()],
+            container_ids: BTreeMap::new(),
         };
         let stopper = RuncStopper {
             runc: fake_runc(dir.path()),
@@ -1078,6 +1129,205 @@ esac
             "{events:?}"
         );
         assert!(!petted_after_stop_time, "watchdog still fed");
+    }
+
+    /// The containerd id of the trainer's main container in the tests below.
+    const HASH: &str = "4f1d9c0e7b2a61d8c3e5f7a9b0c2d4e6f8a1b3c5d7e9f0a2b4c6d8e0f1a3b5c7";
+
+    /// A pod list as the API server gives it on a containerd node: the trainer's main
+    /// container has a hashed id, its side container none yet.
+    fn containerd_pod_list() -> serde_json::Value {
+        serde_json::json!({"items": [
+            {"metadata": {"namespace": "ml", "name": "trainer", "uid": "1a2b-3c4d-5e6f",
+                          "annotations": {"automigrate.dev/protect": "true"}},
+             "spec": {"nodeName": "node-a", "containers": [{"name": "main"}, {"name": "side"}]},
+             "status": {"containerStatuses": [
+                 {"name": "main", "containerID": format!("containerd://{HASH}")},
+                 {"name": "side"}]}}
+        ]})
+    }
+
+    /// Fails if the kill does not use the id from the pod's status (containerd's hashes, which
+    /// no template yields), or if a container without one does not fall back to the template.
+    #[tokio::test]
+    async fn the_kill_uses_container_ids_from_the_pod_status() {
+        let pods = parse_protected(&containerd_pod_list(), "node-a");
+        assert_eq!(pods.len(), 1);
+        let template = "{namespace}_{pod}_{container}_{uid8}";
+        assert_eq!(kill_id(template, &pods[0], "main"), HASH);
+        assert_eq!(
+            kill_id(template, &pods[0], "side"),
+            "ml_trainer_side_1a2b3c4d"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        for id in [HASH, "ml_trainer_side_1a2b3c4d"] {
+            std::fs::write(root.join(format!("{id}.exists")), "").unwrap();
+        }
+        let stopper = RuncStopper {
+            runc: fake_runc(dir.path()),
+            root: Some(root.clone()),
+            template: template.into(),
+            protected: Arc::new(Mutex::new(pods)),
+            condemned: Mutex::new(BTreeSet::new()),
+            stop_time: Duration::from_secs(10),
+            found: Mutex::new(BTreeSet::new()),
+        };
+        assert_eq!(stopper.stop_protected().await.unwrap(), 2);
+        assert!(root.join(format!("{HASH}.killed")).exists());
+        assert!(root.join("ml_trainer_side_1a2b3c4d.killed").exists());
+    }
+
+    /// Fails if an id that is not a plain runc argument (an option, a path, a shell word) is
+    /// passed to runc: it is refused and the template id is used instead.
+    #[test]
+    fn a_malformed_container_id_is_refused() {
+        assert_eq!(runtime_id(&format!("containerd://{HASH}")), Some(HASH));
+        assert_eq!(runtime_id("cri-o://abc_1.2-3"), Some("abc_1.2-3"));
+        assert_eq!(
+            runtime_id("runc://ml_trainer_main_1a2b3c4d"),
+            Some("ml_trainer_main_1a2b3c4d")
+        );
+        for bad in [
+            "containerd://",
+            "://abc",
+            HASH,
+            "containerd://--root=/tmp",
+            "containerd://..",
+            "containerd://.",
+            "containerd://../../etc",
+            "containerd://a b",
+            "containerd://a;reboot",
+            "containerd://a/b",
+            "containerd://ünïcode",
+        ] {
+            assert_eq!(runtime_id(bad), None, "{bad}");
+        }
+        let mut pods = parse_protected(&containerd_pod_list(), "node-a");
+        pods[0]
+            .container_ids
+            .insert("main".into(), "containerd://--root=/tmp".into());
+        assert_eq!(
+            kill_id("{namespace}_{pod}_{container}_{uid8}", &pods[0], "main"),
+            "ml_trainer_main_1a2b3c4d"
+        );
+    }
+
+    /// A stand-in API server on a loopback port: answers the Lease read and the pod list from
+    /// `answers` (path prefix, HTTP status, body), one request a connection, until it is
+    /// dropped (aborted).
+    async fn fake_api(
+        answers: Vec<(&'static str, u16, String)>,
+    ) -> (String, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let serving = tokio::spawn(async move {
+            let answers = Arc::new(answers);
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                        let read = stream.read(&mut buffer).await.unwrap();
+                        if read == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buffer[..read]);
+                    }
+                    let request = String::from_utf8(request).unwrap();
+                    let (status, body) = answers
+                        .iter()
+                        .find(|(prefix, _, _)| request.starts_with(&format!("GET {prefix}")))
+                        .map_or((404, String::new()), |(_, status, body)| {
+                            (*status, body.clone())
+                        });
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                });
+            }
+        });
+        (url, serving)
+    }
+
+    /// The point of the cache: the kill happens when the agent is cut off. Fails if the ids
+    /// learnt while the API server answered are lost when a pod list fails or the API server
+    /// is gone, or if the kill then does not use them.
+    #[tokio::test]
+    async fn the_last_known_ids_are_kept_and_used_when_the_api_server_is_gone() {
+        let lease = r#"{"spec":{"renewTime":"2026-12-06T15:00:00Z"}}"#.to_string();
+        let standing = |url: &str| NodeStanding {
+            node: "node-a".into(),
+            view: ApiView {
+                api: ApiServerTransport::new(url, None, None, Duration::from_secs(5)).unwrap(),
+            },
+            peers: PeerSource {
+                fixed: Vec::new(),
+                file: None,
+            },
+            key: None,
+            answer_timeout: Duration::from_millis(100),
+            protected: Arc::new(Mutex::new(Vec::new())),
+            pods_every: 1,
+            reads: Mutex::new(0),
+        };
+        // The API server answers: the ids are learnt.
+        let (url, serving) = fake_api(vec![
+            ("/apis/coordination.k8s.io/", 200, lease.clone()),
+            ("/api/v1/pods", 200, containerd_pod_list().to_string()),
+        ])
+        .await;
+        let mut node = standing(&url);
+        node.own_heartbeat_age().await.unwrap();
+        serving.abort();
+        let _ = serving.await;
+        let learnt = node.protected.lock().unwrap().clone();
+        assert_eq!(
+            learnt[0].container_ids["main"],
+            format!("containerd://{HASH}")
+        );
+        // The Lease still reads but the pod list fails: the ids stay.
+        let (url, serving) = fake_api(vec![
+            ("/apis/coordination.k8s.io/", 200, lease),
+            ("/api/v1/pods", 500, "{}".into()),
+        ])
+        .await;
+        let protected = node.protected.clone();
+        node = NodeStanding {
+            protected: protected.clone(),
+            ..standing(&url)
+        };
+        node.own_heartbeat_age().await.unwrap();
+        serving.abort();
+        let _ = serving.await;
+        assert_eq!(*protected.lock().unwrap(), learnt);
+        // The API server is gone: no read, the ids stay, and the kill uses them.
+        assert!(node.own_heartbeat_age().await.is_err());
+        assert_eq!(*protected.lock().unwrap(), learnt);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        for id in [HASH, "ml_trainer_side_1a2b3c4d"] {
+            std::fs::write(root.join(format!("{id}.exists")), "").unwrap();
+        }
+        let stopper = RuncStopper {
+            runc: fake_runc(dir.path()),
+            root: Some(root.clone()),
+            template: "{namespace}_{pod}_{container}_{uid8}".into(),
+            protected,
+            condemned: Mutex::new(BTreeSet::new()),
+            stop_time: Duration::from_secs(10),
+            found: Mutex::new(BTreeSet::new()),
+        };
+        assert_eq!(stopper.stop_protected().await.unwrap(), 2);
+        let calls = std::fs::read_to_string(root.join("calls")).unwrap();
+        assert!(calls.contains(&format!("kill {HASH} KILL")), "{calls}");
     }
 
     /// Fails if a container whose init pid /proc does not show (the agent is not in the host
