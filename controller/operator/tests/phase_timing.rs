@@ -20,12 +20,14 @@ use automigrate_operator::crd::{Migration, TransferPayload};
 mod common;
 use common::*;
 
-/// The recording double, except that a final checkpoint takes `dump` on the manual clock.
+/// The recording double, except that a final checkpoint takes `dump` on the manual clock, or
+/// never answers (`None`: the node died while dumping; no TCP answer ever comes from a
+/// powered-off or cut-off node).
 #[derive(Debug)]
 struct SlowDump {
     inner: RecordingAgent,
     clock: ManualClock,
-    dump: Duration,
+    dump: Option<Duration>,
 }
 
 impl NodeAgent for SlowDump {
@@ -37,7 +39,10 @@ impl NodeAgent for SlowDump {
         kind: CheckpointKind,
     ) -> AgentResult<'a, CheckpointTaken> {
         if kind == CheckpointKind::Final {
-            self.clock.advance(self.dump);
+            let Some(dump) = self.dump else {
+                return Box::pin(std::future::pending());
+            };
+            self.clock.advance(dump);
             self.inner.set_now(self.clock.now());
         }
         self.inner.checkpoint(node, pod, container, kind)
@@ -88,7 +93,7 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
     let slow = Arc::new(SlowDump {
         inner: agent.clone(),
         clock: clock.clone(),
-        dump: Duration::from_secs(20),
+        dump: Some(Duration::from_secs(20)),
     });
     let h =
         Harness::start_with_agent(&cluster, &agent, slow, clock.clone(), Config::default()).await;
@@ -160,61 +165,6 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
     );
 }
 
-/// The recording double, except that a final dump never answers: the node died while dumping
-/// (no TCP answer ever comes from a powered-off or cut-off node).
-#[derive(Debug)]
-struct DumpNeverAnswers {
-    inner: RecordingAgent,
-}
-
-impl NodeAgent for DumpNeverAnswers {
-    fn checkpoint<'a>(
-        &'a self,
-        node: &'a str,
-        pod: &'a PodRef,
-        container: &'a str,
-        kind: CheckpointKind,
-    ) -> AgentResult<'a, CheckpointTaken> {
-        if kind == CheckpointKind::Final {
-            return Box::pin(std::future::pending());
-        }
-        self.inner.checkpoint(node, pod, container, kind)
-    }
-
-    fn checkpoints<'a>(
-        &'a self,
-        node: &'a str,
-        pod: &'a PodRef,
-    ) -> AgentResult<'a, Vec<CheckpointTaken>> {
-        self.inner.checkpoints(node, pod)
-    }
-
-    fn start_transfer<'a>(
-        &'a self,
-        from: &'a str,
-        payload: &'a TransferPayload,
-        to: &'a str,
-    ) -> AgentResult<'a, TransferProgress> {
-        self.inner.start_transfer(from, payload, to)
-    }
-
-    fn transfer_status<'a>(
-        &'a self,
-        node: &'a str,
-        id: &'a str,
-    ) -> AgentResult<'a, TransferProgress> {
-        self.inner.transfer_status(node, id)
-    }
-
-    fn build_image<'a>(&'a self, node: &'a str, checkpoint_id: &'a str) -> AgentResult<'a, String> {
-        self.inner.build_image(node, checkpoint_id)
-    }
-
-    fn peers<'a>(&'a self, node: &'a str) -> AgentResult<'a, Vec<PeerLatency>> {
-        self.inner.peers(node)
-    }
-}
-
 /// A source that dies while its final dump is asked for (fault suite, issue 16 campaign: a
 /// node powered off 0.1–0.3 s into Checkpointing held the phase 31 s): the call is given up
 /// once the source's Lease has expired, and the next round counts the source as lost.
@@ -223,8 +173,10 @@ async fn a_dump_the_dead_source_never_answers_is_given_up_when_its_lease_expires
     let cluster = FakeCluster::new();
     let agent = RecordingAgent::new();
     let clock = ManualClock::new(t0());
-    let dead = Arc::new(DumpNeverAnswers {
+    let dead = Arc::new(SlowDump {
         inner: agent.clone(),
+        clock: clock.clone(),
+        dump: None,
     });
     let h =
         Harness::start_with_agent(&cluster, &agent, dead, clock.clone(), Config::default()).await;
