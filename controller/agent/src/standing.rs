@@ -439,7 +439,10 @@ pub async fn ask_one(
 /// (`containerStatuses[].containerID`, see [`runtime_id`]), kept from the last successful pod
 /// list so that the kill works while the node is cut off; without one (no status yet, or a
 /// malformed id) it comes from a template: `{namespace}`, `{pod}`, `{container}`, `{uid8}` (the
-/// first 8 alphanumerics of the pod's uid). A stop succeeds only when runc has
+/// first 8 alphanumerics of the pod's uid). Besides, runc's state is scanned on every stop and
+/// keep-down for containers labelled with a condemned pod's uid and container name
+/// ([`labelled_containers`]): the kubelet may restart one under a new id while the node is cut
+/// off. A stop succeeds only when runc has
 /// shown every listed protected container and says it is stopped (or it was since deleted):
 /// an id runc never finds, or a `runc state` that fails otherwise, fails the stop.
 #[derive(Debug)]
@@ -453,6 +456,10 @@ pub struct RuncStopper {
     /// Ids runc has shown at least once: one of these that is gone now was removed (after it
     /// stopped); a protected pod's id runc never showed is a container it cannot see.
     pub found: Mutex<BTreeSet<String>>,
+    /// (pod uid, container name) of every container it condemned: runc state is scanned for
+    /// them on every stop and keep-down (see [`labelled_containers`]), so a container the
+    /// kubelet (re)started under a new id is found too.
+    pub condemned_pods: Mutex<BTreeSet<PodContainer>>,
 }
 
 /// What runc says about one container id.
@@ -487,15 +494,73 @@ pub fn container_id(template: &str, pod: &ProtectedPod, container: &str) -> Stri
 /// back to the template id, and if runc does not find that either the stop fails.
 pub fn runtime_id(container_id: &str) -> Option<&str> {
     let (scheme, id) = container_id.split_once("://")?;
+    (!scheme.is_empty() && plain_id(id)).then_some(id)
+}
+
+/// (pod uid, container name): a pod's container across its restarts.
+pub type PodContainer = (String, String);
+
+/// Whether `id` is a plain runc argument (see [`runtime_id`]).
+fn plain_id(id: &str) -> bool {
     let plain = |byte: u8| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-');
-    let valid = !scheme.is_empty()
-        && !id.is_empty()
+    !id.is_empty()
         && id.len() <= 1024
         && id.bytes().all(plain)
         && !id.starts_with('-')
         && id != "."
-        && id != "..";
-    valid.then_some(id)
+        && id != ".."
+}
+
+/// The containers under the runc root `root` (`<id>/state.json`) whose labels — the OCI
+/// annotations the runtime set, which runc keeps as `key=value` in `config.labels` — name one
+/// of `wanted` (pod uid, container name): containerd's `io.kubernetes.cri.sandbox-uid` and
+/// `io.kubernetes.cri.container-name`, or `io.kubernetes.pod.uid` and
+/// `io.kubernetes.container.name`. A pod's sandbox (pause) container has no container name and
+/// never matches. Read from the node alone, so it finds a container the kubelet started while
+/// the node was cut off, whose id no pod status gave. As (id, (uid, container)).
+pub fn labelled_containers(
+    root: &std::path::Path,
+    wanted: &BTreeSet<PodContainer>,
+) -> Vec<(String, PodContainer)> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut matched = Vec::new();
+    for entry in entries.flatten() {
+        let id = entry.file_name().to_string_lossy().to_string();
+        if !plain_id(&id) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let labels: BTreeMap<&str, &str> = state["config"]["labels"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|label| label.as_str()?.split_once('='))
+            .collect();
+        let label = |keys: [&str; 2]| keys.iter().find_map(|key| labels.get(key).copied());
+        let (Some(uid), Some(container)) = (
+            label(["io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid"]),
+            label([
+                "io.kubernetes.cri.container-name",
+                "io.kubernetes.container.name",
+            ]),
+        ) else {
+            continue;
+        };
+        let key = (uid.to_string(), container.to_string());
+        if wanted.contains(&key) {
+            matched.push((id, key));
+        }
+    }
+    matched.sort();
+    matched
 }
 
 /// The runc id the kill uses for `container` of `pod`: the id its status gave, else the
@@ -508,6 +573,28 @@ pub fn kill_id(template: &str, pod: &ProtectedPod, container: &str) -> String {
 }
 
 impl RuncStopper {
+    /// The condemned pods' containers runc state shows now, added to the condemned ids.
+    fn scan_condemned(&self) -> Result<Vec<(String, PodContainer)>, String> {
+        let wanted = self
+            .condemned_pods
+            .lock()
+            .map_err(|_| "condemned pod list poisoned".to_string())?
+            .clone();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let root = self
+            .root
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_RUNC_ROOT));
+        let scanned = labelled_containers(&root, &wanted);
+        self.condemned
+            .lock()
+            .map_err(|_| "condemned list poisoned".to_string())?
+            .extend(scanned.iter().map(|(id, _)| id.clone()));
+        Ok(scanned)
+    }
+
     async fn runc(&self, args: &[&str]) -> Result<std::process::Output, String> {
         let mut command = tokio::process::Command::new(&self.runc);
         if let Some(root) = &self.root {
@@ -582,8 +669,9 @@ impl RuncStopper {
 
 impl Stopper for RuncStopper {
     async fn stop_protected(&self) -> Result<usize, String> {
-        // (pod, id) of every container of a protected pod the API server listed here.
-        let listed: Vec<(String, String)> = self
+        // (pod, id, (uid, container)) of every container of a protected pod the API server
+        // listed here.
+        let listed: Vec<(String, String, PodContainer)> = self
             .protected
             .lock()
             .map_err(|_| "protected pod list poisoned".to_string())?
@@ -595,17 +683,28 @@ impl Stopper for RuncStopper {
                         (
                             format!("{}/{}", pod.namespace, pod.name),
                             kill_id(&self.template, pod, container),
+                            (pod.uid.clone(), container.clone()),
                         )
                     })
                     .collect::<Vec<_>>()
             })
             .collect();
+        self.condemned_pods
+            .lock()
+            .map_err(|_| "condemned pod list poisoned".to_string())?
+            .extend(
+                listed
+                    .iter()
+                    .filter(|(_, _, (uid, _))| !uid.is_empty())
+                    .map(|(_, _, key)| key.clone()),
+            );
+        let scanned = self.scan_condemned()?;
         let all = {
             let mut condemned = self
                 .condemned
                 .lock()
                 .map_err(|_| "condemned list poisoned".to_string())?;
-            condemned.extend(listed.iter().map(|(_, id)| id.clone()));
+            condemned.extend(listed.iter().map(|(_, id, _)| id.clone()));
             condemned.clone()
         };
         let killed = self.kill_all(&all).await?;
@@ -618,10 +717,17 @@ impl Stopper for RuncStopper {
             .lock()
             .map_err(|_| "found list poisoned".to_string())?
             .clone();
+        // A container runc showed under the pod's labels counts as seen (the status id may be
+        // stale: the kubelet restarted it while the node was cut off).
+        let seen_by_label: BTreeSet<&PodContainer> = scanned
+            .iter()
+            .filter(|(id, _)| found.contains(id))
+            .map(|(_, key)| key)
+            .collect();
         let unseen: Vec<String> = listed
             .iter()
-            .filter(|(_, id)| !found.contains(id))
-            .map(|(pod, id)| format!("pod {pod} (runc id {id})"))
+            .filter(|(_, id, key)| !found.contains(id) && !seen_by_label.contains(key))
+            .map(|(pod, id, _)| format!("pod {pod} (runc id {id})"))
             .collect();
         if unseen.is_empty() {
             Ok(killed)
@@ -634,6 +740,7 @@ impl Stopper for RuncStopper {
     }
 
     async fn keep_down(&self) -> Result<usize, String> {
+        self.scan_condemned()?;
         let all = self
             .condemned
             .lock()
@@ -728,6 +835,7 @@ impl SelfFenceOptions {
             template: self.container_id,
             protected,
             condemned: Mutex::new(BTreeSet::new()),
+            condemned_pods: Mutex::new(BTreeSet::new()),
             stop_time: self.timing.stop_time,
             found: Mutex::new(BTreeSet::new()),
         };
@@ -974,6 +1082,7 @@ esac
             template: "{namespace}_{pod}_{container}_{uid8}".into(),
             protected: protected.clone(),
             condemned: Mutex::new(BTreeSet::new()),
+            condemned_pods: Mutex::new(BTreeSet::new()),
             stop_time: Duration::from_secs(10),
             found: Mutex::new(BTreeSet::new()),
         };
@@ -1029,6 +1138,7 @@ esac
             template: "{namespace}_{pod}_{container}".into(),
             protected: Arc::new(Mutex::new(Vec::new())),
             condemned: Mutex::new(BTreeSet::from(["ml_trainer_main".to_string()])),
+            condemned_pods: Mutex::new(BTreeSet::new()),
             stop_time: Duration::from_secs(10),
             found: Mutex::new(BTreeSet::new()),
         };
@@ -1074,6 +1184,7 @@ esac
             template: "{namespace}_{pod}_{container}_{uid8}".into(),
             protected: Arc::new(Mutex::new(vec![trainer])),
             condemned: Mutex::new(BTreeSet::new()),
+            condemned_pods: Mutex::new(BTreeSet::new()),
             stop_time: Duration::from_secs(10),
             found: Mutex::new(BTreeSet::new()),
         };
@@ -1171,6 +1282,7 @@ esac
             template: template.into(),
             protected: Arc::new(Mutex::new(pods)),
             condemned: Mutex::new(BTreeSet::new()),
+            condemned_pods: Mutex::new(BTreeSet::new()),
             stop_time: Duration::from_secs(10),
             found: Mutex::new(BTreeSet::new()),
         };
@@ -1322,12 +1434,93 @@ esac
             template: "{namespace}_{pod}_{container}_{uid8}".into(),
             protected,
             condemned: Mutex::new(BTreeSet::new()),
+            condemned_pods: Mutex::new(BTreeSet::new()),
             stop_time: Duration::from_secs(10),
             found: Mutex::new(BTreeSet::new()),
         };
         assert_eq!(stopper.stop_protected().await.unwrap(), 2);
         let calls = std::fs::read_to_string(root.join("calls")).unwrap();
         assert!(calls.contains(&format!("kill {HASH} KILL")), "{calls}");
+    }
+
+    /// Fails if a container the kubelet (re)starts under a new id — after the kill, or while
+    /// the node is cut off, so that the pod status the agent last read names an id runc no
+    /// longer has — is not found through its runc labels and killed, or if the pod's sandbox
+    /// or another pod's container is.
+    #[tokio::test]
+    async fn a_container_restarted_under_a_new_id_is_found_by_its_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        // A runc container: the fake runc's marker and runc's state.json with the labels.
+        let container = |id: &str, labels: &[&str]| {
+            std::fs::write(root.join(format!("{id}.exists")), "").unwrap();
+            std::fs::create_dir(root.join(id)).unwrap();
+            let mut labels: Vec<String> = labels.iter().map(|label| label.to_string()).collect();
+            labels.push(format!(
+                "bundle=/run/containerd/io.containerd.runtime.v2.task/k8s.io/{id}"
+            ));
+            std::fs::write(
+                root.join(id).join("state.json"),
+                serde_json::json!({"id": id, "config": {"labels": labels}}).to_string(),
+            )
+            .unwrap();
+        };
+        let trainer_main = [
+            "io.kubernetes.cri.container-type=container",
+            "io.kubernetes.cri.sandbox-uid=1a2b-3c4d-5e6f",
+            "io.kubernetes.cri.container-name=main",
+        ];
+        container("aaaa1111", &trainer_main);
+        container(
+            "pause0000",
+            &[
+                "io.kubernetes.cri.container-type=sandbox",
+                "io.kubernetes.cri.sandbox-uid=1a2b-3c4d-5e6f",
+            ],
+        );
+        container(
+            "other0000",
+            &[
+                "io.kubernetes.cri.sandbox-uid=9999-other",
+                "io.kubernetes.cri.container-name=main",
+            ],
+        );
+        let trainer = |id: &str| ProtectedPod {
+            namespace: "ml".into(),
+            name: "trainer".into(),
+            uid: "1a2b-3c4d-5e6f".into(),
+            containers: vec!["main".into()],
+            container_ids: BTreeMap::from([("main".to_string(), format!("containerd://{id}"))]),
+        };
+        let stopper = |protected: ProtectedPod| RuncStopper {
+            runc: fake_runc(dir.path()),
+            root: Some(root.clone()),
+            template: "{namespace}_{pod}_{container}_{uid8}".into(),
+            protected: Arc::new(Mutex::new(vec![protected])),
+            condemned: Mutex::new(BTreeSet::new()),
+            condemned_pods: Mutex::new(BTreeSet::new()),
+            stop_time: Duration::from_secs(10),
+            found: Mutex::new(BTreeSet::new()),
+        };
+        let fence = stopper(trainer("aaaa1111"));
+        assert_eq!(fence.stop_protected().await.unwrap(), 1);
+        // The kubelet deletes the killed container and starts the next one under a new id.
+        std::fs::remove_file(root.join("aaaa1111.exists")).unwrap();
+        std::fs::remove_dir_all(root.join("aaaa1111")).unwrap();
+        container("bbbb2222", &trainer_main);
+        assert_eq!(fence.keep_down().await.unwrap(), 1);
+        assert!(root.join("bbbb2222.killed").exists());
+        // Cut off before the restart: the status id is gone, the new container is found.
+        std::fs::remove_file(root.join("bbbb2222.killed")).unwrap();
+        let late = stopper(trainer("aaaa1111"));
+        assert_eq!(late.stop_protected().await.unwrap(), 1);
+        assert!(root.join("bbbb2222.killed").exists());
+        assert!(!root.join("pause0000.killed").exists(), "sandbox killed");
+        assert!(
+            !root.join("other0000.killed").exists(),
+            "another pod killed"
+        );
     }
 
     /// Fails if a container whose init pid /proc does not show (the agent is not in the host
