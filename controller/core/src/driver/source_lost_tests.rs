@@ -34,6 +34,8 @@ struct SilentSource {
     now: Timestamp,
     source_renewed: Timestamp,
     source_reachable: bool,
+    /// The stored copy the port lists: `(id, holder)`.
+    stored: (&'static str, &'static str),
     actions: Vec<Action>,
     /// (checkpoint, from) of every transfer asked for.
     transfers: Vec<(String, String)>,
@@ -45,6 +47,7 @@ impl SilentSource {
             now: t(100),
             source_renewed,
             source_reachable: true,
+            stored: (STORED, "standby"),
             actions: Vec::new(),
             transfers: Vec::new(),
         }
@@ -81,9 +84,9 @@ impl Port for SilentSource {
 
     async fn stored_checkpoints(&mut self, _run: &Run) -> Vec<CheckpointCopy> {
         vec![CheckpointCopy {
-            id: STORED.into(),
+            id: self.stored.0.into(),
             taken_at: t(50),
-            node: "standby".into(),
+            node: self.stored.1.into(),
             verified: true,
             rtt_to_target: Some(Duration::from_millis(10)),
         }]
@@ -211,4 +214,25 @@ fn a_dump_that_reached_the_target_is_kept_when_the_source_dies() {
     assert!(run.state.source_alive, "{:?}", run.state);
     assert_eq!(run.state.checkpoint_id.as_deref(), Some(FINAL_DUMP));
     assert_ne!(run.state.phase, Phase::Transferring);
+}
+
+#[test]
+fn a_lost_source_is_not_polled_for_a_dump_that_reached_the_target_anyway() {
+    // The source's agent sent the whole dump over the peer links before the controller lost
+    // it: the target lists the dump verified, the controller's record of the send is not done.
+    let mut port = SilentSource::new(t(80));
+    port.stored = (FINAL_DUMP, "target");
+    let run = advance(&mut port, live_run(Phase::Transferring));
+    assert!(!run.state.source_alive, "{:?}", run.state);
+    assert!(
+        !port.transfers.iter().any(|(_, from)| from == "source"),
+        "polled the dead source: {:?}",
+        port.transfers
+    );
+    assert_ne!(
+        run.state.phase,
+        Phase::Transferring,
+        "{:?}",
+        run.state.message
+    );
 }

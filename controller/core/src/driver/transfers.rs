@@ -28,22 +28,31 @@ pub(crate) async fn ensure_stored<P: Port>(port: &mut P, run: &mut Run) {
     }
 }
 
-/// The sync step.
-pub(crate) async fn sync<P: Port>(port: &mut P, run: &mut Run) -> Outcome {
-    ensure_stored(port, run).await;
-    // A dead source cannot send: its transfers are dropped (the dataset must be fetched again
-    // by the workload; the checkpoint comes from a replica).
+/// A dead source cannot send: its unfinished transfers are dropped (the dataset must be
+/// fetched again by the workload; the checkpoint comes from a replica, or is already on the
+/// target). Kept, a send of the final dump from a source lost in Transferring was polled on the
+/// dead node for ever whenever the replica chosen instead was that same dump, arrived whole on
+/// the target (issue 16 campaign, f094-ac: an api-cut node's agent had sent it over the peer
+/// links, but the controller could not hear so; 15 attempts, stuck until the run's deadline).
+fn forget_dead_source_sends(run: &mut Run) {
     if !run.state.source_alive {
         let source = run.state.source.clone();
         run.transfers
             .retain(|record| record.from != source || record.done);
     }
+}
+
+/// The sync step.
+pub(crate) async fn sync<P: Port>(port: &mut P, run: &mut Run) -> Outcome {
+    ensure_stored(port, run).await;
+    forget_dead_source_sends(run);
     drive(port, run, |_| true).await
 }
 
 /// The transfer step: the final dump (or the stored checkpoint) to the target.
 pub(crate) async fn transfer_checkpoint<P: Port>(port: &mut P, run: &mut Run) -> Outcome {
     ensure_stored(port, run).await;
+    forget_dead_source_sends(run);
     let (id, from) = match (&run.state.checkpoint_id, &run.stored_checkpoint) {
         (Some(id), _) => (id.clone(), run.state.source.clone()),
         (None, Some(stored)) => (stored.id.clone(), stored.from.clone()),
