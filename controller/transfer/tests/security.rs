@@ -296,7 +296,17 @@ async fn a_peer_with_a_certificate_from_another_ca_writes_nothing() {
 
     let error = send_refused(source.path(), running.addr, &intruder).await;
 
-    assert!(matches!(error, SendError::Handshake { .. }), "{error}");
+    // In TLS 1.3 the client finishes its side of the handshake before the server has checked
+    // its certificate, so the refusal reaches it either in the handshake or as the first write
+    // on a connection the server already closed (seen once under load: "write: Broken pipe").
+    // What matters is asserted below: the receiver refused it at TLS and nothing was written.
+    assert!(
+        matches!(
+            error,
+            SendError::Handshake { .. } | SendError::Stream { .. }
+        ),
+        "{error}"
+    );
     assert!(running.receiver.stats().tls_rejected >= 1);
     assert_eq!(running.receiver.stats().sessions_opened, 0);
     assert!(everything(dest.path()).is_empty());
