@@ -344,16 +344,20 @@ impl Controller {
         if !lease_is_late(renewals, self.config.heartbeat_interval, now) {
             return false;
         }
-        let nodes: Vec<String> = self
-            .stores
+        let nodes = self.node_names();
+        self.links.refresh(self.agent.as_ref(), &nodes, now).await;
+        self.wake.notify_one();
+        true
+    }
+
+    /// Every node the reflector holds, by name: whose agents the probe rounds ask.
+    fn node_names(&self) -> Vec<String> {
+        self.stores
             .nodes
             .state()
             .iter()
             .map(|node| node.name_any())
-            .collect();
-        self.links.refresh(self.agent.as_ref(), &nodes, now).await;
-        self.wake.notify_one();
-        true
+            .collect()
     }
 
     async fn reach_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
@@ -374,13 +378,7 @@ impl Controller {
     async fn probe_loop(&self, leadership: Leadership, mut shutdown: watch::Receiver<bool>) {
         loop {
             if leadership.is_leader() {
-                let nodes: Vec<String> = self
-                    .stores
-                    .nodes
-                    .state()
-                    .iter()
-                    .map(|node| node.name_any())
-                    .collect();
+                let nodes = self.node_names();
                 self.refresh_signals(&nodes).await;
             }
             tokio::select! {
