@@ -420,7 +420,7 @@ async fn a_job_powered_off_past_half_way_resumes_at_its_checkpoint_and_ends_once
     };
     let job = format!(
         "echo started >> /work/starts; i=0; while [ $i -lt {JOB_END} ]; do i=$((i+1)); \
-         echo $i >> /work/log; echo $i > /work/progress; sleep 0.1; done; \
+         echo $i >> /work/log; echo $i >> /work/progress; sleep 0.1; done; \
          echo done $i >> /work/done"
     );
     let (cluster, root, work) = protected_pod_cluster("kubeh", "kube-test", "node-a", &job).await;

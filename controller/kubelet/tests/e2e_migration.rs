@@ -320,11 +320,13 @@ impl Drop for Sampler {
     }
 }
 
-/// The counter's last value (`None` while the file is being rewritten).
+/// The counter's last value (`None` before its first). The counter appends, never rewrites:
+/// CRIU refuses to restore a file held open for a truncating write whose size changed since
+/// the dump, and the kubelet checkpoint leaves the source writing.
 fn progress(work: &Path) -> Option<u64> {
     std::fs::read_to_string(work.join("progress"))
         .ok()
-        .and_then(|text| text.trim().parse().ok())
+        .and_then(|text| text.lines().last()?.trim().parse().ok())
 }
 
 fn phase(migration: &Value) -> String {
@@ -610,7 +612,7 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
                 "image": "docker.io/library/busybox:1.36",
                 "command": ["/bin/sh", "-c",
                     "echo started >> /work/starts; i=0; while true; do i=$((i+1)); \
-                     echo $i > /work/progress; sleep 0.2; done"],
+                     echo $i >> /work/progress; sleep 0.2; done"],
                 "volumeMounts": [{"name": "work", "mountPath": "/work"}],
             }],
         },

@@ -14,24 +14,32 @@ use automigrate_checkpoint::{DumpKind, Subject, checkpoint_into_store};
 use automigrate_core::model::PodRef;
 use automigrate_kubelet::images::{self, Resolved};
 use common::{
-    KubeTransport, NODE, TestNode, create_pod, delete_pod, eventually, main_container, shell_pod,
-    skip_privileged, with_work_dir,
+    KubeTransport, NODE, TestNode, create_pod, delete_pod, eventually, eventually_or_report,
+    main_container, shell_pod, skip_privileged, with_work_dir,
 };
 use k8s_openapi::api::core::v1::Pod;
 
 const NS: &str = "ml";
 /// Notes each start in `starts`, then counts in `count`: a fresh start adds a line to
 /// `starts`, a restore goes on counting from where the checkpoint was taken.
-const SCRIPT: &str = "echo start >> /work/starts; i=0; while :; do i=$((i+1)); echo $i > /work/count; sleep 0.05; done";
+///
+/// Both files are only ever appended to (`>>`, write-only). CRIU records the size of every
+/// other regular file a process holds open and refuses to restore when it changed, and the
+/// kubelet checkpoint leaves the source running: a dump that caught `echo $i > count` between
+/// its truncation and its write could never be restored ("File work/count has bad size 3
+/// (expect 0)", seen in CI and here under `taskset -c 0`, 1 run in 12). Append-only files, as
+/// logs are, are exempt from that check.
+const SCRIPT: &str = "echo start >> /work/starts; i=0; while :; do i=$((i+1)); echo $i >> /work/count; sleep 0.05; done";
 
 fn pod(name: &str, image: &str, work: &Path) -> Pod {
     with_work_dir(shell_pod(NS, name, image, SCRIPT), work)
 }
 
+/// The last number the counter appended (0 before the first).
 fn count(work: &Path) -> u64 {
     std::fs::read_to_string(work.join("count"))
         .ok()
-        .and_then(|text| text.trim().parse().ok())
+        .and_then(|text| text.lines().last()?.trim().parse().ok())
         .unwrap_or(0)
 }
 
@@ -98,16 +106,16 @@ async fn a_pod_from_a_checkpoint_image_is_restored_not_started_fresh() {
     })
     .await;
     assert!(node.guard.containers().is_empty());
-    let before_restore = count(work.path());
-    assert!(before_restore >= at_checkpoint);
 
     create_pod(&pods, &pod("counter-restored", &reference, work.path())).await;
-    eventually("the restored pod running", || {
-        node.first_container_running(NS, "counter-restored")
-    })
+    eventually_or_report(
+        "the restored pod running",
+        || node.first_container_running(NS, "counter-restored"),
+        || node.pod_status(NS, "counter-restored"),
+    )
     .await;
     // It counts on (from the checkpoint's value, which the file passed already) ...
-    std::fs::write(work.path().join("count"), "0").unwrap();
+    std::fs::write(work.path().join("count"), "").unwrap();
     eventually("the restored process counting", || {
         count(work.path()) > at_checkpoint
     })

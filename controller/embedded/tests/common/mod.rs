@@ -64,9 +64,9 @@ pub fn init_logs() {
 pub const POD: &str = "counter";
 
 /// The counter: its state only in the shell's memory; every start of the command is appended
-/// to `/work/starts`, the count written to `/work/progress` every 0.2 s.
+/// to `/work/starts`, the count appended to `/work/progress` every 0.2 s.
 pub const COUNTER_SCRIPT: &str = "echo started >> /work/starts; i=0; while true; do i=$((i+1)); \
-                                  echo $i > /work/progress; sleep 0.2; done";
+                                  echo $i >> /work/progress; sleep 0.2; done";
 
 /// One cluster at a time: the tests of a file share two cores with everything else.
 static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -156,11 +156,13 @@ pub fn apply_protected_pod(cluster: &KubeCluster, node: &str, work: &Path, scrip
         .unwrap();
 }
 
-/// The count the workload last wrote to `work/progress`.
+/// The count the workload last appended to `work/progress`. The workloads append, never
+/// rewrite: CRIU refuses to restore a file held open for a truncating write whose size changed
+/// since the dump, and the kubelet checkpoint leaves the source writing.
 pub fn progress(work: &Path) -> Option<u64> {
     std::fs::read_to_string(work.join("progress"))
         .ok()
-        .and_then(|text| text.trim().parse().ok())
+        .and_then(|text| text.lines().last()?.trim().parse().ok())
 }
 
 /// How many times the workload's command started (lines of `work/starts`).

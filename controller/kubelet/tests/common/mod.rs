@@ -77,6 +77,7 @@ pub struct TestNode {
 impl TestNode {
     /// A fresh cluster and state directory, with a kubelet started on them.
     pub async fn start() -> (Self, Kubelet) {
+        log_to_test_output();
         let root = tempfile::tempdir().unwrap();
         let guard = RuncGuard::new(root.path().join("runc"));
         let node = Self {
@@ -104,6 +105,14 @@ impl TestNode {
         self.cluster
             .set_node_proxy_handler(NODE, move |request| forward(addr, request));
         addr
+    }
+
+    /// The pod's status as the kubelet last wrote it, for a failure message.
+    pub fn pod_status(&self, namespace: &str, name: &str) -> String {
+        match self.cluster.get::<Pod>(Some(namespace), name) {
+            Some(pod) => format!("pod {namespace}/{name} status: {:#?}", pod.status),
+            None => format!("pod {namespace}/{name} is gone"),
+        }
     }
 
     /// Whether the pod's first container is running, in the status the kubelet wrote.
@@ -191,14 +200,32 @@ pub async fn delete_pod(pods: &Api<Pod>, name: &str, grace_seconds: u32) {
 
 /// Polls `check` every 20 ms for up to 60 s (generous: a loaded 2-core machine starts runc
 /// slowly); the test asserts on the state reached, never on how fast.
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_or_report(what, check, String::new).await;
+}
+
+/// [`eventually`], with `report` (the state that was reached instead) in the failure message.
+pub async fn eventually_or_report(
+    what: &str,
+    mut check: impl FnMut() -> bool,
+    report: impl FnOnce() -> String,
+) {
     for _ in 0..3000 {
         if check() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("timed out waiting for: {what}");
+    panic!("timed out waiting for: {what}\n{}", report());
+}
+
+/// The kubelet's log, at info, in the test's captured output: a failed test prints it (why a
+/// container did not start: runc's and CRIU's last lines), a passing one stays quiet.
+pub fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info")
+        .try_init();
 }
 
 /// Deletes every container in a runc root when dropped (also while a failed test unwinds).
