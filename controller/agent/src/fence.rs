@@ -131,7 +131,7 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum FencePhase {
     /// The node has standing (or has not been without it for `selfFenceAfter`).
     Standing,
     /// Stopping the protected containers since `since`.
@@ -148,7 +148,7 @@ pub struct SelfFence {
     /// The freshest heartbeat known, on the monotonic axis (may lie before the origin).
     heartbeat: Option<Heartbeat>,
     started: Mono,
-    phase: Phase,
+    phase: FencePhase,
     own_read_failed: bool,
     /// Pods were stopped by a fence: keep them down for good.
     condemned: bool,
@@ -179,7 +179,7 @@ impl SelfFence {
             enabled,
             heartbeat: None,
             started: now,
-            phase: Phase::Standing,
+            phase: FencePhase::Standing,
             own_read_failed: false,
             condemned: false,
             overdue_recorded: false,
@@ -187,7 +187,7 @@ impl SelfFence {
         }
     }
 
-    pub fn phase(&self) -> Phase {
+    pub fn phase(&self) -> FencePhase {
         self.phase
     }
 
@@ -249,8 +249,8 @@ impl SelfFence {
             Observation::PeerSawHeartbeat { age, .. } => self.learn(now, age),
             Observation::PeerNoApi { .. } => {}
             Observation::Stopped { result } => match (self.phase, result) {
-                (Phase::Fencing { since }, Ok(killed)) => {
-                    self.phase = Phase::Fenced { since };
+                (FencePhase::Fencing { since }, Ok(killed)) => {
+                    self.phase = FencePhase::Fenced { since };
                     actions.push(Action::Record(FenceEvent::Fenced {
                         took: now.saturating_sub(since),
                         killed,
@@ -271,12 +271,12 @@ impl SelfFence {
         let age = self.heartbeat_age(now);
         let stale = age >= self.timing.self_fence_after;
         match self.phase {
-            Phase::Standing if stale && self.enabled => {
-                self.phase = Phase::Fencing { since: now };
+            FencePhase::Standing if stale && self.enabled => {
+                self.phase = FencePhase::Fencing { since: now };
                 self.condemned = true;
                 actions.push(Action::Record(FenceEvent::Fencing { heartbeat_age: age }));
             }
-            Phase::Standing if stale => {
+            FencePhase::Standing if stale => {
                 if !self.would_fence_recorded {
                     self.would_fence_recorded = true;
                     actions.push(Action::Record(FenceEvent::WouldFence {
@@ -284,13 +284,13 @@ impl SelfFence {
                     }));
                 }
             }
-            Phase::Standing => self.would_fence_recorded = false,
-            Phase::Fencing { .. } | Phase::Fenced { .. } if !stale => {
-                self.phase = Phase::Standing;
+            FencePhase::Standing => self.would_fence_recorded = false,
+            FencePhase::Fencing { .. } | FencePhase::Fenced { .. } if !stale => {
+                self.phase = FencePhase::Standing;
                 self.overdue_recorded = false;
                 actions.push(Action::Record(FenceEvent::Restored { heartbeat_age: age }));
             }
-            Phase::Fencing { .. } | Phase::Fenced { .. } => {}
+            FencePhase::Fencing { .. } | FencePhase::Fenced { .. } => {}
         }
         if self.needs_peers(now) {
             actions.push(Action::AskPeers);
@@ -299,12 +299,12 @@ impl SelfFence {
         // kubelet cut off from the API server would restart them); after a fence, the pods it
         // condemned stay down even in standing (the controller may have replaced them).
         match self.phase {
-            Phase::Fencing { .. } | Phase::Fenced { .. } => actions.push(Action::StopProtected),
-            Phase::Standing if self.condemned => actions.push(Action::KeepDown),
-            Phase::Standing => {}
+            FencePhase::Fencing { .. } | FencePhase::Fenced { .. } => actions.push(Action::StopProtected),
+            FencePhase::Standing if self.condemned => actions.push(Action::KeepDown),
+            FencePhase::Standing => {}
         }
         match self.phase {
-            Phase::Fencing { since } if now.saturating_sub(since) >= self.timing.stop_time => {
+            FencePhase::Fencing { since } if now.saturating_sub(since) >= self.timing.stop_time => {
                 if !self.overdue_recorded {
                     self.overdue_recorded = true;
                     actions.push(Action::Record(FenceEvent::StopOverdue {
@@ -608,7 +608,7 @@ mod tests {
             }
         }
         assert_eq!(first, Some(4 * S));
-        assert!(matches!(machine.phase(), Phase::Fencing { .. }));
+        assert!(matches!(machine.phase(), FencePhase::Fencing { .. }));
     }
 
     #[test]
@@ -707,7 +707,7 @@ mod tests {
                 .count();
         }
         assert_eq!(would, 1);
-        assert_eq!(machine.phase(), Phase::Standing);
+        assert_eq!(machine.phase(), FencePhase::Standing);
     }
 
     /// Fails if a stop that never finishes keeps feeding the watchdog (the last resort would
@@ -757,7 +757,7 @@ mod tests {
             done,
             [Action::Record(FenceEvent::Fenced { took: S, killed: 2 })]
         );
-        assert!(matches!(machine.phase(), Phase::Fenced { .. }));
+        assert!(matches!(machine.phase(), FencePhase::Fenced { .. }));
         // Still cut off: kept down (and the watchdog fed).
         let actions = machine.tick(6 * S);
         assert!(stops(&actions) && actions.contains(&Action::PetWatchdog));
@@ -769,7 +769,7 @@ mod tests {
             Action::Record(FenceEvent::Restored { .. })
         ));
         assert!(actions.contains(&Action::KeepDown) && !stops(&actions));
-        assert_eq!(machine.phase(), Phase::Standing);
+        assert_eq!(machine.phase(), FencePhase::Standing);
     }
 
     /// A restarted agent that learns nothing fences after the startup grace: it cannot know
