@@ -46,6 +46,10 @@ enum Command {
         /// "what moved" when it did.
         #[arg(long, default_value_t = default_path("scenarios/before-driver"))]
         before_driver: String,
+        /// Results of the simulator before it carried out periodic checkpoints with the core
+        /// driver's rules, for "what moved" when it did.
+        #[arg(long, default_value_t = default_path("scenarios/before-periodic"))]
+        before_periodic: String,
         /// Policy runs in parallel (each run is single-threaded and deterministic).
         #[arg(long, default_value_t = 2)]
         threads: usize,
@@ -79,6 +83,7 @@ fn main() -> Result<()> {
             measured,
             before,
             before_driver,
+            before_periodic,
             threads,
         } => regenerate(
             Path::new(&paper),
@@ -88,6 +93,7 @@ fn main() -> Result<()> {
                 measured: Path::new(&measured),
                 before: Path::new(&before),
                 before_driver: Path::new(&before_driver),
+                before_periodic: Path::new(&before_periodic),
             },
             threads,
         ),
@@ -148,6 +154,7 @@ struct Calibration<'a> {
     measured: &'a Path,
     before: &'a Path,
     before_driver: &'a Path,
+    before_periodic: &'a Path,
 }
 
 fn regenerate(
@@ -210,32 +217,46 @@ fn regenerate(
     let mut markdown = report::markdown(&inputs);
     markdown.push_str(&calibration::section(&measured, &scale));
     let csv = |dir: &Path, name: &str| calibration::read_csv(&dir.join(name));
-    markdown.push_str(&calibration::moved(
+    // Every figure that moved between the results kept in `before` and this run's.
+    let moved = |section: calibration::MovedSection<'_>,
+                 before: &Path,
+                 reasons: &[(&str, String)]|
+     -> Result<String> {
+        Ok(calibration::moved(
+            section,
+            &csv(before, "policies.csv")?,
+            &csv(out, "policies.csv")?,
+            &csv(before, "table3.csv")?,
+            &csv(out, "table3.csv")?,
+            &csv(before, "fig5.csv")?,
+            &csv(out, "fig5.csv")?,
+            reasons,
+        ))
+    };
+    markdown.push_str(&moved(
         calibration::MovedSection {
             heading: "6. What moved with the calibration, and why",
             before: "the results of the uncalibrated model (commit 2038ca6, kept in `simulations/scenarios/uncalibrated/`)",
         },
-        &csv(calibration.before, "policies.csv")?,
-        &csv(out, "policies.csv")?,
-        &csv(calibration.before, "table3.csv")?,
-        &csv(out, "table3.csv")?,
-        &csv(calibration.before, "fig5.csv")?,
-        &csv(out, "fig5.csv")?,
+        calibration.before,
         &report::calibration_reasons(&inputs),
-    ));
-    markdown.push_str(&calibration::moved(
+    )?);
+    markdown.push_str(&moved(
         calibration::MovedSection {
             heading: "7. What moved when the simulator moved onto the driver",
             before: "the results of the simulator that still carried out migrations with its own copy of the driver's rules (commit 44ae814, kept in `simulations/scenarios/before-driver/`); now every migration goes through the controller's driver (`automigrate_core::driver`) on the simulator's port (`src/sim/port.rs`)",
         },
-        &csv(calibration.before_driver, "policies.csv")?,
-        &csv(out, "policies.csv")?,
-        &csv(calibration.before_driver, "table3.csv")?,
-        &csv(out, "table3.csv")?,
-        &csv(calibration.before_driver, "fig5.csv")?,
-        &csv(out, "fig5.csv")?,
+        calibration.before_driver,
         &report::driver_reasons(),
-    ));
+    )?);
+    markdown.push_str(&moved(
+        calibration::MovedSection {
+            heading: "8. What moved when periodic checkpoints moved onto the driver",
+            before: "the results of the simulator that still took, copied and recorded periodic checkpoints with its own code (commit cb76ca7, kept in `simulations/scenarios/before-periodic/`); now the core driver's periodic rules (`automigrate_core::driver::periodic`, the operator's too) say when the pod's record changes and which standby gets a copy next, and the simulator only times the steps (`src/sim/checkpoints.rs`)",
+        },
+        calibration.before_periodic,
+        &report::periodic_reasons(&inputs),
+    )?);
     write("report.md", &markdown)?;
     eprintln!(
         "wrote {} in {:.1} s",

@@ -16,8 +16,11 @@
 //! whose outcome could differ from a full one (a migration it did not expect, or fewer standbys
 //! than asked for) is thrown away and re-run on the full snapshot.
 //!
-//! What the engine decides, the simulator carries out: checkpoints freeze the job for the CRIU
-//! dump time and are copied to the standby the engine chose; migrations are carried out by the
+//! What the engine decides, the simulator carries out: periodic checkpoints follow the
+//! driver's periodic rules (`automigrate_core::driver::periodic`: when the pod's record names
+//! the new checkpoint, which standby gets a copy next, what a failed copy leaves on record),
+//! each take freezing the job for the CRIU dump time and each copy a transfer on the true link
+//! ([`checkpoints`]); migrations are carried out by the
 //! controller's own migration driver (`automigrate_core::driver`, every rule of it) through the
 //! simulator's implementation of the driver's port ([`port`]), each effect taking the time the
 //! cost model gives it (transfers by [`crate::network::run_plan`] on the engine's own transfer

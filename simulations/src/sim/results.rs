@@ -48,6 +48,14 @@ pub struct EngineStats {
     pub migration_decisions: u64,
     pub checkpoint_decisions: u64,
     pub migration_steps: u64,
+    /// Periodic checkpoints the pod's record named as soon as they were taken, before any
+    /// copy landed (the driver's `records_at_once`).
+    pub periodic_recorded_at_once: u64,
+    /// Copies to a standby that did not land (the standby was down or failed during the copy).
+    pub periodic_replica_failures: u64,
+    /// Periodic checkpoints that ended with the pod's record still naming an older one that a
+    /// standby holds (no copy of the new one landed).
+    pub periodic_kept_older: u64,
     /// The reason text of the first migration the engine decided for a failed node.
     pub first_failure_reason: Option<String>,
 }

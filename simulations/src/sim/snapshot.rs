@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use automigrate_core::annotations;
 use automigrate_core::model::{
-    CheckpointInfo, ConditionStatus, MigrationRecord, PodRef, ProtectedPod, UserObservation,
+    ConditionStatus, MigrationRecord, PodRef, ProtectedPod, UserObservation,
 };
-use automigrate_core::units::Bytes;
 
 use crate::scenario::Recovery;
 
@@ -75,18 +74,7 @@ impl Simulation<'_> {
             requests: class.requests,
             labels: BTreeMap::new(),
             annotations,
-            last_checkpoint: state.checkpoint.as_ref().map(|checkpoint| CheckpointInfo {
-                id: checkpoint.id.clone(),
-                taken_at: timestamp(checkpoint.taken_at),
-                size: Bytes(checkpoint.size),
-                freeze: Some(Duration::from_millis(checkpoint.freeze)),
-                held_on: checkpoint
-                    .held_on
-                    .iter()
-                    .map(|&n| self.world.nodes[n].name.clone())
-                    .collect(),
-                epoch: None,
-            }),
+            last_checkpoint: self.recorded_checkpoint(job),
             checkpoint_in_progress: state.pending.is_some(),
         })
     }

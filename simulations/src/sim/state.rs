@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use automigrate_core::decide::PlannedTransfer;
+use automigrate_core::driver::periodic::Periodic;
 use automigrate_core::driver::{Role, Run};
 use automigrate_core::migration::Phase;
 use automigrate_core::model::Resources;
@@ -78,16 +79,22 @@ pub(super) struct SimCheckpointCopy {
     pub(super) held_on: Vec<usize>,
 }
 
+/// A periodic checkpoint in progress: the core driver's job ([`Periodic`]: what to record,
+/// where to copy next) and what the cost model needs to time and record it.
 #[derive(Debug, Clone)]
 pub(super) struct PendingCheckpoint {
     pub(super) seq: u64,
+    /// The driver's rules for this checkpoint; the simulator carries out its steps.
+    pub(super) periodic: Periodic,
+    /// The node it is taken on.
+    pub(super) node: usize,
     pub(super) progress: Ms,
     pub(super) taken_at: Ms,
     pub(super) freeze: Ms,
     pub(super) size: u64,
     pub(super) delta: u64,
-    pub(super) standby: Option<usize>,
-    pub(super) interval: Ms,
+    /// The standby a copy is on its way to (the driver's `Replicate` step in progress).
+    pub(super) replicating: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
