@@ -299,7 +299,9 @@ impl SelfFence {
         // kubelet cut off from the API server would restart them); after a fence, the pods it
         // condemned stay down even in standing (the controller may have replaced them).
         match self.phase {
-            FencePhase::Fencing { .. } | FencePhase::Fenced { .. } => actions.push(Action::StopProtected),
+            FencePhase::Fencing { .. } | FencePhase::Fenced { .. } => {
+                actions.push(Action::StopProtected)
+            }
             FencePhase::Standing if self.condemned => actions.push(Action::KeepDown),
             FencePhase::Standing => {}
         }
