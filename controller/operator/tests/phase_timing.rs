@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use automigrate_core::migration::Phase;
@@ -22,12 +23,15 @@ use common::*;
 
 /// The recording double, except that a final checkpoint takes `dump` on the manual clock, or
 /// never answers (`None`: the node died while dumping; no TCP answer ever comes from a
-/// powered-off or cut-off node).
+/// powered-off or cut-off node), and, with `checkpoint_send_hangs`, a checkpoint's transfer
+/// after the final dump is never answered either (the node died while sending its dump).
 #[derive(Debug)]
 struct SlowDump {
     inner: RecordingAgent,
     clock: ManualClock,
     dump: Option<Duration>,
+    checkpoint_send_hangs: bool,
+    dumped: AtomicBool,
 }
 
 impl NodeAgent for SlowDump {
@@ -39,6 +43,7 @@ impl NodeAgent for SlowDump {
         kind: CheckpointKind,
     ) -> AgentResult<'a, CheckpointTaken> {
         if kind == CheckpointKind::Final {
+            self.dumped.store(true, Ordering::SeqCst);
             let Some(dump) = self.dump else {
                 return Box::pin(std::future::pending());
             };
@@ -62,6 +67,12 @@ impl NodeAgent for SlowDump {
         payload: &'a TransferPayload,
         to: &'a str,
     ) -> AgentResult<'a, TransferProgress> {
+        if self.checkpoint_send_hangs
+            && payload.checkpoint.is_some()
+            && self.dumped.load(Ordering::SeqCst)
+        {
+            return Box::pin(std::future::pending());
+        }
         self.inner.start_transfer(from, payload, to)
     }
 
@@ -94,6 +105,8 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
         inner: agent.clone(),
         clock: clock.clone(),
         dump: Some(Duration::from_secs(20)),
+        checkpoint_send_hangs: false,
+        dumped: AtomicBool::new(false),
     });
     let h =
         Harness::start_with_agent(&cluster, &agent, slow, clock.clone(), Config::default()).await;
@@ -177,6 +190,8 @@ async fn a_dump_the_dead_source_never_answers_is_given_up_when_its_lease_expires
         inner: agent.clone(),
         clock: clock.clone(),
         dump: None,
+        checkpoint_send_hangs: false,
+        dumped: AtomicBool::new(false),
     });
     let h =
         Harness::start_with_agent(&cluster, &agent, dead, clock.clone(), Config::default()).await;
@@ -233,4 +248,91 @@ async fn a_dump_the_dead_source_never_answers_is_given_up_when_its_lease_expires
         "phase {phase}, message {message:?}"
     );
     assert_ne!(phase, Phase::Checkpointing, "{message:?}");
+}
+
+/// A source that dies while it sends its final dump to the target (fault suite, session 8: a
+/// node powered off or cut off 30–280 ms into Transferring held the round, and the training,
+/// 33–35 s): the call is given up once the source's Lease has expired, and the next round
+/// counts the source as lost and goes on from a stored checkpoint.
+#[tokio::test]
+async fn a_send_the_dead_source_never_answers_is_given_up_when_its_lease_expires() {
+    let cluster = FakeCluster::new();
+    let agent = RecordingAgent::new();
+    let clock = ManualClock::new(t0());
+    let dead = Arc::new(SlowDump {
+        inner: agent.clone(),
+        clock: clock.clone(),
+        dump: Some(Duration::ZERO),
+        checkpoint_send_hangs: true,
+        dumped: AtomicBool::new(false),
+    });
+    let h =
+        Harness::start_with_agent(&cluster, &agent, dead, clock.clone(), Config::default()).await;
+    healthy_cluster(&h, "{}").await;
+    agent.set_now(at(0));
+    let name = h
+        .request_migration("trainer", Some("edge-3"), "dies while sending")
+        .await;
+    let stores = h.controller.stores.clone();
+    h.controller.decider.pass(at(0)).await.unwrap();
+    eventually("the started Migration to reach the store", || {
+        stores
+            .migration(NS, &name)
+            .is_some_and(|m| m.status.is_some())
+    })
+    .await;
+
+    // Rounds until the dump is taken and its transfer asked for.
+    let mut phase = Phase::Pending;
+    for _ in 0..50 {
+        let migration = stores.migration(NS, &name).unwrap();
+        let round = h.controller.executor.advance(&migration, clock.now());
+        match tokio::time::timeout(Duration::from_millis(500), round).await {
+            Ok(advanced) => phase = advanced.unwrap().phase,
+            // The round waits on the send: Transferring has begun.
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.status(&name).state.phase, Phase::Transferring, "{phase}");
+
+    // While the round waits on the send, 40 s pass (the default lease timeout is 30 s): the
+    // source's Lease stays at 0 s, the other nodes renew theirs.
+    let renewing = {
+        let cluster = cluster.clone();
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            clock.advance(Duration::from_secs(40));
+            for name in ["edge-1", "edge-3"] {
+                cluster.put(&lease(name, at(40)));
+            }
+        })
+    };
+    let mut message = None;
+    for _ in 0..20 {
+        let migration = stores.migration(NS, &name).unwrap();
+        let advanced = tokio::time::timeout(
+            Duration::from_secs(30),
+            h.controller.executor.advance(&migration, clock.now()),
+        )
+        .await
+        .expect("the round still waits on the dead source's send")
+        .unwrap();
+        phase = advanced.phase;
+        let status = h.status(&name);
+        message = status.state.message.clone();
+        if !status.state.source_alive {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    renewing.await.unwrap();
+    let status = h.status(&name);
+    // Lost: the migration goes on from a stored checkpoint (still in Transferring while that
+    // one is sent, if the target lacks it).
+    assert!(
+        !status.state.source_alive,
+        "phase {phase}, message {message:?}"
+    );
 }

@@ -77,7 +77,7 @@ impl OperatorPort<'_> {
                 },
                 Err(error) => agent_failure(&error),
             },
-            reason = self.lease_expiry(&run.state.source, run.lease_timeout) => Outcome::Failed {
+            reason = self.lease_expiry(&run.state.source, run.lease_timeout, "dumping") => Outcome::Failed {
                 reason,
                 retryable: true,
             },
@@ -85,14 +85,19 @@ impl OperatorPort<'_> {
     }
 
     /// Resolves once `node`'s Lease is `lease_timeout` old (never while it has none), with
-    /// the reason; checks every second.
-    async fn lease_expiry(&self, node: &str, lease_timeout: std::time::Duration) -> String {
+    /// the reason (`doing`: what the call to the node was doing); checks every second.
+    pub(super) async fn lease_expiry(
+        &self,
+        node: &str,
+        lease_timeout: std::time::Duration,
+        doing: &str,
+    ) -> String {
         loop {
             if let Some(renewed) = self.lease_renewed(node) {
                 let age = automigrate_core::units::age(self.clock_now(), renewed);
                 if age >= lease_timeout {
                     return format!(
-                        "node {node} stopped renewing its Lease ({} old, timeout {}) while dumping; the dump is given up",
+                        "node {node} stopped renewing its Lease ({} old, timeout {}) while {doing}; the call is given up",
                         automigrate_core::units::format_duration(age),
                         automigrate_core::units::format_duration(lease_timeout)
                     );
@@ -100,6 +105,24 @@ impl OperatorPort<'_> {
             }
             tokio::time::sleep(LEASE_CHECK_INTERVAL).await;
         }
+    }
+
+    /// [`Self::lease_expiry`], but only for a Lease that is still fresh now: a call to a node
+    /// whose Lease had already expired is not cut short (its kubelet may be down while its
+    /// agent serves; the driver's own rules decide what such a node means).
+    pub(super) async fn lease_expiry_during(
+        &self,
+        node: &str,
+        lease_timeout: std::time::Duration,
+        doing: &str,
+    ) -> String {
+        let expired_already = self.lease_renewed(node).is_some_and(|renewed| {
+            automigrate_core::units::age(self.clock_now(), renewed) >= lease_timeout
+        });
+        if expired_already {
+            std::future::pending::<()>().await;
+        }
+        self.lease_expiry(node, lease_timeout, doing).await
     }
 
     /// Stops a live source: delete its pod and wait until it is gone.

@@ -11,13 +11,30 @@ impl OperatorPort<'_> {
         record: &TransferRecord,
     ) -> Result<TransferStatus, StepFailure> {
         let agent = &self.executor.agent;
-        let progress = match &record.id {
-            None => {
-                agent
-                    .start_transfer(&record.from, &record.payload, &record.to)
-                    .await
+        let call = async {
+            match &record.id {
+                None => {
+                    agent
+                        .start_transfer(&record.from, &record.payload, &record.to)
+                        .await
+                }
+                Some(id) => agent.transfer_status(&record.from, id).await,
             }
-            Some(id) => agent.transfer_status(&record.from, id).await,
+        };
+        // A sender that dies during the call never answers (no TCP word comes from a node
+        // powered off or cut off): the call is given up once its Lease expires, so the next
+        // round sees the lost source (fault suite, session 8: a source powered off or cut off
+        // 30–280 ms into Transferring held the round, and the training, 33–35 s). Biased: an
+        // answer that did come wins.
+        let progress = tokio::select! {
+            biased;
+            answer = call => answer,
+            reason = self.lease_expiry_during(&record.from, self.status.lease_timeout, "transferring") => {
+                return Err(StepFailure {
+                    reason,
+                    retryable: true,
+                });
+            }
         };
         let progress = match progress {
             Ok(progress) => progress,
