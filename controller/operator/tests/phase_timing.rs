@@ -98,32 +98,13 @@ impl NodeAgent for SlowDump {
 /// read from the round's fixed `now`: Checkpointing 0 s.
 #[tokio::test]
 async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
-    let cluster = FakeCluster::new();
-    let agent = RecordingAgent::new();
-    let clock = ManualClock::new(t0());
-    let slow = Arc::new(SlowDump {
-        inner: agent.clone(),
-        clock: clock.clone(),
-        dump: Some(Duration::from_secs(20)),
-        checkpoint_send_hangs: false,
-        dumped: AtomicBool::new(false),
-    });
-    let h =
-        Harness::start_with_agent(&cluster, &agent, slow, clock.clone(), Config::default()).await;
-    healthy_cluster(&h, "{}").await;
-    agent.set_now(at(0));
-
-    let name = h
-        .request_migration("trainer", Some("edge-3"), "timing")
-        .await;
+    let Started {
+        cluster,
+        clock,
+        h,
+        name,
+    } = start_one_migration(Some(Duration::from_secs(20)), false, "timing").await;
     let stores = h.controller.stores.clone();
-    h.controller.decider.pass(at(0)).await.unwrap();
-    eventually("the started Migration to reach the store", || {
-        stores
-            .migration(NS, &name)
-            .is_some_and(|m| m.status.is_some())
-    })
-    .await;
 
     // Rounds at the clock's time, as the executor loop runs them.
     let mut phase = Phase::Pending;
@@ -183,70 +164,15 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
 /// once the source's Lease has expired, and the next round counts the source as lost.
 #[tokio::test]
 async fn a_dump_the_dead_source_never_answers_is_given_up_when_its_lease_expires() {
-    let cluster = FakeCluster::new();
-    let agent = RecordingAgent::new();
-    let clock = ManualClock::new(t0());
-    let dead = Arc::new(SlowDump {
-        inner: agent.clone(),
-        clock: clock.clone(),
-        dump: None,
-        checkpoint_send_hangs: false,
-        dumped: AtomicBool::new(false),
-    });
-    let h =
-        Harness::start_with_agent(&cluster, &agent, dead, clock.clone(), Config::default()).await;
-    healthy_cluster(&h, "{}").await;
-    agent.set_now(at(0));
-    let name = h
-        .request_migration("trainer", Some("edge-3"), "dies while dumping")
-        .await;
-    let stores = h.controller.stores.clone();
-    h.controller.decider.pass(at(0)).await.unwrap();
-    eventually("the started Migration to reach the store", || {
-        stores
-            .migration(NS, &name)
-            .is_some_and(|m| m.status.is_some())
-    })
-    .await;
+    let Started {
+        cluster,
+        clock,
+        h,
+        name,
+    } = start_one_migration(None, false, "dies while dumping").await;
 
-    // While the round waits on the dump, 40 s pass (the default lease timeout is 30 s): the
-    // source's Lease stays at 0 s, the other nodes renew theirs.
-    let renewing = {
-        let cluster = cluster.clone();
-        let clock = clock.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            clock.advance(Duration::from_secs(40));
-            for name in ["edge-1", "edge-3"] {
-                cluster.put(&lease(name, at(40)));
-            }
-        })
-    };
-    let mut phase = Phase::Pending;
-    let mut message = None;
-    for _ in 0..20 {
-        let migration = stores.migration(NS, &name).unwrap();
-        let advanced = tokio::time::timeout(
-            Duration::from_secs(30),
-            h.controller.executor.advance(&migration, clock.now()),
-        )
-        .await
-        .expect("the round still waits on the dead source's dump")
-        .unwrap();
-        phase = advanced.phase;
-        let status = h.status(&name);
-        message = status.state.message.clone();
-        if !status.state.source_alive {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    renewing.await.unwrap();
-    let status = h.status(&name);
-    assert!(
-        !status.state.source_alive,
-        "phase {phase}, message {message:?}"
-    );
+    let (phase, message) =
+        rounds_while_the_source_lease_expires(&h, &cluster, &clock, &name, "dump").await;
     assert_ne!(phase, Phase::Checkpointing, "{message:?}");
 }
 
@@ -256,31 +182,13 @@ async fn a_dump_the_dead_source_never_answers_is_given_up_when_its_lease_expires
 /// counts the source as lost and goes on from a stored checkpoint.
 #[tokio::test]
 async fn a_send_the_dead_source_never_answers_is_given_up_when_its_lease_expires() {
-    let cluster = FakeCluster::new();
-    let agent = RecordingAgent::new();
-    let clock = ManualClock::new(t0());
-    let dead = Arc::new(SlowDump {
-        inner: agent.clone(),
-        clock: clock.clone(),
-        dump: Some(Duration::ZERO),
-        checkpoint_send_hangs: true,
-        dumped: AtomicBool::new(false),
-    });
-    let h =
-        Harness::start_with_agent(&cluster, &agent, dead, clock.clone(), Config::default()).await;
-    healthy_cluster(&h, "{}").await;
-    agent.set_now(at(0));
-    let name = h
-        .request_migration("trainer", Some("edge-3"), "dies while sending")
-        .await;
+    let Started {
+        cluster,
+        clock,
+        h,
+        name,
+    } = start_one_migration(Some(Duration::ZERO), true, "dies while sending").await;
     let stores = h.controller.stores.clone();
-    h.controller.decider.pass(at(0)).await.unwrap();
-    eventually("the started Migration to reach the store", || {
-        stores
-            .migration(NS, &name)
-            .is_some_and(|m| m.status.is_some())
-    })
-    .await;
 
     // Rounds until the dump is taken and its transfer asked for.
     let mut phase = Phase::Pending;
@@ -296,8 +204,23 @@ async fn a_send_the_dead_source_never_answers_is_given_up_when_its_lease_expires
     }
     assert_eq!(h.status(&name).state.phase, Phase::Transferring, "{phase}");
 
-    // While the round waits on the send, 40 s pass (the default lease timeout is 30 s): the
-    // source's Lease stays at 0 s, the other nodes renew theirs.
+    // Lost (asserted there): the migration goes on from a stored checkpoint, still in
+    // Transferring while that one is sent if the target lacks it.
+    rounds_while_the_source_lease_expires(&h, &cluster, &clock, &name, "send").await;
+}
+
+/// Executor rounds while, 300 ms after the first began, 40 s pass on the clock (the default
+/// lease timeout is 30 s): the source's Lease stays at 0 s, the other nodes renew theirs. Each
+/// round must end (no call waits on the dead source past its Lease: `waiting_on` names the
+/// call for the failure message) and the source must be counted lost; returns the last phase
+/// and status message.
+async fn rounds_while_the_source_lease_expires(
+    h: &Harness,
+    cluster: &FakeCluster,
+    clock: &ManualClock,
+    name: &str,
+    waiting_on: &str,
+) -> (Phase, Option<String>) {
     let renewing = {
         let cluster = cluster.clone();
         let clock = clock.clone();
@@ -309,18 +232,20 @@ async fn a_send_the_dead_source_never_answers_is_given_up_when_its_lease_expires
             }
         })
     };
+    let stores = h.controller.stores.clone();
+    let mut phase = Phase::Pending;
     let mut message = None;
     for _ in 0..20 {
-        let migration = stores.migration(NS, &name).unwrap();
+        let migration = stores.migration(NS, name).unwrap();
         let advanced = tokio::time::timeout(
             Duration::from_secs(30),
             h.controller.executor.advance(&migration, clock.now()),
         )
         .await
-        .expect("the round still waits on the dead source's send")
+        .unwrap_or_else(|_| panic!("the round still waits on the dead source's {waiting_on}"))
         .unwrap();
         phase = advanced.phase;
-        let status = h.status(&name);
+        let status = h.status(name);
         message = status.state.message.clone();
         if !status.state.source_alive {
             break;
@@ -328,11 +253,54 @@ async fn a_send_the_dead_source_never_answers_is_given_up_when_its_lease_expires
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     renewing.await.unwrap();
-    let status = h.status(&name);
-    // Lost: the migration goes on from a stored checkpoint (still in Transferring while that
-    // one is sent, if the target lacks it).
     assert!(
-        !status.state.source_alive,
+        !h.status(name).state.source_alive,
         "phase {phase}, message {message:?}"
     );
+    (phase, message)
+}
+
+/// A test's cluster with one Migration started on it (edge-1 to edge-3), its agent the
+/// [`SlowDump`] double with `dump` and `checkpoint_send_hangs`.
+struct Started {
+    cluster: FakeCluster,
+    clock: ManualClock,
+    h: Harness,
+    name: String,
+}
+
+async fn start_one_migration(
+    dump: Option<Duration>,
+    checkpoint_send_hangs: bool,
+    reason: &str,
+) -> Started {
+    let cluster = FakeCluster::new();
+    let agent = RecordingAgent::new();
+    let clock = ManualClock::new(t0());
+    let double = Arc::new(SlowDump {
+        inner: agent.clone(),
+        clock: clock.clone(),
+        dump,
+        checkpoint_send_hangs,
+        dumped: AtomicBool::new(false),
+    });
+    let h =
+        Harness::start_with_agent(&cluster, &agent, double, clock.clone(), Config::default()).await;
+    healthy_cluster(&h, "{}").await;
+    agent.set_now(at(0));
+    let name = h.request_migration("trainer", Some("edge-3"), reason).await;
+    let stores = h.controller.stores.clone();
+    h.controller.decider.pass(at(0)).await.unwrap();
+    eventually("the started Migration to reach the store", || {
+        stores
+            .migration(NS, &name)
+            .is_some_and(|m| m.status.is_some())
+    })
+    .await;
+    Started {
+        cluster,
+        clock,
+        h,
+        name,
+    }
 }
