@@ -26,9 +26,10 @@ const NS: &str = "ml";
 /// Both files are only ever appended to (`>>`, write-only). CRIU records the size of every
 /// other regular file a process holds open and refuses to restore when it changed, and the
 /// kubelet checkpoint leaves the source running: a dump that caught `echo $i > count` between
-/// its truncation and its write could never be restored ("File work/count has bad size 3
-/// (expect 0)", seen in CI and here under `taskset -c 0`, 1 run in 12). Append-only files, as
-/// logs are, are exempt from that check.
+/// its truncation and its write could never be restored (CI on e2bf859 timed out waiting for
+/// the restored pod; reproduced here under `taskset -c 0`, 1 run in 12, with CRIU's "File
+/// work/count has bad size 3 (expect 0)"). Append-only files, as logs are, are exempt from
+/// that check.
 const SCRIPT: &str = "echo start >> /work/starts; i=0; while :; do i=$((i+1)); echo $i >> /work/count; sleep 0.05; done";
 
 fn pod(name: &str, image: &str, work: &Path) -> Pod {
