@@ -93,18 +93,23 @@ impl OperatorPort<'_> {
         doing: &str,
     ) -> String {
         loop {
-            if let Some(renewed) = self.lease_renewed(node) {
-                let age = automigrate_core::units::age(self.clock_now(), renewed);
-                if age >= lease_timeout {
-                    return format!(
-                        "node {node} stopped renewing its Lease ({} old, timeout {}) while {doing}; the call is given up",
-                        automigrate_core::units::format_duration(age),
-                        automigrate_core::units::format_duration(lease_timeout)
-                    );
-                }
+            if let Some(age) = self.lease_age(node)
+                && age >= lease_timeout
+            {
+                return format!(
+                    "node {node} stopped renewing its Lease ({} old, timeout {}) while {doing}; the call is given up",
+                    automigrate_core::units::format_duration(age),
+                    automigrate_core::units::format_duration(lease_timeout)
+                );
             }
             tokio::time::sleep(LEASE_CHECK_INTERVAL).await;
         }
+    }
+
+    /// How long ago `node` last renewed its Lease, by the round's clock (none without a Lease).
+    fn lease_age(&self, node: &str) -> Option<std::time::Duration> {
+        let renewed = self.lease_renewed(node)?;
+        Some(automigrate_core::units::age(self.clock_now(), renewed))
     }
 
     /// [`Self::lease_expiry`], but only for a Lease that is still fresh now: a call to a node
@@ -116,10 +121,7 @@ impl OperatorPort<'_> {
         lease_timeout: std::time::Duration,
         doing: &str,
     ) -> String {
-        let expired_already = self.lease_renewed(node).is_some_and(|renewed| {
-            automigrate_core::units::age(self.clock_now(), renewed) >= lease_timeout
-        });
-        if expired_already {
+        if self.lease_age(node).is_some_and(|age| age >= lease_timeout) {
             std::future::pending::<()>().await;
         }
         self.lease_expiry(node, lease_timeout, doing).await
