@@ -177,6 +177,10 @@ pub enum Event {
     /// there can be reached, so the current phase fails for good at once and the rollback
     /// never starts the workload there ([`target_loss_matters`] says when it is applied).
     TargetLost { reason: String },
+    /// The target refused to start the workload from a checkpoint that its own store still
+    /// verifies intact: the target is at fault (a full disk, a runtime that refuses), not the
+    /// image. Applied in Restoring; see [`MigrationState::target_at_fault`].
+    TargetAtFault { reason: String },
 }
 
 /// What the driver sees when it (re)starts work on a migration.
@@ -483,6 +487,37 @@ impl MigrationState {
         }
     }
 
+    /// The target refused an intact checkpoint. With a dead source, starting the workload
+    /// from the beginning there (what `rollback` falls back to once no source is left) would
+    /// throw away a checkpoint that another node can restore, and on the node that just
+    /// refused (fault suite, issue 12: f045-tdf, a full disk): the migration fails instead,
+    /// nothing having started, and the decision engine places the pod again after
+    /// `retryBackoff`, on another node (a node where an attempt failed is left out) and from
+    /// the checkpoint. `Failed`, because a node that refuses intact checkpoints needs a
+    /// person's look. With a live source (its final dump comes back on it) or
+    /// `fallback: restart` (the person asked for a fresh start), the phase fails by its own
+    /// rule.
+    fn target_at_fault(
+        &mut self,
+        reason: &str,
+        limits: &Limits,
+        now: Timestamp,
+    ) -> Result<(), TransitionError> {
+        if self.source_alive
+            || self.phase != Phase::Restoring
+            || limits.fallback == Fallback::Restart
+        {
+            return self.fail(reason.to_string(), limits, now);
+        }
+        self.message = Some(format!(
+            "Restoring failed: {reason}; {} is at fault, not the checkpoint, so the workload is \
+             not started from the beginning there: the controller places it on another node from \
+             that checkpoint after the retry backoff",
+            self.target
+        ));
+        self.enter(Phase::Failed, now)
+    }
+
     /// Where to go when the current phase cannot complete.
     fn fail(
         &mut self,
@@ -664,6 +699,7 @@ pub fn apply(
         // clean rollback before the source is touched, never a second copy after.
         Event::Cancel { reason } => next.fail(format!("cancelled: {reason}"), limits, now)?,
         Event::TargetLost { reason } => next.target_lost(reason, limits, now)?,
+        Event::TargetAtFault { reason } => next.target_at_fault(reason, limits, now)?,
     }
     Ok(next)
 }
@@ -1191,6 +1227,8 @@ mod tests {
             2 => any::<bool>().prop_map(|retryable| Event::StepFailed { reason: "x".into(), retryable }),
             1 => Just(Event::SourceLost),
             1 => Just(Event::Cancel { reason: "y".into() }),
+            1 => Just(Event::TargetLost { reason: "z".into() }),
+            1 => Just(Event::TargetAtFault { reason: "w".into() }),
         ]
     }
 

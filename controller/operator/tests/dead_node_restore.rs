@@ -5,6 +5,11 @@
 //!   polling the *source* agent; a source that dies after the standby stored the checkpoint
 //!   but before that poll leaves the copy unrecorded. The surviving agents are asked what they
 //!   hold, and the verified copy is restored instead of restarting the training;
+//! - a copy on a node that is dead too is no copy: a node whose Lease went unrenewed for the
+//!   lease timeout still shows Ready (nothing marks it in the local cluster; Kubernetes does
+//!   40–50 s later), and choosing its copy retried the transfer from it until the deadline
+//!   (issue 12 campaign, f084-td: the first target died in Restoring, and the next migration
+//!   synced from it, 10 attempts, never done);
 //! - when no checkpoint survives anywhere, the pod restarts from the beginning, and the
 //!   Migration says so (`Restarted`, with why), never `Succeeded`.
 
@@ -23,7 +28,15 @@ use common::*;
 /// `trainer-ck-1` is held on edge-2 only. Returns the Migration the decision pass at 60 s
 /// started, driven to its end (the kubelet runs the replacement).
 async fn dead_node_migration(h: &Harness) -> (String, MigrationStatus) {
-    let (name, now) = h.dead_edge_2_migration().await;
+    dead_node_migration_with(h, &[]).await
+}
+
+/// [`dead_node_migration`] with more nodes (see `Harness::dead_edge_2_migration_with`).
+async fn dead_node_migration_with(
+    h: &Harness,
+    more_nodes: &[(&str, jiff::Timestamp)],
+) -> (String, MigrationStatus) {
+    let (name, now) = h.dead_edge_2_migration_with(more_nodes).await;
     h.drive(&name, now, |a| a.phase == Phase::Verifying).await;
     h.kubelet_runs(&h.replacement(&name)).await;
     h.drive(&name, now, |a| a.phase.is_terminal()).await;
@@ -64,6 +77,35 @@ async fn a_verified_replica_nobody_recorded_is_restored_instead_of_restarting() 
         ("trainer-ck-1", "edge-3")
     );
     assert_eq!(restored_from(&h, &status).as_deref(), Some("trainer-ck-1"));
+}
+
+#[tokio::test]
+async fn a_copy_on_a_node_whose_lease_expired_is_not_restored_from() {
+    let agent = RecordingAgent::new();
+    // edge-4 holds a verified replica and still shows Ready, but its Lease has been silent
+    // for 90 s (timeout 15 s): it is dead, and its agent can send nothing.
+    holds_verified(&agent, "edge-4", "trainer-ck-1");
+    let h = Harness::start(&automigrate_kube_fake::FakeCluster::new(), &agent).await;
+    let (name, status) = dead_node_migration_with(&h, &[("edge-4", at(-30))]).await;
+    assert_eq!(
+        status.stored_checkpoint, None,
+        "{name}: the copy on the dead edge-4 was chosen: {:?}",
+        status.state.message
+    );
+    assert!(
+        status
+            .transfers
+            .iter()
+            .all(|record| record.from != "edge-4"),
+        "{:#?}",
+        status.transfers
+    );
+    assert_eq!(
+        status.state.phase,
+        Phase::Restarted,
+        "{name}: {:?}",
+        status.state.message
+    );
 }
 
 #[tokio::test]

@@ -45,7 +45,10 @@
 //!   order from the checkpoint it knows, so the plan and the driver agree).
 //! - **Restore failure** ([`restore`]): with a dead source, retry once from the next older
 //!   verified checkpoint, then roll back. With a live source, roll back at once: the rollback
-//!   restores the migration's own final dump on the source, losing nothing.
+//!   restores the migration's own final dump on the source, losing nothing. A target that
+//!   refuses a checkpoint its own store verifies intact is at fault, not the image
+//!   ([`migration::Event::TargetAtFault`]): with a dead source the migration fails without a
+//!   fresh start there, and the pod is placed again on another node from that checkpoint.
 //! - **Fencing** ([`fence`]): a live source is stopped and awaited; a silent node counts as
 //!   fenced only by the fencing mode's rule ([`crate::fencing::dead_node`]: never while its
 //!   Lease is fresh or missing, which may be a partition; in the self-fence mode not before the
@@ -81,6 +84,8 @@ mod transfers;
 mod periodic_tests;
 #[cfg(test)]
 mod source_lost_tests;
+#[cfg(test)]
+mod target_fault_tests;
 #[cfg(test)]
 mod target_lost_tests;
 #[cfg(test)]
@@ -222,6 +227,9 @@ impl Driver {
                         break;
                     }
                 }
+                Next::Event(event) => {
+                    run = transition(port, working, &event, now).await?;
+                }
                 Next::Outcome(Outcome::Waiting { why }) => {
                     if working != run {
                         port.persist(&working, None).await?;
@@ -287,6 +295,15 @@ impl Driver {
         };
         Next::Outcome(outcome)
     }
+}
+
+/// One `advance` with the default configuration, for tests whose port answers at once.
+#[cfg(test)]
+fn advance_once<P: Port>(port: &mut P, run: Run) -> Run {
+    Driver::new(DriverConfig::default())
+        .advance_ready(port, run)
+        .expect("the driver advances")
+        .run
 }
 
 /// Applies one event and persists the result.

@@ -11,16 +11,37 @@
 //! say the store or the target is at fault, not one image. Only with a dead source, because a
 //! live source still holds the migration's own final dump: the rollback restores that on the
 //! source, losing no work, which beats any older checkpoint on the target.
+//!
+//! Before that rule, who is at fault: when the target's own store still lists the checkpoint
+//! that failed as verified, the image is intact and the target refused it (a full disk, a
+//! runtime that refuses). An older checkpoint would fail there the same way, and a fresh start
+//! there would throw the intact one away: the state machine gets [`Event::TargetAtFault`]
+//! instead, and with a dead source the migration fails so that the pod is placed again on
+//! another node, from that checkpoint.
 
 use super::choose::{choose_checkpoint, taken_at};
-use super::port::{Action, Outcome, Port, Role};
+use super::port::{Action, CheckpointCopy, Outcome, Port, Role};
 use super::run::Run;
 use super::transfers;
+use crate::migration::Event;
 
-/// What a step came to, for the loop: an outcome, or "the run changed, go round again".
+/// What a step came to, for the loop: an outcome, an event for the state machine other than
+/// the step's success or failure, or "the run changed, go round again".
 pub(crate) enum Next {
     Outcome(Outcome),
+    Event(Event),
     Again,
+}
+
+/// Whether `target` holds checkpoint `id` intact: listed, and verified by every listing of
+/// it there (a port may list a copy twice, as recorded and as the target's store checked it
+/// just now; the store's word that it is damaged wins).
+fn target_holds_intact(copies: &[CheckpointCopy], id: &str, target: &str) -> bool {
+    let mut listed = copies
+        .iter()
+        .filter(|copy| copy.id == id && copy.node == target)
+        .peekable();
+    listed.peek().is_some() && listed.all(|copy| copy.verified)
 }
 
 /// The restore step.
@@ -47,7 +68,7 @@ pub(crate) async fn restore<P: Port>(port: &mut P, run: &mut Run) -> Next {
         Outcome::Failed {
             reason,
             retryable: false,
-        } if !run.state.source_alive && run.failed_restores.is_empty() => {
+        } if !run.state.source_alive => {
             let Some(failed) = from else {
                 return Next::Outcome(Outcome::Failed {
                     reason,
@@ -55,6 +76,21 @@ pub(crate) async fn restore<P: Port>(port: &mut P, run: &mut Run) -> Next {
                 });
             };
             let copies = port.stored_checkpoints(run).await;
+            let target = &run.state.target;
+            if target_holds_intact(&copies, &failed, target) {
+                return Next::Event(Event::TargetAtFault {
+                    reason: format!(
+                        "checkpoint {failed} did not restore on {target} ({reason}), although \
+                         {target}'s store verifies it intact"
+                    ),
+                });
+            }
+            if !run.failed_restores.is_empty() {
+                return Next::Outcome(Outcome::Failed {
+                    reason,
+                    retryable: false,
+                });
+            }
             let older_than = taken_at(&copies, &failed);
             run.failed_restores.push(failed.clone());
             match choose_checkpoint(

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::advance_once as advance;
 use super::port::{
     Action, CheckpointCopy, Observation, Outcome, PersistError, Port, StepFailure,
     TargetObservation, TransferStatus,
 };
-use super::run::{Run, TransferPayload, TransferRecord};
-use super::{Driver, DriverConfig};
+use super::run::{RestoreSource, Run, TransferPayload, TransferRecord};
 use crate::migration::{Limits, MigrationState, Phase};
 use crate::policy::Policy;
 
@@ -36,6 +36,8 @@ struct SilentSource {
     source_reachable: bool,
     /// The stored copy the port lists: `(id, holder)`.
     stored: (&'static str, &'static str),
+    /// Holders besides the source that died: their agents never answer.
+    dead_holders: Vec<&'static str>,
     actions: Vec<Action>,
     /// (checkpoint, from) of every transfer asked for.
     transfers: Vec<(String, String)>,
@@ -48,6 +50,7 @@ impl SilentSource {
             source_renewed,
             source_reachable: true,
             stored: (STORED, "standby"),
+            dead_holders: Vec::new(),
             actions: Vec::new(),
             transfers: Vec::new(),
         }
@@ -95,9 +98,9 @@ impl Port for SilentSource {
     async fn transfer(&mut self, record: &TransferRecord) -> Result<TransferStatus, StepFailure> {
         let id = record.payload.checkpoint.clone().unwrap_or_default();
         self.transfers.push((id, record.from.clone()));
-        if record.from == "source" {
+        if record.from == "source" || self.dead_holders.contains(&record.from.as_str()) {
             return Err(StepFailure {
-                reason: "agent on node source unreachable".into(),
+                reason: format!("agent on node {} unreachable", record.from),
                 retryable: true,
             });
         }
@@ -146,13 +149,6 @@ fn live_run(phase: Phase) -> Run {
         ));
     }
     run
-}
-
-fn advance(port: &mut SilentSource, run: Run) -> Run {
-    Driver::new(DriverConfig::default())
-        .advance_ready(port, run)
-        .unwrap()
-        .run
 }
 
 fn sends_stored_from_standby(port: &SilentSource) -> bool {
@@ -234,5 +230,67 @@ fn a_lost_source_is_not_polled_for_a_dump_that_reached_the_target_anyway() {
         Phase::Transferring,
         "{:?}",
         run.state.message
+    );
+}
+
+#[test]
+fn a_stored_copy_whose_holder_died_too_is_replaced_by_a_surviving_copy() {
+    // The source died; the migration syncs the stored checkpoint from `standby`, which dies
+    // as well: its agent never answers and the port no longer lists its copy (its Lease
+    // expired), while `standby-2` holds the same checkpoint. Asking the dead holder again
+    // until the phase deadline left the pod down (issue 12 campaign, f084-td).
+    let mut port = SilentSource::new(t(80));
+    port.dead_holders.push("standby");
+    port.stored = (STORED, "standby-2");
+    let mut state = MigrationState::new("source".into(), "target".into(), false, t(0), Some(t(80)));
+    state.phase = Phase::Syncing;
+    state.phase_started_at = t(90);
+    let mut run = Run::new(
+        state,
+        Limits::from_policy(&Policy::default()),
+        LEASE_TIMEOUT,
+    );
+    run.stored_checkpoint = Some(RestoreSource {
+        id: STORED.into(),
+        from: "standby".into(),
+    });
+    run.transfers.push(TransferRecord::new(
+        TransferPayload::checkpoint(STORED),
+        "standby",
+        "target",
+    ));
+    let run = advance(&mut port, run);
+    assert_eq!(run.state.attempts, 1, "{:?}", run.state);
+    // After the retry's backoff.
+    port.now = t(200);
+    let run = advance(&mut port, run);
+    assert_eq!(
+        run.stored_checkpoint
+            .as_ref()
+            .map(|stored| stored.from.as_str()),
+        Some("standby-2"),
+        "{:?}",
+        run.state.message
+    );
+    assert!(
+        port.transfers
+            .iter()
+            .any(|(id, from)| id == STORED && from == "standby-2"),
+        "{:?}",
+        port.transfers
+    );
+    assert_eq!(
+        port.transfers
+            .iter()
+            .filter(|(_, from)| from == "standby")
+            .count(),
+        1,
+        "asked the dead holder again: {:?}",
+        port.transfers
+    );
+    assert!(
+        run.transfers.iter().all(|record| record.from != "standby"),
+        "{:?}",
+        run.transfers
     );
 }

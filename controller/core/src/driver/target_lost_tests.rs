@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::advance_once as advance;
 use super::port::{
     Action, CheckpointCopy, Observation, Outcome, PersistError, Port, Role, StepFailure,
     TargetObservation, TransferStatus,
 };
 use super::run::{Run, TransferRecord};
-use super::{Driver, DriverConfig};
 use crate::migration::{Limits, MigrationState, Phase, RollbackAction};
 use crate::policy::{Fallback, Policy};
 
@@ -125,13 +125,6 @@ fn run_in(phase: Phase, source_alive: bool, fallback: Fallback) -> Run {
     let mut limits = Limits::from_policy(&Policy::default());
     limits.fallback = fallback;
     Run::new(state, limits, LEASE_TIMEOUT)
-}
-
-fn advance(port: &mut DeadTarget, run: Run) -> Run {
-    Driver::new(DriverConfig::default())
-        .advance_ready(port, run)
-        .unwrap()
-        .run
 }
 
 #[test]

@@ -77,6 +77,8 @@ struct World {
     source_pod_present: bool,
     stored: Vec<Stored>,
     damaged: BTreeSet<String>,
+    /// Damaged checkpoints whose restore was refused.
+    refused: BTreeSet<String>,
     /// Verified checkpoints (stored ones that verify, and final dumps).
     verified: BTreeSet<String>,
     /// Where each checkpoint is, final dumps included.
@@ -114,6 +116,7 @@ impl World {
             source_pod_present: true,
             stored,
             damaged: BTreeSet::new(),
+            refused: BTreeSet::new(),
             verified,
             held,
             final_dump: None,
@@ -269,6 +272,7 @@ impl World {
                 };
             }
             if self.damaged.contains(id) {
+                self.refused.insert(id.clone());
                 return Outcome::Failed {
                     reason: format!("checkpoint {id} does not restore"),
                     retryable: false,
@@ -324,7 +328,11 @@ impl Port for World {
                         id: stored.id.clone(),
                         taken_at: at(stored.taken_at),
                         node: node.clone(),
-                        verified: stored.verified,
+                        // A damaged image that failed to restore fails its hash check in
+                        // the target's store from then on, as the real agent's listing
+                        // shows it (the copies elsewhere are intact).
+                        verified: stored.verified
+                            && !(self.refused.contains(&stored.id) && node == TARGET),
                         rtt_to_target: match node.as_str() {
                             "h1" => Some(Duration::from_millis(5)),
                             "h2" => Some(Duration::from_millis(50)),

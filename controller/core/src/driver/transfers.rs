@@ -9,12 +9,43 @@ use super::port::{Outcome, Port, TransferStatus};
 use super::run::{Run, TransferRecord};
 
 /// Makes sure a dead-source migration has chosen its stored checkpoint and has its transfer.
+///
+/// After a failed attempt, a choice whose copy has not arrived is checked again: a holder
+/// that died too (the port lists only nodes that can send) would be asked until the phase
+/// deadline, so its unfinished transfer is dropped and the copy chosen again among those
+/// left, or none (the workload then starts fresh). Only after a failure, because listing asks
+/// every node's agent.
 pub(crate) async fn ensure_stored<P: Port>(port: &mut P, run: &mut Run) {
     if run.state.source_alive || run.state.checkpoint_id.is_some() {
         return;
     }
-    if run.stored_checkpoint.is_none() {
+    let mut listed = None;
+    if let Some(stored) = run.stored_checkpoint.clone()
+        && run.state.attempts > 0
+        && stored.from != run.state.target
+        && !run
+            .transfers
+            .iter()
+            .any(|record| record.carries_checkpoint(&stored.id) && record.done)
+    {
         let copies = port.stored_checkpoints(run).await;
+        let still_held = copies
+            .iter()
+            .any(|copy| copy.id == stored.id && copy.node == stored.from && copy.verified);
+        if !still_held {
+            run.transfers.retain(|record| {
+                record.done
+                    || !(record.carries_checkpoint(&stored.id) && record.from == stored.from)
+            });
+            run.stored_checkpoint = None;
+        }
+        listed = Some(copies);
+    }
+    if run.stored_checkpoint.is_none() {
+        let copies = match listed {
+            Some(copies) => copies,
+            None => port.stored_checkpoints(run).await,
+        };
         run.stored_checkpoint = choose_checkpoint(
             &copies,
             &run.state.source,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use automigrate_core::driver::{CheckpointCopy, Observation, Run, TargetObservation};
+use automigrate_core::driver::{CheckpointCopy, Observation, Run, TargetObservation, target_lost};
 use automigrate_core::model::PodRef;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
@@ -118,9 +118,27 @@ impl OperatorPort<'_> {
             .map(|checkpoint| checkpoint.id)
     }
 
-    /// The copies of the pod's stored checkpoints on reachable nodes: the latest one, from the
-    /// pod's annotation (its holders verified it), and every checkpoint of the pod that the
-    /// agent of a reachable node other than the source lists, with its verification.
+    /// Whether a node cannot send a checkpoint it holds: unreachable ([`Self::node_unreachable`])
+    /// or lost by the same rule as a target ([`target_lost`]: out of service, removed, or its
+    /// Lease unrenewed for the lease timeout). Ready alone is not enough: it stays True on a
+    /// dead node until Kubernetes' node lifecycle controller marks it 40–50 s later (never in
+    /// the local cluster), and a copy chosen on a dead node was asked for until the phase
+    /// deadline (issue 12 campaign, f084-td).
+    fn holder_lost(&self, node: &str, run: &Run) -> bool {
+        self.node_unreachable(node)
+            || target_lost(
+                node,
+                &self.target_observation(node),
+                run.lease_timeout,
+                self.clock_now(),
+            )
+            .is_some()
+    }
+
+    /// The copies of the pod's stored checkpoints on nodes that can send them
+    /// ([`Self::holder_lost`]): the latest one, from the pod's annotation (its holders verified
+    /// it), and every checkpoint of the pod that the agent of such a node other than the
+    /// source lists, with its verification.
     pub(super) async fn checkpoint_copies(&self, run: &Run) -> Vec<CheckpointCopy> {
         let latest = self
             .source_pod()
@@ -133,7 +151,7 @@ impl OperatorPort<'_> {
         let mut copies = Vec::new();
         if let Some(info) = &latest {
             for node in &info.held_on {
-                if self.node_unreachable(node) {
+                if self.holder_lost(node, run) {
                     continue;
                 }
                 copies.push(CheckpointCopy {
@@ -161,7 +179,7 @@ impl OperatorPort<'_> {
             .collect();
         survivors.sort();
         for node in survivors {
-            if node == run.state.source || self.node_unreachable(&node) {
+            if node == run.state.source || self.holder_lost(&node, run) {
                 continue;
             }
             let Ok(list) = self.executor.agent.checkpoints(&node, &pod).await else {

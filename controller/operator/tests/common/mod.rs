@@ -296,6 +296,15 @@ impl Harness {
     /// 60 s. The decision pass at 60 s starts one Migration; returns its name once the store
     /// shows it, and that time.
     pub async fn dead_edge_2_migration(&self) -> (String, Timestamp) {
+        self.dead_edge_2_migration_with(&[]).await
+    }
+
+    /// [`Self::dead_edge_2_migration`] with more nodes: each shows Ready (since -3600 s) and
+    /// last renewed its Lease at the time given (a silent one is dead by its Lease alone).
+    pub async fn dead_edge_2_migration_with(
+        &self,
+        more_nodes: &[(&str, Timestamp)],
+    ) -> (String, Timestamp) {
         for (name, ready, since) in [
             ("edge-1", "True", at(-3600)),
             ("edge-2", "Unknown", at(-5)),
@@ -307,6 +316,10 @@ impl Harness {
         self.cluster.put(&lease("edge-1", now));
         self.cluster.put(&lease("edge-2", at(-5)));
         self.cluster.put(&lease("edge-3", now));
+        for (name, renewed) in more_nodes {
+            self.cluster.put(&node(name, "True", at(-3600)));
+            self.cluster.put(&lease(name, *renewed));
+        }
         self.cluster.put(&protected_pod(
             "trainer",
             "edge-2",
@@ -315,9 +328,12 @@ impl Harness {
                 &checkpoint_annotation("trainer-ck-1", &["edge-2"]),
             )],
         ));
-        self.settle(3, 1).await;
+        self.settle(3 + more_nodes.len(), 1).await;
         self.lease_seen("edge-3", now).await;
         self.lease_seen("edge-1", now).await;
+        for (name, renewed) in more_nodes {
+            self.lease_seen(name, *renewed).await;
+        }
 
         let report = self.controller.decider.pass(now).await.unwrap();
         assert_eq!(report.decisions.migrations.len(), 1, "{report:#?}");
