@@ -10,13 +10,23 @@
 //!   40–50 s later), and choosing its copy retried the transfer from it until the deadline
 //!   (issue 12 campaign, f084-td: the first target died in Restoring, and the next migration
 //!   synced from it, 10 attempts, never done);
+//! - a target that refuses a checkpoint its own store verifies intact (its disk is full) is at
+//!   fault, not the checkpoint: the Migration fails without a fresh start there, and the next
+//!   decision pass after the retry backoff resumes the pod on another node from that
+//!   checkpoint (issue 12 campaign, f045-tdf: it restarted training from the beginning on the
+//!   full node);
 //! - when no checkpoint survives anywhere, the pod restarts from the beginning, and the
 //!   Migration says so (`Restarted`, with why), never `Succeeded`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Arc;
+
 use automigrate_core::migration::Phase;
+use automigrate_kube_fake::FakeCluster;
 use automigrate_operator::agent::RecordingAgent;
+use automigrate_operator::clock::ManualClock;
+use automigrate_operator::controller::Config;
 use automigrate_operator::crd::MigrationStatus;
 use automigrate_operator::replacement;
 use k8s_openapi::api::core::v1::Pod;
@@ -36,7 +46,7 @@ async fn dead_node_migration_with(
     h: &Harness,
     more_nodes: &[(&str, jiff::Timestamp)],
 ) -> (String, MigrationStatus) {
-    let (name, now) = h.dead_edge_2_migration_with(more_nodes).await;
+    let (name, now) = h.dead_edge_2_migration_with(&["edge-2"], more_nodes).await;
     h.drive(&name, now, |a| a.phase == Phase::Verifying).await;
     h.kubelet_runs(&h.replacement(&name)).await;
     h.drive(&name, now, |a| a.phase.is_terminal()).await;
@@ -106,6 +116,85 @@ async fn a_copy_on_a_node_whose_lease_expired_is_not_restored_from() {
         "{name}: {:?}",
         status.state.message
     );
+}
+
+#[tokio::test]
+async fn a_full_target_that_refuses_an_intact_checkpoint_fails_and_the_pod_resumes_elsewhere() {
+    let agent = RecordingAgent::new();
+    holds_verified(&agent, "edge-3", "trainer-ck-1");
+    let full_disk = Arc::new(RefusedImages {
+        agent: agent.clone(),
+        on: Some("edge-3"),
+        kind: "imageFailed",
+        reason: "No space left on device (os error 28)",
+    });
+    let h = Harness::start_with_agent(
+        &FakeCluster::new(),
+        &agent,
+        full_disk,
+        ManualClock::new(t0()),
+        Config::default(),
+    )
+    .await;
+    let (first, now) = h
+        .dead_edge_2_migration_with(&["edge-2", "edge-3"], &[])
+        .await;
+    h.drive(&first, now, |a| a.phase.is_terminal()).await;
+    let status = h.status(&first);
+    assert_eq!(status.state.target, "edge-3", "{status:#?}");
+    assert_eq!(
+        status.state.phase,
+        Phase::Failed,
+        "{first}: {:?}",
+        status.state.message
+    );
+    let message = status.state.message.clone().unwrap_or_default();
+    assert!(message.contains("at fault"), "{message}");
+    let pods: Vec<String> = h
+        .cluster
+        .list::<Pod>()
+        .into_iter()
+        .filter_map(|pod| pod.metadata.name)
+        .collect();
+    assert_eq!(pods, ["trainer"], "nothing started on the full node");
+
+    // After the retry backoff (10 s), the next pass places the pod elsewhere.
+    let later = at(75);
+    for node in ["edge-1", "edge-3"] {
+        h.cluster.put(&lease(node, later));
+        h.lease_seen(node, later).await;
+    }
+    h.controller.decider.pass(later).await.unwrap();
+    let (stores, cluster) = (h.controller.stores.clone(), h.cluster.clone());
+    eventually("the second Migration in the store", || {
+        cluster.list::<automigrate_operator::crd::Migration>().len() == 2
+            && stores.migrations.state().len() == 2
+    })
+    .await;
+    let second = h
+        .migrations()
+        .into_iter()
+        .filter_map(|migration| migration.metadata.name)
+        .find(|name| *name != first)
+        .unwrap();
+    h.drive(&second, later, |a| a.phase == Phase::Verifying)
+        .await;
+    h.kubelet_runs(&h.replacement(&second)).await;
+    h.drive(&second, later, |a| a.phase.is_terminal()).await;
+    let status = h.status(&second);
+    assert_eq!(
+        status.state.phase,
+        Phase::Succeeded,
+        "{second}: {:?}",
+        status.state.message
+    );
+    assert_ne!(status.state.target, "edge-3");
+    let stored = status.stored_checkpoint.as_ref().unwrap();
+    assert_eq!(
+        (stored.id.as_str(), stored.from.as_str()),
+        ("trainer-ck-1", "edge-3")
+    );
+    assert_eq!(restored_from(&h, &status).as_deref(), Some("trainer-ck-1"));
 }
 
 #[tokio::test]

@@ -13,81 +13,27 @@
 use std::sync::Arc;
 
 use automigrate_core::migration::{Phase, RollbackAction};
-use automigrate_core::model::PodRef;
 use automigrate_kube_fake::FakeCluster;
-use automigrate_operator::agent::{
-    AgentError, AgentResult, CheckpointKind, CheckpointTaken, NodeAgent, PeerLatency,
-    RecordingAgent, TransferProgress,
-};
+use automigrate_operator::agent::RecordingAgent;
 use automigrate_operator::clock::ManualClock;
 use automigrate_operator::controller::Config;
-use automigrate_operator::crd::{MigrationStatus, TransferPayload};
-use futures::FutureExt;
+use automigrate_operator::crd::MigrationStatus;
 use k8s_openapi::api::core::v1::Pod;
 
 mod common;
 use common::*;
 
-/// The recording double, except that no checkpoint image can be built: the target's store
-/// finds the checkpoint damaged (what a BLAKE3 mismatch does).
-#[derive(Debug)]
-struct CorruptImages(RecordingAgent);
-
-impl NodeAgent for CorruptImages {
-    fn checkpoint<'a>(
-        &'a self,
-        node: &'a str,
-        pod: &'a PodRef,
-        container: &'a str,
-        kind: CheckpointKind,
-    ) -> AgentResult<'a, CheckpointTaken> {
-        self.0.checkpoint(node, pod, container, kind)
-    }
-
-    fn checkpoints<'a>(
-        &'a self,
-        node: &'a str,
-        pod: &'a PodRef,
-    ) -> AgentResult<'a, Vec<CheckpointTaken>> {
-        self.0.checkpoints(node, pod)
-    }
-
-    fn start_transfer<'a>(
-        &'a self,
-        from: &'a str,
-        payload: &'a TransferPayload,
-        to: &'a str,
-    ) -> AgentResult<'a, TransferProgress> {
-        self.0.start_transfer(from, payload, to)
-    }
-
-    fn transfer_status<'a>(
-        &'a self,
-        node: &'a str,
-        id: &'a str,
-    ) -> AgentResult<'a, TransferProgress> {
-        self.0.transfer_status(node, id)
-    }
-
-    fn build_image<'a>(&'a self, node: &'a str, checkpoint_id: &'a str) -> AgentResult<'a, String> {
-        let refused = AgentError::Refused {
-            node: node.into(),
-            kind: "build image".into(),
-            reason: format!("checkpoint {checkpoint_id}: BLAKE3 mismatch (scripted)"),
-        };
-        async move { Err(refused) }.boxed()
-    }
-
-    fn peers<'a>(&'a self, node: &'a str) -> AgentResult<'a, Vec<PeerLatency>> {
-        self.0.peers(node)
-    }
-}
-
 async fn harness() -> Harness {
     let agent = RecordingAgent::new();
     // The only checkpoint: verified where it is stored, damaged where it is restored.
     holds_verified(&agent, "edge-3", "trainer-ck-1");
-    let corrupt = Arc::new(CorruptImages(agent.clone()));
+    // The target's store finds the checkpoint damaged (what a BLAKE3 mismatch does).
+    let corrupt = Arc::new(RefusedImages {
+        agent: agent.clone(),
+        on: None,
+        kind: "build image",
+        reason: "BLAKE3 mismatch",
+    });
     Harness::start_with_agent(
         &FakeCluster::new(),
         &agent,

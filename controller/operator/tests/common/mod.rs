@@ -28,6 +28,10 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 
+mod refused_images;
+#[allow(unused_imports)] // not every test binary uses it
+pub use refused_images::RefusedImages;
+
 pub const NS: &str = "ml";
 pub const POLICY_NS: &str = "automigrate-system";
 
@@ -296,13 +300,15 @@ impl Harness {
     /// 60 s. The decision pass at 60 s starts one Migration; returns its name once the store
     /// shows it, and that time.
     pub async fn dead_edge_2_migration(&self) -> (String, Timestamp) {
-        self.dead_edge_2_migration_with(&[]).await
+        self.dead_edge_2_migration_with(&["edge-2"], &[]).await
     }
 
-    /// [`Self::dead_edge_2_migration`] with more nodes: each shows Ready (since -3600 s) and
-    /// last renewed its Lease at the time given (a silent one is dead by its Lease alone).
+    /// [`Self::dead_edge_2_migration`] with the recorded checkpoint held on `held_on`, and
+    /// more nodes: each shows Ready (since -3600 s) and last renewed its Lease at the time
+    /// given (a silent one is dead by its Lease alone).
     pub async fn dead_edge_2_migration_with(
         &self,
+        held_on: &[&str],
         more_nodes: &[(&str, Timestamp)],
     ) -> (String, Timestamp) {
         for (name, ready, since) in [
@@ -325,7 +331,7 @@ impl Harness {
             "edge-2",
             &[(
                 LATEST_CHECKPOINT,
-                &checkpoint_annotation("trainer-ck-1", &["edge-2"]),
+                &checkpoint_annotation("trainer-ck-1", held_on),
             )],
         ));
         self.settle(3 + more_nodes.len(), 1).await;
