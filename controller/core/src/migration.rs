@@ -467,11 +467,13 @@ impl MigrationState {
                     return self.enter(Phase::RollingBack, now);
                 }
                 if !self.source_alive {
+                    // The pod is still on a failed node, so the decision engine places it
+                    // again after `retryBackoff` (seen in the issue 12 campaign, f084-td).
                     self.message = Some(format!(
-                        "{} failed: {lost}; the source node {} is dead too: {}",
-                        self.phase,
-                        self.source,
-                        nowhere()
+                        "{} failed: {lost}; the source node {} is dead too: the workload runs \
+                         nowhere until the controller places it again on a live node after the \
+                         retry backoff, from the newest checkpoint that survives",
+                        self.phase, self.source,
                     ));
                 }
                 self.enter(Phase::Failed, now)

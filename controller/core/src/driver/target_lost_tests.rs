@@ -159,7 +159,7 @@ fn a_lost_target_while_restoring_rolls_back_to_the_source_at_once() {
 }
 
 #[test]
-fn a_lost_target_with_a_dead_source_fails_saying_what_a_person_must_do() {
+fn a_lost_target_with_a_dead_source_fails_saying_the_pod_is_placed_again() {
     for phase in [Phase::Restoring, Phase::Verifying] {
         let mut port = DeadTarget::new(false);
         let mut run = run_in(phase, false, Fallback::Rollback);
@@ -169,7 +169,8 @@ fn a_lost_target_with_a_dead_source_fails_saying_what_a_person_must_do() {
         assert_eq!(run.state.phase, Phase::Failed, "{phase}");
         let message = run.state.message.unwrap_or_default();
         assert!(
-            message.contains("target node target lost") && message.contains("a person must"),
+            message.contains("target node target lost")
+                && message.contains("places it again on a live node"),
             "{phase}: {message}"
         );
     }
