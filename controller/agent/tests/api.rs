@@ -771,6 +771,39 @@ async fn a_tampered_received_checkpoint_is_never_listed() {
 }
 
 #[tokio::test]
+async fn a_checkpoint_found_damaged_when_its_image_is_built_is_listed_unverified() {
+    let pki = Pki::new();
+    let a = start_agent(&pki, "node-a", Setup::default()).await;
+    let taken = a
+        .client
+        .checkpoint(&request("trainer", CheckpointKind::Final))
+        .await
+        .unwrap();
+    let trainer = PodRef::new("ml", "trainer");
+    let listed = a.client.checkpoints(&trainer).await.unwrap();
+    assert!(listed.iter().all(|c| c.verified), "{listed:?}");
+    // Truncated at rest after it was verified (the fault suite's corrupt-at-rest).
+    let pages = a
+        .store_root()
+        .join("ml/trainer")
+        .join(&taken.id)
+        .join("checkpoint/pages-1.img");
+    let bytes = std::fs::read(&pages).unwrap();
+    std::fs::write(&pages, &bytes[..bytes.len() / 2]).unwrap();
+
+    let refused = a
+        .client
+        .build_image(&ImageRequest {
+            checkpoint_id: taken.id.clone(),
+        })
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let listed = a.client.checkpoints(&trainer).await.unwrap();
+    let damaged = listed.iter().find(|c| c.id == taken.id).unwrap();
+    assert!(!damaged.verified, "still listed verified: {damaged:?}");
+}
+
+#[tokio::test]
 async fn a_final_checkpoint_becomes_an_oci_image_layout() {
     let pki = Pki::new();
     let imported = tempfile::tempdir().unwrap();
