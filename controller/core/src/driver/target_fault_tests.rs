@@ -87,7 +87,6 @@ impl Port for FullTarget {
                     .into(),
                 retryable: false,
             },
-            Action::CheckReplacement { .. } => Outcome::done(),
             _ => Outcome::done(),
         }
     }
