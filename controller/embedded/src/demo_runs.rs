@@ -300,6 +300,29 @@ pub fn epoch_at_percent(epochs: u32, percent: u32) -> u32 {
         .clamp(1, u64::from(epochs.max(1))) as u32
 }
 
+/// The epochs a source had reported while a checkpoint of it was taken at `taken_at` (unix
+/// seconds) after a freeze of `freeze_s`: the last one reported before the freeze began (minus
+/// half a second of clock and polling slack) and the last one half a second after. No epoch
+/// reported yet is epoch 0: the checkpoint holds the first epoch's work in progress (a window
+/// of `None` failed the demo's resume check for a first checkpoint that was restored).
+fn epochs_around_checkpoint<'a>(
+    epochs: impl Iterator<Item = &'a crate::workload::EpochRecord>,
+    taken_at: f64,
+    freeze_s: f64,
+) -> (Option<u32>, Option<u32>) {
+    let (began, recorded) = (taken_at - freeze_s - 0.5, taken_at + 0.5);
+    let (mut before, mut after) = (0, 0);
+    for record in epochs {
+        if record.at <= began {
+            before = record.epoch;
+        }
+        if record.at <= recorded {
+            after = record.epoch;
+        }
+    }
+    (Some(before), Some(after))
+}
+
 /// Network namespace names are `amnet<ID>-<prefix>-<i>`: keep the prefix short and valid.
 fn short_prefix(run: &str) -> String {
     let mut prefix: String = run
@@ -1040,17 +1063,10 @@ fn summarise(
                 .iter()
                 .find(|run| Some(run.node.as_str()) == answer.map(|m| m.from.as_str()))?;
             let freeze_s = seen.freeze_ms.unwrap_or(0.0) / 1e3;
-            let last_before = |at: f64| {
-                source
-                    .progress
-                    .epochs()
-                    .filter(|record| record.at <= at)
-                    .map(|record| record.epoch)
-                    .last()
-            };
-            Some((
-                last_before(seen.taken_at - freeze_s - 0.5),
-                last_before(seen.taken_at + 0.5),
+            Some(epochs_around_checkpoint(
+                source.progress.epochs(),
+                seen.taken_at,
+                freeze_s,
             ))
         });
     let freezes: Vec<f64> = checkpoints_seen
@@ -1138,6 +1154,27 @@ mod tests {
             PathBuf::from("p.yaml"),
         )
         .settings
+    }
+
+    #[test]
+    fn a_checkpoint_before_the_first_epoch_line_is_at_epoch_zero() {
+        let record = |epoch: u32, at: f64| crate::workload::EpochRecord {
+            epoch,
+            loss: 0.0,
+            loss_hex: String::new(),
+            run: 1,
+            at,
+        };
+        let epochs = [record(1, 10.0), record(2, 11.0), record(3, 12.0)];
+        // Taken during the first epoch, its line half a second after.
+        assert_eq!(
+            epochs_around_checkpoint(epochs.iter(), 9.8, 0.2),
+            (Some(0), Some(1))
+        );
+        assert_eq!(
+            epochs_around_checkpoint(epochs.iter(), 11.9, 0.2),
+            (Some(2), Some(3))
+        );
     }
 
     #[test]
