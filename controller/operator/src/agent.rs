@@ -175,6 +175,8 @@ struct Script {
     failing_checkpoints: BTreeSet<String>,
     /// Transfers to these nodes fail as soon as they start.
     failing_transfers_to: BTreeSet<String>,
+    /// Image builds on these nodes are refused: (kind, reason) of the refusal.
+    refused_images: BTreeMap<String, (String, String)>,
     /// Polls a transfer stays `Running` before it succeeds.
     transfer_polls: u32,
     transfers: BTreeMap<String, (u32, u64)>,
@@ -226,6 +228,16 @@ impl RecordingAgent {
     /// Transfers to `node` fail (the sender cannot reach it).
     pub fn fail_transfers_to(&self, node: &str) {
         self.with(|script| script.failing_transfers_to.insert(node.to_string()));
+    }
+
+    /// Image builds on `node` are refused, as the agent reports it: `kind` and `reason` (a
+    /// store that finds the checkpoint damaged, a full disk).
+    pub fn refuse_images_on(&self, node: &str, kind: &str, reason: &str) {
+        self.with(|script| {
+            script
+                .refused_images
+                .insert(node.to_string(), (kind.to_string(), reason.to_string()))
+        });
     }
 
     /// Transfers stay running for `polls` status polls.
@@ -411,7 +423,14 @@ impl NodeAgent for RecordingAgent {
             node: node.into(),
             checkpoint_id: checkpoint_id.into(),
         };
-        let result = self.answer(call, node, |_| {
+        let result = self.answer(call, node, |script| {
+            if let Some((kind, reason)) = script.refused_images.get(node) {
+                return Err(AgentError::Refused {
+                    node: node.into(),
+                    kind: kind.clone(),
+                    reason: format!("checkpoint {checkpoint_id}: {reason} (scripted)"),
+                });
+            }
             Ok(format!("localhost/automigrate/{checkpoint_id}:restore"))
         });
         async move { result }.boxed()

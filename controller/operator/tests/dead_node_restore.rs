@@ -20,13 +20,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-
 use automigrate_core::migration::Phase;
 use automigrate_kube_fake::FakeCluster;
 use automigrate_operator::agent::RecordingAgent;
-use automigrate_operator::clock::ManualClock;
-use automigrate_operator::controller::Config;
 use automigrate_operator::crd::MigrationStatus;
 use automigrate_operator::replacement;
 use k8s_openapi::api::core::v1::Pod;
@@ -122,20 +118,13 @@ async fn a_copy_on_a_node_whose_lease_expired_is_not_restored_from() {
 async fn a_full_target_that_refuses_an_intact_checkpoint_fails_and_the_pod_resumes_elsewhere() {
     let agent = RecordingAgent::new();
     holds_verified(&agent, "edge-3", "trainer-ck-1");
-    let full_disk = Arc::new(RefusedImages {
-        agent: agent.clone(),
-        on: Some("edge-3"),
-        kind: "imageFailed",
-        reason: "No space left on device (os error 28)",
-    });
-    let h = Harness::start_with_agent(
-        &FakeCluster::new(),
-        &agent,
-        full_disk,
-        ManualClock::new(t0()),
-        Config::default(),
-    )
-    .await;
+    // edge-3's disk is full.
+    agent.refuse_images_on(
+        "edge-3",
+        "imageFailed",
+        "No space left on device (os error 28)",
+    );
+    let h = Harness::start(&FakeCluster::new(), &agent).await;
     let (first, now) = h
         .dead_edge_2_migration_with(&["edge-2", "edge-3"], &[])
         .await;

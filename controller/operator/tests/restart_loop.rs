@@ -10,13 +10,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-
 use automigrate_core::migration::{Phase, RollbackAction};
 use automigrate_kube_fake::FakeCluster;
 use automigrate_operator::agent::RecordingAgent;
-use automigrate_operator::clock::ManualClock;
-use automigrate_operator::controller::Config;
 use automigrate_operator::crd::MigrationStatus;
 use k8s_openapi::api::core::v1::Pod;
 
@@ -25,23 +21,13 @@ use common::*;
 
 async fn harness() -> Harness {
     let agent = RecordingAgent::new();
-    // The only checkpoint: verified where it is stored, damaged where it is restored.
+    // The only checkpoint: verified where it is stored, damaged where it is restored (every
+    // node's store finds it damaged when it builds the image: what a BLAKE3 mismatch does).
     holds_verified(&agent, "edge-3", "trainer-ck-1");
-    // The target's store finds the checkpoint damaged (what a BLAKE3 mismatch does).
-    let corrupt = Arc::new(RefusedImages {
-        agent: agent.clone(),
-        on: None,
-        kind: "build image",
-        reason: "BLAKE3 mismatch",
-    });
-    Harness::start_with_agent(
-        &FakeCluster::new(),
-        &agent,
-        corrupt,
-        ManualClock::new(t0()),
-        Config::default(),
-    )
-    .await
+    for node in ["edge-1", "edge-2", "edge-3"] {
+        agent.refuse_images_on(node, "build image", "BLAKE3 mismatch");
+    }
+    Harness::start(&FakeCluster::new(), &agent).await
 }
 
 /// edge-2 failed with the trainer on it; the decision pass at 60 s migrates it, the restore is

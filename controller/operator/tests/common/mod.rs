@@ -28,10 +28,6 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 
-mod refused_images;
-#[allow(unused_imports)] // not every test binary uses it
-pub use refused_images::RefusedImages;
-
 pub const NS: &str = "ml";
 pub const POLICY_NS: &str = "automigrate-system";
 
