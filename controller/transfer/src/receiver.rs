@@ -248,7 +248,7 @@ impl Counters {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         ReceiverStats {
             connections_accepted: get(&self.connections_accepted),
-            connections_open: get(&self.connections_open),
+            connections_open: self.connections_open.load(Ordering::Acquire),
             tls_rejected: get(&self.tls_rejected),
             sessions_opened: get(&self.sessions_opened),
             sessions_completed: get(&self.sessions_completed),
@@ -270,7 +270,9 @@ impl Drop for OpenConnection {
         self.0
             .counters
             .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
+            // Release, paired with the Acquire in `Counters::snapshot`: a snapshot that sees
+            // this connection closed also sees every counter it bumped (its TLS refusal, say).
+            .fetch_sub(1, Ordering::Release);
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use automigrate_transfer::devcerts::DevCa;
 use automigrate_transfer::manifest::Source;
-use automigrate_transfer::receiver::{Receiver, ReceiverConfig};
+use automigrate_transfer::receiver::{Receiver, ReceiverConfig, ReceiverStats};
 use automigrate_transfer::sender::{SendError, SendOptions, send};
 use automigrate_transfer::tls::TlsConfig;
 
@@ -51,6 +51,28 @@ pub struct Running {
 impl Running {
     pub fn stop(self) {
         self.task.abort();
+    }
+
+    /// The counters once every connection the receiver accepted has been closed.
+    ///
+    /// A refused peer can see its refusal (the TLS alert, or a closed socket) before the
+    /// receiver's connection task has counted it, so counters read right after a refused send
+    /// race with that task. A closed connection's counters are all visible (see
+    /// `OpenConnection`), so waiting for the close makes the reading exact. The wait ends on the
+    /// close; its ceiling only turns a receiver that never closes into a failure, not a hang.
+    pub async fn settled(&self) -> ReceiverStats {
+        let ceiling = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let stats = self.receiver.stats();
+            if stats.connections_accepted > 0 && stats.connections_open == 0 {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < ceiling,
+                "the receiver still holds a connection open: {stats:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 }
 
