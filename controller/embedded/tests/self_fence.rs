@@ -114,13 +114,15 @@ async fn a_node_cut_off_from_the_api_server_fences_itself_and_its_pod_resumes_on
         cluster.agent_pid("node-a").is_some(),
         "node-a's agent died: the counter stopped with it, not by a fence"
     );
+    // The agent logs its fence once `runc state` confirms the kill, a little after the process
+    // is seen gone here, so the log line is waited for (30 s at most) before it is asserted.
+    let fenced = |log: &str| fence_events(log).iter().any(|line| line.contains("fenced"));
+    let logged_by = Instant::now() + Duration::from_secs(30);
+    while !fenced(&agent_log(&cluster, "node-a")) && Instant::now() < logged_by {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let log = agent_log(&cluster, "node-a");
-    assert!(
-        fence_events(&log)
-            .iter()
-            .any(|line| line.contains("fenced")),
-        "node-a's agent log records no fence:\n{log}"
-    );
+    assert!(fenced(&log), "node-a's agent log records no fence:\n{log}");
 
     // The controller restores it on node-b, with no one else acting.
     let (migration, replacement, pod) = await_replacement_running(&cluster).await;

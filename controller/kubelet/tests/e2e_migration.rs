@@ -557,10 +557,23 @@ fn controller_and_agents_migrate_a_running_process_between_local_kubelets() {
             .all(|(_, ip)| std::net::TcpStream::connect((*ip, agent_port)).is_ok())
             .then_some(())
     });
+    // The port accepts once it is bound, before the agent logs that it serves and before its
+    // startup task has probed the backend, so the log lines are waited for (60 s at most)
+    // before they are asserted.
+    let agent_log = |node: &str| {
+        std::fs::read_to_string(cluster.log(&format!("agent-{node}"))).unwrap_or_default()
+    };
+    let is_the_agent = |log: &str| log.contains("agent serving") && log.contains("backend=kubelet");
+    let logged_by = Instant::now() + Duration::from_secs(60);
+    while !NODES.iter().all(|(node, _)| is_the_agent(&agent_log(node)))
+        && Instant::now() < logged_by
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for (node, _) in NODES {
-        let log = std::fs::read_to_string(cluster.log(&format!("agent-{node}"))).unwrap();
+        let log = agent_log(node);
         assert!(
-            log.contains("agent serving") && log.contains("backend=kubelet"),
+            is_the_agent(&log),
             "the agent pod on {node} is not the agent:\n{log}"
         );
     }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use automigrate_core::migration::Phase;
 use automigrate_core::model::PodRef;
 use automigrate_kube_fake::FakeCluster;
@@ -32,6 +34,9 @@ struct SlowDump {
     dump: Option<Duration>,
     checkpoint_send_hangs: bool,
     dumped: AtomicBool,
+    /// Told when a send is held unanswered, so a test knows Transferring began without
+    /// guessing from how long a round takes.
+    send_held: Arc<Notify>,
 }
 
 impl NodeAgent for SlowDump {
@@ -71,6 +76,7 @@ impl NodeAgent for SlowDump {
             && payload.checkpoint.is_some()
             && self.dumped.load(Ordering::SeqCst)
         {
+            self.send_held.notify_one();
             return Box::pin(std::future::pending());
         }
         self.inner.start_transfer(from, payload, to)
@@ -103,6 +109,7 @@ async fn a_phase_that_ends_inside_one_round_is_timed_by_the_clock() {
         clock,
         h,
         name,
+        ..
     } = start_one_migration(Some(Duration::from_secs(20)), false, "timing").await;
     let stores = h.controller.stores.clone();
 
@@ -169,6 +176,7 @@ async fn a_dump_the_dead_source_never_answers_is_given_up_when_its_lease_expires
         clock,
         h,
         name,
+        ..
     } = start_one_migration(None, false, "dies while dumping").await;
 
     let (phase, message) =
@@ -187,6 +195,7 @@ async fn a_send_the_dead_source_never_answers_is_given_up_when_its_lease_expires
         clock,
         h,
         name,
+        send_held,
     } = start_one_migration(Some(Duration::ZERO), true, "dies while sending").await;
     let stores = h.controller.stores.clone();
 
@@ -195,10 +204,10 @@ async fn a_send_the_dead_source_never_answers_is_given_up_when_its_lease_expires
     for _ in 0..50 {
         let migration = stores.migration(NS, &name).unwrap();
         let round = h.controller.executor.advance(&migration, clock.now());
-        match tokio::time::timeout(Duration::from_millis(500), round).await {
-            Ok(advanced) => phase = advanced.unwrap().phase,
+        tokio::select! {
+            advanced = round => phase = advanced.unwrap().phase,
             // The round waits on the send: Transferring has begun.
-            Err(_) => break,
+            () = send_held.notified() => break,
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -267,6 +276,7 @@ struct Started {
     clock: ManualClock,
     h: Harness,
     name: String,
+    send_held: Arc<Notify>,
 }
 
 async fn start_one_migration(
@@ -277,12 +287,14 @@ async fn start_one_migration(
     let cluster = FakeCluster::new();
     let agent = RecordingAgent::new();
     let clock = ManualClock::new(t0());
+    let send_held = Arc::new(Notify::new());
     let double = Arc::new(SlowDump {
         inner: agent.clone(),
         clock: clock.clone(),
         dump,
         checkpoint_send_hangs,
         dumped: AtomicBool::new(false),
+        send_held: send_held.clone(),
     });
     let h =
         Harness::start_with_agent(&cluster, &agent, double, clock.clone(), Config::default()).await;
@@ -302,5 +314,6 @@ async fn start_one_migration(
         clock,
         h,
         name,
+        send_held,
     }
 }

@@ -201,8 +201,19 @@ async fn the_process_leads_serves_migrates_and_stops_cleanly() {
         }
     })
     .await;
-    let migration = cluster.list::<Migration>().pop().unwrap();
-    assert_eq!(migration.phase(), Some(Phase::Verifying));
+    // The driver records Verifying in a write after the one that created the pod.
+    let cluster_for_phase = cluster.clone();
+    eventually_async("the Migration in Verifying", || {
+        let cluster = cluster_for_phase.clone();
+        async move {
+            cluster
+                .list::<Migration>()
+                .iter()
+                .any(|migration| migration.phase() == Some(Phase::Verifying))
+        }
+    })
+    .await;
+    assert_eq!(cluster.list::<Migration>().len(), 1);
 
     shutdown.send(true).unwrap();
     let stopped = tokio::time::timeout(Duration::from_secs(10), process)
