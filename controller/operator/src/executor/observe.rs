@@ -182,7 +182,14 @@ impl OperatorPort<'_> {
             if node == run.state.source || self.holder_lost(&node, run) {
                 continue;
             }
-            let Ok(list) = self.executor.agent.checkpoints(&node, &pod).await else {
+            // A node that dies while it is asked never answers: its listing is given up once
+            // its Lease expires, as every call the driver waits on is, and it holds nothing.
+            let listed = tokio::select! {
+                biased;
+                answer = self.executor.agent.checkpoints(&node, &pod) => answer,
+                _ = self.lease_expiry_during(&node, run.lease_timeout, "listing its checkpoints") => continue,
+            };
+            let Ok(list) = listed else {
                 continue;
             };
             copies.extend(list.into_iter().map(|checkpoint| CheckpointCopy {

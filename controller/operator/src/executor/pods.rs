@@ -195,7 +195,22 @@ impl OperatorPort<'_> {
         let restore = match (from, self.status.mode) {
             (None, _) => Restore::Fresh,
             (Some(id), CheckpointMode::Transparent) => {
-                match self.executor.agent.build_image(node, id).await {
+                // A target that dies while it builds the image never answers either: the call
+                // is given up once its Lease expires, so the next round sees the lost target
+                // and rolls back or places the pod again (fault suite, issue 12 campaign: a
+                // target powered off in Restoring held the phase 31 s with a 15 s lease
+                // timeout). Biased: an image that was built wins.
+                let built = tokio::select! {
+                    biased;
+                    answer = self.executor.agent.build_image(node, id) => answer,
+                    reason = self.lease_expiry_during(node, self.status.lease_timeout, "building the restore image") => {
+                        return Outcome::Failed {
+                            reason,
+                            retryable: true,
+                        };
+                    }
+                };
+                match built {
                     Ok(image) => Restore::Transparent {
                         image,
                         checkpoint_id: id.to_string(),
