@@ -183,7 +183,7 @@ impl OperatorPort<'_> {
                 continue;
             }
             // A node that dies while it is asked never answers: its listing is given up once
-            // its Lease expires, as every call the driver waits on is, and it holds nothing.
+            // its Lease expires, as the source's dump and send are, and it holds nothing.
             let listed = tokio::select! {
                 biased;
                 answer = self.executor.agent.checkpoints(&node, &pod) => answer,
