@@ -182,14 +182,13 @@ impl OperatorPort<'_> {
             if node == run.state.source || self.holder_lost(&node, run) {
                 continue;
             }
-            // A node that dies while it is asked never answers: its listing is given up once
-            // its Lease expires, as the source's dump and send are, and it holds nothing.
-            let listed = tokio::select! {
-                biased;
-                answer = self.executor.agent.checkpoints(&node, &pod) => answer,
-                _ = self.lease_expiry_during(&node, run.lease_timeout, "listing its checkpoints") => continue,
-            };
-            let Ok(list) = listed else {
+            // A node that dies while it is asked holds nothing.
+            let listing = self.executor.agent.checkpoints(&node, &pod);
+            let doing = "listing its checkpoints";
+            let Ok(Ok(list)) = self
+                .unless_lease_expires(&node, run.lease_timeout, doing, listing)
+                .await
+            else {
                 continue;
             };
             copies.extend(list.into_iter().map(|checkpoint| CheckpointCopy {

@@ -112,19 +112,30 @@ impl OperatorPort<'_> {
         Some(automigrate_core::units::age(self.clock_now(), renewed))
     }
 
-    /// [`Self::lease_expiry`], but only for a Lease that is still fresh now: a call to a node
-    /// whose Lease had already expired is not cut short (its kubelet may be down while its
-    /// agent serves; the driver's own rules decide what such a node means).
-    pub(super) async fn lease_expiry_during(
+    /// `call`'s answer, or the reason it was given up (`Err`): a node powered off or cut off
+    /// never answers (no TCP word comes from it), so a call to `node` ends once the node's
+    /// Lease expires ([`Self::lease_expiry`]) and the next round sees the lost node. Only a
+    /// Lease still fresh when the call begins cuts it short: a call to a node whose Lease had
+    /// already expired is not (its kubelet may be down while its agent serves; the driver's
+    /// own rules decide what such a node means). Biased: an answer that did come wins.
+    pub(super) async fn unless_lease_expires<T>(
         &self,
         node: &str,
         lease_timeout: std::time::Duration,
         doing: &str,
-    ) -> String {
-        if self.lease_age(node).is_some_and(|age| age >= lease_timeout) {
-            std::future::pending::<()>().await;
+        call: impl std::future::Future<Output = T>,
+    ) -> Result<T, String> {
+        let expiry = async {
+            if self.lease_age(node).is_some_and(|age| age >= lease_timeout) {
+                std::future::pending::<()>().await;
+            }
+            self.lease_expiry(node, lease_timeout, doing).await
+        };
+        tokio::select! {
+            biased;
+            answer = call => Ok(answer),
+            reason = expiry => Err(reason),
         }
-        self.lease_expiry(node, lease_timeout, doing).await
     }
 
     /// Stops a live source: delete its pod and wait until it is gone.
@@ -195,27 +206,26 @@ impl OperatorPort<'_> {
         let restore = match (from, self.status.mode) {
             (None, _) => Restore::Fresh,
             (Some(id), CheckpointMode::Transparent) => {
-                // A target that dies while it builds the image never answers either: the call
-                // is given up once its Lease expires, so the next round sees the lost target
-                // and rolls back or places the pod again (fault suite, issue 12 campaign: a
-                // target powered off in Restoring held the phase 31 s with a 15 s lease
-                // timeout). Biased: an image that was built wins.
-                let built = tokio::select! {
-                    biased;
-                    answer = self.executor.agent.build_image(node, id) => answer,
-                    reason = self.lease_expiry_during(node, self.status.lease_timeout, "building the restore image") => {
+                // A target that dies while it builds the image: the next round sees it lost and
+                // rolls back or places the pod again (fault suite, issue 12 campaign: a target
+                // powered off in Restoring held the phase 31 s with a 15 s lease timeout).
+                let build = self.executor.agent.build_image(node, id);
+                let doing = "building the restore image";
+                match self
+                    .unless_lease_expires(node, self.status.lease_timeout, doing, build)
+                    .await
+                {
+                    Ok(Ok(image)) => Restore::Transparent {
+                        image,
+                        checkpoint_id: id.to_string(),
+                    },
+                    Ok(Err(error)) => return agent_failure(&error),
+                    Err(reason) => {
                         return Outcome::Failed {
                             reason,
                             retryable: true,
                         };
                     }
-                };
-                match built {
-                    Ok(image) => Restore::Transparent {
-                        image,
-                        checkpoint_id: id.to_string(),
-                    },
-                    Err(error) => return agent_failure(&error),
                 }
             }
             // The agents' store layout: `<root>/<namespace>/<pod>/<id>/`, keyed by the pod the

@@ -21,25 +21,26 @@ impl OperatorPort<'_> {
                 Some(id) => agent.transfer_status(&record.from, id).await,
             }
         };
-        // A sender that dies during the call never answers (no TCP word comes from a node
-        // powered off or cut off): the call is given up once its Lease expires, so the next
-        // round sees the lost source (fault suite, session 8: a source powered off or cut off
-        // 30–280 ms into Transferring held the round, and the training, 33–35 s). Biased: an
-        // answer that did come wins.
-        let progress = tokio::select! {
-            biased;
-            answer = call => answer,
-            reason = self.lease_expiry_during(&record.from, self.status.lease_timeout, "transferring") => {
+        // A sender that dies during the call (fault suite, session 8: a source powered off or
+        // cut off 30–280 ms into Transferring held the round, and the training, 33–35 s).
+        let progress = match self
+            .unless_lease_expires(
+                &record.from,
+                self.status.lease_timeout,
+                "transferring",
+                call,
+            )
+            .await
+        {
+            Ok(Ok(progress)) => progress,
+            Ok(Err(AgentError::NotFound { .. })) => return Ok(TransferStatus::Unknown),
+            Err(reason) => {
                 return Err(StepFailure {
                     reason,
                     retryable: true,
                 });
             }
-        };
-        let progress = match progress {
-            Ok(progress) => progress,
-            Err(AgentError::NotFound { .. }) => return Ok(TransferStatus::Unknown),
-            Err(error) => {
+            Ok(Err(error)) => {
                 return Err(StepFailure {
                     reason: error.to_string(),
                     retryable: error.retryable(),
