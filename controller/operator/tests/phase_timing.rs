@@ -243,7 +243,6 @@ async fn a_listing_the_dying_holder_never_answers_is_given_up_when_its_lease_exp
         name,
         held,
     } = start_one_migration(None, Hangs::ListingOn("edge-1"), "a holder dies").await;
-    let stores = h.controller.stores.clone();
     // The source (edge-2) dies first: 40 s pass while the others renew. Then, once edge-1 is
     // asked for its checkpoints, edge-1 dies too: 40 s more pass while only edge-3 renews.
     let dying = {
@@ -262,15 +261,7 @@ async fn a_listing_the_dying_holder_never_answers_is_given_up_when_its_lease_exp
     };
     let mut phase = Phase::Pending;
     for _ in 0..40 {
-        let migration = stores.migration(NS, &name).unwrap();
-        phase = tokio::time::timeout(
-            Duration::from_secs(30),
-            h.controller.executor.advance(&migration, clock.now()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("the round still waits on the dead edge-1's listing"))
-        .unwrap()
-        .phase;
+        phase = round_that_ends(&h, &clock, &name, "the dead edge-1's listing").await;
         if dying.is_finished() && !matches!(phase, Phase::Checkpointing | Phase::Syncing) {
             break;
         }
@@ -333,19 +324,10 @@ async fn rounds_while_a_lease_expires(
             }
         })
     };
-    let stores = h.controller.stores.clone();
     let mut phase = Phase::Pending;
     let mut message = None;
     for _ in 0..20 {
-        let migration = stores.migration(NS, name).unwrap();
-        let advanced = tokio::time::timeout(
-            Duration::from_secs(30),
-            h.controller.executor.advance(&migration, clock.now()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("the round still waits on the dead {dead}'s {waiting_on}"))
-        .unwrap();
-        phase = advanced.phase;
+        phase = round_that_ends(h, clock, name, &format!("the dead {dead}'s {waiting_on}")).await;
         let status = h.status(name);
         message = status.state.message.clone();
         if lost(&status) {
@@ -356,6 +338,20 @@ async fn rounds_while_a_lease_expires(
     renewing.await.unwrap();
     assert!(lost(&h.status(name)), "phase {phase}, message {message:?}");
     (phase, message)
+}
+
+/// One executor round at the clock's time, which must end within 30 s of real time (a call
+/// held on `waiting_on` fails the test instead of hanging it); returns its phase.
+async fn round_that_ends(h: &Harness, clock: &ManualClock, name: &str, waiting_on: &str) -> Phase {
+    let migration = h.controller.stores.migration(NS, name).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        h.controller.executor.advance(&migration, clock.now()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the round still waits on {waiting_on}"))
+    .unwrap()
+    .phase
 }
 
 /// [`rounds_while_a_lease_expires`] for the source (edge-2): it must be counted lost.
@@ -412,7 +408,7 @@ async fn an_image_the_dead_target_never_builds_is_given_up_when_its_lease_expire
     assert!(!status.state.target_started, "{status:?}");
 }
 
-/// A test's cluster with one Migration started on it (edge-1 to edge-3), its agent the
+/// A test's cluster with one Migration started on it (edge-2 to edge-3), its agent the
 /// [`SlowDump`] double with `dump` and `hangs`.
 struct Started {
     cluster: FakeCluster,
